@@ -1,0 +1,2119 @@
+#!/usr/bin/env python3
+"""emqx_lite - a small MQTT 3.1/3.1.1 broker with the EMQ X 2.x REST API.
+
+Run it::
+
+    python emqx_lite.py                      # MQTT on 0.0.0.0:1883, REST on 0.0.0.0:8080
+    python emqx_lite.py --mqtt-port 0 --http-port 0 --log-level debug
+
+Embed it (tests, demos)::
+
+    with emqx_lite.Broker(mqtt_port=0, http_port=0) as broker:
+        paho_client.connect("127.0.0.1", broker.mqtt_port)
+        broker.publish("greeting", b"hello", qos=1)
+
+Architecture
+------------
+::
+
+    service thread (one per Broker)          reader threads (one per socket)
+    +---------------------------------+      +-------------------------------+
+    | selector: listening sockets,    |      | recv 64 KiB, decode every     |
+    |   blocked writers, wake pipe    |----->| complete packet, handle_*     |
+    | tick: keepalive, retries,       |spawn | (routing via BrokerCore)      |
+    |   expiry, $SYS                  |      | flush touched connections     |
+    +---------------------------------+      +-------------------------------+
+                 |                                  |  BrokerCore.publish(msg)
+                 | on writable: finish the send     v
+                 |                  +-----------------------------------+
+                 +----------------->| BrokerCore: sessions, router trie,|
+                                    | retained store, stats (one lock)  |
+                                    +-----------------------------------+
+                                          | Session.deliver(msg, qos)
+                                          v
+                                    Session (inflight, mqueue) -> Connection
+                                    outbound buffer -> one non-blocking send
+
+    REST API: a Flask blueprint served by waitress; it reads the broker through
+    snapshot methods and writes through the same verbs MQTT uses.
+
+Every connection has a reader thread that owns the socket's read side. A
+PUBLISH is routed by the thread that read it: the broker lock is taken once to
+match the topic, then each target session's lock once to assign a packet id and
+append the encoded bytes to that client's outbound buffer. At the end of each
+batch of packets read by one recv, every touched connection is flushed with a
+single non-blocking send. A client that does not read fills its outbound
+buffer: the rest is sent by the service thread when the socket becomes
+writable, further QoS 0 messages are dropped (``messages/dropped``) and QoS 1/2
+messages wait in the session queue. No thread ever blocks on another client's
+socket.
+
+Threads and locks
+-----------------
+``BrokerCore.lock``      guards ``sessions``, ``connections``, ``sockets``, the
+                         router trie, the retained store, the route table,
+                         stats high-water marks. Held for dict/trie work only.
+``Session.lock``         guards one session's subscriptions, inflight window,
+                         awaiting-PUBREL ids, message queue, packet ids and its
+                         ``conn`` pointer.
+``Connection.out_lock``  guards one connection's outbound buffer and the
+                         non-blocking ``send`` that drains it.
+``BrokerCore.counts_lock`` guards the registry of per-thread metric counters.
+``Broker._lifecycle_lock`` serialises start() and stop().
+
+Order: ``BrokerCore.lock`` -> ``Session.lock`` -> ``Connection.out_lock``;
+never the other way. ``counts_lock`` is a leaf (nothing is taken while it is
+held). In practice ``BrokerCore.publish`` releases the broker lock before any
+session is touched. No blocking socket I/O happens under any of these locks:
+the one send made under ``out_lock`` is non-blocking.
+
+Metrics are counted in per-thread dictionaries (each written by one thread
+only) and summed when read, so counting needs no lock on the hot path.
+"""
+
+__version__ = "0.1.0"
+__all__ = [
+    "Broker", "BrokerCore", "Session", "Message", "Connection",
+    "MQTTError", "MalformedPacket", "ProtocolError", "PacketTooLarge",
+    "ConnectRefused", "validate_topic_name", "validate_topic_filter",
+    "topic_matches", "main",
+]
+
+###############################################################################
+# Imports and small helpers ###################################################
+###############################################################################
+
+import argparse
+import collections
+import itertools
+import json
+import logging
+import os
+import secrets
+import selectors
+import signal
+import socket
+import sys
+import threading
+import time
+
+_log = logging.getLogger("emqx_lite")
+
+#: Non-blocking send flag. The socket stays in blocking mode for its reader
+#: thread; writers use this flag so that a full socket buffer never blocks.
+_MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+
+#: Stack size for the threads the broker starts: small enough for 10k clients.
+_THREAD_STACK_SIZE = 256 * 1024
+_stack_size_lock = threading.Lock()  # guards the process-wide stack size setting
+
+
+def _start_thread(target, name, args=()):
+    """Start a daemon thread with a small stack; return it."""
+    thread = threading.Thread(target=target, name=name, args=args, daemon=True)
+    with _stack_size_lock:
+        old = threading.stack_size(_THREAD_STACK_SIZE)
+        try:
+            thread.start()
+        finally:
+            threading.stack_size(old)
+    return thread
+
+
+def _strftime(ts):
+    """EMQ X's date-time format, local time: '2017-04-14 14:11:38'."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _uptime_text(seconds):
+    """EMQ X's uptime text: '1 hours, 17 minutes, 1 seconds' (always plural)."""
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return "%d days,%d hours, %d minutes, %d seconds" % (days, hours, minutes, secs)
+    if hours:
+        return "%d hours, %d minutes, %d seconds" % (hours, minutes, secs)
+    if minutes:
+        return "%d minutes, %d seconds" % (minutes, secs)
+    return "%d seconds" % secs
+
+
+###############################################################################
+# Protocol constants ##########################################################
+###############################################################################
+
+# Packet types (MQTT 3.1.1 section 2.2.1).
+CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 2, 3, 4, 5, 6, 7
+SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK, PINGREQ, PINGRESP, DISCONNECT = 8, 9, 10, 11, 12, 13, 14
+AUTH = 15  # MQTT 5.0 only; reserved in 3.1.1
+
+PACKET_NAMES = {
+    CONNECT: "CONNECT", CONNACK: "CONNACK", PUBLISH: "PUBLISH", PUBACK: "PUBACK",
+    PUBREC: "PUBREC", PUBREL: "PUBREL", PUBCOMP: "PUBCOMP", SUBSCRIBE: "SUBSCRIBE",
+    SUBACK: "SUBACK", UNSUBSCRIBE: "UNSUBSCRIBE", UNSUBACK: "UNSUBACK",
+    PINGREQ: "PINGREQ", PINGRESP: "PINGRESP", DISCONNECT: "DISCONNECT", AUTH: "AUTH",
+}
+
+#: Required fixed-header flags for every type but PUBLISH [MQTT-2.2.2-1, -2].
+FIXED_FLAGS = {
+    CONNECT: 0, CONNACK: 0, PUBACK: 0, PUBREC: 0, PUBREL: 2, PUBCOMP: 0,
+    SUBSCRIBE: 2, SUBACK: 0, UNSUBSCRIBE: 2, UNSUBACK: 0, PINGREQ: 0,
+    PINGRESP: 0, DISCONNECT: 0,
+}
+
+#: Protocol level -> protocol name (3.1.1 section 3.1.2.1/2; 3.1 "MQIsdp").
+PROTOCOL_NAMES = {3: "MQIsdp", 4: "MQTT", 5: "MQTT"}
+MQTT_V31, MQTT_V311, MQTT_V5 = 3, 4, 5
+SUPPORTED_LEVELS = (MQTT_V31, MQTT_V311)
+
+# CONNACK return codes (MQTT 3.1.1 table 3.1).
+CONNACK_ACCEPTED = 0x00
+CONNACK_UNACCEPTABLE_PROTOCOL = 0x01
+CONNACK_IDENTIFIER_REJECTED = 0x02
+CONNACK_SERVER_UNAVAILABLE = 0x03
+CONNACK_BAD_USERNAME_PASSWORD = 0x04
+CONNACK_NOT_AUTHORIZED = 0x05
+
+SUBACK_FAILURE = 0x80
+
+MAX_REMAINING_LENGTH = 268_435_455   # 2.2.3: four varint bytes
+MAX_PACKET_ID = 65535
+MAX_TOPIC_BYTES = 65535
+
+# Outbound QoS 1/2 states (mosquitto's mosq_ms_wait_for_puback/pubrec/pubcomp).
+WAIT_ACK = 0      # PUBLISH sent, waiting for PUBACK (QoS 1) or PUBREC (QoS 2)
+WAIT_COMP = 1     # PUBREL sent, waiting for PUBCOMP
+
+#: Every EMQ X 2.x metric name, in the order of the REST API page.
+METRIC_NAMES = (
+    "packets/disconnect", "messages/dropped", "messages/qos2/received",
+    "packets/suback", "packets/pubcomp/received", "packets/unsuback",
+    "packets/pingresp", "packets/puback/missed", "packets/pingreq",
+    "messages/retained", "packets/sent", "messages/qos2/dropped",
+    "packets/unsubscribe", "packets/pubrec/missed", "packets/connack",
+    "messages/received", "packets/pubrec/sent", "packets/publish/received",
+    "packets/pubcomp/sent", "bytes/received", "packets/connect",
+    "packets/puback/received", "messages/sent", "packets/publish/sent",
+    "bytes/sent", "packets/pubrel/missed", "packets/puback/sent",
+    "messages/qos0/received", "packets/subscribe", "packets/pubrel/sent",
+    "messages/forward", "messages/qos2/sent", "packets/received",
+    "packets/pubrel/received", "messages/qos1/received", "messages/qos1/sent",
+    "packets/pubrec/received", "packets/pubcomp/missed", "messages/qos0/sent",
+)
+
+#: Every EMQ X 2.x stat name (each has a "/max" high-water mark).
+STAT_NAMES = ("clients", "retained", "routes", "sessions", "subscribers",
+              "subscriptions", "topics")
+
+#: Metric names counted for each packet type received / sent.
+_RECEIVED_METRIC = {
+    CONNECT: "packets/connect", PUBLISH: "packets/publish/received",
+    PUBACK: "packets/puback/received", PUBREC: "packets/pubrec/received",
+    PUBREL: "packets/pubrel/received", PUBCOMP: "packets/pubcomp/received",
+    SUBSCRIBE: "packets/subscribe", UNSUBSCRIBE: "packets/unsubscribe",
+    PINGREQ: "packets/pingreq", DISCONNECT: "packets/disconnect",
+}
+_SENT_METRIC = {
+    CONNACK: "packets/connack", PUBLISH: "packets/publish/sent",
+    PUBACK: "packets/puback/sent", PUBREC: "packets/pubrec/sent",
+    PUBREL: "packets/pubrel/sent", PUBCOMP: "packets/pubcomp/sent",
+    SUBACK: "packets/suback", UNSUBACK: "packets/unsuback",
+    PINGRESP: "packets/pingresp",
+}
+_QOS_RECEIVED = ("messages/qos0/received", "messages/qos1/received", "messages/qos2/received")
+_QOS_SENT = ("messages/qos0/sent", "messages/qos1/sent", "messages/qos2/sent")
+
+#: Default settings; every one can be given to Broker() as a keyword.
+DEFAULTS = {
+    "node": "emqx_lite@127.0.0.1",
+    "max_packet_size": 1024 * 1024,    # bytes (remaining length)
+    "max_clientid_len": 1024,
+    "connect_timeout": 15.0,           # seconds until the first packet must be CONNECT
+    "keepalive_backoff": 1.5,          # close after keepalive * this of silence
+    "max_inflight": 32,                # QoS 1/2 messages unacknowledged per client
+    "retry_interval": 20.0,            # seconds before an unacked PUBLISH/PUBREL is resent
+    "max_awaiting_rel": 100,           # QoS 2 ids received and waiting for PUBREL
+    "await_rel_timeout": 20.0,         # seconds an id waits for its PUBREL
+    "max_mqueue_len": 1000,            # messages queued per session (0 = unbounded)
+    "mqueue_store_qos0": True,         # queue QoS 0 messages for offline sessions
+    "session_expiry_interval": 7200.0, # seconds an offline persistent session is kept
+    "max_outbuf": 1024 * 1024,         # bytes buffered for one client before it counts as slow
+    "send_timeout": 15.0,              # seconds a blocked write may take before the client is closed
+    "sys_interval": 60.0,              # seconds between $SYS broker/stats/metrics publishes
+    "max_clients": 102400,             # connections per listener
+    "acceptors": 1,                    # reported by the REST API (one accept loop)
+}
+
+
+###############################################################################
+# Exceptions ##################################################################
+###############################################################################
+
+class MQTTError(Exception):
+    """A client broke the protocol; the connection is closed.
+
+    ``reason`` is the shutdown reason counted per listener (EMQ X names).
+    """
+    reason = "protocol_error"
+
+
+class MalformedPacket(MQTTError):
+    """The bytes do not form a valid packet (MQTT 5.0 reason code 0x81)."""
+    reason = "parser_error"
+
+
+class ProtocolError(MQTTError):
+    """A valid packet that is not allowed here (MQTT 5.0 reason code 0x82)."""
+    reason = "protocol_error"
+
+
+class PacketTooLarge(MalformedPacket):
+    """Remaining length above max_packet_size (MQTT 5.0 reason code 0x95)."""
+    reason = "frame_too_large"
+
+
+class ConnectRefused(MQTTError):
+    """CONNECT refused with a CONNACK return code, then the socket is closed."""
+    reason = "connack_refused"
+
+    def __init__(self, return_code, message):
+        super().__init__(message)
+        self.return_code = return_code
+
+
+###############################################################################
+# Codec: primitives ###########################################################
+###############################################################################
+
+def encode_varint(n):
+    """Remaining-length encoding (2.2.3)."""
+    out = bytearray()
+    while True:
+        n, digit = n >> 7, n & 0x7F
+        if n:
+            out.append(digit | 0x80)
+        else:
+            out.append(digit)
+            return bytes(out)
+
+
+def decode_varint(data, pos):
+    """Return (value, next_pos), or (None, pos) if more bytes are needed.
+
+    Raises MalformedPacket after four continuation bytes [MQTT-2.2.3].
+    """
+    value = 0
+    for i in range(4):
+        if pos + i >= len(data):
+            return None, pos
+        byte = data[pos + i]
+        value |= (byte & 0x7F) << (7 * i)
+        if not byte & 0x80:
+            return value, pos + i + 1
+    raise MalformedPacket("remaining length longer than 4 bytes")
+
+
+def encode_string(s):
+    raw = s.encode("utf-8")
+    return len(raw).to_bytes(2, "big") + raw
+
+
+def encode_binary(b):
+    return len(b).to_bytes(2, "big") + b
+
+
+def _decode_binary(body, pos):
+    if pos + 2 > len(body):
+        raise MalformedPacket("truncated length prefix")
+    n = (body[pos] << 8) | body[pos + 1]
+    end = pos + 2 + n
+    if end > len(body):
+        raise MalformedPacket("string or binary runs past the packet")
+    return body[pos + 2:end], end
+
+
+def _decode_string(body, pos):
+    raw, pos = _decode_binary(body, pos)
+    try:
+        text = raw.decode("utf-8")  # rejects surrogates and overlongs [MQTT-1.5.3-1]
+    except UnicodeDecodeError:
+        raise MalformedPacket("invalid UTF-8 string [MQTT-1.5.3-1]") from None
+    if "\x00" in text:
+        raise MalformedPacket("string contains U+0000 [MQTT-1.5.3-2]")
+    return text, pos
+
+
+def _decode_u16(body, pos):
+    if pos + 2 > len(body):
+        raise MalformedPacket("truncated two-byte integer")
+    return (body[pos] << 8) | body[pos + 1], pos + 2
+
+
+def _fixed_header(packet_type, flags, remaining):
+    return bytes((packet_type << 4 | flags,)) + encode_varint(remaining)
+
+
+###############################################################################
+# Codec: packets ##############################################################
+###############################################################################
+
+class Will:
+    """The will message of a CONNECT (3.1.2.5)."""
+    __slots__ = ("topic", "payload", "qos", "retain")
+
+    def __init__(self, topic, payload, qos, retain):
+        self.topic, self.payload, self.qos, self.retain = topic, payload, qos, retain
+
+
+class Connect:
+    __slots__ = ("proto_name", "proto_ver", "clean_session", "keepalive",
+                 "client_id", "will", "username", "password", "properties")
+
+    def __init__(self, proto_name, proto_ver, clean_session, keepalive, client_id,
+                 will=None, username=None, password=None, properties=None):
+        self.proto_name, self.proto_ver = proto_name, proto_ver
+        self.clean_session, self.keepalive, self.client_id = clean_session, keepalive, client_id
+        self.will, self.username, self.password = will, username, password
+        self.properties = properties
+
+
+class Publish:
+    __slots__ = ("topic", "payload", "qos", "retain", "dup", "packet_id", "properties")
+
+    def __init__(self, topic, payload, qos=0, retain=False, dup=False, packet_id=None,
+                 properties=None):
+        self.topic, self.payload, self.qos, self.retain = topic, payload, qos, retain
+        self.dup, self.packet_id, self.properties = dup, packet_id, properties
+
+
+class Subscribe:
+    __slots__ = ("packet_id", "topics", "properties")
+
+    def __init__(self, packet_id, topics, properties=None):
+        self.packet_id, self.topics, self.properties = packet_id, topics, properties
+
+
+class Unsubscribe:
+    __slots__ = ("packet_id", "topics", "properties")
+
+    def __init__(self, packet_id, topics, properties=None):
+        self.packet_id, self.topics, self.properties = packet_id, topics, properties
+
+
+class Ack:
+    """PUBACK, PUBREC, PUBREL and PUBCOMP: a packet id (and later a reason code)."""
+    __slots__ = ("packet_id", "reason_code", "properties")
+
+    def __init__(self, packet_id, reason_code=0, properties=None):
+        self.packet_id, self.reason_code, self.properties = packet_id, reason_code, properties
+
+
+class Empty:
+    """PINGREQ, PINGRESP and DISCONNECT (3.1.1: no variable header, no payload)."""
+    __slots__ = ()
+
+
+EMPTY = Empty()
+
+
+def decode_connect(flags, body, version=None):
+    """Decode a CONNECT body. Raises ConnectRefused for an unknown protocol level."""
+    name, pos = _decode_string(body, 0)
+    if pos >= len(body):
+        raise MalformedPacket("CONNECT without protocol level")
+    level = body[pos]
+    pos += 1
+    if name not in ("MQTT", "MQIsdp"):
+        raise ProtocolError("unknown protocol name %r [MQTT-3.1.2-1]" % name)
+    if level not in SUPPORTED_LEVELS or PROTOCOL_NAMES[level] != name:
+        raise ConnectRefused(CONNACK_UNACCEPTABLE_PROTOCOL,
+                             "unsupported protocol %s level %d [MQTT-3.1.2-2]" % (name, level))
+    if pos + 3 > len(body):
+        raise MalformedPacket("truncated CONNECT variable header")
+    cflags = body[pos]
+    keepalive = (body[pos + 1] << 8) | body[pos + 2]
+    pos += 3
+    if cflags & 0x01:
+        raise MalformedPacket("CONNECT reserved flag set [MQTT-3.1.2-3]")
+    will_flag, will_qos, will_retain = cflags & 0x04, (cflags >> 3) & 0x03, bool(cflags & 0x20)
+    if not will_flag and (will_qos or will_retain):
+        raise MalformedPacket("will QoS/retain without will flag [MQTT-3.1.2-13, -15]")
+    if will_qos == 3:
+        raise MalformedPacket("will QoS 3 [MQTT-3.1.2-14]")
+    has_user, has_password = cflags & 0x80, cflags & 0x40
+    if has_password and not has_user:
+        raise MalformedPacket("password flag without username flag [MQTT-3.1.2-22]")
+    client_id, pos = _decode_string(body, pos)
+    will = None
+    if will_flag:
+        will_topic, pos = _decode_string(body, pos)
+        will_payload, pos = _decode_binary(body, pos)
+        validate_topic_name(will_topic)
+        will = Will(will_topic, bytes(will_payload), will_qos, will_retain)
+    username = password = None
+    if has_user:
+        username, pos = _decode_string(body, pos)
+    if has_password:
+        password, pos = _decode_binary(body, pos)
+        password = bytes(password)
+    if pos != len(body):
+        raise MalformedPacket("trailing bytes after CONNECT payload")
+    return Connect(name, level, bool(cflags & 0x02), keepalive, client_id, will,
+                   username, password)
+
+
+def encode_connect(pkt, version=None):
+    flags = 0x02 if pkt.clean_session else 0
+    payload = encode_string(pkt.client_id)
+    if pkt.will:
+        flags |= 0x04 | pkt.will.qos << 3 | (0x20 if pkt.will.retain else 0)
+        payload += encode_string(pkt.will.topic) + encode_binary(pkt.will.payload)
+    if pkt.username is not None:
+        flags |= 0x80
+        payload += encode_string(pkt.username)
+    if pkt.password is not None:
+        flags |= 0x40
+        payload += encode_binary(pkt.password)
+    body = (encode_string(pkt.proto_name) + bytes((pkt.proto_ver, flags))
+            + pkt.keepalive.to_bytes(2, "big") + payload)
+    return _fixed_header(CONNECT, 0, len(body)) + body
+
+
+def encode_connack(session_present, return_code, version=None):
+    return bytes((CONNACK << 4, 2, 1 if session_present else 0, return_code))
+
+
+def decode_publish(flags, body, version=None):
+    qos = (flags >> 1) & 0x03
+    if qos == 3:
+        raise MalformedPacket("PUBLISH QoS 3 [MQTT-3.3.1-4]")
+    dup = bool(flags & 0x08)
+    if dup and not qos:
+        raise MalformedPacket("DUP set on a QoS 0 PUBLISH [MQTT-3.3.1-2]")
+    topic, pos = _decode_string(body, 0)
+    validate_topic_name(topic)
+    packet_id = None
+    if qos:
+        packet_id, pos = _decode_u16(body, pos)
+        if not packet_id:
+            raise MalformedPacket("packet identifier 0 [MQTT-2.3.1-1]")
+    return Publish(topic, body[pos:], qos, bool(flags & 0x01), dup, packet_id)
+
+
+def encode_publish(pkt, version=None):
+    topic = encode_string(pkt.topic)
+    pid = pkt.packet_id.to_bytes(2, "big") if pkt.qos else b""
+    flags = (0x08 if pkt.dup else 0) | pkt.qos << 1 | (0x01 if pkt.retain else 0)
+    return _fixed_header(PUBLISH, flags, len(topic) + len(pid) + len(pkt.payload)) + topic + pid + pkt.payload
+
+
+def _decode_ack(flags, body, version=None):
+    if len(body) != 2:
+        raise MalformedPacket("acknowledgement body must be 2 bytes")
+    packet_id = (body[0] << 8) | body[1]
+    if not packet_id:
+        raise MalformedPacket("packet identifier 0 [MQTT-2.3.1-1]")
+    return Ack(packet_id)
+
+
+decode_puback = decode_pubrec = decode_pubrel = decode_pubcomp = _decode_ack
+
+
+def encode_ack(packet_type, packet_id, version=None):
+    """PUBACK, PUBREC, PUBREL (flags 0b0010), PUBCOMP and UNSUBACK."""
+    return bytes((packet_type << 4 | FIXED_FLAGS.get(packet_type, 0), 2,
+                  packet_id >> 8, packet_id & 0xFF))
+
+
+def decode_subscribe(flags, body, version=None):
+    packet_id, pos = _decode_u16(body, 0)
+    if not packet_id:
+        raise MalformedPacket("packet identifier 0 [MQTT-2.3.1-1]")
+    topics = []
+    while pos < len(body):
+        raw, pos = _decode_binary(body, pos)
+        if pos >= len(body):
+            raise MalformedPacket("SUBSCRIBE topic without QoS byte")
+        options = body[pos]
+        pos += 1
+        if options & 0xFC or options & 0x03 == 3:
+            raise MalformedPacket("SUBSCRIBE requested QoS byte invalid [MQTT-3.8.3-4]")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise MalformedPacket("invalid UTF-8 topic filter [MQTT-1.5.3-1]") from None
+        topics.append((text, options & 0x03))
+    if not topics:
+        raise ProtocolError("SUBSCRIBE without topic filters [MQTT-3.8.3-3]")
+    return Subscribe(packet_id, topics)
+
+
+def encode_subscribe(pkt, version=None):
+    body = pkt.packet_id.to_bytes(2, "big") + b"".join(
+        encode_string(t) + bytes((q,)) for t, q in pkt.topics)
+    return _fixed_header(SUBSCRIBE, 2, len(body)) + body
+
+
+def encode_suback(packet_id, return_codes, version=None):
+    body = packet_id.to_bytes(2, "big") + bytes(return_codes)
+    return _fixed_header(SUBACK, 0, len(body)) + body
+
+
+def decode_unsubscribe(flags, body, version=None):
+    packet_id, pos = _decode_u16(body, 0)
+    if not packet_id:
+        raise MalformedPacket("packet identifier 0 [MQTT-2.3.1-1]")
+    topics = []
+    while pos < len(body):
+        raw, pos = _decode_binary(body, pos)
+        try:
+            topics.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise MalformedPacket("invalid UTF-8 topic filter [MQTT-1.5.3-1]") from None
+    if not topics:
+        raise ProtocolError("UNSUBSCRIBE without topic filters [MQTT-3.10.3-2]")
+    return Unsubscribe(packet_id, topics)
+
+
+def decode_empty(flags, body, version=None):
+    if body:
+        raise MalformedPacket("packet must have no body")
+    return EMPTY
+
+
+def encode_pingresp(version=None):
+    return bytes((PINGRESP << 4, 0))
+
+
+#: Decoders for the packets a server receives, by packet type.
+DECODERS = {
+    CONNECT: decode_connect, PUBLISH: decode_publish, PUBACK: decode_puback,
+    PUBREC: decode_pubrec, PUBREL: decode_pubrel, PUBCOMP: decode_pubcomp,
+    SUBSCRIBE: decode_subscribe, UNSUBSCRIBE: decode_unsubscribe,
+    PINGREQ: decode_empty, DISCONNECT: decode_empty,
+}
+
+
+def decode_packet(first_byte, body, version=None):
+    """Check the fixed-header flags and decode one packet a client sent."""
+    packet_type, flags = first_byte >> 4, first_byte & 0x0F
+    decoder = DECODERS.get(packet_type)
+    if decoder is None:
+        raise ProtocolError("packet type %d is not accepted from a client" % packet_type)
+    if packet_type != PUBLISH and flags != FIXED_FLAGS[packet_type]:
+        raise MalformedPacket("%s with invalid fixed-header flags 0x%x [MQTT-2.2.2-2]"
+                              % (PACKET_NAMES[packet_type], flags))
+    return decoder(flags, body, version)
+
+
+###############################################################################
+# Topics ######################################################################
+###############################################################################
+
+def validate_topic_name(topic):
+    """A PUBLISH topic: non-empty, no wildcards [MQTT-3.3.2-2, MQTT-4.7.3-1]."""
+    if not topic:
+        raise MalformedPacket("empty topic name [MQTT-4.7.3-1]")
+    if "+" in topic or "#" in topic:
+        raise MalformedPacket("wildcard in topic name %r [MQTT-3.3.2-2]" % topic)
+    if "\x00" in topic:
+        raise MalformedPacket("U+0000 in topic [MQTT-4.7.3-2]")
+    if len(topic) > MAX_TOPIC_BYTES // 4 and len(topic.encode("utf-8")) > MAX_TOPIC_BYTES:
+        raise MalformedPacket("topic longer than 65535 bytes")
+
+
+def parse_share(topic_filter):
+    """Split an EMQ X 2.x shared filter: '$share/g/t' -> ('g', 't'); '$queue/t' -> ('$queue', 't').
+
+    Returns (None, filter) for a normal subscription.
+    """
+    if topic_filter.startswith("$queue/"):
+        return "$queue", topic_filter[7:]
+    if topic_filter.startswith("$share/"):
+        group, sep, rest = topic_filter[7:].partition("/")
+        if group and sep:
+            return group, rest
+        return "", ""  # invalid: rejected by validate_topic_filter
+    return None, topic_filter
+
+
+def validate_topic_filter(topic_filter):
+    """Return True when the filter is valid [MQTT-4.7.1-1..3, MQTT-4.7.3-1, -2]."""
+    group, real = parse_share(topic_filter)
+    if group is not None and (not group or "+" in group or "#" in group):
+        return False
+    if not real or "\x00" in real or len(real.encode("utf-8")) > MAX_TOPIC_BYTES:
+        return False
+    levels = real.split("/")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            return False
+        if "+" in level and level != "+":
+            return False
+    return True
+
+
+def topic_matches(topic_filter, topic):
+    """True if a (non-shared) filter matches a topic name, with the '$' rule [MQTT-4.7.2-1]."""
+    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
+        return False
+    flevels, tlevels = topic_filter.split("/"), topic.split("/")
+    for i, f in enumerate(flevels):
+        if f == "#":
+            return True
+        if i >= len(tlevels) or (f != "+" and f != tlevels[i]):
+            return False
+    return len(flevels) == len(tlevels)
+
+
+###############################################################################
+# Subscription tree ###########################################################
+###############################################################################
+
+class _TrieNode:
+    __slots__ = ("children", "subs", "shared", "rr")
+
+    def __init__(self):
+        self.children = {}   # level -> _TrieNode
+        self.subs = {}       # client_id -> (session, qos)
+        self.shared = {}     # group -> {client_id: (session, qos)} in join order
+        self.rr = {}         # group -> next round-robin index
+
+
+class TopicTree:
+    """A trie of topic filters (paho-testing's matcher shape).
+
+    Not thread-safe by itself: owned by ``BrokerCore.lock``.
+    """
+
+    def __init__(self):
+        self.root = _TrieNode()
+
+    def _node(self, topic_filter, create):
+        node = self.root
+        for level in topic_filter.split("/"):
+            child = node.children.get(level)
+            if child is None:
+                if not create:
+                    return None
+                child = node.children[level] = _TrieNode()
+            node = child
+        return node
+
+    def add(self, topic_filter, group, session, qos):
+        """Add or replace a subscription; return True if the filter had no subscriber before."""
+        node = self._node(topic_filter, True)
+        was_empty = not node.subs and not node.shared
+        if group is None:
+            node.subs[session.client_id] = (session, qos)
+        else:
+            node.shared.setdefault(group, {})[session.client_id] = (session, qos)
+        return was_empty
+
+    def remove(self, topic_filter, group, client_id):
+        """Remove a subscription; return True if the filter has no subscriber left."""
+        path = [self.root]
+        for level in topic_filter.split("/"):
+            child = path[-1].children.get(level)
+            if child is None:
+                return False
+            path.append(child)
+        node = path[-1]
+        if group is None:
+            if node.subs.pop(client_id, None) is None:
+                return False
+        else:
+            members = node.shared.get(group)
+            if not members or members.pop(client_id, None) is None:
+                return False
+            if not members:
+                del node.shared[group]
+                node.rr.pop(group, None)
+        now_empty = not node.subs and not node.shared
+        # Prune empty branches so the trie does not grow with dead filters.
+        levels = topic_filter.split("/")
+        for i in range(len(levels), 0, -1):
+            n = path[i]
+            if n.children or n.subs or n.shared:
+                break
+            del path[i - 1].children[levels[i - 1]]
+        return now_empty
+
+    def match(self, topic):
+        """Return {client_id: (session, qos)}: one entry per client, highest QoS
+        over overlapping filters, plus one member of each matching shared group
+        chosen round robin."""
+        result = {}
+        levels = topic.split("/")
+        n = len(levels)
+        dollar = topic.startswith("$")
+        stack = [(self.root, 0)]
+        matched = []
+        while stack:
+            node, i = stack.pop()
+            if i == n:
+                matched.append(node)
+                hash_child = node.children.get("#")
+                if hash_child is not None:
+                    matched.append(hash_child)  # "sport/#" matches "sport" [MQTT-4.7.1-2]
+                continue
+            children = node.children
+            wild = not (i == 0 and dollar)  # [MQTT-4.7.2-1]
+            if wild:
+                hash_child = children.get("#")
+                if hash_child is not None:
+                    matched.append(hash_child)
+                plus = children.get("+")
+                if plus is not None:
+                    stack.append((plus, i + 1))
+            child = children.get(levels[i])
+            if child is not None:
+                stack.append((child, i + 1))
+        for node in matched:
+            for client_id, entry in node.subs.items():
+                prev = result.get(client_id)
+                if prev is None or entry[1] > prev[1]:
+                    result[client_id] = entry
+            for group, members in node.shared.items():
+                index = node.rr.get(group, 0) % len(members)
+                node.rr[group] = index + 1
+                client_id, entry = next(itertools.islice(members.items(), index, None))
+                key = ("$share", group, id(node), client_id)
+                result[key] = entry
+        return result
+
+
+###############################################################################
+# Messages and sessions #######################################################
+###############################################################################
+
+class Message:
+    """An application message on its way through the broker.
+
+    The encoded PUBLISH header is cached per first byte, so a message sent to
+    many subscribers is encoded once (only the packet id differs per client).
+    """
+    __slots__ = ("topic", "payload", "qos", "retain", "sender", "timestamp", "sys", "_heads")
+
+    def __init__(self, topic, payload, qos=0, retain=False, sender=None, sys=False):
+        self.topic, self.payload, self.qos, self.retain = topic, payload, qos, retain
+        self.sender, self.sys = sender, sys
+        self.timestamp = time.time()
+        self._heads = {}
+
+    def chunks(self, qos, retain=False, dup=False, packet_id=None):
+        """The PUBLISH packet for one subscriber, as a tuple of bytes to join."""
+        first = 0x30 | (0x08 if dup else 0) | qos << 1 | (0x01 if retain else 0)
+        head = self._heads.get(first)
+        if head is None:
+            topic = self.topic.encode("utf-8")
+            remaining = 2 + len(topic) + (2 if qos else 0) + len(self.payload)
+            head = self._heads[first] = (bytes((first,)) + encode_varint(remaining)
+                                         + len(topic).to_bytes(2, "big") + topic)
+        if qos:
+            return head, packet_id.to_bytes(2, "big"), self.payload
+        return head, self.payload
+
+
+class Session:
+    """The state MQTT keeps for a client id (3.1.2.4), online or offline.
+
+    Every attribute but ``client_id`` is guarded by ``self.lock``. Methods that
+    send return the Connection they appended to (or None), so the caller can
+    flush it after releasing every lock.
+    """
+
+    def __init__(self, core, client_id, clean_session):
+        self.core = core
+        self.client_id = client_id
+        self.clean_session = clean_session
+        #: guards everything below, and the ``conn`` pointer
+        self.lock = threading.Lock()
+        self.conn = None
+        self.subscriptions = {}          # filter as subscribed -> granted QoS
+        self.inflight = collections.OrderedDict()  # packet id -> [msg, qos, state, sent_at]
+        self.awaiting_rel = {}           # packet id of an inbound QoS 2 PUBLISH -> received_at
+        self.mqueue = collections.deque()  # (msg, qos, retain) waiting to be sent
+        self.mqueue_dropped = 0
+        self.deliver_msg = 0             # PUBLISH packets handed to the client
+        self.enqueue_msg = 0             # messages put in the queue
+        self._next_id = 0
+        self.created_at = time.time()
+        self.disconnected_at = None      # set while a persistent session is offline
+
+    # --- delivery (called by any thread routing a message) -----------------
+    def deliver(self, msg, qos, retain=False):
+        """Send or queue one message at ``qos``; return the Connection to flush."""
+        s = self.core.settings
+        with self.lock:
+            conn = self.conn
+            if conn is None:
+                self._enqueue_locked(msg, qos, retain)
+                return None
+            if qos == 0:
+                if conn.out_bytes >= s["max_outbuf"]:
+                    self.core.counts()["messages/dropped"] += 1
+                    return None
+                self._send_publish_locked(conn, msg, 0, retain)
+                return conn
+            if (self.mqueue or len(self.inflight) >= s["max_inflight"]
+                    or conn.out_bytes >= s["max_outbuf"]):
+                self._enqueue_locked(msg, qos, retain)
+                return None
+            self._send_publish_locked(conn, msg, qos, retain)
+            return conn
+
+    def _enqueue_locked(self, msg, qos, retain):
+        s = self.core.settings
+        if qos == 0 and (self.conn is not None or not s["mqueue_store_qos0"]):
+            self.core.counts()["messages/dropped"] += 1
+            return
+        limit = s["max_mqueue_len"]
+        if limit and len(self.mqueue) >= limit:
+            self.mqueue.popleft()  # EMQ X drops the oldest message
+            self.mqueue_dropped += 1
+            self.core.counts()["messages/dropped"] += 1
+        self.mqueue.append((msg, qos, retain))
+        self.enqueue_msg += 1
+
+    def _send_publish_locked(self, conn, msg, qos, retain, dup=False, packet_id=None):
+        if qos and packet_id is None:
+            packet_id = self._packet_id_locked()
+            self.inflight[packet_id] = [msg, qos, WAIT_ACK, time.monotonic()]
+        self.deliver_msg += 1
+        conn.send_publish(msg.chunks(qos, retain, dup, packet_id), qos, msg.sys)
+
+    def _packet_id_locked(self):
+        """Next free packet id, skipping ids still in flight [MQTT-2.3.1-2]."""
+        while True:
+            self._next_id = self._next_id % MAX_PACKET_ID + 1
+            if self._next_id not in self.inflight:
+                return self._next_id
+
+    def _drain_locked(self):
+        """Move queued messages to the client while the window and buffer allow."""
+        conn = self.conn
+        if conn is None or not self.mqueue:
+            return None
+        s = self.core.settings
+        sent = False
+        while self.mqueue and conn.out_bytes < s["max_outbuf"]:
+            msg, qos, retain = self.mqueue[0]
+            if qos and len(self.inflight) >= s["max_inflight"]:
+                break
+            self.mqueue.popleft()
+            self._send_publish_locked(conn, msg, qos, retain)
+            sent = True
+        return conn if sent else None
+
+    def drain(self):
+        with self.lock:
+            return self._drain_locked()
+
+    # --- connection lifecycle ---------------------------------------------
+    def attach(self, conn):
+        """Bind a freshly connected client: resend the inflight window in order
+        with DUP set [MQTT-4.4.0-1], then the queue. Returns conn."""
+        with self.lock:
+            self.conn = conn
+            self.disconnected_at = None
+            now = time.monotonic()
+            for packet_id, entry in self.inflight.items():
+                msg, qos, state, _ = entry
+                entry[3] = now
+                if state == WAIT_ACK:
+                    self._send_publish_locked(conn, msg, qos, False, True, packet_id)
+                else:
+                    conn.send_ack(PUBREL, packet_id)
+            self._drain_locked()
+        return conn
+
+    def detach(self, conn):
+        """The client went away; keep state only if this is still its session."""
+        with self.lock:
+            if self.conn is conn:
+                self.conn = None
+                self.disconnected_at = time.monotonic()
+
+    # --- acknowledgements from the client -----------------------------------
+    def puback(self, packet_id):
+        """PUBACK for a QoS 1 message (4.3.2). Returns a Connection to flush or None."""
+        with self.lock:
+            entry = self.inflight.get(packet_id)
+            if entry is None or entry[1] != 1:
+                self.core.counts()["packets/puback/missed"] += 1
+                return None
+            del self.inflight[packet_id]
+            return self._drain_locked()
+
+    def pubrec(self, packet_id):
+        """PUBREC for a QoS 2 message: answer PUBREL (4.3.3). Returns True if known."""
+        with self.lock:
+            entry = self.inflight.get(packet_id)
+            if entry is None or entry[1] != 2:
+                self.core.counts()["packets/pubrec/missed"] += 1
+                return False
+            entry[2], entry[3] = WAIT_COMP, time.monotonic()
+            return True
+
+    def pubcomp(self, packet_id):
+        with self.lock:
+            entry = self.inflight.get(packet_id)
+            if entry is None or entry[2] != WAIT_COMP:
+                self.core.counts()["packets/pubcomp/missed"] += 1
+                return None
+            del self.inflight[packet_id]
+            return self._drain_locked()
+
+    # --- inbound QoS 2 (the client publishes) -------------------------------
+    def await_rel(self, packet_id):
+        """Record an inbound QoS 2 id. Returns 'new', 'dup' (already routed) or 'full'."""
+        with self.lock:
+            if packet_id in self.awaiting_rel:
+                return "dup"
+            limit = self.core.settings["max_awaiting_rel"]
+            if limit and len(self.awaiting_rel) >= limit:
+                return "full"
+            self.awaiting_rel[packet_id] = time.monotonic()
+            return "new"
+
+    def release(self, packet_id):
+        """PUBREL: forget the id [MQTT-4.3.3-?]. Returns False if it was unknown."""
+        with self.lock:
+            return self.awaiting_rel.pop(packet_id, None) is not None
+
+    # --- timers (service thread) --------------------------------------------
+    def retry(self, now):
+        """Resend PUBLISH (DUP) / PUBREL older than retry_interval; expire old
+        awaiting-PUBREL ids. Returns a Connection to flush or None."""
+        s = self.core.settings
+        with self.lock:
+            if self.awaiting_rel:
+                deadline = now - s["await_rel_timeout"]
+                for packet_id in [p for p, t in self.awaiting_rel.items() if t <= deadline]:
+                    del self.awaiting_rel[packet_id]
+            conn = self.conn
+            if conn is None or not self.inflight:
+                return None
+            deadline = now - s["retry_interval"]
+            resent = False
+            for packet_id, entry in self.inflight.items():
+                msg, qos, state, sent_at = entry
+                if sent_at > deadline:
+                    continue
+                entry[3] = now
+                resent = True
+                if state == WAIT_ACK:
+                    self._send_publish_locked(conn, msg, qos, False, True, packet_id)
+                else:
+                    conn.send_ack(PUBREL, packet_id)
+            return conn if resent else None
+
+    # --- reading (REST / Python API) ----------------------------------------
+    def info(self):
+        with self.lock:
+            return {
+                "client_id": self.client_id,
+                "clean_sess": self.clean_session,
+                "connected": self.conn is not None,
+                "subscriptions": len(self.subscriptions),
+                "max_inflight": self.core.settings["max_inflight"],
+                "inflight_len": len(self.inflight),
+                "mqueue_len": len(self.mqueue),
+                "mqueue_dropped": self.mqueue_dropped,
+                "awaiting_rel_len": len(self.awaiting_rel),
+                "awaiting_ack": sum(1 for e in self.inflight.values() if e[2] == WAIT_ACK),
+                "awaiting_comp": sum(1 for e in self.inflight.values() if e[2] == WAIT_COMP),
+                "deliver_msg": self.deliver_msg,
+                "enqueue_msg": self.enqueue_msg,
+                "created_at": self.created_at,
+            }
+
+
+###############################################################################
+# Broker core #################################################################
+###############################################################################
+
+class BrokerCore:
+    """Routing, sessions and retained messages; knows nothing about sockets.
+
+    ``lock`` guards ``sessions``, ``connections``, ``sockets``, ``router``,
+    ``retained``, ``routes``, the subscription count and the stats maxima.
+    It is held for dictionary and trie work only: never while sending, and
+    never while calling a Session method (lock order: core -> session).
+    """
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.node = settings["node"]
+        self.started_at = time.time()
+        #: guards the routing tables and registries listed in the class docstring
+        self.lock = threading.Lock()
+        self.sessions = {}       # client_id -> Session (online and offline)
+        self.connections = {}    # client_id -> Connection (CONNECTed clients only)
+        self.sockets = set()     # every live Connection, CONNECTed or not
+        self.router = TopicTree()
+        self.retained = {}       # topic -> Message
+        self.routes = {}         # topic filter (no share prefix) -> number of subscribers
+        self.subscription_count = 0
+        self.stats_max = dict.fromkeys(STAT_NAMES, 0)
+        self.retainer_enabled = True   # the emqx_retainer plugin
+        self.presence_enabled = True   # the emqx_modules presence events
+        self.authenticate = None       # hook: f(client_id, username, password, ip) -> CONNACK rc
+        self.on_connected = []         # hooks f(connection) run after CONNACK (no lock held)
+        #: guards the registry of per-thread counters (a leaf lock)
+        self.counts_lock = threading.Lock()
+        self._counters = []      # one dict per thread that has counted something
+        self._retired = dict.fromkeys(METRIC_NAMES, 0)
+        self._tls = threading.local()
+
+    # --- metrics --------------------------------------------------------------
+    def counts(self):
+        """The calling thread's own metric counters (only this thread writes them)."""
+        try:
+            return self._tls.counts
+        except AttributeError:
+            counts = self._tls.counts = dict.fromkeys(METRIC_NAMES, 0)
+            with self.counts_lock:
+                self._counters.append(counts)
+            return counts
+
+    def retire_counts(self):
+        """Fold the calling thread's counters into the totals (thread is ending)."""
+        counts = getattr(self._tls, "counts", None)
+        if counts is None:
+            return
+        del self._tls.counts
+        with self.counts_lock:
+            self._counters.remove(counts)
+            for name, value in counts.items():
+                self._retired[name] += value
+
+    def metrics(self):
+        with self.counts_lock:
+            total = dict(self._retired)
+            for counts in self._counters:
+                for name, value in counts.items():
+                    total[name] += value
+        total["packets/received"] = sum(
+            total[n] for n in _RECEIVED_METRIC.values())
+        total["packets/sent"] = sum(total[n] for n in _SENT_METRIC.values())
+        total["messages/received"] = sum(total[n] for n in _QOS_RECEIVED)
+        total["messages/sent"] = sum(total[n] for n in _QOS_SENT)
+        total["messages/retained"] = len(self.retained)
+        return total
+
+    def _update_stats_locked(self):
+        counts = self._stat_counts_locked()
+        for name, value in counts.items():
+            if value > self.stats_max[name]:
+                self.stats_max[name] = value
+
+    def _stat_counts_locked(self):
+        routes = len(self.routes)
+        return {"clients": len(self.connections), "retained": len(self.retained),
+                "routes": routes, "sessions": len(self.sessions),
+                "subscribers": self.subscription_count,
+                "subscriptions": self.subscription_count, "topics": routes}
+
+    def stats(self):
+        with self.lock:
+            self._update_stats_locked()
+            counts = self._stat_counts_locked()
+            result = {}
+            for name in STAT_NAMES:
+                result[name + "/count"] = counts[name]
+                result[name + "/max"] = self.stats_max[name]
+            return result
+
+    # --- connections and sessions --------------------------------------------
+    def add_socket(self, conn):
+        with self.lock:
+            self.sockets.add(conn)
+
+    def connect(self, conn, clean_session):
+        """Register a CONNECTed client; returns (session, session_present, old_conn).
+
+        An existing connection with the same id is returned as ``old_conn``
+        for the caller to close [MQTT-3.1.4-2]. A clean session, or a new id,
+        gets a new Session; otherwise the stored one is resumed [MQTT-3.2.2-2].
+        """
+        client_id = conn.client_id
+        with self.lock:
+            old_conn = self.connections.get(client_id)
+            session = self.sessions.get(client_id)
+            if session is not None and (clean_session or session.clean_session):
+                self._discard_session_locked(session)
+                session = None
+            present = session is not None
+            if session is None:
+                session = self.sessions[client_id] = Session(self, client_id, clean_session)
+            self.connections[client_id] = conn
+            self._update_stats_locked()
+        return session, present, old_conn
+
+    def disconnect(self, conn):
+        """A connection ended: unregister it and end a clean session."""
+        with self.lock:
+            self.sockets.discard(conn)
+            session = conn.session
+            if session is None or self.connections.get(conn.client_id) is not conn:
+                return  # never CONNECTed, or taken over by a newer connection
+            del self.connections[conn.client_id]
+            if session.clean_session and self.sessions.get(conn.client_id) is session:
+                self._discard_session_locked(session)
+
+    def _discard_session_locked(self, session):
+        """Remove a session and all of its subscriptions (core lock held)."""
+        if self.sessions.get(session.client_id) is session:
+            del self.sessions[session.client_id]
+        with session.lock:
+            filters = list(session.subscriptions)
+            session.subscriptions.clear()
+        for topic_filter in filters:
+            self._unsubscribe_locked(session, topic_filter)
+
+    def expire_sessions(self, now):
+        """Drop offline persistent sessions older than session_expiry_interval."""
+        limit = self.settings["session_expiry_interval"]
+        if not limit:
+            return
+        with self.lock:
+            expired = [s for s in self.sessions.values()
+                       if s.disconnected_at is not None and now - s.disconnected_at >= limit
+                       and s.client_id not in self.connections]
+            for session in expired:
+                self._discard_session_locked(session)
+
+    # --- subscriptions -------------------------------------------------------
+    def subscribe(self, session, topics):
+        """Subscribe ``session`` to [(filter, qos)]; return (return_codes, retained)
+        where retained is [(msg, qos)] to send after the SUBACK [MQTT-3.3.1-6]."""
+        codes, retained = [], []
+        with self.lock:
+            for topic_filter, qos in topics:
+                if not validate_topic_filter(topic_filter):
+                    codes.append(SUBACK_FAILURE)
+                    continue
+                group, real = parse_share(topic_filter)
+                with session.lock:
+                    is_new = topic_filter not in session.subscriptions
+                    session.subscriptions[topic_filter] = qos
+                if self.router.add(real, group, session, qos):
+                    self.routes[real] = 0
+                if is_new:
+                    self.routes[real] += 1
+                    self.subscription_count += 1
+                codes.append(qos)
+                if group is None and self.retainer_enabled:
+                    for msg in self.retained.values():
+                        if topic_matches(real, msg.topic):
+                            retained.append((msg, min(qos, msg.qos)))
+            self._update_stats_locked()
+        return codes, retained
+
+    def unsubscribe(self, session, filters):
+        with self.lock:
+            for topic_filter in filters:
+                with session.lock:
+                    known = session.subscriptions.pop(topic_filter, None) is not None
+                if known:
+                    self._unsubscribe_locked(session, topic_filter)
+
+    def _unsubscribe_locked(self, session, topic_filter):
+        group, real = parse_share(topic_filter)
+        self.router.remove(real, group, session.client_id)
+        self.subscription_count -= 1
+        self.routes[real] -= 1
+        if not self.routes[real]:
+            del self.routes[real]
+
+    # --- publishing ------------------------------------------------------------
+    def publish(self, msg):
+        """Route one message: store/clear it if retained, then deliver a copy to
+        every matching session at min(msg QoS, granted QoS) [MQTT-3.8.4-6].
+
+        Returns the set of Connections to flush. This is the one routing path
+        for MQTT PUBLISH, wills, $SYS, REST and the Python API.
+        """
+        with self.lock:
+            if msg.retain and self.retainer_enabled:
+                if msg.payload:
+                    self.retained[msg.topic] = msg
+                    if len(self.retained) > self.stats_max["retained"]:
+                        self.stats_max["retained"] = len(self.retained)
+                else:
+                    self.retained.pop(msg.topic, None)  # [MQTT-3.3.1-10, -11]
+            targets = list(self.router.match(msg.topic).values())
+        if not targets:
+            if not msg.sys:
+                self.counts()["messages/dropped"] += 1
+            return ()
+        touched = set()
+        qos = msg.qos
+        for session, granted in targets:
+            conn = session.deliver(msg, qos if qos < granted else granted)
+            if conn is not None:
+                touched.add(conn)
+        return touched
+
+    # --- snapshots for the REST and Python APIs --------------------------------
+    def client_infos(self):
+        with self.lock:
+            conns = sorted(self.connections.values(), key=lambda c: c.client_id)
+        return [c.info() for c in conns]
+
+    def session_infos(self):
+        with self.lock:
+            sessions = sorted(self.sessions.values(), key=lambda s: s.client_id)
+        return [s.info() for s in sessions]
+
+    def subscription_infos(self, client_id=None):
+        with self.lock:
+            sessions = [self.sessions.get(client_id)] if client_id is not None else list(self.sessions.values())
+        result = []
+        for session in sessions:
+            if session is None:
+                continue
+            with session.lock:
+                subs = list(session.subscriptions.items())
+            result.extend({"client_id": session.client_id, "topic": t, "qos": q} for t, q in subs)
+        return result
+
+    def route_list(self):
+        with self.lock:
+            return list(self.routes)
+
+    def retained_infos(self):
+        with self.lock:
+            msgs = list(self.retained.values())
+        return [{"topic": m.topic, "payload": m.payload, "qos": m.qos} for m in msgs]
+
+
+###############################################################################
+# Connection (one reader thread per socket) ###################################
+###############################################################################
+
+class Connection:
+    """One client socket: its reader thread, protocol state and outbound buffer.
+
+    Only the reader thread touches the protocol state (``client_id``,
+    ``session``, ``will``...). ``out_lock`` guards the outbound buffer
+    (``_out``, ``out_bytes``, ``_blocked``, ``_closed``) and the non-blocking
+    send that drains it; any thread may append and flush.
+    """
+
+    def __init__(self, broker, sock, peer, listener):
+        self.broker = broker
+        self.core = broker.core
+        self.settings = broker.core.settings
+        self.sock = sock
+        self.peer = peer[:2]
+        self.listener = listener
+        self.client_id = None
+        self.username = None
+        self.proto_ver = None
+        self.keepalive = 0
+        self.clean_session = True
+        self.will = None
+        self.session = None
+        self.connected_at = None
+        self.opened_at = self.last_recv = time.monotonic()
+        self.close_reason = None      # set by whoever decided to close
+        self.thread = None
+        #: guards _out, out_bytes, _blocked, _closed and the send that drains _out
+        self.out_lock = threading.Lock()
+        self._out = []
+        self.out_bytes = 0            # read without the lock as a "slow client" hint
+        self._blocked = False         # the socket buffer is full; the service thread finishes
+        self.blocked_since = None
+        self._closed = False
+        self._dirty = set()           # connections this reader must flush after its batch
+        self._disconnecting = False
+
+    def __repr__(self):
+        return "<Connection %s %s:%s>" % (self.client_id, self.peer[0], self.peer[1])
+
+    # --- the reader thread ----------------------------------------------------
+    def run(self):
+        reason = "closed"
+        try:
+            self._read_loop()
+            reason = "normal" if self._disconnecting else "closed"
+        except ConnectRefused as exc:
+            _log.info("Refused CONNECT from %s:%s: %s", self.peer[0], self.peer[1], exc)
+            self._send_bytes(encode_connack(False, exc.return_code), CONNACK)
+            self.flush()
+            reason = exc.reason
+        except MQTTError as exc:
+            _log.info("Closing %s:%s (%s): %s", self.peer[0], self.peer[1],
+                      self.client_id, exc)
+            reason = exc.reason
+        except OSError as exc:
+            reason = "closed" if isinstance(exc, ConnectionError) else "socket_error"
+        except Exception:
+            _log.exception("Internal error on connection %r", self)
+            reason = "internal_error"
+        finally:
+            self._close(self.close_reason or reason)
+            self.core.retire_counts()
+
+    def _read_loop(self):
+        sock, counts = self.sock, self.core.counts()
+        max_size = self.settings["max_packet_size"]
+        buf = b""
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return
+            self.last_recv = time.monotonic()
+            counts["bytes/received"] += len(data)
+            buf = buf + data if buf else data
+            pos, end = 0, len(buf)
+            while end - pos >= 2:
+                remaining, start = decode_varint(buf, pos + 1)
+                if remaining is None:
+                    break
+                if remaining > max_size:
+                    raise PacketTooLarge("packet of %d bytes exceeds max_packet_size %d"
+                                         % (remaining, max_size))
+                stop = start + remaining
+                if stop > end:
+                    break
+                self.handle_packet(buf[pos], buf[start:stop], counts)
+                pos = stop
+                if self._disconnecting:
+                    self._flush_dirty()
+                    return
+            buf = buf[pos:] if pos else buf
+            self._flush_dirty()
+
+    def _flush_dirty(self):
+        """End of a batch: one write per touched connection, this one included."""
+        dirty = self._dirty
+        while dirty:
+            conn = dirty.pop()
+            if conn is not None and conn is not self:
+                conn.flush()
+        self.flush()
+
+    def handle_packet(self, first_byte, body, counts):
+        packet_type = first_byte >> 4
+        if self.session is None and packet_type != CONNECT:
+            raise ProtocolError("first packet must be CONNECT [MQTT-3.1.0-1]")
+        name = _RECEIVED_METRIC.get(packet_type)
+        if name is not None:
+            counts[name] += 1
+        packet = decode_packet(first_byte, body, self.proto_ver)
+        _HANDLERS[packet_type](self, packet, counts)
+
+    # --- handlers, one per packet type ------------------------------------------
+    def handle_connect(self, pkt, counts):
+        if self.session is not None:
+            raise ProtocolError("second CONNECT [MQTT-3.1.0-2]")
+        s = self.settings
+        self.proto_ver, self.keepalive = pkt.proto_ver, pkt.keepalive
+        client_id = pkt.client_id
+        if not client_id:
+            if pkt.proto_ver == MQTT_V31 or not pkt.clean_session:
+                raise ConnectRefused(CONNACK_IDENTIFIER_REJECTED,
+                                     "empty client id needs clean session [MQTT-3.1.3-8]")
+            client_id = "emqx_lite_" + secrets.token_hex(8)   # [MQTT-3.1.3-6]
+        if len(client_id) > s["max_clientid_len"]:
+            raise ConnectRefused(CONNACK_IDENTIFIER_REJECTED,
+                                 "client id longer than max_clientid_len")
+        auth = self.core.authenticate
+        if auth is not None:
+            code = auth(client_id, pkt.username, pkt.password, self.peer[0])
+            if code:
+                raise ConnectRefused(code if code is not True else CONNACK_NOT_AUTHORIZED,
+                                     "authentication failed for %r" % client_id)
+        self.client_id, self.username = client_id, pkt.username
+        self.clean_session, self.will = pkt.clean_session, pkt.will
+        self.connected_at = time.time()
+        session, present, old_conn = self.core.connect(self, pkt.clean_session)
+        self.session = session
+        if old_conn is not None:
+            old_conn.shutdown("conflict")   # takeover [MQTT-3.1.4-2]
+        _log.debug("Received CONNECT from %s (p%d, c%d, k%d)", client_id,
+                   pkt.proto_ver, pkt.clean_session, pkt.keepalive)
+        self._send_bytes(encode_connack(present, CONNACK_ACCEPTED), CONNACK)
+        self._dirty.add(session.attach(self))
+        self.broker._client_connected(self)
+
+    def handle_publish(self, pkt, counts):
+        qos = pkt.qos
+        counts[_QOS_RECEIVED[qos]] += 1
+        if pkt.topic.startswith("$SYS/"):
+            # Clients may not inject $SYS messages: acknowledged, not routed.
+            _log.info("Dropped PUBLISH to %r from %s", pkt.topic, self.client_id)
+            touched = ()
+        elif qos == 2:
+            state = self.session.await_rel(pkt.packet_id)
+            if state == "full":
+                counts["messages/qos2/dropped"] += 1
+                return  # no PUBREC: the client resends later
+            touched = () if state == "dup" else self.core.publish(
+                Message(pkt.topic, pkt.payload, 2, pkt.retain, self.client_id))
+        else:
+            touched = self.core.publish(
+                Message(pkt.topic, pkt.payload, qos, pkt.retain, self.client_id))
+        if touched:
+            self._dirty.update(touched)
+        if qos == 1:
+            self.send_ack(PUBACK, pkt.packet_id)
+        elif qos == 2:
+            self.send_ack(PUBREC, pkt.packet_id)
+
+    def handle_puback(self, pkt, counts):
+        self._dirty.add(self.session.puback(pkt.packet_id))
+
+    def handle_pubrec(self, pkt, counts):
+        if self.session.pubrec(pkt.packet_id):
+            self.send_ack(PUBREL, pkt.packet_id)
+
+    def handle_pubrel(self, pkt, counts):
+        if not self.session.release(pkt.packet_id):
+            counts["packets/pubrel/missed"] += 1
+        self.send_ack(PUBCOMP, pkt.packet_id)   # always answered [MQTT-4.3.3-1]
+
+    def handle_pubcomp(self, pkt, counts):
+        self._dirty.add(self.session.pubcomp(pkt.packet_id))
+
+    def handle_subscribe(self, pkt, counts):
+        codes, retained = self.core.subscribe(self.session, pkt.topics)
+        self._send_bytes(encode_suback(pkt.packet_id, codes), SUBACK)
+        for msg, qos in retained:
+            self._dirty.add(self.session.deliver(msg, qos, retain=True))
+
+    def handle_unsubscribe(self, pkt, counts):
+        self.core.unsubscribe(self.session, pkt.topics)
+        self.send_ack(UNSUBACK, pkt.packet_id)   # [MQTT-3.10.4-4, -5]
+
+    def handle_pingreq(self, pkt, counts):
+        self._send_bytes(encode_pingresp(), PINGRESP)   # [MQTT-3.12.4-1]
+
+    def handle_disconnect(self, pkt, counts):
+        self.will = None   # [MQTT-3.14.4-3]
+        self._disconnecting = True
+
+    # --- sending (any thread) -----------------------------------------------------
+    def _send_bytes(self, data, packet_type):
+        with self.out_lock:
+            if self._closed:
+                return
+            self._out.append(data)
+            self.out_bytes += len(data)
+        self.core.counts()[_SENT_METRIC[packet_type]] += 1
+
+    def send_ack(self, packet_type, packet_id):
+        self._send_bytes(encode_ack(packet_type, packet_id), packet_type)
+
+    def send_publish(self, chunks, qos, sys_message):
+        """Append one PUBLISH (called with the session lock held)."""
+        size = 0
+        for chunk in chunks:
+            size += len(chunk)
+        with self.out_lock:
+            if self._closed:
+                return
+            self._out.extend(chunks)
+            self.out_bytes += size
+        if not sys_message:   # $SYS messages are not counted (EMQ X)
+            counts = self.core.counts()
+            counts["packets/publish/sent"] += 1
+            counts[_QOS_SENT[qos]] += 1
+
+    def flush(self):
+        """Write what is buffered with one non-blocking send; never blocks."""
+        with self.out_lock:
+            if not self._out or self._blocked or self._closed:
+                return
+            out = self._out
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
+            self._send_locked(data)
+
+    def _send_locked(self, data):
+        try:
+            sent = self.sock.send(data, _MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._out.clear()
+            self.out_bytes = 0
+            self.shutdown("closed")
+            return
+        self.core.counts()["bytes/sent"] += sent
+        if sent < len(data):
+            self._out.append(data[sent:])
+            self.out_bytes = len(data) - sent
+            if not self._blocked:
+                self._blocked = True
+                self.blocked_since = time.monotonic()
+                self.broker._watch_writable(self)
+        else:
+            self.out_bytes = 0
+            if self._blocked:
+                self._blocked = False
+                self.blocked_since = None
+                self.broker._unwatch_writable(self)
+
+    def on_writable(self):
+        """Service thread: the socket can take more of a blocked buffer."""
+        with self.out_lock:
+            if self._closed or not self._out:
+                return
+            data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+            self._out.clear()
+            self._send_locked(data)
+            if self._blocked:
+                return
+        session = self.session
+        if session is not None:
+            conn = session.drain()
+            if conn is not None:
+                conn.flush()
+
+    # --- closing --------------------------------------------------------------------
+    def shutdown(self, reason):
+        """Ask the reader thread to close this connection (any thread)."""
+        if self.close_reason is None:
+            self.close_reason = reason
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _close(self, reason):
+        """Reader thread, last: close the socket, publish the will, unregister."""
+        with self.out_lock:
+            self._closed = True
+            self._out.clear()
+            self.out_bytes = 0
+            if self._blocked:
+                self._blocked = False
+                self.broker._unwatch_writable(self)
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        self.listener.connection_closed(reason)
+        if self.session is None:
+            self.core.disconnect(self)
+            return
+        _log.debug("Client %s disconnected (%s)", self.client_id, reason)
+        if self.will is not None and reason != "shutdown":
+            will = self.will
+            self.will = None
+            for conn in self.core.publish(Message(will.topic, will.payload, will.qos,
+                                                  will.retain, self.client_id)):
+                conn.flush()
+        self.core.disconnect(self)
+        self.session.detach(self)
+        self.broker._client_disconnected(self, reason)
+
+    def info(self):
+        return {"client_id": self.client_id, "username": self.username,
+                "ipaddress": self.peer[0], "port": self.peer[1],
+                "clean_sess": self.clean_session, "proto_ver": self.proto_ver,
+                "keepalive": self.keepalive, "connected_at": self.connected_at}
+
+
+#: Packet type -> Connection handler (mosquitto's handle__packet switch).
+_HANDLERS = {
+    CONNECT: Connection.handle_connect, PUBLISH: Connection.handle_publish,
+    PUBACK: Connection.handle_puback, PUBREC: Connection.handle_pubrec,
+    PUBREL: Connection.handle_pubrel, PUBCOMP: Connection.handle_pubcomp,
+    SUBSCRIBE: Connection.handle_subscribe, UNSUBSCRIBE: Connection.handle_unsubscribe,
+    PINGREQ: Connection.handle_pingreq, DISCONNECT: Connection.handle_disconnect,
+}
+
+
+###############################################################################
+# Listeners ###################################################################
+###############################################################################
+
+class Listener:
+    """A listening socket; the Broker's service thread accepts on it.
+
+    ``lock`` guards ``current_clients`` and ``shutdown_count`` (a leaf lock).
+    """
+    protocol = "mqtt:tcp"
+
+    def __init__(self, bind, port, max_clients, acceptors):
+        self.bind, self.max_clients, self.acceptors = bind, max_clients, acceptors
+        family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.bind((bind, port))
+            self.sock.listen(1024)
+            self.sock.setblocking(False)
+        except OSError:
+            self.sock.close()
+            raise
+        self.port = self.sock.getsockname()[1]
+        #: guards current_clients and shutdown_count
+        self.lock = threading.Lock()
+        self.current_clients = 0
+        self.shutdown_count = {}   # reason -> count (EMQ X esockd's shutdown_count)
+
+    def accept(self):
+        """Accept one pending connection; returns (sock, peer) or None."""
+        try:
+            sock, peer = self.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return None
+        sock.setblocking(True)
+        with self.lock:
+            if self.current_clients >= self.max_clients:
+                self.shutdown_count["max_clients"] = self.shutdown_count.get("max_clients", 0) + 1
+                refused = True
+            else:
+                self.current_clients += 1
+                refused = False
+        if refused:
+            sock.close()
+            return None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock, peer
+
+    def connection_closed(self, reason):
+        with self.lock:
+            self.current_clients -= 1
+            if reason not in ("normal", "shutdown"):
+                self.shutdown_count[reason] = self.shutdown_count.get(reason, 0) + 1
+
+    def info(self):
+        with self.lock:
+            return {"protocol": self.protocol, "listen": "%s:%d" % (self.bind, self.port),
+                    "acceptors": self.acceptors, "max_clients": self.max_clients,
+                    "current_clients": self.current_clients,
+                    "shutdown_count": dict(self.shutdown_count) or []}
+
+    def close(self):
+        self.sock.close()
+
+
+###############################################################################
+# REST API (EMQ X api/v2 blueprint) ###########################################
+###############################################################################
+
+REST_API_PLACEHOLDER = None
+
+
+###############################################################################
+# Application control #########################################################
+###############################################################################
+
+class Broker:
+    """The embeddable broker: listeners, the service thread, the REST API.
+
+    ``Broker(mqtt_port=0, http_port=0)`` binds ephemeral ports; read them back
+    from ``mqtt_port`` / ``http_port`` after ``start()`` (or inside ``with``).
+    ``http_port=None`` runs without the REST API. Every key of ``DEFAULTS``
+    can be given as a keyword argument. The methods below are thread-safe.
+    """
+
+    def __init__(self, bind="0.0.0.0", mqtt_port=1883, http_port=8080, *,
+                 http_bind=None, users=None, authenticate=None, **settings):
+        unknown = set(settings) - set(DEFAULTS)
+        if unknown:
+            raise TypeError("unknown broker setting(s): %s" % ", ".join(sorted(unknown)))
+        self.settings = dict(DEFAULTS, **settings)
+        self.bind, self.http_bind = bind, http_bind or bind
+        self._mqtt_port_wanted, self._http_port_wanted = mqtt_port, http_port
+        self.users = dict(users or {"admin": "public"})
+        self.authenticate = authenticate
+        self.node = self.settings["node"]
+        self.core = None
+        self.listeners = []
+        self.mqtt_port = self.http_port = None
+        #: serialises start() and stop()
+        self._lifecycle_lock = threading.Lock()
+        #: guards the selector's registrations made outside the service thread (leaf)
+        self._selector_lock = threading.Lock()
+        self._selector = None
+        self._wake_r = self._wake_w = None
+        self._service = None
+        self._stopping = False
+        self._threads = set()       # reader threads started (pruned by the service thread)
+        self._http = self._http_thread = None
+
+    # --- lifecycle -------------------------------------------------------------
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def start(self):
+        with self._lifecycle_lock:
+            if self._service is not None:
+                raise RuntimeError("broker already started")
+            self._stopping = False
+            self.core = BrokerCore(self.settings)
+            self.core.authenticate = self.authenticate
+            s = self.settings
+            try:
+                listener = Listener(self.bind, self._mqtt_port_wanted, s["max_clients"],
+                                    s["acceptors"])
+                self.listeners = [listener]
+                self.mqtt_port = listener.port
+                self._selector = selectors.DefaultSelector()
+                self._wake_r, self._wake_w = socket.socketpair()
+                self._wake_r.setblocking(False)
+                self._wake_w.setblocking(False)
+                self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+                for lst in self.listeners:
+                    self._selector.register(lst.sock, selectors.EVENT_READ, lst)
+                if self._http_port_wanted is not None:
+                    self._start_http()
+            except BaseException:
+                self._close_resources()
+                raise
+            self._publish_sys_retained()
+            self._service = _start_thread(self._service_loop, "emqx_lite-service")
+            for lst in self.listeners:
+                _log.info("Listening for MQTT (%s) on %s:%d", lst.protocol, lst.bind, lst.port)
+        return self
+
+    def stop(self):
+        """Close listeners, then every connection (no wills), then the REST API.
+        Joins every thread the broker started."""
+        with self._lifecycle_lock:
+            if self._service is None:
+                return
+            self._stopping = True
+            self._wake()
+            self._service.join()
+            self._service = None
+            with self.core.lock:
+                conns = list(self.core.sockets)
+            for conn in conns:
+                conn.shutdown("shutdown")
+            for thread in self._threads:
+                thread.join()
+            self._threads.clear()
+            self._close_resources()
+
+    def _close_resources(self):
+        self._stop_http()
+        for lst in self.listeners:
+            lst.close()
+        self.listeners = []
+        if self._selector is not None:
+            self._selector.close()
+            self._selector = None
+        for sock in (self._wake_r, self._wake_w):
+            if sock is not None:
+                sock.close()
+        self._wake_r = self._wake_w = None
+
+    # --- the REST API server --------------------------------------------------------
+    def _start_http(self):
+        import waitress.server
+        app = create_app(self)
+        self._http = waitress.server.create_server(
+            app, host=self.http_bind, port=self._http_port_wanted, threads=4,
+            ident="emqx_lite", clear_untrusted_proxy_headers=True)
+        self.http_port = self._http.effective_port
+        self._http_thread = _start_thread(self._http.run, "emqx_lite-http")
+        _log.info("REST API (waitress) on http://%s:%d/api/v2/", self.http_bind, self.http_port)
+
+    def _stop_http(self):
+        server, thread = self._http, self._http_thread
+        self._http = self._http_thread = None
+        if server is None:
+            return
+        if thread is not None:
+            # Close every channel from inside waitress's own loop; the loop
+            # ends when its socket map is empty.
+            def close_all():
+                for channel in list(server._map.values()):
+                    channel.close()
+            server.trigger.pull_trigger(close_all)
+            thread.join()
+        else:
+            server.close()
+        server.task_dispatcher.shutdown()
+
+    # --- the service thread --------------------------------------------------------------
+    def _wake(self):
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass
+
+    def _watch_writable(self, conn):
+        """Ask the service thread to finish a blocked write (any thread, out_lock held)."""
+        with self._selector_lock:
+            if self._selector is not None:
+                try:
+                    self._selector.register(conn.sock, selectors.EVENT_WRITE, conn)
+                except (KeyError, ValueError, OSError):
+                    pass
+
+    def _unwatch_writable(self, conn):
+        with self._selector_lock:
+            if self._selector is not None:
+                try:
+                    self._selector.unregister(conn.sock)
+                except (KeyError, ValueError, OSError):
+                    pass
+
+    def _service_loop(self):
+        """Accept connections, finish blocked writes, run timers."""
+        core = self.core
+        tick = min(0.5, self.settings["sys_interval"], 1.0)
+        next_tick = time.monotonic() + tick
+        next_heartbeat = time.monotonic() + min(1.0, self.settings["sys_interval"])
+        next_sys = time.monotonic() + self.settings["sys_interval"]
+        try:
+            while not self._stopping:
+                timeout = max(0.0, next_tick - time.monotonic())
+                for key, _ in self._selector.select(timeout):
+                    data = key.data
+                    if data is None:
+                        try:
+                            while self._wake_r.recv(4096):
+                                pass
+                        except OSError:
+                            pass
+                    elif isinstance(data, Listener):
+                        self._accept(data)
+                    else:
+                        data.on_writable()
+                now = time.monotonic()
+                if now >= next_tick and not self._stopping:
+                    next_tick = now + tick
+                    self._tick(now)
+                    if now >= next_heartbeat:
+                        next_heartbeat = now + min(1.0, self.settings["sys_interval"])
+                        self._publish_sys_heartbeat()
+                    if now >= next_sys:
+                        next_sys = now + self.settings["sys_interval"]
+                        self._publish_sys_retained()
+                        self._publish_sys_stats()
+        except Exception:
+            _log.exception("service thread failed")
+        finally:
+            core.retire_counts()
+
+    def _accept(self, listener):
+        for _ in range(64):   # accept a burst, then let the loop breathe
+            accepted = listener.accept()
+            if accepted is None:
+                return
+            sock, peer = accepted
+            conn = Connection(self, sock, peer, listener)
+            self.core.add_socket(conn)
+            conn.thread = _start_thread(conn.run, "emqx_lite-conn-%s:%s" % peer[:2])
+            self._threads.add(conn.thread)
+
+    def _tick(self, now):
+        """Keepalive [MQTT-3.1.2-24], connect and send timeouts, retries, expiry."""
+        s, core = self.settings, self.core
+        self._threads = {t for t in self._threads if t.is_alive()}
+        with core.lock:
+            conns = list(core.sockets)
+            sessions = [x for x in core.sessions.values() if x.inflight or x.awaiting_rel]
+        backoff = s["keepalive_backoff"]
+        for conn in conns:
+            if conn.session is None:
+                if now - conn.opened_at > s["connect_timeout"]:
+                    conn.shutdown("idle_timeout")
+            elif conn.keepalive and now - conn.last_recv > conn.keepalive * backoff:
+                conn.shutdown("keepalive_timeout")
+            blocked_since = conn.blocked_since
+            if blocked_since is not None and now - blocked_since > s["send_timeout"]:
+                conn.shutdown("send_timeout")
+        for session in sessions:
+            conn = session.retry(now)
+            if conn is not None:
+                conn.flush()
+        core.expire_sessions(now)
+
+    # --- $SYS (emqttd_broker, emqttd_stats, emqttd_metrics, emq_mod_presence) -----------------
+    def _sys_publish(self, name, payload, retain=False, qos=0):
+        topic = "$SYS/brokers/%s/%s" % (self.node, name) if name else "$SYS/brokers"
+        msg = Message(topic, payload.encode("utf-8"), qos, retain, None, sys=True)
+        for conn in self.core.publish(msg):
+            conn.flush()
+
+    def _publish_sys_retained(self):
+        self._sys_publish(None, self.node, retain=True)
+        self._sys_publish("version", __version__, retain=True)
+        self._sys_publish("sysdescr", "EMQ X Lite", retain=True)
+
+    def _publish_sys_heartbeat(self):
+        self._sys_publish("uptime", _uptime_text(time.time() - self.core.started_at))
+        self._sys_publish("datetime", _strftime(time.time()))
+
+    def _publish_sys_stats(self):
+        for name, value in self.core.stats().items():
+            self._sys_publish("stats/" + name, str(value))
+        for name, value in self.core.metrics().items():
+            self._sys_publish("metrics/" + name, str(value))
+
+    def _client_connected(self, conn):
+        if self.core.presence_enabled:
+            payload = json.dumps({
+                "clientid": conn.client_id, "username": conn.username,
+                "ipaddress": conn.peer[0], "clean_sess": conn.clean_session,
+                "protocol": conn.proto_ver, "connack": 0, "ts": int(time.time())},
+                separators=(",", ":"))
+            self._sys_publish("clients/%s/connected" % conn.client_id, payload, qos=1)
+        for hook in self.core.on_connected:
+            hook(conn)
+
+    def _client_disconnected(self, conn, reason):
+        if self.core.presence_enabled and reason != "conflict":
+            payload = json.dumps({"clientid": conn.client_id, "username": conn.username,
+                                  "reason": reason, "ts": int(time.time())},
+                                 separators=(",", ":"))
+            self._sys_publish("clients/%s/disconnected" % conn.client_id, payload, qos=1)
+
+    # --- the Python API (thread-safe) --------------------------------------------------------
+    def _require_started(self):
+        if self.core is None or self._service is None:
+            raise RuntimeError("broker is not running")
+        return self.core
+
+    def publish(self, topic, payload=b"", qos=0, retain=False, client_id="python"):
+        """Publish a message as if a client had sent it (same routing path)."""
+        core = self._require_started()
+        if isinstance(payload, str):
+            payload = payload.encode("utf-8")
+        if qos not in (0, 1, 2):
+            raise ValueError("qos must be 0, 1 or 2")
+        try:
+            validate_topic_name(topic)
+        except MalformedPacket as exc:
+            raise ValueError(str(exc)) from None
+        for conn in core.publish(Message(topic, bytes(payload), qos, bool(retain), client_id)):
+            conn.flush()
+
+    def subscribe(self, client_id, topic, qos=0):
+        """Subscribe an existing session on its client's behalf (no SUBACK);
+        matching retained messages are delivered. Raises KeyError if unknown."""
+        core = self._require_started()
+        if qos not in (0, 1, 2):
+            raise ValueError("qos must be 0, 1 or 2")
+        with core.lock:
+            session = core.sessions.get(client_id)
+        if session is None:
+            raise KeyError(client_id)
+        codes, retained = core.subscribe(session, [(topic, qos)])
+        if codes[0] == SUBACK_FAILURE:
+            raise ValueError("invalid topic filter %r" % topic)
+        for msg, q in retained:
+            conn = session.deliver(msg, q, retain=True)
+            if conn is not None:
+                conn.flush()
+
+    def unsubscribe(self, client_id, topic):
+        core = self._require_started()
+        with core.lock:
+            session = core.sessions.get(client_id)
+        if session is None:
+            raise KeyError(client_id)
+        core.unsubscribe(session, [topic])
+
+    def kick(self, client_id):
+        """Close a client's connection as EMQ X's kick does (its will is published)."""
+        core = self._require_started()
+        with core.lock:
+            conn = core.connections.get(client_id)
+        if conn is None:
+            return False
+        conn.shutdown("kick")
+        return True
+
+    def clients(self):
+        return self._require_started().client_infos()
+
+    def sessions(self):
+        return self._require_started().session_infos()
+
+    def subscriptions(self, client_id=None):
+        return self._require_started().subscription_infos(client_id)
+
+    def routes(self):
+        return self._require_started().route_list()
+
+    def retained(self):
+        return self._require_started().retained_infos()
+
+    def metrics(self):
+        return self._require_started().metrics()
+
+    def stats(self):
+        return self._require_started().stats()
+
+    def listener_infos(self):
+        self._require_started()
+        return [lst.info() for lst in self.listeners]
+
+
+###############################################################################
+# Command-line interface ######################################################
+###############################################################################
+
+def _cli_parse(argv):
+    parser = argparse.ArgumentParser(
+        prog="emqx_lite.py",
+        description="emqx_lite: an MQTT 3.1/3.1.1 broker with the EMQ X 2.x REST API.")
+    opt = parser.add_argument
+    opt("--bind", default="0.0.0.0", metavar="ADDR",
+        help="address for the MQTT and REST listeners (default: %(default)s)")
+    opt("--mqtt-port", type=int, default=1883, metavar="N",
+        help="MQTT TCP port; 0 picks a free port (default: %(default)s)")
+    opt("--http-port", type=int, default=8080, metavar="N",
+        help="REST API port; 0 picks a free port, -1 disables the API (default: %(default)s)")
+    opt("--node", default=DEFAULTS["node"], metavar="NAME",
+        help="node name used by the REST API and $SYS topics (default: %(default)s)")
+    opt("--log-level", default="info",
+        choices=("debug", "info", "warning", "error", "critical"),
+        help="logging level (default: %(default)s)")
+    opt("--max-packet-size", type=int, default=DEFAULTS["max_packet_size"], metavar="BYTES",
+        help="largest packet accepted (default: %(default)s)")
+    opt("--sys-interval", type=float, default=DEFAULTS["sys_interval"], metavar="SECONDS",
+        help="interval of $SYS stats and metrics messages (default: %(default)s)")
+    opt("--version", action="version", version="emqx_lite " + __version__)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    """Run the broker until SIGINT or SIGTERM; returns the exit status."""
+    args = _cli_parse(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+    broker = Broker(args.bind, args.mqtt_port,
+                    None if args.http_port < 0 else args.http_port,
+                    node=args.node, max_packet_size=args.max_packet_size,
+                    sys_interval=args.sys_interval)
+    try:
+        broker.start()
+    except OSError as exc:
+        _log.error("cannot start: %s", exc)
+        return 1
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        while not stop.wait(3600):
+            pass
+    finally:
+        _log.info("Stopping")
+        broker.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
