@@ -98,6 +98,7 @@ import threading
 import time
 
 _log = logging.getLogger("emqx_lite")
+_log.addHandler(logging.NullHandler())   # a library stays quiet unless the app configures logging
 
 #: Non-blocking send flag. The socket stays in blocking mode for its reader
 #: thread; writers use this flag so that a full socket buffer never blocks.
@@ -244,7 +245,16 @@ DEFAULTS = {
     "sys_interval": 60.0,              # seconds between $SYS broker/stats/metrics publishes
     "max_clients": 102400,             # connections per listener
     "acceptors": 1,                    # reported by the REST API (one accept loop)
+    "allow_anonymous": True,           # accept clients no auth plugin vouches for
+    "auth_username": {},               # emqx_auth_username table: username -> password
+    "auth_clientid": {},               # emqx_auth_clientid table: client id -> password
+    "module_subscription": (),         # emqx_modules: [(topic with %c/%u, qos)] on connect
+    "module_rewrite": (),              # emqx_modules: [(filter, regex, replacement with $N)]
 }
+
+#: Plugins active when the broker starts (EMQ X 2.x defaults).
+PLUGINS_ACTIVE = {"emqx_auth_clientid": False, "emqx_auth_username": False,
+                  "emqx_dashboard": True, "emqx_modules": True, "emqx_retainer": True}
 
 
 ###############################################################################
@@ -1033,6 +1043,89 @@ class Session:
 
 
 ###############################################################################
+# Authentication ##############################################################
+###############################################################################
+
+class UserTable:
+    """Name -> password table with salted PBKDF2 hashes, compared in constant
+    time; used for the dashboard (REST) users and the MQTT auth plugins.
+
+    ``lock`` guards ``_users`` (a leaf lock).
+    """
+    ITERATIONS = 4096
+
+    def __init__(self, users=None, tags=""):
+        #: guards _users
+        self.lock = threading.Lock()
+        self._users = {}   # name -> (salt, hash, tags)
+        for name, password in (users or {}).items():
+            self.add(name, password, tags)
+
+    @classmethod
+    def _hash(cls, salt, password):
+        import hashlib
+        return hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, cls.ITERATIONS)
+
+    def add(self, name, password, tags=""):
+        """Add a user; False if the name is taken."""
+        salt = os.urandom(16)
+        record = (salt, self._hash(salt, password), tags)
+        with self.lock:
+            if name in self._users:
+                return False
+            self._users[name] = record
+            return True
+
+    def check(self, name, password):
+        """True if the password is right, False if wrong, None if no such user."""
+        import hmac
+        if isinstance(password, bytes):
+            try:
+                password = password.decode("utf-8")
+            except UnicodeDecodeError:
+                return False
+        with self.lock:
+            record = self._users.get(name)
+        if record is None:
+            return None
+        return hmac.compare_digest(record[1], self._hash(record[0], password))
+
+    def set_password(self, name, password):
+        salt = os.urandom(16)
+        digest = self._hash(salt, password)
+        with self.lock:
+            if name not in self._users:
+                return False
+            self._users[name] = (salt, digest, self._users[name][2])
+            return True
+
+    def set_tags(self, name, tags):
+        with self.lock:
+            if name not in self._users:
+                return False
+            salt, digest, _ = self._users[name]
+            self._users[name] = (salt, digest, tags)
+            return True
+
+    def delete(self, name):
+        with self.lock:
+            return self._users.pop(name, None) is not None
+
+    def get(self, name):
+        with self.lock:
+            record = self._users.get(name)
+        return None if record is None else {"username": name, "tags": record[2]}
+
+    def list(self):
+        with self.lock:
+            return [{"username": n, "tags": r[2]} for n, r in self._users.items()]
+
+    def __contains__(self, name):
+        with self.lock:
+            return name in self._users
+
+
+###############################################################################
 # Broker core #################################################################
 ###############################################################################
 
@@ -1060,9 +1153,10 @@ class BrokerCore:
         self.subscription_count = 0
         self.stats_max = dict.fromkeys(STAT_NAMES, 0)
         self.retainer_enabled = True   # the emqx_retainer plugin
-        self.presence_enabled = True   # the emqx_modules presence events
-        self.authenticate = None       # hook: f(client_id, username, password, ip) -> CONNACK rc
-        self.on_connected = []         # hooks f(connection) run after CONNACK (no lock held)
+        self.modules_enabled = True    # the emqx_modules plugin (presence, rewrite, subscription)
+        self.rewrite_rules = [(f, __import__("re").compile(r), d)
+                              for f, r, d in settings["module_rewrite"]]
+        self.authenticate = None       # f(client_id, username, password, ip) -> CONNACK rc
         #: guards the registry of per-thread counters (a leaf lock)
         self.counts_lock = threading.Lock()
         self._counters = []      # one dict per thread that has counted something
@@ -1192,6 +1286,8 @@ class BrokerCore:
         """Subscribe ``session`` to [(filter, qos)]; return (return_codes, retained)
         where retained is [(msg, qos)] to send after the SUBACK [MQTT-3.3.1-6]."""
         codes, retained = [], []
+        if self.rewrite_rules and self.modules_enabled:
+            topics = [(self.rewrite(t), q) for t, q in topics]
         with self.lock:
             for topic_filter, qos in topics:
                 if not validate_topic_filter(topic_filter):
@@ -1215,6 +1311,8 @@ class BrokerCore:
         return codes, retained
 
     def unsubscribe(self, session, filters):
+        if self.rewrite_rules and self.modules_enabled:
+            filters = [self.rewrite(t) for t in filters]
         with self.lock:
             for topic_filter in filters:
                 with session.lock:
@@ -1230,6 +1328,20 @@ class BrokerCore:
         if not self.routes[real]:
             del self.routes[real]
 
+    def rewrite(self, topic):
+        """emqx_modules topic rewrite: the first rule whose filter matches
+        rewrites the topic with its regex ($1.. in the replacement)."""
+        for topic_filter, regex, dest in self.rewrite_rules:
+            if topic_matches(topic_filter, topic):
+                match = regex.search(topic)
+                if match is None:
+                    return topic
+                result = dest
+                for i, value in enumerate(match.groups(), 1):
+                    result = result.replace("$%d" % i, value or "")
+                return result
+        return topic
+
     # --- publishing ------------------------------------------------------------
     def publish(self, msg):
         """Route one message: store/clear it if retained, then deliver a copy to
@@ -1238,6 +1350,8 @@ class BrokerCore:
         Returns the set of Connections to flush. This is the one routing path
         for MQTT PUBLISH, wills, $SYS, REST and the Python API.
         """
+        if self.rewrite_rules and self.modules_enabled:
+            msg.topic = self.rewrite(msg.topic)
         with self.lock:
             if msg.retain and self.retainer_enabled:
                 if msg.payload:
@@ -1703,7 +1817,543 @@ class Listener:
 # REST API (EMQ X api/v2 blueprint) ###########################################
 ###############################################################################
 
-REST_API_PLACEHOLDER = None
+#: The plugins emqx_lite really has, with EMQ X 2.x's names (listed alphabetically).
+PLUGINS = {
+    "emqx_auth_clientid": "EMQ X Authentication with ClientId/Password",
+    "emqx_auth_username": "EMQ X Authentication with Username/Password",
+    "emqx_dashboard": "EMQ X Dashboard",
+    "emqx_modules": "EMQ X Modules",
+    "emqx_retainer": "EMQ X Retainer",
+}
+
+#: The paths GET / lists (emqttd_http:api_list/0).
+API_PATHS = [
+    "api/v2/management/nodes", "api/v2/monitoring/nodes", "api/v2/monitoring/listeners",
+    "api/v2/monitoring/metrics", "api/v2/monitoring/stats", "api/v2/nodes/{node}/clients",
+    "api/v2/clients/{clientid}", "api/v2/nodes/{node}/sessions", "api/v2/sessions/{clientid}",
+    "api/v2/nodes/{node}/subscriptions", "api/v2/subscriptions/{clientid}", "api/v2/routes",
+    "api/v2/mqtt/publish", "api/v2/mqtt/subscribe", "api/v2/mqtt/unsubscribe",
+    "api/v2/nodes/{node}/plugins", "api/v2/users", "api/v2/auth",
+]
+
+_PARAM_TYPES = {str: "string", bool: "bool", int: "int"}
+
+
+class ApiError(Exception):
+    """An EMQ X API error: HTTP 200 with {"code": N, "message": ...} (spec §4)."""
+
+    def __init__(self, code, message=None):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class _NotFound(Exception):
+    """Answered as EMQ X does: HTTP 404 with an empty body."""
+
+
+def _kmg(n):
+    """EMQ X's memory format: '69.17M', '2.00G', '512.00K', or the integer."""
+    for factor, suffix in ((1 << 30, "G"), (1 << 20, "M"), (1 << 10, "K")):
+        if n > factor:
+            return "%.2f%s" % (n / factor, suffix)
+    return n
+
+
+def _process_memory():
+    """(total, used) bytes of this process: resident set, and its anonymous
+    (heap and stack) part; from /proc where there is one."""
+    try:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        rss = int(fields["VmRSS"].split()[0]) * 1024
+        anon = int(fields.get("RssAnon", fields["VmRSS"]).split()[0]) * 1024
+        return rss, anon
+    except (OSError, KeyError, ValueError):
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak *= 1 if sys.platform == "darwin" else 1024
+        return peak, peak
+
+
+def _limits():
+    """(max_fds, process_available) from the process limits."""
+    try:
+        import resource
+        fds = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        nproc = resource.getrlimit(resource.RLIMIT_NPROC)[0]
+    except (ImportError, OSError, AttributeError):
+        return 0, 0
+    if nproc == resource.RLIM_INFINITY:
+        try:
+            with open("/proc/sys/kernel/threads-max") as f:
+                nproc = int(f.read())
+        except (OSError, ValueError):
+            nproc = 0
+    return (fds if fds != resource.RLIM_INFINITY else 0), nproc
+
+
+def _unquote(segment):
+    """Decode a captured URL segment as mochiweb_util:unquote does: %XX and '+'
+    as a space (spec §1.3); one trailing '/' is not part of the value."""
+    from urllib.parse import unquote_plus
+    if segment.endswith("/"):
+        segment = segment[:-1]
+    return unquote_plus(segment)
+
+
+def _page(rows, args):
+    """EMQ X pagination (spec §6)."""
+    try:
+        page = int(args.get("curr_page", "1"))
+        size = int(args.get("page_size", "20"))
+    except ValueError:
+        raise _NotFound() from None
+    if size <= 0:
+        raise _NotFound()
+    start = (max(page, 1) - 1) * size
+    return {"current_page": page, "page_size": size, "total_num": len(rows),
+            "total_page": -(-len(rows) // size), "objects": rows[start:start + size]}
+
+
+def create_api_blueprint(broker):
+    """The EMQ X 2.x api/v2 routes, as a Flask blueprint bound to ``broker``."""
+    from flask import Blueprint, request
+
+    bp = Blueprint("emqx_api_v2", __name__, url_prefix="/api/v2")
+    rule = bp.route
+
+    def ok(result=()):
+        return _json({"code": 0, "result": list(result) if isinstance(result, tuple) else result})
+
+    def check_node(node):
+        if _unquote(node) != broker.node:
+            raise _NotFound()
+
+    def params(**required):
+        """Parse the JSON body and check required keys: 109 -> 107 -> 108 (spec §3)."""
+        raw = request.get_data()
+        if not raw.strip():
+            body = {}
+        else:
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                raise ApiError(109, "Body not json") from None
+            if not isinstance(body, dict):
+                body = {}   # an array or a scalar has no keys (spec §13)
+        for key in required:
+            if key not in body:
+                raise ApiError(107, "params error")
+        for key, kind in required.items():
+            value = body[key]
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise ApiError(108, "params type error")
+        return body
+
+    def optional(body, key, kind, default):
+        value = body.get(key, default)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ApiError(108, "params type error")
+        return value
+
+    def client_row(c):
+        return {"client_id": c["client_id"],
+                "username": c["username"] if c["username"] is not None else "undefined",
+                "ipaddress": c["ipaddress"], "port": c["port"], "clean_sess": c["clean_sess"],
+                "proto_ver": c["proto_ver"], "keepalive": c["keepalive"],
+                "connected_at": _strftime(c["connected_at"])}
+
+    def session_row(s):
+        # Both key sets (decision 2): the page's names and 2.3.11's, all real numbers.
+        return {"client_id": s["client_id"], "clean_sess": s["clean_sess"],
+                "subscriptions": s["subscriptions"], "max_inflight": s["max_inflight"],
+                "inflight_len": s["inflight_len"], "mqueue_len": s["mqueue_len"],
+                "mqueue_dropped": s["mqueue_dropped"], "awaiting_rel_len": s["awaiting_rel_len"],
+                "deliver_msg": s["deliver_msg"], "enqueue_msg": s["enqueue_msg"],
+                "inflight_queue": s["inflight_len"], "message_queue": s["mqueue_len"],
+                "message_dropped": s["mqueue_dropped"], "awaiting_rel": s["awaiting_rel_len"],
+                "awaiting_ack": s["awaiting_ack"], "awaiting_comp": s["awaiting_comp"],
+                "created_at": _strftime(s["created_at"])}
+
+    def broker_info():
+        return {"version": __version__, "sysdescr": "EMQ X Lite",
+                "uptime": _uptime_text(time.time() - broker.core.started_at),
+                "datetime": _strftime(time.time()),
+                "otp_release": "Python/" + ".".join(map(str, sys.version_info[:3])),
+                "node_status": "Running"}
+
+    def node_info():
+        total, used = _process_memory()
+        max_fds, available = _limits()
+        load = os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0)
+        return {"name": broker.node,
+                "otp_release": "Python/" + ".".join(map(str, sys.version_info[:3])),
+                "memory_total": _kmg(total), "memory_used": _kmg(used),
+                "process_available": available, "process_used": threading.active_count(),
+                "max_fds": max_fds, "clients": len(broker.core.connections),
+                "node_status": "Running",
+                "load1": "%.2f" % load[0], "load5": "%.2f" % load[1], "load15": "%.2f" % load[2]}
+
+    def sorted_stats():
+        stats = broker.stats()
+        return {name: stats[name] for name in sorted(stats)}
+
+    # --- Nodes: management/nodes[/{node}], monitoring/nodes[/{node}] ---------
+    @rule("/management/nodes", strict_slashes=False)
+    def list_brokers():
+        return ok([dict({"name": broker.node}, **broker_info())])
+
+    @rule("/management/nodes/<node>", strict_slashes=False)
+    def get_broker(node):
+        check_node(node)
+        return ok(broker_info())
+
+    @rule("/monitoring/nodes", strict_slashes=False)
+    def list_nodes():
+        return ok([node_info()])
+
+    @rule("/monitoring/nodes/<node>", strict_slashes=False)
+    def get_node(node):
+        check_node(node)
+        return ok(node_info())
+
+    # --- Listeners, metrics, stats: monitoring/{listeners,metrics,stats}[/{node}] ---
+    @rule("/monitoring/listeners", strict_slashes=False)
+    def list_all_listeners():
+        return ok({broker.node: broker.listener_infos()[::-1]})   # decision 1; EMQ X's order
+
+    @rule("/monitoring/listeners/<node>", strict_slashes=False)
+    def list_listeners(node):
+        check_node(node)
+        return ok(broker.listener_infos())
+
+    @rule("/monitoring/metrics", strict_slashes=False)
+    def list_all_metrics():
+        return ok({broker.node: broker.metrics()})
+
+    @rule("/monitoring/metrics/<node>", strict_slashes=False)
+    def list_metrics(node):
+        check_node(node)
+        return ok(broker.metrics())
+
+    @rule("/monitoring/stats", strict_slashes=False)
+    def list_all_stats():
+        return ok({broker.node: sorted_stats()})
+
+    @rule("/monitoring/stats/<node>", strict_slashes=False)
+    def list_stats(node):
+        check_node(node)
+        return ok(sorted_stats())
+
+    # --- Clients: nodes/{node}/clients[/{id}], clients/{id} (GET, DELETE) ------
+    @rule("/nodes/<node>/clients", strict_slashes=False)
+    def list_clients(node):
+        check_node(node)
+        return ok(_page([client_row(c) for c in broker.clients()], request.args))
+
+    @rule("/nodes/<node>/clients/<path:client_id>")
+    def get_node_client(node, client_id):
+        check_node(node)
+        _page([], request.args)
+        client_id = _unquote(client_id)
+        return ok({"objects": [client_row(c) for c in broker.clients()
+                               if c["client_id"] == client_id]})
+
+    @rule("/clients/<path:client_id>")
+    def get_client(client_id):
+        client_id = _unquote(client_id)
+        return ok({"objects": [client_row(c) for c in broker.clients()
+                               if c["client_id"] == client_id]})
+
+    @rule("/clients/<path:client_id>", methods=["DELETE"])
+    def kick_client(client_id):
+        params()
+        if not broker.kick(_unquote(client_id)):
+            return _json({"code": 112})
+        return ok()
+
+    @rule("/clients/<path:client_id>/clean_acl_cache", methods=["PUT"])
+    def clean_acl_cache(client_id):
+        params(topic=str)
+        client_id = _unquote(client_id).split("/")[0]
+        if not any(c["client_id"] == client_id for c in broker.clients()):
+            return _json({"code": 112})
+        return ok()   # ACL results are not cached: nothing is stale
+
+    # --- Sessions: nodes/{node}/sessions[/{id}], node/{node}/sessions, sessions/{id} ---
+    @rule("/nodes/<node>/sessions", strict_slashes=False)
+    @rule("/node/<node>/sessions", strict_slashes=False)
+    def list_sessions(node):
+        check_node(node)
+        return ok(_page([session_row(s) for s in broker.sessions()], request.args))
+
+    @rule("/nodes/<node>/sessions/<path:client_id>")
+    def get_node_session(node, client_id):
+        check_node(node)
+        return get_session(client_id)
+
+    @rule("/sessions/<path:client_id>")
+    def get_session(client_id):
+        client_id = _unquote(client_id)
+        return ok({"objects": [session_row(s) for s in broker.sessions()
+                               if s["client_id"] == client_id]})
+
+    # --- Subscriptions: nodes/{node}/subscriptions[/{id}], subscriptions/{id} ---------
+    @rule("/nodes/<node>/subscriptions", strict_slashes=False)
+    def list_subscriptions(node):
+        check_node(node)
+        rows = sorted(broker.subscriptions(), key=lambda r: (r["client_id"], r["topic"]))
+        return ok(_page(rows, request.args))
+
+    @rule("/nodes/<node>/subscriptions/<path:client_id>")
+    def get_node_subscriptions(node, client_id):
+        check_node(node)
+        return get_subscriptions(client_id)
+
+    @rule("/subscriptions/<path:client_id>")
+    def get_subscriptions(client_id):
+        rows = broker.subscriptions(_unquote(client_id))
+        return ok({"objects": sorted(rows, key=lambda r: r["topic"])})
+
+    # --- Routes: routes, routes/{topic} -----------------------------------------------
+    @rule("/routes")
+    def list_routes():
+        rows = [{"topic": t, "node": broker.node} for t in sorted(broker.routes())]
+        return ok(_page(rows, request.args))
+
+    @rule("/routes/<path:topic>")
+    def get_route(topic):
+        topic = _unquote(topic)
+        found = topic in broker.routes()
+        return ok({"objects": [{"topic": topic, "node": broker.node}] if found else []})
+
+    # --- Publish/Subscribe/Unsubscribe: mqtt/{publish,subscribe,unsubscribe} ------------
+    @rule("/mqtt/publish", methods=["POST"])
+    def publish():
+        body = params(topic=str)
+        payload = optional(body, "payload", str, "")
+        qos = optional(body, "qos", int, 0)
+        retain = optional(body, "retain", bool, False)
+        client_id = optional(body, "client_id", str, "http")
+        if qos not in (0, 1, 2):
+            raise ApiError(108, "params type error")
+        try:
+            broker.publish(body["topic"], payload.encode("utf-8"), qos, retain, client_id)
+        except ValueError:
+            raise ApiError(102, "validate topic: %s fail" % body["topic"]) from None
+        return ok()
+
+    @rule("/mqtt/subscribe", methods=["POST"])
+    def subscribe():
+        body = params(client_id=str, topic=str)
+        qos = optional(body, "qos", int, 0)
+        if qos not in (0, 1, 2):
+            raise ApiError(108, "params type error")
+        topic, client_id = body["topic"], body["client_id"]
+        if not validate_topic_filter(topic):
+            raise ApiError(102, "validate topic: %s fail" % topic)
+        if not broker.is_connected(client_id):
+            raise ApiError(102, "Clientid: %s not found" % client_id)
+        try:
+            broker.subscribe(client_id, topic, qos)
+        except KeyError:
+            raise ApiError(102, "Clientid: %s not found" % client_id) from None
+        return ok()
+
+    @rule("/mqtt/unsubscribe", methods=["POST"])
+    def unsubscribe():
+        body = params(client_id=str, topic=str)
+        topic, client_id = body["topic"], body["client_id"]
+        if not validate_topic_filter(topic):
+            raise ApiError(102, "validate topic: %s fail" % topic)
+        if not broker.is_connected(client_id):
+            raise ApiError(102, "Clientid: %s not found" % client_id)
+        try:
+            broker.unsubscribe(client_id, topic)
+        except KeyError:
+            raise ApiError(102, "Clientid: %s not found" % client_id) from None
+        return ok()
+
+    # --- Plugins: nodes/{node}/plugins[/{name}] --------------------------------------
+    @rule("/nodes/<node>/plugins", strict_slashes=False)
+    def list_plugins(node):
+        check_node(node)
+        active = broker.plugins()
+        return ok([{"name": name, "version": __version__, "description": PLUGINS[name],
+                    "active": active[name]} for name in sorted(PLUGINS)])
+
+    @rule("/nodes/<node>/plugins/<name>", methods=["PUT"], strict_slashes=False)
+    def set_plugin(node, name):
+        body = params(active=bool)
+        name = _unquote(name)
+        if _unquote(node) != broker.node or name not in PLUGINS:
+            raise ApiError(102, "unknown")
+        if not broker.set_plugin(name, body["active"]):
+            if body["active"]:
+                raise ApiError(110, "already_started")
+            raise ApiError(111, "not_started")
+        return ok()
+
+    @rule("/nodes/<node>/alarms", strict_slashes=False)
+    def list_alarms(node):
+        return ok([])   # emqx_lite raises no alarms
+
+    # --- Users (the dashboard's admin table): auth, users[/{name}], change_pwd/{name} ---
+    def dashboard_required():
+        if not broker.plugins()["emqx_dashboard"]:
+            raise _NotFound()
+
+    @rule("/auth", methods=["POST"], strict_slashes=False)
+    def login():
+        dashboard_required()
+        body = params(username=str, password=str)
+        result = broker.users.check(body["username"], body["password"])
+        if result is None:
+            raise ApiError(103, "User not found")
+        if not result:
+            raise ApiError(103, "Password error")
+        return ok()
+
+    @rule("/users", strict_slashes=False)
+    def list_users():
+        dashboard_required()
+        return ok(broker.users.list())
+
+    @rule("/users", methods=["POST"], strict_slashes=False)
+    def add_user():
+        dashboard_required()
+        body = params(username=str, password=str, tags=str)
+        if not body["username"] or not body["password"]:
+            raise ApiError(104, "empty username or password")
+        if not broker.users.add(body["username"], body["password"], body["tags"]):
+            raise ApiError(113, "User already exist")
+        return ok()
+
+    @rule("/users/<path:username>", strict_slashes=False)
+    def get_user(username):
+        dashboard_required()
+        user = broker.users.get(_unquote(username))
+        return ok(user if user is not None else [])
+
+    @rule("/users/<path:username>", methods=["PUT"])
+    def update_user(username):
+        dashboard_required()
+        body = params(tags=str)
+        if not broker.users.set_tags(_unquote(username), body["tags"]):
+            raise ApiError(105, "User not found")
+        return ok()
+
+    @rule("/users/<path:username>", methods=["DELETE"])
+    def delete_user(username):
+        dashboard_required()
+        params()
+        username = _unquote(username)
+        if username == "admin":
+            raise ApiError(106, "admin cannot be deleted")
+        if not broker.users.delete(username):
+            raise ApiError(105, "User not found")
+        return ok()
+
+    @rule("/change_pwd/<path:username>", methods=["PUT"])
+    def change_password(username):
+        dashboard_required()
+        body = params(old_pwd=str, new_pwd=str)
+        username = _unquote(username)
+        result = broker.users.check(username, body["old_pwd"])
+        if result is None:
+            raise ApiError(105, "User not found")
+        if not result:
+            raise ApiError(114, "OldPassword error")
+        if not body["new_pwd"]:
+            raise ApiError(104, "empty username or password")
+        broker.users.set_password(username, body["new_pwd"])
+        return ok()
+
+    return bp
+
+
+def _json(obj, status=200):
+    from flask import Response
+    return Response(json.dumps(obj, separators=(",", ":")), status,
+                    mimetype="application/json")
+
+
+def _empty(status):
+    from flask import Response
+    return Response(b"", status, mimetype="text/plain")
+
+
+def create_app(broker):
+    """The WSGI application: the api/v2 blueprint, /status, / and Basic auth."""
+    from flask import Flask, request
+    from flask_httpauth import HTTPBasicAuth
+
+    app = Flask("emqx_lite")
+    auth = HTTPBasicAuth(realm="emqx control center")
+
+    @auth.verify_password
+    def verify_password(username, password):
+        return bool(username) and broker.users.check(username, password or "") is True
+
+    @auth.error_handler
+    def unauthorized(status):
+        return _empty(status)
+
+    @app.before_request
+    def require_auth():
+        # Every /api/v2/ path but exactly /api/v2/auth needs Basic auth, before
+        # routing: an unknown path answers 401 to a stranger (spec §1.2).
+        path = request.path
+        if path.startswith("/api/v2/") and path != "/api/v2/auth":
+            return auth.login_required(lambda: None)()
+        return None
+
+    @app.route("/status")
+    def status():
+        return app.response_class("Node %s is started\nemqx_lite is running" % broker.node,
+                                  mimetype="text/plain")
+
+    @app.route("/")
+    def index():
+        return _json({"paths": API_PATHS})
+
+    app.register_blueprint(create_api_blueprint(broker))
+
+    @app.errorhandler(ApiError)
+    def api_error(exc):
+        body = {"code": exc.code}
+        if exc.message is not None:
+            body["message"] = exc.message
+        return _json(body)
+
+    @app.errorhandler(_NotFound)
+    @app.errorhandler(404)
+    @app.errorhandler(405)
+    def not_found(exc):
+        return _empty(404)
+
+    @app.errorhandler(Exception)
+    def internal_error(exc):
+        from werkzeug.exceptions import HTTPException
+        if isinstance(exc, HTTPException):
+            return _empty(exc.code if exc.code in (400, 401, 413) else 404)
+        _log.exception("REST API handler failed")
+        return _empty(404)   # EMQ X answers a failed handler with an empty 404
+
+    # Route on the raw request path, as EMQ X does, so %2F, %2B and %23 in a
+    # client id or topic reach the handler undecoded and are decoded once.
+    wsgi_app = app.wsgi_app
+
+    def raw_path_app(environ, start_response):
+        raw = environ.get("REQUEST_URI") or environ.get("RAW_URI")
+        if raw:
+            if "://" in raw:
+                raw = "/" + raw.split("://", 1)[1].partition("/")[2]
+            environ["PATH_INFO"] = raw.split("?", 1)[0].split("#", 1)[0]
+        return wsgi_app(environ, start_response)
+
+    app.wsgi_app = raw_path_app
+    return app
 
 
 ###############################################################################
@@ -1727,8 +2377,16 @@ class Broker:
         self.settings = dict(DEFAULTS, **settings)
         self.bind, self.http_bind = bind, http_bind or bind
         self._mqtt_port_wanted, self._http_port_wanted = mqtt_port, http_port
-        self.users = dict(users or {"admin": "public"})
+        #: the dashboard's management users (REST API Basic auth and users API)
+        self.users = UserTable(users if users is not None else {"admin": "public"},
+                               tags="administrator")
+        self._default_admin = users is None
         self.authenticate = authenticate
+        self._auth_username = UserTable(self.settings["auth_username"])
+        self._auth_clientid = UserTable(self.settings["auth_clientid"])
+        #: guards _plugins (a leaf lock)
+        self._plugins_lock = threading.Lock()
+        self._plugins = dict(PLUGINS_ACTIVE)
         self.node = self.settings["node"]
         self.core = None
         self.listeners = []
@@ -1758,7 +2416,8 @@ class Broker:
                 raise RuntimeError("broker already started")
             self._stopping = False
             self.core = BrokerCore(self.settings)
-            self.core.authenticate = self.authenticate
+            self.core.authenticate = self._authenticate
+            self._apply_plugins()
             s = self.settings
             try:
                 listener = Listener(self.bind, self._mqtt_port_wanted, s["max_clients"],
@@ -1781,6 +2440,8 @@ class Broker:
             self._service = _start_thread(self._service_loop, "emqx_lite-service")
             for lst in self.listeners:
                 _log.info("Listening for MQTT (%s) on %s:%d", lst.protocol, lst.bind, lst.port)
+            if self._default_admin and self._http is not None:
+                _log.warning("REST API user 'admin' still has the default password")
         return self
 
     def stop(self):
@@ -1815,6 +2476,52 @@ class Broker:
                 sock.close()
         self._wake_r = self._wake_w = None
 
+    # --- plugins and authentication ------------------------------------------------
+    def plugins(self):
+        """Plugin name -> active."""
+        with self._plugins_lock:
+            return dict(self._plugins)
+
+    def set_plugin(self, name, active):
+        """Start or stop a plugin at runtime; False if it already was in that state."""
+        with self._plugins_lock:
+            if self._plugins[name] == active:
+                return False
+            self._plugins[name] = active
+        self._apply_plugins()
+        _log.info("Plugin %s %s", name, "started" if active else "stopped")
+        return True
+
+    def _apply_plugins(self):
+        plugins = self.plugins()
+        core = self.core
+        if core is not None:
+            core.retainer_enabled = plugins["emqx_retainer"]
+            core.modules_enabled = plugins["emqx_modules"]
+
+    def _authenticate(self, client_id, username, password, ipaddress):
+        """EMQ X's auth chain: the embedding hook, then the auth plugins; a
+        client nobody vouches for is accepted only with allow_anonymous.
+        Returns a CONNACK return code (0 = accepted)."""
+        if self.authenticate is not None:
+            verdict = self.authenticate(client_id, username, password, ipaddress)
+            if verdict is True or verdict == 0:
+                return CONNACK_ACCEPTED
+            if verdict is False:
+                return CONNACK_NOT_AUTHORIZED
+            if verdict is not None:
+                return verdict
+        plugins = self.plugins()
+        for name, table, key in (("emqx_auth_username", self._auth_username, username),
+                                 ("emqx_auth_clientid", self._auth_clientid, client_id)):
+            if plugins[name] and key is not None:
+                result = table.check(key, password or b"")
+                if result is True:
+                    return CONNACK_ACCEPTED
+                if result is False:
+                    return CONNACK_BAD_USERNAME_PASSWORD
+        return CONNACK_ACCEPTED if self.settings["allow_anonymous"] else CONNACK_NOT_AUTHORIZED
+
     # --- the REST API server --------------------------------------------------------
     def _start_http(self):
         import waitress.server
@@ -1822,7 +2529,7 @@ class Broker:
         self._http = waitress.server.create_server(
             app, host=self.http_bind, port=self._http_port_wanted, threads=4,
             ident="emqx_lite", clear_untrusted_proxy_headers=True)
-        self.http_port = self._http.effective_port
+        self.http_port = int(self._http.effective_port)
         self._http_thread = _start_thread(self._http.run, "emqx_lite-http")
         _log.info("REST API (waitress) on http://%s:%d/api/v2/", self.http_bind, self.http_port)
 
@@ -1962,18 +2669,31 @@ class Broker:
             self._sys_publish("metrics/" + name, str(value))
 
     def _client_connected(self, conn):
-        if self.core.presence_enabled:
-            payload = json.dumps({
-                "clientid": conn.client_id, "username": conn.username,
-                "ipaddress": conn.peer[0], "clean_sess": conn.clean_session,
-                "protocol": conn.proto_ver, "connack": 0, "ts": int(time.time())},
-                separators=(",", ":"))
-            self._sys_publish("clients/%s/connected" % conn.client_id, payload, qos=1)
-        for hook in self.core.on_connected:
-            hook(conn)
+        """emqx_modules on CONNACK: the presence event, then auto-subscriptions."""
+        if not self.core.modules_enabled:
+            return
+        payload = json.dumps({
+            "clientid": conn.client_id, "username": conn.username,
+            "ipaddress": conn.peer[0], "clean_sess": conn.clean_session,
+            "protocol": conn.proto_ver, "connack": 0, "ts": int(time.time())},
+            separators=(",", ":"))
+        self._sys_publish("clients/%s/connected" % conn.client_id, payload, qos=1)
+        topics = []
+        for topic, qos in self.settings["module_subscription"]:
+            levels = [conn.client_id if w == "%c" else
+                      (conn.username if w == "%u" and conn.username is not None else w)
+                      for w in topic.split("/")]
+            topics.append(("/".join(levels), qos))
+        if topics:
+            # As EMQ X's emq_mod_subscription: no SUBACK; retained messages are sent.
+            codes, retained = self.core.subscribe(conn.session, topics)
+            for msg, qos in retained:
+                target = conn.session.deliver(msg, qos, retain=True)
+                if target is not None:
+                    target.flush()
 
     def _client_disconnected(self, conn, reason):
-        if self.core.presence_enabled and reason != "conflict":
+        if self.core.modules_enabled and reason != "conflict":
             payload = json.dumps({"clientid": conn.client_id, "username": conn.username,
                                   "reason": reason, "ts": int(time.time())},
                                  separators=(",", ":"))
@@ -2024,6 +2744,11 @@ class Broker:
         if session is None:
             raise KeyError(client_id)
         core.unsubscribe(session, [topic])
+
+    def is_connected(self, client_id):
+        core = self._require_started()
+        with core.lock:
+            return client_id in core.connections
 
     def kick(self, client_id):
         """Close a client's connection as EMQ X's kick does (its will is published)."""
