@@ -2468,9 +2468,10 @@ class Broker:
         for lst in self.listeners:
             lst.close()
         self.listeners = []
-        if self._selector is not None:
-            self._selector.close()
-            self._selector = None
+        with self._selector_lock:
+            if self._selector is not None:
+                self._selector.close()
+                self._selector = None
         for sock in (self._wake_r, self._wake_w):
             if sock is not None:
                 sock.close()
