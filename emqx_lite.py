@@ -29,7 +29,7 @@ Architecture
                  +----------------->| BrokerCore: sessions, router trie,|
                                     | retained store, stats (one lock)  |
                                     +-----------------------------------+
-                                          | Session.deliver(msg, qos)
+                                          | Session.deliver(msg, qos, outbox)
                                           v
                                     Session (inflight, mqueue) -> Connection
                                     outbound buffer -> one non-blocking send
@@ -225,6 +225,8 @@ _SENT_METRIC = {
 }
 _QOS_RECEIVED = ("messages/qos0/received", "messages/qos1/received", "messages/qos2/received")
 _QOS_SENT = ("messages/qos0/sent", "messages/qos1/sent", "messages/qos2/sent")
+
+_ROUTE_CACHE_SIZE = 10000   # topics whose match result is cached
 
 #: Default settings; every one can be given to Broker() as a keyword.
 DEFAULTS = {
@@ -752,10 +754,11 @@ class TopicTree:
         return now_empty
 
     def match(self, topic):
-        """Return {client_id: (session, qos)}: one entry per client, highest QoS
-        over overlapping filters, plus one member of each matching shared group
-        chosen round robin."""
+        """Return ({key: (session, qos)}, shared): one entry per client, highest
+        QoS over overlapping filters, plus one member of each matching shared
+        group chosen round robin; ``shared`` tells whether any group matched."""
         result = {}
+        shared = False
         levels = topic.split("/")
         n = len(levels)
         dollar = topic.startswith("$")
@@ -787,12 +790,13 @@ class TopicTree:
                 if prev is None or entry[1] > prev[1]:
                     result[client_id] = entry
             for group, members in node.shared.items():
+                shared = True
                 index = node.rr.get(group, 0) % len(members)
                 node.rr[group] = index + 1
                 client_id, entry = next(itertools.islice(members.items(), index, None))
                 key = ("$share", group, id(node), client_id)
                 result[key] = entry
-        return result
+        return result, shared
 
 
 ###############################################################################
@@ -827,6 +831,19 @@ class Message:
         return head, self.payload
 
 
+class Outbox(dict):
+    """PUBLISH packets one thread has routed but not yet written:
+    Connection -> list of byte chunks. Owned by that thread only; ``flush()``
+    writes each connection's share with one lock round trip and one send.
+    """
+    __slots__ = ()
+
+    def flush(self):
+        for conn, chunks in self.items():
+            conn.write(chunks)
+        self.clear()
+
+
 class Session:
     """The state MQTT keeps for a client id (3.1.2.4), online or offline.
 
@@ -854,26 +871,23 @@ class Session:
         self.disconnected_at = None      # set while a persistent session is offline
 
     # --- delivery (called by any thread routing a message) -----------------
-    def deliver(self, msg, qos, retain=False):
-        """Send or queue one message at ``qos``; return the Connection to flush."""
+    def deliver(self, msg, qos, outbox, retain=False):
+        """Send (into ``outbox``) or queue one message at ``qos``."""
         s = self.core.settings
         with self.lock:
             conn = self.conn
             if conn is None:
                 self._enqueue_locked(msg, qos, retain)
-                return None
-            if qos == 0:
-                if conn.out_bytes >= s["max_outbuf"]:
+            elif qos == 0:
+                if conn.out_bytes < s["max_outbuf"]:
+                    self._send_publish_locked(conn, msg, 0, retain, outbox=outbox)
+                else:
                     self.core.counts()["messages/dropped"] += 1
-                    return None
-                self._send_publish_locked(conn, msg, 0, retain)
-                return conn
-            if (self.mqueue or len(self.inflight) >= s["max_inflight"]
+            elif (self.mqueue or len(self.inflight) >= s["max_inflight"]
                     or conn.out_bytes >= s["max_outbuf"]):
                 self._enqueue_locked(msg, qos, retain)
-                return None
-            self._send_publish_locked(conn, msg, qos, retain)
-            return conn
+            else:
+                self._send_publish_locked(conn, msg, qos, retain, outbox=outbox)
 
     def _enqueue_locked(self, msg, qos, retain):
         s = self.core.settings
@@ -888,12 +902,27 @@ class Session:
         self.mqueue.append((msg, qos, retain))
         self.enqueue_msg += 1
 
-    def _send_publish_locked(self, conn, msg, qos, retain, dup=False, packet_id=None):
+    def _send_publish_locked(self, conn, msg, qos, retain, dup=False, packet_id=None,
+                             outbox=None):
+        """Encode one PUBLISH for ``conn``: into ``outbox`` when given, else
+        straight into the connection's buffer (the caller flushes)."""
         if qos and packet_id is None:
             packet_id = self._packet_id_locked()
             self.inflight[packet_id] = [msg, qos, WAIT_ACK, time.monotonic()]
         self.deliver_msg += 1
-        conn.send_publish(msg.chunks(qos, retain, dup, packet_id), qos, msg.sys)
+        chunks = msg.chunks(qos, retain, dup, packet_id)
+        if outbox is None:
+            conn.write(chunks, flush=False)
+        else:
+            pending = outbox.get(conn)
+            if pending is None:
+                outbox[conn] = list(chunks)
+            else:
+                pending.extend(chunks)
+        if not msg.sys:   # $SYS messages are not counted (EMQ X)
+            counts = self.core.counts()
+            counts["packets/publish/sent"] += 1
+            counts[_QOS_SENT[qos]] += 1
 
     def _packet_id_locked(self):
         """Next free packet id, skipping ids still in flight [MQTT-2.3.1-2]."""
@@ -1152,6 +1181,7 @@ class BrokerCore:
         self.routes = {}         # topic filter (no share prefix) -> number of subscribers
         self.subscription_count = 0
         self.stats_max = dict.fromkeys(STAT_NAMES, 0)
+        self._route_cache = {}   # topic -> ((session, qos), ...); cleared on any subscription change
         self.retainer_enabled = True   # the emqx_retainer plugin
         self.modules_enabled = True    # the emqx_modules plugin (presence, rewrite, subscription)
         self.rewrite_rules = [(f, __import__("re").compile(r), d)
@@ -1297,6 +1327,7 @@ class BrokerCore:
                 with session.lock:
                     is_new = topic_filter not in session.subscriptions
                     session.subscriptions[topic_filter] = qos
+                self._route_cache.clear()
                 if self.router.add(real, group, session, qos):
                     self.routes[real] = 0
                 if is_new:
@@ -1322,6 +1353,7 @@ class BrokerCore:
 
     def _unsubscribe_locked(self, session, topic_filter):
         group, real = parse_share(topic_filter)
+        self._route_cache.clear()
         self.router.remove(real, group, session.client_id)
         self.subscription_count -= 1
         self.routes[real] -= 1
@@ -1343,35 +1375,42 @@ class BrokerCore:
         return topic
 
     # --- publishing ------------------------------------------------------------
-    def publish(self, msg):
+    def publish(self, msg, outbox):
         """Route one message: store/clear it if retained, then deliver a copy to
-        every matching session at min(msg QoS, granted QoS) [MQTT-3.8.4-6].
+        every matching session at min(msg QoS, granted QoS) [MQTT-3.8.4-6],
+        encoded into ``outbox`` for the caller to flush.
 
-        Returns the set of Connections to flush. This is the one routing path
-        for MQTT PUBLISH, wills, $SYS, REST and the Python API.
+        This is the one routing path for MQTT PUBLISH, wills, $SYS, REST and
+        the Python API. Match results are cached per topic until the next
+        subscription change; the cache is read without the lock (a message
+        racing an UNSUBSCRIBE may still be delivered [MQTT-3.10.4-3]).
         """
+        topic = msg.topic
         if self.rewrite_rules and self.modules_enabled:
-            msg.topic = self.rewrite(msg.topic)
-        with self.lock:
-            if msg.retain and self.retainer_enabled:
-                if msg.payload:
-                    self.retained[msg.topic] = msg
-                    if len(self.retained) > self.stats_max["retained"]:
-                        self.stats_max["retained"] = len(self.retained)
-                else:
-                    self.retained.pop(msg.topic, None)  # [MQTT-3.3.1-10, -11]
-            targets = list(self.router.match(msg.topic).values())
+            topic = msg.topic = self.rewrite(topic)
+        targets = None if msg.retain else self._route_cache.get(topic)
+        if targets is None:
+            with self.lock:
+                if msg.retain and self.retainer_enabled:
+                    if msg.payload:
+                        self.retained[topic] = msg
+                        if len(self.retained) > self.stats_max["retained"]:
+                            self.stats_max["retained"] = len(self.retained)
+                    else:
+                        self.retained.pop(topic, None)  # [MQTT-3.3.1-10, -11]
+                matched, shared = self.router.match(topic)
+                targets = tuple(matched.values())
+                if not shared:   # round robin must advance: never cache shared picks
+                    if len(self._route_cache) >= _ROUTE_CACHE_SIZE:
+                        self._route_cache.clear()
+                    self._route_cache[topic] = targets
         if not targets:
             if not msg.sys:
                 self.counts()["messages/dropped"] += 1
-            return ()
-        touched = set()
+            return
         qos = msg.qos
         for session, granted in targets:
-            conn = session.deliver(msg, qos if qos < granted else granted)
-            if conn is not None:
-                touched.add(conn)
-        return touched
+            session.deliver(msg, qos if qos < granted else granted, outbox)
 
     # --- snapshots for the REST and Python APIs --------------------------------
     def client_infos(self):
@@ -1444,7 +1483,8 @@ class Connection:
         self._blocked = False         # the socket buffer is full; the service thread finishes
         self.blocked_since = None
         self._closed = False
-        self._dirty = set()           # connections this reader must flush after its batch
+        self._outbox = Outbox()       # PUBLISH packets this reader routed in its batch
+        self._dirty = set()           # other connections this reader must flush after its batch
         self._disconnecting = False
 
     def __repr__(self):
@@ -1506,6 +1546,8 @@ class Connection:
 
     def _flush_dirty(self):
         """End of a batch: one write per touched connection, this one included."""
+        if self._outbox:
+            self._outbox.flush()
         dirty = self._dirty
         while dirty:
             conn = dirty.pop()
@@ -1563,19 +1605,17 @@ class Connection:
         if pkt.topic.startswith("$SYS/"):
             # Clients may not inject $SYS messages: acknowledged, not routed.
             _log.info("Dropped PUBLISH to %r from %s", pkt.topic, self.client_id)
-            touched = ()
         elif qos == 2:
             state = self.session.await_rel(pkt.packet_id)
             if state == "full":
                 counts["messages/qos2/dropped"] += 1
                 return  # no PUBREC: the client resends later
-            touched = () if state == "dup" else self.core.publish(
-                Message(pkt.topic, pkt.payload, 2, pkt.retain, self.client_id))
+            if state == "new":
+                self.core.publish(Message(pkt.topic, pkt.payload, 2, pkt.retain,
+                                          self.client_id), self._outbox)
         else:
-            touched = self.core.publish(
-                Message(pkt.topic, pkt.payload, qos, pkt.retain, self.client_id))
-        if touched:
-            self._dirty.update(touched)
+            self.core.publish(Message(pkt.topic, pkt.payload, qos, pkt.retain,
+                                      self.client_id), self._outbox)
         if qos == 1:
             self.send_ack(PUBACK, pkt.packet_id)
         elif qos == 2:
@@ -1600,7 +1640,7 @@ class Connection:
         codes, retained = self.core.subscribe(self.session, pkt.topics)
         self._send_bytes(encode_suback(pkt.packet_id, codes), SUBACK)
         for msg, qos in retained:
-            self._dirty.add(self.session.deliver(msg, qos, retain=True))
+            self.session.deliver(msg, qos, self._outbox, retain=True)
 
     def handle_unsubscribe(self, pkt, counts):
         self.core.unsubscribe(self.session, pkt.topics)
@@ -1625,20 +1665,22 @@ class Connection:
     def send_ack(self, packet_type, packet_id):
         self._send_bytes(encode_ack(packet_type, packet_id), packet_type)
 
-    def send_publish(self, chunks, qos, sys_message):
-        """Append one PUBLISH (called with the session lock held)."""
+    def write(self, chunks, flush=True):
+        """Append encoded packets (any thread); with ``flush``, also send what
+        is buffered with one non-blocking send."""
         size = 0
         for chunk in chunks:
             size += len(chunk)
         with self.out_lock:
             if self._closed:
                 return
-            self._out.extend(chunks)
+            out = self._out
+            out.extend(chunks)
             self.out_bytes += size
-        if not sys_message:   # $SYS messages are not counted (EMQ X)
-            counts = self.core.counts()
-            counts["packets/publish/sent"] += 1
-            counts[_QOS_SENT[qos]] += 1
+            if flush and not self._blocked:
+                data = out[0] if len(out) == 1 else b"".join(out)
+                out.clear()
+                self._send_locked(data)
 
     def flush(self):
         """Write what is buffered with one non-blocking send; never blocks."""
@@ -1723,9 +1765,10 @@ class Connection:
         if self.will is not None and reason != "shutdown":
             will = self.will
             self.will = None
-            for conn in self.core.publish(Message(will.topic, will.payload, will.qos,
-                                                  will.retain, self.client_id)):
-                conn.flush()
+            outbox = Outbox()
+            self.core.publish(Message(will.topic, will.payload, will.qos, will.retain,
+                                      self.client_id), outbox)
+            outbox.flush()
         self.core.disconnect(self)
         self.session.detach(self)
         self.broker._client_disconnected(self, reason)
@@ -2650,9 +2693,10 @@ class Broker:
     # --- $SYS (emqttd_broker, emqttd_stats, emqttd_metrics, emq_mod_presence) -----------------
     def _sys_publish(self, name, payload, retain=False, qos=0):
         topic = "$SYS/brokers/%s/%s" % (self.node, name) if name else "$SYS/brokers"
-        msg = Message(topic, payload.encode("utf-8"), qos, retain, None, sys=True)
-        for conn in self.core.publish(msg):
-            conn.flush()
+        outbox = Outbox()
+        self.core.publish(Message(topic, payload.encode("utf-8"), qos, retain, None, sys=True),
+                          outbox)
+        outbox.flush()
 
     def _publish_sys_retained(self):
         self._sys_publish(None, self.node, retain=True)
@@ -2688,10 +2732,10 @@ class Broker:
         if topics:
             # As EMQ X's emq_mod_subscription: no SUBACK; retained messages are sent.
             codes, retained = self.core.subscribe(conn.session, topics)
+            outbox = Outbox()
             for msg, qos in retained:
-                target = conn.session.deliver(msg, qos, retain=True)
-                if target is not None:
-                    target.flush()
+                conn.session.deliver(msg, qos, outbox, retain=True)
+            outbox.flush()
 
     def _client_disconnected(self, conn, reason):
         if self.core.modules_enabled and reason != "conflict":
@@ -2717,8 +2761,9 @@ class Broker:
             validate_topic_name(topic)
         except MalformedPacket as exc:
             raise ValueError(str(exc)) from None
-        for conn in core.publish(Message(topic, bytes(payload), qos, bool(retain), client_id)):
-            conn.flush()
+        outbox = Outbox()
+        core.publish(Message(topic, bytes(payload), qos, bool(retain), client_id), outbox)
+        outbox.flush()
 
     def subscribe(self, client_id, topic, qos=0):
         """Subscribe an existing session on its client's behalf (no SUBACK);
@@ -2733,10 +2778,10 @@ class Broker:
         codes, retained = core.subscribe(session, [(topic, qos)])
         if codes[0] == SUBACK_FAILURE:
             raise ValueError("invalid topic filter %r" % topic)
+        outbox = Outbox()
         for msg, q in retained:
-            conn = session.deliver(msg, q, retain=True)
-            if conn is not None:
-                conn.flush()
+            session.deliver(msg, q, outbox, retain=True)
+        outbox.flush()
 
     def unsubscribe(self, client_id, topic):
         core = self._require_started()
