@@ -93,9 +93,17 @@ import secrets
 import selectors
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
+
+try:   # MQTT over WebSocket; the broker runs without it when no ws listener is asked for
+    import wsproto
+    import wsproto.events
+    import wsproto.utilities
+except ImportError:   # pragma: no cover
+    wsproto = None
 
 _log = logging.getLogger("emqx_lite")
 _log.addHandler(logging.NullHandler())   # a library stays quiet unless the app configures logging
@@ -1446,6 +1454,143 @@ class BrokerCore:
 
 
 ###############################################################################
+# Transports: TLS and WebSocket ###############################################
+###############################################################################
+#
+# A transport sits between the raw socket and the MQTT byte stream. It is
+# sans-IO: ``feed(raw)`` turns received bytes into (mqtt_bytes, reply_bytes)
+# and sets ``closed`` when the peer closed cleanly (TLS close_notify,
+# WebSocket close); ``wrap(mqtt_bytes)`` turns outgoing bytes into wire bytes.
+# The Connection calls both with its ``out_lock`` held, so records and frames
+# reach the wire in the order they were made, and the socket itself is read
+# and written exactly as for plain TCP (blocking reads by the reader thread,
+# non-blocking writes by anyone). Plain TCP has no transport at all.
+
+class TlsTransport:
+    """TLS through ``ssl.MemoryBIO`` so that reads and writes can come from
+    different threads (one ``SSLObject``, always used under the caller's lock)."""
+
+    def __init__(self, context):
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
+        self.handshaken = False
+        self.closed = False
+        self.peer_cn = None
+
+    def feed(self, raw):
+        self.incoming.write(raw)
+        if not self.handshaken:
+            try:
+                self.tls.do_handshake()
+            except ssl.SSLWantReadError:
+                return b"", self.outgoing.read()
+            except ssl.SSLError as exc:
+                raise MalformedPacket("TLS handshake failed: %s" % exc.reason) from None
+            self.handshaken = True
+            cert = self.tls.getpeercert()
+            for rdn in (cert or {}).get("subject", ()):
+                for key, value in rdn:
+                    if key == "commonName":
+                        self.peer_cn = value
+        chunks = []
+        try:
+            while True:
+                chunk = self.tls.read(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLZeroReturnError:
+            self.closed = True
+        except ssl.SSLError as exc:
+            raise MalformedPacket("TLS error: %s" % exc.reason) from None
+        return b"".join(chunks), self.outgoing.read()
+
+    def wrap(self, data):
+        if data:
+            self.tls.write(data)
+        return self.outgoing.read()
+
+
+class WebSocketTransport:
+    """MQTT over WebSocket (MQTT 3.1.1 section 6) with wsproto: binary frames,
+    subprotocol ``mqtt`` (or ``mqttv3.1``), any split of packets into frames."""
+
+    SUBPROTOCOLS = ("mqtt", "mqttv3.1")
+
+    def __init__(self, path):
+        if wsproto is None:
+            raise RuntimeError("WebSocket listeners need the wsproto package")
+        self.ws = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
+        self.path = path
+        self.open = False
+        self.closed = False
+        self.peer_cn = None
+
+    def feed(self, raw):
+        ev = wsproto.events
+        try:
+            self.ws.receive_data(raw)
+            data, replies = [], []
+            for event in self.ws.events():
+                if isinstance(event, ev.Request):
+                    offered = [p for p in event.subprotocols if p in self.SUBPROTOCOLS]
+                    if event.target.split("?", 1)[0] != self.path or not offered:
+                        replies.append(self.ws.send(ev.RejectConnection(status_code=404)))
+                        self.closed = True
+                        return b"", b"".join(replies)
+                    replies.append(self.ws.send(ev.AcceptConnection(subprotocol=offered[0])))
+                    self.open = True
+                elif isinstance(event, ev.BytesMessage):
+                    data.append(bytes(event.data))
+                elif isinstance(event, ev.TextMessage):
+                    raise MalformedPacket("MQTT over WebSocket needs binary frames [MQTT-6.0.0-1]")
+                elif isinstance(event, ev.Ping):
+                    replies.append(self.ws.send(event.response()))
+                elif isinstance(event, ev.CloseConnection):
+                    if self.ws.state.name == "REMOTE_CLOSING":
+                        replies.append(self.ws.send(event.response()))
+                    self.closed = True
+                    break
+            return b"".join(data), b"".join(replies)
+        except wsproto.utilities.RemoteProtocolError as exc:
+            raise MalformedPacket("WebSocket protocol error: %s" % exc) from None
+
+    def wrap(self, data):
+        if not data or not self.open or self.closed:
+            return b""
+        return self.ws.send(wsproto.events.BytesMessage(data=data))
+
+
+class StackedTransport:
+    """WebSocket inside TLS (``mqtt:wss``)."""
+
+    def __init__(self, outer, inner):
+        self.outer, self.inner = outer, inner
+
+    @property
+    def peer_cn(self):
+        return self.outer.peer_cn
+
+    @property
+    def closed(self):
+        return self.outer.closed or self.inner.closed
+
+    def feed(self, raw):
+        plain, reply = self.outer.feed(raw)
+        if not plain:
+            return b"", reply
+        data, inner_reply = self.inner.feed(plain)
+        if inner_reply:
+            reply += self.outer.wrap(inner_reply)
+        return data, reply
+
+    def wrap(self, data):
+        return self.outer.wrap(self.inner.wrap(data))
+
+
+###############################################################################
 # Connection (one reader thread per socket) ###################################
 ###############################################################################
 
@@ -1465,6 +1610,7 @@ class Connection:
         self.sock = sock
         self.peer = peer[:2]
         self.listener = listener
+        self.transport = listener.make_transport()   # None for plain TCP
         self.client_id = None
         self.username = None
         self.proto_ver = None
@@ -1476,10 +1622,12 @@ class Connection:
         self.opened_at = self.last_recv = time.monotonic()
         self.close_reason = None      # set by whoever decided to close
         self.thread = None
-        #: guards _out, out_bytes, _blocked, _closed and the send that drains _out
+        #: guards _out, _wire, out_bytes, _blocked, _closed, the transport's
+        #: state and the non-blocking send that drains them
         self.out_lock = threading.Lock()
-        self._out = []
-        self.out_bytes = 0            # read without the lock as a "slow client" hint
+        self._out = []                # MQTT bytes waiting to be written
+        self._wire = b""              # encoded (TLS/WebSocket) bytes the socket has not taken yet
+        self.out_bytes = 0            # bytes waiting; read without the lock as a "slow client" hint
         self._blocked = False         # the socket buffer is full; the service thread finishes
         self.blocked_since = None
         self._closed = False
@@ -1517,6 +1665,7 @@ class Connection:
     def _read_loop(self):
         sock, counts = self.sock, self.core.counts()
         max_size = self.settings["max_packet_size"]
+        transport = self.transport
         buf = b""
         while True:
             data = sock.recv(65536)
@@ -1524,6 +1673,18 @@ class Connection:
                 return
             self.last_recv = time.monotonic()
             counts["bytes/received"] += len(data)
+            if transport is not None:
+                with self.out_lock:
+                    data, reply = transport.feed(data)
+                    if reply and not self._closed:
+                        self._wire += reply
+                        self.out_bytes += len(reply)
+                        if not self._blocked:
+                            self._send_locked()
+                if transport.closed:
+                    return
+                if not data:
+                    continue
             buf = buf + data if buf else data
             pos, end = 0, len(buf)
             while end - pos >= 2:
@@ -1580,13 +1741,16 @@ class Connection:
         if len(client_id) > s["max_clientid_len"]:
             raise ConnectRefused(CONNACK_IDENTIFIER_REJECTED,
                                  "client id longer than max_clientid_len")
+        username = pkt.username
+        if self.listener.peer_cert_as_username == "cn" and self.transport is not None \
+                and self.transport.peer_cn:
+            username = self.transport.peer_cn   # EMQ X's peer_cert_as_username = cn
         auth = self.core.authenticate
         if auth is not None:
-            code = auth(client_id, pkt.username, pkt.password, self.peer[0])
+            code = auth(client_id, username, pkt.password, self.peer[0])
             if code:
-                raise ConnectRefused(code if code is not True else CONNACK_NOT_AUTHORIZED,
-                                     "authentication failed for %r" % client_id)
-        self.client_id, self.username = client_id, pkt.username
+                raise ConnectRefused(code, "authentication failed for %r" % client_id)
+        self.client_id, self.username = client_id, username
         self.clean_session, self.will = pkt.clean_session, pkt.will
         self.connected_at = time.time()
         session, present, old_conn = self.core.connect(self, pkt.clean_session)
@@ -1674,57 +1838,60 @@ class Connection:
         with self.out_lock:
             if self._closed:
                 return
-            out = self._out
-            out.extend(chunks)
+            self._out.extend(chunks)
             self.out_bytes += size
             if flush and not self._blocked:
-                data = out[0] if len(out) == 1 else b"".join(out)
-                out.clear()
-                self._send_locked(data)
+                self._send_locked()
 
     def flush(self):
         """Write what is buffered with one non-blocking send; never blocks."""
         with self.out_lock:
-            if not self._out or self._blocked or self._closed:
+            if self._blocked or self._closed or not (self._out or self._wire):
                 return
-            out = self._out
+            self._send_locked()
+
+    def _send_locked(self):
+        """Encode what is waiting and offer it to the socket once (out_lock held).
+        What the socket does not take stays in ``_wire`` for the service thread."""
+        out = self._out
+        if out:
             data = out[0] if len(out) == 1 else b"".join(out)
             out.clear()
-            self._send_locked(data)
-
-    def _send_locked(self, data):
-        try:
-            sent = self.sock.send(data, _MSG_DONTWAIT)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self._out.clear()
-            self.out_bytes = 0
-            self.shutdown("closed")
-            return
-        self.core.counts()["bytes/sent"] += sent
-        if sent < len(data):
-            self._out.append(data[sent:])
-            self.out_bytes = len(data) - sent
+            if self.transport is not None:
+                data = self.transport.wrap(data)
+            wire = self._wire + data if self._wire else data
+        else:
+            wire = self._wire
+        sent = 0
+        if wire:
+            try:
+                sent = self.sock.send(wire, _MSG_DONTWAIT)
+            except BlockingIOError:
+                pass
+            except OSError:
+                self._wire = b""
+                self.out_bytes = 0
+                self.shutdown("closed")
+                return
+            self.core.counts()["bytes/sent"] += sent
+        self._wire = wire[sent:] if sent < len(wire) else b""
+        self.out_bytes = len(self._wire)
+        if self._wire:
             if not self._blocked:
                 self._blocked = True
                 self.blocked_since = time.monotonic()
                 self.broker._watch_writable(self)
-        else:
-            self.out_bytes = 0
-            if self._blocked:
-                self._blocked = False
-                self.blocked_since = None
-                self.broker._unwatch_writable(self)
+        elif self._blocked:
+            self._blocked = False
+            self.blocked_since = None
+            self.broker._unwatch_writable(self)
 
     def on_writable(self):
         """Service thread: the socket can take more of a blocked buffer."""
         with self.out_lock:
-            if self._closed or not self._out:
+            if self._closed:
                 return
-            data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
-            self._out.clear()
-            self._send_locked(data)
+            self._send_locked()
             if self._blocked:
                 return
         session = self.session
@@ -1748,6 +1915,7 @@ class Connection:
         with self.out_lock:
             self._closed = True
             self._out.clear()
+            self._wire = b""
             self.out_bytes = 0
             if self._blocked:
                 self._blocked = False
@@ -1794,20 +1962,55 @@ _HANDLERS = {
 # Listeners ###################################################################
 ###############################################################################
 
+#: Listener type (EMQ X config name) -> protocol name in the REST API.
+LISTENER_PROTOCOLS = {"tcp": "mqtt:tcp", "ssl": "mqtt:ssl", "ws": "mqtt:ws", "wss": "mqtt:wss"}
+
+
+def make_ssl_context(certfile, keyfile, cacertfile=None, verify=False,
+                     fail_if_no_peer_cert=False):
+    """A server TLS context as EMQ X's ssl listener options describe it:
+    ``verify`` (verify_peer) asks for a client certificate and checks it
+    against ``cacertfile``; ``fail_if_no_peer_cert`` makes it mandatory."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certfile, keyfile)
+    if cacertfile:
+        context.load_verify_locations(cacertfile)
+    if fail_if_no_peer_cert:
+        context.verify_mode = ssl.CERT_REQUIRED
+    elif verify:
+        context.verify_mode = ssl.CERT_OPTIONAL
+    return context
+
+
 class Listener:
-    """A listening socket; the Broker's service thread accepts on it.
+    """A listening socket of one type (tcp, ssl, ws, wss); the Broker's
+    service thread accepts on it and every connection gets its transport.
 
     ``lock`` guards ``current_clients`` and ``shutdown_count`` (a leaf lock).
     """
-    protocol = "mqtt:tcp"
 
-    def __init__(self, bind, port, max_clients, acceptors):
-        self.bind, self.max_clients, self.acceptors = bind, max_clients, acceptors
-        family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    def __init__(self, type="tcp", host="0.0.0.0", port=1883, name="external",
+                 max_clients=102400, acceptors=1, certfile=None, keyfile=None,
+                 cacertfile=None, verify=False, fail_if_no_peer_cert=False,
+                 peer_cert_as_username=None, mqtt_path="/mqtt"):
+        if type not in LISTENER_PROTOCOLS:
+            raise ValueError("unknown listener type %r" % type)
+        self.type, self.name, self.protocol = type, name, LISTENER_PROTOCOLS[type]
+        self.bind, self.max_clients, self.acceptors = host, max_clients, acceptors
+        self.peer_cert_as_username, self.mqtt_path = peer_cert_as_username, mqtt_path
+        self.ssl_context = None
+        if type in ("ssl", "wss"):
+            if not (certfile and keyfile):
+                raise ValueError("listener %s.%s needs certfile and keyfile" % (type, name))
+            self.ssl_context = make_ssl_context(certfile, keyfile, cacertfile, verify,
+                                                fail_if_no_peer_cert)
+        if type in ("ws", "wss") and wsproto is None:
+            raise ValueError("listener %s.%s needs the wsproto package" % (type, name))
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self.sock.bind((bind, port))
+            self.sock.bind((host, port))
             self.sock.listen(1024)
             self.sock.setblocking(False)
         except OSError:
@@ -1818,6 +2021,17 @@ class Listener:
         self.lock = threading.Lock()
         self.current_clients = 0
         self.shutdown_count = {}   # reason -> count (EMQ X esockd's shutdown_count)
+
+    def make_transport(self):
+        """A fresh transport for one accepted connection (None for plain TCP)."""
+        if self.type == "tcp":
+            return None
+        if self.type == "ssl":
+            return TlsTransport(self.ssl_context)
+        if self.type == "ws":
+            return WebSocketTransport(self.mqtt_path)
+        return StackedTransport(TlsTransport(self.ssl_context),
+                                WebSocketTransport(self.mqtt_path))
 
     def accept(self):
         """Accept one pending connection; returns (sock, peer) or None."""
@@ -2407,19 +2621,39 @@ class Broker:
     """The embeddable broker: listeners, the service thread, the REST API.
 
     ``Broker(mqtt_port=0, http_port=0)`` binds ephemeral ports; read them back
-    from ``mqtt_port`` / ``http_port`` after ``start()`` (or inside ``with``).
-    ``http_port=None`` runs without the REST API. Every key of ``DEFAULTS``
-    can be given as a keyword argument. The methods below are thread-safe.
+    from ``mqtt_port`` / ``http_port`` (and ``ssl_port``, ``ws_port``,
+    ``wss_port``) after ``start()`` (or inside ``with``). ``None`` for a port
+    means no such listener; ``http_port=None`` runs without the REST API.
+    TLS listeners take ``certfile``/``keyfile`` (and ``cacertfile``,
+    ``verify``, ``fail_if_no_peer_cert``); ``listeners`` replaces all of that
+    with a list of ``Listener`` keyword dicts (what a config file gives).
+    Every key of ``DEFAULTS`` can be given as a keyword argument. The methods
+    below are thread-safe.
     """
 
     def __init__(self, bind="0.0.0.0", mqtt_port=1883, http_port=8080, *,
-                 http_bind=None, users=None, authenticate=None, **settings):
+                 http_bind=None, ssl_port=None, ws_port=None, wss_port=None,
+                 certfile=None, keyfile=None, cacertfile=None, verify=False,
+                 fail_if_no_peer_cert=False, listeners=None, users=None,
+                 authenticate=None, **settings):
         unknown = set(settings) - set(DEFAULTS)
         if unknown:
             raise TypeError("unknown broker setting(s): %s" % ", ".join(sorted(unknown)))
         self.settings = dict(DEFAULTS, **settings)
         self.bind, self.http_bind = bind, http_bind or bind
-        self._mqtt_port_wanted, self._http_port_wanted = mqtt_port, http_port
+        self._http_port_wanted = http_port
+        if listeners is None:
+            tls = {"certfile": certfile, "keyfile": keyfile, "cacertfile": cacertfile,
+                   "verify": verify, "fail_if_no_peer_cert": fail_if_no_peer_cert}
+            listeners = [dict({"type": kind, "host": bind, "port": port},
+                              **(tls if kind in ("ssl", "wss") else {}))
+                         for kind, port in (("tcp", mqtt_port), ("ssl", ssl_port),
+                                            ("ws", ws_port), ("wss", wss_port))
+                         if port is not None]
+        self._listener_specs = [dict({"max_clients": self.settings["max_clients"],
+                                      "acceptors": self.settings["acceptors"]}, **spec)
+                                for spec in listeners]
+        self.ssl_port = self.ws_port = self.wss_port = None
         #: the dashboard's management users (REST API Basic auth and users API)
         self.users = UserTable(users if users is not None else {"admin": "public"},
                                tags="administrator")
@@ -2461,12 +2695,12 @@ class Broker:
             self.core = BrokerCore(self.settings)
             self.core.authenticate = self._authenticate
             self._apply_plugins()
-            s = self.settings
+            self.listeners = []
             try:
-                listener = Listener(self.bind, self._mqtt_port_wanted, s["max_clients"],
-                                    s["acceptors"])
-                self.listeners = [listener]
-                self.mqtt_port = listener.port
+                for spec in self._listener_specs:
+                    self.listeners.append(Listener(**spec))
+                for lst in reversed(self.listeners):   # the first of each type names the port
+                    setattr(self, {"tcp": "mqtt_port"}.get(lst.type, lst.type + "_port"), lst.port)
                 self._selector = selectors.DefaultSelector()
                 self._wake_r, self._wake_w = socket.socketpair()
                 self._wake_r.setblocking(False)
