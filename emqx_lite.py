@@ -241,6 +241,10 @@ DEFAULTS = {
     "node": "emqx_lite@127.0.0.1",
     "max_packet_size": 1024 * 1024,    # bytes (remaining length)
     "max_clientid_len": 1024,
+    "max_topic_length": 4096,          # characters in a topic name or filter (EMQ X's limit)
+    "max_topic_levels": 128,           # '/'-separated levels in a topic name or filter
+    "max_subscriptions": 0,            # filters per session (0 = unlimited)
+    "max_keepalive": 0,                # ceiling on a client's keepalive, also for 0 (0 = none)
     "connect_timeout": 15.0,           # seconds until the first packet must be CONNECT
     "keepalive_backoff": 1.5,          # close after keepalive * this of silence
     "max_inflight": 32,                # QoS 1/2 messages unacknowledged per client
@@ -642,6 +646,12 @@ def validate_topic_name(topic):
         raise MalformedPacket("U+0000 in topic [MQTT-4.7.3-2]")
     if len(topic) > MAX_TOPIC_BYTES // 4 and len(topic.encode("utf-8")) > MAX_TOPIC_BYTES:
         raise MalformedPacket("topic longer than 65535 bytes")
+
+
+def topic_within_limits(topic, settings):
+    """max_topic_length and max_topic_levels, which protect the broker's trie."""
+    return (len(topic) <= settings["max_topic_length"]
+            and topic.count("/") < settings["max_topic_levels"])
 
 
 def parse_share(topic_filter):
@@ -1327,13 +1337,18 @@ class BrokerCore:
         if self.rewrite_rules and self.modules_enabled:
             topics = [(self.rewrite(t), q) for t, q in topics]
         with self.lock:
+            limit = self.settings["max_subscriptions"]
             for topic_filter, qos in topics:
-                if not validate_topic_filter(topic_filter):
-                    codes.append(SUBACK_FAILURE)
+                if not (validate_topic_filter(topic_filter)
+                        and topic_within_limits(topic_filter, self.settings)):
+                    codes.append(SUBACK_FAILURE)   # [MQTT-3.9.3-2]
                     continue
                 group, real = parse_share(topic_filter)
                 with session.lock:
                     is_new = topic_filter not in session.subscriptions
+                    if is_new and limit and len(session.subscriptions) >= limit:
+                        codes.append(SUBACK_FAILURE)
+                        continue
                     session.subscriptions[topic_filter] = qos
                 self._route_cache.clear()
                 if self.router.add(real, group, session, qos):
@@ -1732,6 +1747,9 @@ class Connection:
             raise ProtocolError("second CONNECT [MQTT-3.1.0-2]")
         s = self.settings
         self.proto_ver, self.keepalive = pkt.proto_ver, pkt.keepalive
+        ceiling = s["max_keepalive"]
+        if ceiling and not 0 < pkt.keepalive <= ceiling:
+            self.keepalive = ceiling   # a silent client is dropped even if it asked for 0
         client_id = pkt.client_id
         if not client_id:
             if pkt.proto_ver == MQTT_V31 or not pkt.clean_session:
@@ -1766,6 +1784,8 @@ class Connection:
     def handle_publish(self, pkt, counts):
         qos = pkt.qos
         counts[_QOS_RECEIVED[qos]] += 1
+        if not topic_within_limits(pkt.topic, self.settings):
+            raise MalformedPacket("topic exceeds max_topic_length or max_topic_levels")
         if pkt.topic.startswith("$SYS/"):
             # Clients may not inject $SYS messages: acknowledged, not routed.
             _log.info("Dropped PUBLISH to %r from %s", pkt.topic, self.client_id)
