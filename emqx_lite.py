@@ -85,10 +85,14 @@ __all__ = [
 
 import argparse
 import collections
+import hashlib
+import hmac
+import ipaddress
 import itertools
 import json
 import logging
 import os
+import re
 import secrets
 import selectors
 import signal
@@ -260,6 +264,8 @@ DEFAULTS = {
     "max_clients": 102400,             # connections per listener
     "acceptors": 1,                    # reported by the REST API (one accept loop)
     "allow_anonymous": True,           # accept clients no auth plugin vouches for
+    "acl_file": None,                  # EMQ X acl.conf rules (None: EMQ X's default acl.conf)
+    "acl_nomatch": "allow",            # decision when no ACL rule matches
     "auth_username": {},               # emqx_auth_username table: username -> password
     "auth_clientid": {},               # emqx_auth_clientid table: client id -> password
     "module_subscription": (),         # emqx_modules: [(topic with %c/%u, qos)] on connect
@@ -1110,7 +1116,6 @@ class UserTable:
 
     @classmethod
     def _hash(cls, salt, password):
-        import hashlib
         return hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, cls.ITERATIONS)
 
     def add(self, name, password, tags=""):
@@ -1125,7 +1130,6 @@ class UserTable:
 
     def check(self, name, password):
         """True if the password is right, False if wrong, None if no such user."""
-        import hmac
         if isinstance(password, bytes):
             try:
                 password = password.decode("utf-8")
@@ -1173,6 +1177,556 @@ class UserTable:
 
 
 ###############################################################################
+# Configuration and ACL files #################################################
+###############################################################################
+#
+# emqx_lite reads EMQ X 2.x's own formats: emq.conf's ``key = value`` lines
+# (cuttlefish) become Broker keyword arguments, and acl.conf's Erlang terms
+# become ACL rules checked as emqttd_access_rule does.
+
+class ConfigError(ValueError):
+    """A configuration or ACL file is wrong; the message names file, line and key."""
+
+
+# --- configuration values ----------------------------------------------------
+
+_DURATION_UNITS = {"w": 604800, "d": 86400, "h": 3600, "m": 60, "s": 1}   # and "ms"
+_SIZE_UNITS = {"GB": 1024 ** 3, "MB": 1024 ** 2, "KB": 1024, "B": 1}
+
+
+def _parser(pattern, expected, convert=lambda m: m[0]):
+    """A value parser: the text must match ``pattern``; returns ``convert(match)``."""
+    def parse(text):
+        m = re.fullmatch(pattern, text)
+        if not m:
+            raise ValueError("expected %s, got %r" % (expected, text))
+        return convert(m)
+    return parse
+
+
+def _seconds(m):
+    return float(m[1]) / 1000 if m[2] == "ms" else float(m[1]) * _DURATION_UNITS[m[2] or "s"]
+
+
+#: Value parsers: str -> value, or ValueError("expected ..., got ...").
+parse_int = _parser(r"[0-9]+", "an integer", lambda m: int(m[0]))
+parse_bool = _parser(r"(?i)on|off|true|false", "on, off, true or false",
+                     lambda m: m[0].lower() in ("on", "true"))
+parse_bytesize = _parser(r"(?i)([0-9]+)(GB|MB|KB|B)?", "a size like 64KB",    # 1KB = 1024
+                         lambda m: int(m[1]) * _SIZE_UNITS[(m[2] or "B").upper()])
+parse_duration = _parser(r"([0-9]+(?:\.[0-9]+)?)(ms|[wdhms])?", "a duration like 20s", _seconds)
+_string = _parser(r"(?s).+", "a value")
+_qos = _parser(r"[012]", "0, 1 or 2", lambda m: int(m[0]))
+_mqtt_path = _parser(r"/.*", "a path like /mqtt")
+# EMQ X closes a silent connection after keepalive * backoff * 2; ours after keepalive *
+# keepalive_backoff, so keepalive_backoff = backoff * 2 (EMQ X default 0.75 -> 1.5).
+_backoff = _parser(r"0\.[5-9][0-9]*|[1-9][0-9]*(\.[0-9]+)?", "a number >= 0.5",
+                   lambda m: float(m[0]) * 2)
+
+
+def parse_address(text):
+    """'0.0.0.0:1883', '1883', '[::1]:1883' or '::1:1883' -> (host, port), host default 0.0.0.0."""
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+        host = host if sep else "0.0.0.0"
+    try:
+        if ":" in host or host[:1].isdigit():
+            ipaddress.ip_address(host)
+        elif not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", host):
+            raise ValueError
+        if not re.fullmatch(r"[0-9]+", port) or int(port) > 65535:
+            raise ValueError
+    except ValueError:
+        raise ValueError("expected an address like 0.0.0.0:1883, got %r" % text) from None
+    return host, int(port)
+
+
+def _rewrite_rule(text):
+    """'"x/# ^x/y/(.+)$ z/y/$1"' (quotes optional) -> ('x/#', '^x/y/(.+)$', 'z/y/$1')."""
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        text = text[1:-1]
+    parts = text.split()
+    if len(parts) != 3:
+        raise ValueError("expected '<filter> <regex> <destination>', got %r" % text)
+    try:
+        re.compile(parts[1])
+    except re.error as exc:
+        raise ValueError("bad regex %r: %s" % (parts[1], exc)) from None
+    return tuple(parts)
+
+
+def _fmt_duration(seconds):
+    for unit, size in _DURATION_UNITS.items():
+        n = seconds / size
+        if n == int(n) and (n or unit == "s"):
+            return "%d%s" % (n, unit)
+    return "%rs" % float(seconds)
+
+
+def _fmt_bytesize(size):
+    for unit, scale in _SIZE_UNITS.items():
+        if size and size % scale == 0:
+            return "%d%s" % (size // scale, unit)
+    return "0"
+
+
+def _fmt_address(host, port):
+    return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
+
+
+#: value parser -> formatter for render_config (default: str)
+_FORMAT = {parse_duration: _fmt_duration, parse_bytesize: _fmt_bytesize,
+           parse_bool: lambda v: "true" if v else "false", _backoff: lambda v: repr(v / 2)}
+
+# --- configuration keys ------------------------------------------------------
+
+#: emq.conf key -> (Broker setting, value parser)
+SETTING_KEYS = {
+    "node.name": ("node", _string),
+    "mqtt.allow_anonymous": ("allow_anonymous", parse_bool),
+    "mqtt.acl_nomatch": ("acl_nomatch", _parser("allow|deny", "allow or deny")),
+    "mqtt.acl_file": ("acl_file", _string),
+    "mqtt.max_clientid_len": ("max_clientid_len", parse_int),
+    "mqtt.max_packet_size": ("max_packet_size", parse_bytesize),
+    "mqtt.keepalive_backoff": ("keepalive_backoff", _backoff),
+    "mqtt.client.idle_timeout": ("connect_timeout", parse_duration),
+    "mqtt.session.max_inflight": ("max_inflight", parse_int),
+    "mqtt.session.retry_interval": ("retry_interval", parse_duration),
+    "mqtt.session.max_awaiting_rel": ("max_awaiting_rel", parse_int),
+    "mqtt.session.await_rel_timeout": ("await_rel_timeout", parse_duration),
+    "mqtt.session.expiry_interval": ("session_expiry_interval", parse_duration),
+    "mqtt.mqueue.max_length": ("max_mqueue_len", parse_int),
+    "mqtt.mqueue.store_qos0": ("mqueue_store_qos0", parse_bool),
+    "mqtt.broker.sys_interval": ("sys_interval", parse_duration),
+    # emqx_lite's own keys, for limits EMQ X 2.x does not name in emq.conf:
+    "mqtt.max_topic_length": ("max_topic_length", parse_int),
+    "mqtt.max_topic_levels": ("max_topic_levels", parse_int),
+    "mqtt.max_subscriptions": ("max_subscriptions", parse_int),
+    "mqtt.max_keepalive": ("max_keepalive", parse_int),
+    "mqtt.client.max_outbuf": ("max_outbuf", parse_bytesize),
+    "mqtt.client.send_timeout": ("send_timeout", parse_duration),
+}
+
+_ALL, _TLS = ("tcp", "ssl", "ws", "wss"), ("ssl", "wss")
+#: listener.<type>.<name>.<option> -> (value parser, listener types that take it)
+LISTENER_OPTIONS = {
+    "acceptors": (parse_int, _ALL),
+    "max_clients": (parse_int, _ALL),
+    "keyfile": (_string, _TLS),
+    "certfile": (_string, _TLS),
+    "cacertfile": (_string, _TLS),
+    "verify": (_parser("verify_peer|verify_none", "verify_peer or verify_none"), _TLS),
+    "fail_if_no_peer_cert": (parse_bool, _TLS),
+    "peer_cert_as_username": (_parser("cn|dn", "cn or dn"), _TLS),
+    "mqtt_path": (_mqtt_path, ("ws", "wss")),
+}
+LISTENER_DEFAULTS = dict(dict.fromkeys(LISTENER_OPTIONS), acceptors=1, max_clients=102400)
+
+_LISTENER_KEY = re.compile(r"listener\.(tcp|ssl|ws|wss)\.([A-Za-z0-9_-]+)(?:\.(.+))?")
+_CLIENT_PAIR_KEY = re.compile(r"auth\.client\.([0-9]+)\.(clientid|password)")
+_SUBSCRIPTION_KEY = re.compile(r"module\.subscription\.([0-9]+)\.(topic|qos)")
+_REWRITE_KEY = re.compile(r"module\.rewrite\.rule\.([0-9]+)")
+
+
+def parse_conf(text, filename="<string>"):
+    """emq.conf text -> [(lineno, key, value)].
+
+    As cuttlefish: a comment is a line whose first non-blank character is ``#``;
+    a ``#`` later in a line is part of the value. Blank lines are skipped.
+    """
+    entries = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        m = re.fullmatch(r"([^=\s]+)\s*=\s*(.*)", line)
+        if not m:
+            raise ConfigError("%s:%d: expected 'key = value', got %r" % (filename, lineno, line))
+        entries.append((lineno, m[1], m[2]))
+    return entries
+
+
+def env_overrides(environ, prefix="EMQX_LITE_"):
+    """Configuration entries from environment variables, to append to parse_conf()'s.
+
+    Rule: ``EMQX_LITE_<KEY>`` where ``__`` separates key levels and the key is
+    lowercased: ``EMQX_LITE_MQTT__MAX_PACKET_SIZE=64KB`` sets mqtt.max_packet_size,
+    ``EMQX_LITE_LISTENER__TCP__EXTERNAL=0.0.0.0:1884`` listener.tcp.external.
+    Returns [("$EMQX_LITE_...", key, value)] sorted by variable, so that
+    config_settings() errors name the variable.
+    """
+    entries = []
+    for var in sorted(environ):
+        if var.startswith(prefix):
+            levels = var[len(prefix):].lower().split("__")
+            if not all(levels):
+                raise ConfigError("$%s: expected %sLEVEL__LEVEL..., e.g. %sMQTT__MAX_PACKET_SIZE"
+                                  % (var, prefix, prefix))
+            entries.append(("$" + var, ".".join(levels), environ[var]))
+    return entries
+
+
+def config_settings(entries, filename="<string>"):
+    """[(lineno or "$VAR", key, value)] -> Broker keyword arguments (only those set).
+
+    Later entries win. Besides SETTING_KEYS: ``listener.<tcp|ssl|ws|wss>.<name> =
+    address`` (+ LISTENER_OPTIONS) -> listeners; ``listener.api.mgmt`` ->
+    http_bind/http_port; ``auth.username.<name>`` and ``auth.client.<id>`` (or
+    ``auth.client.<n>.clientid``/``.password``) = password; ``dashboard.default_user.
+    login``/``.password`` -> users; ``module.subscription.<n>.topic``/``.qos`` (default
+    1); ``module.rewrite.rule.<n> = "<filter> <regex> <dest>"``.
+    """
+    settings, addresses, options, pairs, subs, rewrites, user = {}, {}, [], {}, {}, {}, {}
+    for where, key, value in entries:
+        loc = where if isinstance(where, str) else "%s:%d" % (filename, where)
+        try:
+            if key in SETTING_KEYS:
+                name, parse = SETTING_KEYS[key]
+                settings[name] = parse(value)
+            elif key == "listener.api.mgmt":
+                settings["http_bind"], settings["http_port"] = parse_address(value)
+            elif m := _LISTENER_KEY.fullmatch(key):
+                ltype, lname, option = m.groups()
+                if option is None:
+                    addresses[ltype, lname] = parse_address(value)
+                    continue
+                if option not in LISTENER_OPTIONS:
+                    raise ValueError("unknown listener option %r" % option)
+                parse, types = LISTENER_OPTIONS[option]
+                if ltype not in types:
+                    raise ValueError("not an option of %s listeners" % ltype)
+                options.append((loc, key, (ltype, lname), option, parse(value)))
+            elif m := _CLIENT_PAIR_KEY.fullmatch(key):
+                pairs.setdefault(int(m[1]), {})[m[2]] = (loc, key, _string(value))
+            elif key.startswith("auth.client.") and len(key) > 12:
+                settings.setdefault("auth_clientid", {})[key[12:]] = _string(value)
+            elif key.startswith("auth.username.") and len(key) > 14:
+                settings.setdefault("auth_username", {})[key[14:]] = _string(value)
+            elif key in ("dashboard.default_user.login", "dashboard.default_user.password"):
+                user[key[23:]] = _string(value)
+            elif m := _SUBSCRIPTION_KEY.fullmatch(key):
+                sub = subs.setdefault(int(m[1]), {"at": (loc, key)})
+                sub[m[2]] = _qos(value) if m[2] == "qos" else _string(value)
+            elif m := _REWRITE_KEY.fullmatch(key):
+                rewrites[int(m[1])] = _rewrite_rule(value)
+            else:
+                raise ValueError("unknown key")
+        except ValueError as exc:
+            raise ConfigError("%s: %s: %s" % (loc, key, exc)) from None
+    for loc, key, lst, _, _ in options:
+        if lst not in addresses:
+            raise ConfigError("%s: %s: listener.%s.%s has no address line" % ((loc, key) + lst))
+    if addresses:
+        settings["listeners"] = []
+        for (t, n), (host, port) in addresses.items():
+            lst = dict(type=t, name=n, host=host, port=port, **LISTENER_DEFAULTS)
+            lst["mqtt_path"] = "/mqtt" if t in ("ws", "wss") else None
+            lst.update((opt, v) for _, _, at, opt, v in options if at == (t, n))
+            settings["listeners"].append(lst)
+    for n, pair in sorted(pairs.items()):
+        if len(pair) != 2:
+            loc, key, _ = next(iter(pair.values()))
+            raise ConfigError("%s: %s: auth.client.%d needs .clientid and .password"
+                              % (loc, key, n))
+        settings.setdefault("auth_clientid", {})[pair["clientid"][2]] = pair["password"][2]
+    for n, sub in subs.items():
+        if "topic" not in sub:
+            raise ConfigError("%s: %s: module.subscription.%d has no .topic" % (sub["at"] + (n,)))
+    if subs:
+        settings["module_subscription"] = [(s["topic"], s.get("qos", 1))
+                                           for _, s in sorted(subs.items())]
+    if rewrites:
+        settings["module_rewrite"] = [rule for _, rule in sorted(rewrites.items())]
+    if user:
+        settings["users"] = {user.get("login", "admin"): user.get("password", "public")}
+    return settings
+
+
+def render_config(settings):
+    """Settings as emq.conf text (``--print-config``).
+
+    config_settings(parse_conf(render_config(s))) == s for what config_settings
+    returns; settings without an emq.conf key are listed as comments.
+    """
+    out = ["## emqx_lite configuration (EMQ X 2.x emq.conf syntax)", "", "## Broker"]
+    done = {"listeners", "http_bind", "http_port", "users", "auth_username", "auth_clientid",
+            "module_subscription", "module_rewrite"}
+    for key, (name, parse) in SETTING_KEYS.items():
+        if name in settings:
+            done.add(name)
+            value = settings[name]
+            out.append("## %s is not set" % key if value is None
+                       else "%s = %s" % (key, _FORMAT.get(parse, str)(value)))
+    out += ["", "## Authentication and dashboard users"]
+    users = settings.get("users") or {}
+    if len(users) == 1:
+        (login, password), = users.items()
+        out += ["dashboard.default_user.login = " + login,
+                "dashboard.default_user.password = " + password]
+    elif users:
+        out.append("## %d dashboard users: only one can be written here" % len(users))
+    out += ["auth.username.%s = %s" % kv for kv in (settings.get("auth_username") or {}).items()]
+    for n, (client_id, password) in enumerate((settings.get("auth_clientid") or {}).items(), 1):
+        out += ["auth.client.%d.clientid = %s" % (n, client_id),
+                "auth.client.%d.password = %s" % (n, password)]
+    out += ["", "## Modules"]
+    for n, (topic, qos) in enumerate(settings.get("module_subscription") or (), 1):
+        out += ["module.subscription.%d.topic = %s" % (n, topic),
+                "module.subscription.%d.qos = %d" % (n, qos)]
+    for n, rule in enumerate(settings.get("module_rewrite") or (), 1):
+        out.append('module.rewrite.rule.%d = "%s"' % (n, " ".join(rule)))
+    out += ["", "## Listeners"]
+    if settings.get("http_port") is not None:
+        out.append("listener.api.mgmt = " + _fmt_address(settings.get("http_bind") or "0.0.0.0",
+                                                         settings["http_port"]))
+    for lst in settings.get("listeners") or ():
+        prefix = "listener.%s.%s" % (lst["type"], lst["name"])
+        out.append("%s = %s" % (prefix, _fmt_address(lst["host"], lst["port"])))
+        out += ["%s.%s = %s" % (prefix, opt, _FORMAT.get(parse, str)(lst[opt]))
+                for opt, (parse, _) in LISTENER_OPTIONS.items() if lst.get(opt) is not None]
+    rest = [name for name in settings if name not in done]
+    if rest:
+        out += ["", "## Settings without an emq.conf key (Python only):"]
+        out += ["##   %s = %r" % (name, settings[name]) for name in rest]
+    return "\n".join(out) + "\n"
+
+
+# --- ACL (acl.conf) -----------------------------------------------------------
+
+#: EMQ X 2.x's default etc/acl.conf
+DEFAULT_ACL = """\
+%% Allow the "dashboard" user to subscribe to $SYS/#
+{allow, {user, "dashboard"}, subscribe, ["$SYS/#"]}.
+
+%% Allow clients from 127.0.0.1 to publish and subscribe to $SYS/# and #
+{allow, {ipaddr, "127.0.0.1"}, pubsub, ["$SYS/#", "#"]}.
+
+%% Deny everyone else subscribing to $SYS/# and to exactly "#"
+{deny, all, subscribe, ["$SYS/#", {eq, "#"}]}.
+
+%% Allow anything else
+{allow, all}.
+"""
+
+ACL_ACTIONS = ("publish", "subscribe", "pubsub")
+_ACL_TOKEN = re.compile(r"""\s+ | %[^\n]*             # skipped: whitespace, comments
+                           | "(?:[^"\\]|\\.)*"         # string
+                           | '(?:[^'\\]|\\.)*' | [a-z][A-Za-z0-9_@]*   # atom
+                           | [{}\[\],.]""", re.X)
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "s": " ", "e": "\x1b"}
+
+
+class _Atom(str):
+    """An Erlang atom (a plain str is an Erlang string)."""
+
+
+def _acl_tokens(text, filename):
+    """Yield (kind, value, line): kind is atom, string, one of {}[],. or eof."""
+    pos, line = 0, 1
+    while pos < len(text):
+        m = _ACL_TOKEN.match(text, pos)
+        if not m:
+            what = "unterminated quote" if text[pos] in "\"'" else "unexpected %r" % text[pos]
+            raise ConfigError("%s:%d: %s" % (filename, line, what))
+        tok = m[0]
+        if tok[0] in "\"'":
+            body = re.sub(r"\\(.)", lambda e: _ESCAPES.get(e[1], e[1]), tok[1:-1], flags=re.S)
+            yield ("string" if tok[0] == '"' else "atom"), body, line
+        elif tok[0].isalpha():
+            yield "atom", tok, line
+        elif tok[0] in "{}[],.":
+            yield tok, tok, line
+        line, pos = line + tok.count("\n"), m.end()
+    yield "eof", None, line
+
+
+def _acl_terms(text, filename):
+    """Yield (line, term) for each ``Term.``: tuples, lists, str and _Atom."""
+    tokens = list(_acl_tokens(text, filename))
+    pos = 0
+
+    def take(*kinds):
+        nonlocal pos
+        kind, value, line = tokens[pos]
+        if kind not in kinds:
+            got = "end of file" if kind == "eof" else repr(value)
+            raise ConfigError("%s:%d: expected %s, got %s"
+                              % (filename, line, " or ".join(kinds), got))
+        pos += 1
+        return kind, value
+
+    def term():
+        kind, value = take("atom", "string", "{", "[")
+        if kind in ("atom", "string"):
+            return _Atom(value) if kind == "atom" else value
+        close, items = "}" if kind == "{" else "]", []
+        if tokens[pos][0] != close:
+            items.append(term())
+            while take(",", close)[0] == ",":
+                items.append(term())
+        else:
+            take(close)
+        return tuple(items) if kind == "{" else items
+
+    while tokens[pos][0] != "eof":
+        line = tokens[pos][2]
+        value = term()
+        take(".")
+        yield line, value
+
+
+def _acl_who(term):
+    """all | {user, U} | {client, C} | {ipaddr, CIDR} | {'and'|'or', [Who]} -> compiled tuple."""
+    if term == "all" and isinstance(term, _Atom):
+        return ("all",)
+    if isinstance(term, tuple) and len(term) == 2 and isinstance(term[0], _Atom):
+        kind, arg = term
+        if kind in ("user", "client") and isinstance(arg, _Atom) and arg == "all":
+            return ("all",)
+        if kind in ("user", "client") and type(arg) is str:
+            return (str(kind), arg)
+        if kind == "ipaddr" and type(arg) is str:
+            try:
+                return ("ipaddr", ipaddress.ip_network(arg, strict=False))
+            except ValueError:
+                raise ValueError("bad address %r" % arg) from None
+        if kind in ("and", "or") and isinstance(arg, list):
+            return (str(kind), [_acl_who(t) for t in arg])
+    raise ValueError("expected all, {user, U}, {client, C}, {ipaddr, CIDR}, {'and'|'or', [...]}")
+
+
+def _acl_rule(term):
+    """{A, all} | {A, Who, Action, [Topic | {eq, Topic}]} -> (permission, who, action, topics)."""
+    if not (isinstance(term, tuple) and len(term) in (2, 4) and term[0] in ("allow", "deny")
+            and isinstance(term[0], _Atom)):
+        raise ValueError("expected {allow|deny, all} or {allow|deny, Who, Action, Topics}")
+    if len(term) == 2:
+        if term[1] != "all" or not isinstance(term[1], _Atom):
+            raise ValueError("expected {%s, all}" % term[0])
+        return str(term[0]), ("all",), "pubsub", None
+    permission, who, action, topics = term
+    if action not in ACL_ACTIONS or not isinstance(action, _Atom):
+        raise ValueError("expected publish, subscribe or pubsub, got %r" % action)
+    if not isinstance(topics, list):
+        raise ValueError("expected a list of topics")
+    compiled = []
+    for t in topics:
+        if type(t) is str:
+            compiled.append(("filter", t))
+        elif isinstance(t, tuple) and len(t) == 2 and t[0] == "eq" and type(t[1]) is str:
+            compiled.append(("eq", t[1]))
+        else:
+            raise ValueError("expected a topic string or {eq, Topic}, got %r" % (t,))
+    return str(permission), _acl_who(who), str(action), compiled
+
+
+def parse_acl(text, filename="<string>"):
+    """acl.conf text -> [(permission, who, action, topics)] (``topics`` None = any topic).
+
+    ``who`` is ("all",), ("user", name), ("client", id), ("ipaddr", ip_network)
+    or ("and"|"or", [who, ...]); ``topics`` is [("filter"|"eq", topic), ...].
+    """
+    rules = []
+    for line, term in _acl_terms(text, filename):
+        try:
+            rules.append(_acl_rule(term))
+        except ValueError as exc:
+            raise ConfigError("%s:%d: %s" % (filename, line, exc)) from None
+    return rules
+
+
+def _acl_who_matches(who, client_id, username, peer_ip):
+    kind = who[0]
+    if kind in ("and", "or"):
+        results = (_acl_who_matches(w, client_id, username, peer_ip) for w in who[1])
+        return all(results) if kind == "and" else any(results)
+    if kind == "ipaddr":
+        try:
+            addr = ipaddress.ip_address(peer_ip)
+        except ValueError:
+            return False
+        return (getattr(addr, "ipv4_mapped", None) or addr) in who[1]
+    return kind == "all" or (username if kind == "user" else client_id) == who[1]
+
+
+def _acl_topic_matches(kind, rule_topic, topic, client_id, username):
+    """{eq, T} is compared as a string; %u/%c levels are replaced (None never matches)."""
+    if kind == "eq":
+        return topic == rule_topic
+    values, levels = {"%u": username, "%c": client_id}, []
+    for level in rule_topic.split("/"):
+        if level in values:
+            level = values[level]
+            if level is None or re.search(r"[/+#]", level):   # must stay one literal level
+                return False
+        levels.append(level)
+    return topic_matches("/".join(levels), topic)
+
+
+class Acl:
+    """The internal ACL (emqttd_acl_internal): first matching rule wins, else ``nomatch``.
+
+    For subscribe, the subscribed filter is matched as if it were a topic name
+    (EMQ X 2.x: rule "#" matches subscription "a/+"; rule "a/b" does not).
+    """
+
+    def __init__(self, rules, nomatch="allow"):
+        if nomatch not in ("allow", "deny"):
+            raise ValueError("nomatch must be allow or deny, got %r" % nomatch)
+        self.rules, self.nomatch = list(rules), nomatch
+
+    def check(self, action, topic, client_id, username, ipaddress):
+        """True if ``action`` ("publish" or "subscribe") on ``topic`` is allowed."""
+        if action not in ("publish", "subscribe"):
+            raise ValueError("action must be publish or subscribe, got %r" % action)
+        for permission, who, rule_action, topics in self.rules:
+            if rule_action not in (action, "pubsub") \
+                    or not _acl_who_matches(who, client_id, username, ipaddress):
+                continue
+            if topics is None or any(_acl_topic_matches(kind, t, topic, client_id, username)
+                                     for kind, t in topics):
+                return permission == "allow"
+        return self.nomatch == "allow"
+
+    def for_client(self, client_id, username, ipaddress):
+        """The rules that can apply to one client, with its decision cache."""
+        return ClientAcl(self, client_id, username, ipaddress)
+
+
+class ClientAcl:
+    """One client's view of the ACL: only the rules whose ``who`` matches it,
+    and a small cache of decisions (EMQ X's per-client ACL cache, which the
+    REST API's ``clean_acl_cache`` empties)."""
+    CACHE_SIZE = 32
+
+    def __init__(self, acl, client_id, username, ipaddress):
+        self.client_id, self.username = client_id, username
+        self.rules = [(permission == "allow", action, topics)
+                      for permission, who, action, topics in acl.rules
+                      if _acl_who_matches(who, client_id, username, ipaddress)]
+        self.nomatch = acl.nomatch == "allow"
+        self.cache = {}   # (action, topic) -> allowed; only its owner's reader thread fills it
+
+    def check(self, action, topic):
+        key = (action, topic)
+        allowed = self.cache.get(key)
+        if allowed is None:
+            allowed = self.nomatch
+            for allow, rule_action, topics in self.rules:
+                if rule_action in (action, "pubsub") and (topics is None or any(
+                        _acl_topic_matches(kind, t, topic, self.client_id, self.username)
+                        for kind, t in topics)):
+                    allowed = allow
+                    break
+            if len(self.cache) >= self.CACHE_SIZE:
+                self.cache.clear()
+            self.cache[key] = allowed
+        return allowed
+
+
+###############################################################################
 # Broker core #################################################################
 ###############################################################################
 
@@ -1202,9 +1756,10 @@ class BrokerCore:
         self._route_cache = {}   # topic -> ((session, qos), ...); cleared on any subscription change
         self.retainer_enabled = True   # the emqx_retainer plugin
         self.modules_enabled = True    # the emqx_modules plugin (presence, rewrite, subscription)
-        self.rewrite_rules = [(f, __import__("re").compile(r), d)
+        self.rewrite_rules = [(f, re.compile(r), d)
                               for f, r, d in settings["module_rewrite"]]
         self.authenticate = None       # f(client_id, username, password, ip) -> CONNACK rc
+        self.acl = None                # Acl, set by the Broker
         #: guards the registry of per-thread counters (a leaf lock)
         self.counts_lock = threading.Lock()
         self._counters = []      # one dict per thread that has counted something
@@ -1633,6 +2188,7 @@ class Connection:
         self.clean_session = True
         self.will = None
         self.session = None
+        self.acl = None               # ClientAcl once CONNECTed
         self.connected_at = None
         self.opened_at = self.last_recv = time.monotonic()
         self.close_reason = None      # set by whoever decided to close
@@ -1770,6 +2326,7 @@ class Connection:
                 raise ConnectRefused(code, "authentication failed for %r" % client_id)
         self.client_id, self.username = client_id, username
         self.clean_session, self.will = pkt.clean_session, pkt.will
+        self.acl = self.core.acl.for_client(client_id, username, self.peer[0])
         self.connected_at = time.time()
         session, present, old_conn = self.core.connect(self, pkt.clean_session)
         self.session = session
@@ -1789,6 +2346,10 @@ class Connection:
         if pkt.topic.startswith("$SYS/"):
             # Clients may not inject $SYS messages: acknowledged, not routed.
             _log.info("Dropped PUBLISH to %r from %s", pkt.topic, self.client_id)
+        elif not self.acl.check("publish", pkt.topic):
+            # Denied: acknowledged as usual and dropped [MQTT-3.3.5-2].
+            _log.info("ACL denied PUBLISH to %r from %s", pkt.topic, self.client_id)
+            counts["messages/dropped"] += 1
         elif qos == 2:
             state = self.session.await_rel(pkt.packet_id)
             if state == "full":
@@ -1821,7 +2382,13 @@ class Connection:
         self._dirty.add(self.session.pubcomp(pkt.packet_id))
 
     def handle_subscribe(self, pkt, counts):
-        codes, retained = self.core.subscribe(self.session, pkt.topics)
+        check = self.acl.check
+        allowed = [(f, q) for f, q in pkt.topics if check("subscribe", parse_share(f)[1])]
+        codes, retained = self.core.subscribe(self.session, allowed)
+        if len(allowed) < len(pkt.topics):   # a denied filter gets 0x80 [MQTT-3.9.3-2]
+            granted = iter(codes)
+            codes = [next(granted) if check("subscribe", parse_share(f)[1]) else SUBACK_FAILURE
+                     for f, _ in pkt.topics]
         self._send_bytes(encode_suback(pkt.packet_id, codes), SUBACK)
         for msg, qos in retained:
             self.session.deliver(msg, qos, self._outbox, retain=True)
@@ -2353,9 +2920,9 @@ def create_api_blueprint(broker):
     def clean_acl_cache(client_id):
         params(topic=str)
         client_id = _unquote(client_id).split("/")[0]
-        if not any(c["client_id"] == client_id for c in broker.clients()):
+        if not broker.clean_acl_cache(client_id):
             return _json({"code": 112})
-        return ok()   # ACL results are not cached: nothing is stale
+        return ok()
 
     # --- Sessions: nodes/{node}/sessions[/{id}], node/{node}/sessions, sessions/{id} ---
     @rule("/nodes/<node>/sessions", strict_slashes=False)
@@ -2679,8 +3246,15 @@ class Broker:
                                tags="administrator")
         self._default_admin = users is None
         self.authenticate = authenticate
-        self._auth_username = UserTable(self.settings["auth_username"])
-        self._auth_clientid = UserTable(self.settings["auth_clientid"])
+        acl_file = self.settings["acl_file"]
+        if acl_file is None:
+            self.acl = Acl(parse_acl(DEFAULT_ACL, "<default acl.conf>"), self.settings["acl_nomatch"])
+        else:
+            with open(acl_file, encoding="utf-8") as f:
+                self.acl = Acl(parse_acl(f.read(), acl_file), self.settings["acl_nomatch"])
+        # The auth plugins' tables keep salted hashes only: no plain password stays.
+        self._auth_username = UserTable(self.settings.pop("auth_username"))
+        self._auth_clientid = UserTable(self.settings.pop("auth_clientid"))
         #: guards _plugins (a leaf lock)
         self._plugins_lock = threading.Lock()
         self._plugins = dict(PLUGINS_ACTIVE)
@@ -2714,6 +3288,7 @@ class Broker:
             self._stopping = False
             self.core = BrokerCore(self.settings)
             self.core.authenticate = self._authenticate
+            self.core.acl = self.acl
             self._apply_plugins()
             self.listeners = []
             try:
@@ -3045,6 +3620,16 @@ class Broker:
             raise KeyError(client_id)
         core.unsubscribe(session, [topic])
 
+    def clean_acl_cache(self, client_id):
+        """Empty a connected client's ACL decision cache; False if not connected."""
+        core = self._require_started()
+        with core.lock:
+            conn = core.connections.get(client_id)
+        if conn is None:
+            return False
+        conn.acl.cache.clear()
+        return True
+
     def is_connected(self, client_id):
         core = self._require_started()
         with core.lock:
@@ -3093,25 +3678,60 @@ class Broker:
 def _cli_parse(argv):
     parser = argparse.ArgumentParser(
         prog="emqx_lite.py",
-        description="emqx_lite: an MQTT 3.1/3.1.1 broker with the EMQ X 2.x REST API.")
+        description="emqx_lite: an MQTT 3.1/3.1.1 broker with the EMQ X 2.x REST API. "
+                    "Settings come from built-in defaults, then --config, then "
+                    "EMQX_LITE_<KEY> environment variables (EMQX_LITE_MQTT__MAX_PACKET_SIZE=64KB "
+                    "sets mqtt.max_packet_size), then these flags.")
     opt = parser.add_argument
-    opt("--bind", default="0.0.0.0", metavar="ADDR",
-        help="address for the MQTT and REST listeners (default: %(default)s)")
-    opt("--mqtt-port", type=int, default=1883, metavar="N",
-        help="MQTT TCP port; 0 picks a free port (default: %(default)s)")
-    opt("--http-port", type=int, default=8080, metavar="N",
-        help="REST API port; 0 picks a free port, -1 disables the API (default: %(default)s)")
-    opt("--node", default=DEFAULTS["node"], metavar="NAME",
-        help="node name used by the REST API and $SYS topics (default: %(default)s)")
+    opt("--config", metavar="FILE",
+        help="an EMQ X 2.x style emq.conf file (key = value); see --print-config")
+    opt("--print-config", action="store_true",
+        help="print the effective configuration in that format and exit")
+    opt("--bind", metavar="ADDR",
+        help="address for every listener (default: 0.0.0.0)")
+    opt("--mqtt-port", type=int, metavar="N",
+        help="MQTT TCP port; 0 picks a free port (default: 1883)")
+    opt("--http-port", type=int, metavar="N",
+        help="REST API port; 0 picks a free port, -1 disables the API (default: 8080)")
+    opt("--node", metavar="NAME",
+        help="node name used by the REST API and $SYS topics (default: %s)" % DEFAULTS["node"])
     opt("--log-level", default="info",
         choices=("debug", "info", "warning", "error", "critical"),
         help="logging level (default: %(default)s)")
-    opt("--max-packet-size", type=int, default=DEFAULTS["max_packet_size"], metavar="BYTES",
-        help="largest packet accepted (default: %(default)s)")
-    opt("--sys-interval", type=float, default=DEFAULTS["sys_interval"], metavar="SECONDS",
-        help="interval of $SYS stats and metrics messages (default: %(default)s)")
     opt("--version", action="version", version="emqx_lite " + __version__)
     return parser.parse_args(argv)
+
+
+def _cli_settings(args, environ):
+    """Broker keyword arguments: defaults < config file < environment < flags."""
+    entries = []
+    path = args.config or "<environment>"
+    if args.config:
+        with open(args.config, encoding="utf-8") as f:
+            entries = parse_conf(f.read(), args.config)
+    kw = config_settings(entries + env_overrides(environ), path)
+    kw.setdefault("listeners", [{"type": "tcp", "name": "external", "host": "0.0.0.0",
+                                 "port": 1883}])
+    kw.setdefault("http_bind", "0.0.0.0")
+    kw.setdefault("http_port", 8080)
+    if args.bind is not None:
+        kw["http_bind"] = args.bind
+        for listener in kw["listeners"]:
+            listener["host"] = args.bind
+    if args.mqtt_port is not None:
+        tcp = [lst for lst in kw["listeners"] if lst["type"] == "tcp"]
+        if tcp:
+            tcp[0]["port"] = args.mqtt_port
+        else:
+            kw["listeners"].insert(0, {"type": "tcp", "name": "external",
+                                       "host": kw["http_bind"], "port": args.mqtt_port})
+    if args.http_port is not None:
+        kw["http_port"] = args.http_port
+    if kw["http_port"] is not None and kw["http_port"] < 0:
+        kw["http_port"] = None
+    if args.node is not None:
+        kw["node"] = args.node
+    return kw
 
 
 def main(argv=None):
@@ -3119,16 +3739,18 @@ def main(argv=None):
     args = _cli_parse(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    stop = threading.Event()
-    broker = Broker(args.bind, args.mqtt_port,
-                    None if args.http_port < 0 else args.http_port,
-                    node=args.node, max_packet_size=args.max_packet_size,
-                    sys_interval=args.sys_interval)
     try:
+        kw = _cli_settings(args, os.environ)
+        if args.print_config:
+            effective = dict(DEFAULTS, **{k: v for k, v in kw.items()})
+            sys.stdout.write(render_config(effective))
+            return 0
+        broker = Broker(**kw)
         broker.start()
-    except OSError as exc:
+    except (ConfigError, OSError, ValueError) as exc:
         _log.error("cannot start: %s", exc)
         return 1
+    stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     try:
