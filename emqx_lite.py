@@ -29,7 +29,7 @@ Architecture
                  +----------------->| BrokerCore: sessions, router trie,|
                                     | retained store, stats (one lock)  |
                                     +-----------------------------------+
-                                          | Session.deliver(msg, qos, outbox)
+                                          | Session.deliver(msg, qos, pending)
                                           v
                                     Session (inflight, mqueue) -> Connection
                                     outbound buffer -> one non-blocking send
@@ -855,16 +855,19 @@ class Message:
         return head, self.payload
 
 
-class Outbox(dict):
-    """PUBLISH packets one thread has routed but not yet written:
-    Connection -> list of byte chunks. Owned by that thread only; ``flush()``
-    writes each connection's share with one lock round trip and one send.
+class FlushSet(set):
+    """The connections one thread has appended packets to and must flush.
+
+    Routing appends each PUBLISH to its target's buffer at once, under the
+    session lock, so every client receives its messages in the order they
+    were assigned [MQTT-4.6.0-6]; only the send is deferred, so a batch of
+    messages for one client leaves in one write. Owned by one thread.
     """
     __slots__ = ()
 
     def flush(self):
-        for conn, chunks in self.items():
-            conn.write(chunks)
+        for conn in self:
+            conn.flush()
         self.clear()
 
 
@@ -895,8 +898,9 @@ class Session:
         self.disconnected_at = None      # set while a persistent session is offline
 
     # --- delivery (called by any thread routing a message) -----------------
-    def deliver(self, msg, qos, outbox, retain=False):
-        """Send (into ``outbox``) or queue one message at ``qos``."""
+    def deliver(self, msg, qos, pending, retain=False):
+        """Send or queue one message at ``qos``; a connection written to is
+        added to ``pending`` (a FlushSet) for the caller to flush."""
         s = self.core.settings
         with self.lock:
             conn = self.conn
@@ -904,14 +908,16 @@ class Session:
                 self._enqueue_locked(msg, qos, retain)
             elif qos == 0:
                 if conn.out_bytes < s["max_outbuf"]:
-                    self._send_publish_locked(conn, msg, 0, retain, outbox=outbox)
+                    self._send_publish_locked(conn, msg, 0, retain)
+                    pending.add(conn)
                 else:
                     self.core.counts()["messages/dropped"] += 1
             elif (self.mqueue or len(self.inflight) >= s["max_inflight"]
                     or conn.out_bytes >= s["max_outbuf"]):
                 self._enqueue_locked(msg, qos, retain)
             else:
-                self._send_publish_locked(conn, msg, qos, retain, outbox=outbox)
+                self._send_publish_locked(conn, msg, qos, retain)
+                pending.add(conn)
 
     def _enqueue_locked(self, msg, qos, retain):
         s = self.core.settings
@@ -926,23 +932,13 @@ class Session:
         self.mqueue.append((msg, qos, retain))
         self.enqueue_msg += 1
 
-    def _send_publish_locked(self, conn, msg, qos, retain, dup=False, packet_id=None,
-                             outbox=None):
-        """Encode one PUBLISH for ``conn``: into ``outbox`` when given, else
-        straight into the connection's buffer (the caller flushes)."""
+    def _send_publish_locked(self, conn, msg, qos, retain, dup=False, packet_id=None):
+        """Append one PUBLISH to ``conn``'s buffer (the caller flushes)."""
         if qos and packet_id is None:
             packet_id = self._packet_id_locked()
             self.inflight[packet_id] = [msg, qos, WAIT_ACK, time.monotonic()]
         self.deliver_msg += 1
-        chunks = msg.chunks(qos, retain, dup, packet_id)
-        if outbox is None:
-            conn.write(chunks, flush=False)
-        else:
-            pending = outbox.get(conn)
-            if pending is None:
-                outbox[conn] = list(chunks)
-            else:
-                pending.extend(chunks)
+        conn.write(msg.chunks(qos, retain, dup, packet_id), flush=False)
         if not msg.sys:   # $SYS messages are not counted (EMQ X)
             counts = self.core.counts()
             counts["packets/publish/sent"] += 1
@@ -1953,10 +1949,11 @@ class BrokerCore:
         return topic
 
     # --- publishing ------------------------------------------------------------
-    def publish(self, msg, outbox):
+    def publish(self, msg, pending):
         """Route one message: store/clear it if retained, then deliver a copy to
         every matching session at min(msg QoS, granted QoS) [MQTT-3.8.4-6],
-        encoded into ``outbox`` for the caller to flush.
+        appended to their buffers; ``pending`` collects them for the caller
+        to flush.
 
         This is the one routing path for MQTT PUBLISH, wills, $SYS, REST and
         the Python API. Match results are cached per topic until the next
@@ -1988,7 +1985,7 @@ class BrokerCore:
             return
         qos = msg.qos
         for session, granted in targets:
-            session.deliver(msg, qos if qos < granted else granted, outbox)
+            session.deliver(msg, qos if qos < granted else granted, pending)
 
     # --- snapshots for the REST and Python APIs --------------------------------
     def client_infos(self):
@@ -2202,8 +2199,7 @@ class Connection:
         self._blocked = False         # the socket buffer is full; the service thread finishes
         self.blocked_since = None
         self._closed = False
-        self._outbox = Outbox()       # PUBLISH packets this reader routed in its batch
-        self._dirty = set()           # other connections this reader must flush after its batch
+        self._pending = FlushSet()    # connections this reader wrote to in its batch
         self._disconnecting = False
 
     def __repr__(self):
@@ -2271,20 +2267,15 @@ class Connection:
                 self.handle_packet(buf[pos], buf[start:stop], counts)
                 pos = stop
                 if self._disconnecting:
-                    self._flush_dirty()
+                    self._flush_batch()
                     return
             buf = buf[pos:] if pos else buf
-            self._flush_dirty()
+            self._flush_batch()
 
-    def _flush_dirty(self):
+    def _flush_batch(self):
         """End of a batch: one write per touched connection, this one included."""
-        if self._outbox:
-            self._outbox.flush()
-        dirty = self._dirty
-        while dirty:
-            conn = dirty.pop()
-            if conn is not None and conn is not self:
-                conn.flush()
+        if self._pending:
+            self._pending.flush()
         self.flush()
 
     def handle_packet(self, first_byte, body, counts):
@@ -2335,7 +2326,7 @@ class Connection:
         _log.debug("Received CONNECT from %s (p%d, c%d, k%d)", client_id,
                    pkt.proto_ver, pkt.clean_session, pkt.keepalive)
         self._send_bytes(encode_connack(present, CONNACK_ACCEPTED), CONNACK)
-        self._dirty.add(session.attach(self))
+        session.attach(self)   # writes to this connection, flushed after the batch
         self.broker._client_connected(self)
 
     def handle_publish(self, pkt, counts):
@@ -2357,17 +2348,17 @@ class Connection:
                 return  # no PUBREC: the client resends later
             if state == "new":
                 self.core.publish(Message(pkt.topic, pkt.payload, 2, pkt.retain,
-                                          self.client_id), self._outbox)
+                                          self.client_id), self._pending)
         else:
             self.core.publish(Message(pkt.topic, pkt.payload, qos, pkt.retain,
-                                      self.client_id), self._outbox)
+                                      self.client_id), self._pending)
         if qos == 1:
             self.send_ack(PUBACK, pkt.packet_id)
         elif qos == 2:
             self.send_ack(PUBREC, pkt.packet_id)
 
     def handle_puback(self, pkt, counts):
-        self._dirty.add(self.session.puback(pkt.packet_id))
+        self.session.puback(pkt.packet_id)   # may send queued messages to this client
 
     def handle_pubrec(self, pkt, counts):
         if self.session.pubrec(pkt.packet_id):
@@ -2379,7 +2370,7 @@ class Connection:
         self.send_ack(PUBCOMP, pkt.packet_id)   # always answered [MQTT-4.3.3-1]
 
     def handle_pubcomp(self, pkt, counts):
-        self._dirty.add(self.session.pubcomp(pkt.packet_id))
+        self.session.pubcomp(pkt.packet_id)
 
     def handle_subscribe(self, pkt, counts):
         check = self.acl.check
@@ -2391,7 +2382,7 @@ class Connection:
                      for f, _ in pkt.topics]
         self._send_bytes(encode_suback(pkt.packet_id, codes), SUBACK)
         for msg, qos in retained:
-            self.session.deliver(msg, qos, self._outbox, retain=True)
+            self.session.deliver(msg, qos, self._pending, retain=True)
 
     def handle_unsubscribe(self, pkt, counts):
         self.core.unsubscribe(self.session, pkt.topics)
@@ -2520,10 +2511,10 @@ class Connection:
         if self.will is not None and reason != "shutdown":
             will = self.will
             self.will = None
-            outbox = Outbox()
+            pending = FlushSet()
             self.core.publish(Message(will.topic, will.payload, will.qos, will.retain,
-                                      self.client_id), outbox)
-            outbox.flush()
+                                      self.client_id), pending)
+            pending.flush()
         self.core.disconnect(self)
         self.session.detach(self)
         self.broker._client_disconnected(self, reason)
@@ -3522,10 +3513,10 @@ class Broker:
     # --- $SYS (emqttd_broker, emqttd_stats, emqttd_metrics, emq_mod_presence) -----------------
     def _sys_publish(self, name, payload, retain=False, qos=0):
         topic = "$SYS/brokers/%s/%s" % (self.node, name) if name else "$SYS/brokers"
-        outbox = Outbox()
+        pending = FlushSet()
         self.core.publish(Message(topic, payload.encode("utf-8"), qos, retain, None, sys=True),
-                          outbox)
-        outbox.flush()
+                          pending)
+        pending.flush()
 
     def _publish_sys_retained(self):
         self._sys_publish(None, self.node, retain=True)
@@ -3561,10 +3552,10 @@ class Broker:
         if topics:
             # As EMQ X's emq_mod_subscription: no SUBACK; retained messages are sent.
             codes, retained = self.core.subscribe(conn.session, topics)
-            outbox = Outbox()
+            pending = FlushSet()
             for msg, qos in retained:
-                conn.session.deliver(msg, qos, outbox, retain=True)
-            outbox.flush()
+                conn.session.deliver(msg, qos, pending, retain=True)
+            pending.flush()
 
     def _client_disconnected(self, conn, reason):
         if self.core.modules_enabled and reason != "conflict":
@@ -3590,9 +3581,9 @@ class Broker:
             validate_topic_name(topic)
         except MalformedPacket as exc:
             raise ValueError(str(exc)) from None
-        outbox = Outbox()
-        core.publish(Message(topic, bytes(payload), qos, bool(retain), client_id), outbox)
-        outbox.flush()
+        pending = FlushSet()
+        core.publish(Message(topic, bytes(payload), qos, bool(retain), client_id), pending)
+        pending.flush()
 
     def subscribe(self, client_id, topic, qos=0):
         """Subscribe an existing session on its client's behalf (no SUBACK);
@@ -3607,10 +3598,10 @@ class Broker:
         codes, retained = core.subscribe(session, [(topic, qos)])
         if codes[0] == SUBACK_FAILURE:
             raise ValueError("invalid topic filter %r" % topic)
-        outbox = Outbox()
+        pending = FlushSet()
         for msg, q in retained:
-            session.deliver(msg, q, outbox, retain=True)
-        outbox.flush()
+            session.deliver(msg, q, pending, retain=True)
+        pending.flush()
 
     def unsubscribe(self, client_id, topic):
         core = self._require_started()

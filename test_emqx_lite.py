@@ -1,0 +1,4264 @@
+"""pytest suite for emqx_lite: the MQTT 3.1 / 3.1.1 broker, its listeners,
+configuration and ACL, and its EMQ X 2.x REST API.
+
+Normative statements are cited as [MQTT-x.y.z-n] (MQTT 3.1.1, OASIS standard).
+Wire bytes are produced by the independent builders below (never by emqx_lite's
+own encoder) so that the tests check the broker against the specification and
+not against itself. REST tests go over real HTTP to the broker's waitress server.
+"""
+
+import base64
+import ipaddress
+import json
+import os
+import queue
+import random
+import re
+import signal
+import socket
+import ssl
+import threading
+import time
+import urllib.request
+
+import pytest
+import paho.mqtt.client as paho
+
+import emqx_lite
+from emqx_lite import (DEFAULT_ACL, LISTENER_DEFAULTS, SETTING_KEYS, Acl, ConfigError,
+                       config_settings, env_overrides, parse_acl, parse_address, parse_bool,
+                       parse_bytesize, parse_conf, parse_duration, parse_int, render_config)
+
+HOST = "127.0.0.1"
+TIMEOUT = 5.0
+
+# Packet types (MQTT 3.1.1 section 2.2.1), written out independently.
+CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 2, 3, 4, 5, 6, 7
+SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK, PINGREQ, PINGRESP, DISCONNECT = 8, 9, 10, 11, 12, 13, 14
+
+PROTOS = [pytest.param(3, id="mqtt31"), pytest.param(4, id="mqtt311")]
+#: parametrize a test over MQTT 3.1 (MQIsdp, level 3) and 3.1.1 (MQTT, level 4)
+both = pytest.mark.parametrize("proto", PROTOS)
+
+
+###############################################################################
+# Independent byte builders
+###############################################################################
+
+def enc_varint(n):
+    out = bytearray()
+    while True:
+        n, digit = divmod(n, 128)
+        if n:
+            out.append(digit | 0x80)
+        else:
+            out.append(digit)
+            return bytes(out)
+
+
+def enc_bytes(b):
+    return len(b).to_bytes(2, "big") + b
+
+
+def enc_str(s):
+    return enc_bytes(s.encode("utf-8") if isinstance(s, str) else s)
+
+
+def packet(first_byte, body=b""):
+    return bytes((first_byte,)) + enc_varint(len(body)) + body
+
+
+def gen_connect(client_id="raw", clean=True, keepalive=60, proto=4, will=None,
+                username=None, password=None, proto_name=None, extra_flags=0):
+    """will = (topic, payload, qos, retain). client_id may be bytes (raw)."""
+    if proto_name is None:
+        proto_name = "MQIsdp" if proto == 3 else "MQTT"
+    flags = (0x02 if clean else 0) | extra_flags
+    payload = enc_str(client_id)
+    if will is not None:
+        wtopic, wpayload, wqos, wretain = will
+        flags |= 0x04 | (wqos << 3) | (0x20 if wretain else 0)
+        payload += enc_str(wtopic) + enc_bytes(wpayload)
+    if username is not None:
+        flags |= 0x80
+        payload += enc_str(username)
+    if password is not None:
+        flags |= 0x40
+        payload += enc_bytes(password)
+    body = enc_str(proto_name) + bytes((proto, flags)) + keepalive.to_bytes(2, "big") + payload
+    return packet(0x10, body)
+
+
+def gen_publish(topic, payload=b"", qos=0, pid=None, retain=False, dup=False):
+    if isinstance(payload, str):
+        payload = payload.encode()
+    first = 0x30 | (0x08 if dup else 0) | (qos << 1) | (0x01 if retain else 0)
+    body = enc_str(topic)
+    if qos:
+        body += (pid if pid is not None else 1).to_bytes(2, "big")
+    return packet(first, body + payload)
+
+
+def gen_subscribe(pid, topics, flags=0x02):
+    """topics: [(filter, qos)]."""
+    body = pid.to_bytes(2, "big") + b"".join(enc_str(t) + bytes((q,)) for t, q in topics)
+    return packet(0x80 | flags, body)
+
+
+def gen_unsubscribe(pid, topics, flags=0x02):
+    body = pid.to_bytes(2, "big") + b"".join(enc_str(t) for t in topics)
+    return packet(0xA0 | flags, body)
+
+
+def gen_ack(ptype, pid, flags=0):
+    return packet(ptype << 4 | flags, pid.to_bytes(2, "big"))
+
+
+def gen_puback(pid):
+    return gen_ack(PUBACK, pid)
+
+
+def gen_pubrec(pid):
+    return gen_ack(PUBREC, pid)
+
+
+def gen_pubrel(pid, flags=0x02):
+    return gen_ack(PUBREL, pid, flags)
+
+
+def gen_pubcomp(pid):
+    return gen_ack(PUBCOMP, pid)
+
+
+def gen_pingreq():
+    return b"\xc0\x00"
+
+
+def gen_disconnect():
+    return b"\xe0\x00"
+
+
+def parse_publish(flags, body):
+    """-> dict(topic, payload, qos, retain, dup, pid)."""
+    tlen = int.from_bytes(body[:2], "big")
+    topic = body[2:2 + tlen].decode("utf-8")
+    pos = 2 + tlen
+    qos = (flags >> 1) & 3
+    pid = None
+    if qos:
+        pid = int.from_bytes(body[pos:pos + 2], "big")
+        pos += 2
+    return {"topic": topic, "payload": bytes(body[pos:]), "qos": qos,
+            "retain": bool(flags & 1), "dup": bool(flags & 8), "pid": pid}
+
+
+###############################################################################
+# Helpers
+###############################################################################
+
+def wait_until(pred, timeout=TIMEOUT, interval=0.01):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+class RawClient:
+    """A bare TCP MQTT client driven byte by byte."""
+
+    def __init__(self, port, timeout=TIMEOUT):
+        self.sock = socket.create_connection((HOST, port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = b""
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def _fill(self, n):
+        while len(self.buf) < n:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("closed by broker")
+            self.buf += data
+
+    def read_packet(self, timeout=None):
+        """-> (type, flags, body)."""
+        if timeout is not None:
+            self.sock.settimeout(timeout)
+        try:
+            self._fill(2)
+            mult, value, i = 1, 0, 1
+            while True:
+                self._fill(i + 1)
+                byte = self.buf[i]
+                value += (byte & 0x7F) * mult
+                mult *= 128
+                i += 1
+                if not byte & 0x80:
+                    break
+            self._fill(i + value)
+            first = self.buf[0]
+            body = self.buf[i:i + value]
+            self.buf = self.buf[i + value:]
+            return first >> 4, first & 0x0F, body
+        finally:
+            if timeout is not None:
+                self.sock.settimeout(TIMEOUT)
+
+    def read_publish(self, timeout=None):
+        ptype, flags, body = self.read_packet(timeout)
+        assert ptype == PUBLISH, (ptype, flags, body)
+        return parse_publish(flags, body)
+
+    def expect_nothing(self, timeout=0.3):
+        """Assert no packet arrives within timeout."""
+        self.sock.settimeout(timeout)
+        try:
+            if self.buf:
+                raise AssertionError("unexpected bytes %r" % self.buf)
+            data = self.sock.recv(65536)
+        except socket.timeout:
+            return
+        finally:
+            self.sock.settimeout(TIMEOUT)
+        raise AssertionError("unexpected data %r" % data)
+
+    def connect(self, client_id="raw", **kw):
+        """Send CONNECT, return (session_present, return_code)."""
+        self.send(gen_connect(client_id, **kw))
+        ptype, flags, body = self.read_packet()
+        assert (ptype, flags, len(body)) == (CONNACK, 0, 2), (ptype, flags, body)
+        return body[0], body[1]
+
+    def subscribe(self, topics, pid=1):
+        self.send(gen_subscribe(pid, topics))
+        ptype, flags, body = self.read_packet()
+        assert (ptype, flags) == (SUBACK, 0)
+        assert int.from_bytes(body[:2], "big") == pid
+        return list(body[2:])
+
+    def expect_closed(self, timeout=TIMEOUT, strict=True):
+        """True when the broker closes the connection within timeout.
+
+        strict: the broker must send nothing more before closing (an
+        unexpected packet raises AssertionError)."""
+        if strict and self.buf:
+            raise AssertionError("unexpected bytes before close: %r" % self.buf[:50])
+        self.sock.settimeout(timeout)
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+                data = self.sock.recv(65536)
+                if not data:
+                    return True
+                if strict:
+                    raise AssertionError("unexpected bytes before close: %r" % data[:50])
+        except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
+            return True
+        except socket.timeout:
+            return False
+        finally:
+            try:
+                self.sock.settimeout(TIMEOUT)
+            except OSError:
+                pass
+        return False
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class PahoClient:
+    """paho client whose callbacks feed queues."""
+
+    def __init__(self, port, client_id="", proto=4, clean_session=True, will=None,
+                 keepalive=60, connect=True, username=None, password=None,
+                 max_inflight=None):
+        self.port = port
+        self.messages = queue.Queue()
+        self.connacks = queue.Queue()
+        self.subacks = queue.Queue()
+        self.unsubacks = queue.Queue()
+        self.published = queue.Queue()
+        self.disconnects = queue.Queue()
+        protocol = paho.MQTTv311 if proto == 4 else paho.MQTTv31
+        kw = {}
+        if protocol != paho.MQTTv5:
+            kw["clean_session"] = clean_session
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
+                                  protocol=protocol, **kw)
+        self.client.on_connect = lambda c, u, f, rc, p: self.connacks.put((f.session_present, str(rc)))
+        self.client.on_message = lambda c, u, m: self.messages.put(m)
+        self.client.on_subscribe = lambda c, u, mid, rcs, p: self.subacks.put((mid, rcs))
+        self.client.on_unsubscribe = lambda c, u, mid, rcs, p: self.unsubacks.put(mid)
+        self.client.on_publish = lambda c, u, mid, rc, p: self.published.put(mid)
+        self.client.on_disconnect = lambda c, u, f, rc, p: self.disconnects.put(str(rc))
+        if will is not None:
+            topic, payload, qos, retain = will
+            self.client.will_set(topic, payload, qos, retain)
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        if max_inflight is not None:
+            # paho sends queued messages from its network thread and new ones
+            # from the caller's thread: with a full window it can reorder them.
+            self.client.max_inflight_messages_set(max_inflight)
+        self.keepalive = keepalive
+        self.session_present = None
+        if connect:
+            self.connect()
+
+    def connect(self):
+        self.client.connect(HOST, self.port, keepalive=self.keepalive)
+        self.client.loop_start()
+        self.session_present, rc = self.connacks.get(timeout=TIMEOUT)
+        assert rc == "Success", rc
+        return self.session_present
+
+    def subscribe(self, topic, qos=0):
+        """topic may be a list of (topic, qos); waits for SUBACK, returns codes."""
+        if isinstance(topic, list):
+            _, mid = self.client.subscribe(topic)
+        else:
+            _, mid = self.client.subscribe(topic, qos)
+        got_mid, rcs = self.subacks.get(timeout=TIMEOUT)
+        assert got_mid == mid
+        return [r.value if hasattr(r, "value") else r for r in rcs]
+
+    def unsubscribe(self, topic):
+        _, mid = self.client.unsubscribe(topic)
+        assert self.unsubacks.get(timeout=TIMEOUT) == mid
+
+    def publish(self, topic, payload=b"", qos=0, retain=False, wait=True):
+        info = self.client.publish(topic, payload, qos, retain)
+        if wait and qos:
+            info.wait_for_publish(TIMEOUT)
+            assert info.is_published()
+        return info
+
+    def get(self, timeout=TIMEOUT):
+        return self.messages.get(timeout=timeout)
+
+    def expect_nothing(self, timeout=0.3):
+        try:
+            msg = self.messages.get(timeout=timeout)
+        except queue.Empty:
+            return
+        raise AssertionError("unexpected message %s %r" % (msg.topic, msg.payload))
+
+    def drain(self):
+        out = []
+        while True:
+            try:
+                out.append(self.messages.get_nowait())
+            except queue.Empty:
+                return out
+
+    def disconnect(self):
+        try:
+            self.client.disconnect()
+        finally:
+            self.client.loop_stop()
+
+
+def roundtrip(broker, client_factory, topic="health/check"):
+    """A paho subscriber + publisher pair still works on this broker."""
+    sub = client_factory(client_id="health-sub-%d" % random.randrange(1 << 30))
+    sub.subscribe(topic, 1)
+    pub = client_factory(client_id="health-pub-%d" % random.randrange(1 << 30))
+    pub.publish(topic, b"alive", qos=1)
+    msg = sub.get()
+    assert (msg.topic, msg.payload) == (topic, b"alive")
+
+
+###############################################################################
+# Fixtures
+###############################################################################
+
+@pytest.fixture
+def make_broker():
+    brokers = []
+
+    def factory(**settings):
+        b = emqx_lite.Broker(HOST, mqtt_port=0, http_port=None, **settings)
+        b.start()
+        brokers.append(b)
+        return b
+
+    yield factory
+    for b in brokers:
+        b.stop()
+
+
+@pytest.fixture
+def broker(make_broker):
+    return make_broker()
+
+
+@pytest.fixture
+def client(broker):
+    """client(client_id=..., proto=4, clean_session=True, will=None, port=None)."""
+    made = []
+
+    def factory(client_id="", port=None, **kw):
+        c = PahoClient(port or broker.mqtt_port, client_id, **kw)
+        made.append(c)
+        return c
+
+    yield factory
+    for c in made:
+        try:
+            c.disconnect()
+        except Exception:
+            pass
+
+
+@pytest.fixture
+def raw(broker):
+    """raw(port=None) -> RawClient."""
+    made = []
+
+    def factory(port=None):
+        r = RawClient(port or broker.mqtt_port)
+        made.append(r)
+        return r
+
+    yield factory
+    for r in made:
+        r.close()
+
+
+@pytest.fixture
+def health(broker, client):
+    """A healthy paho pair connected before a bad client shows up; check() proves
+    the broker still routes for it afterwards."""
+    sub = client(client_id="healthy-sub")
+    sub.subscribe("health/#", 1)
+    pub = client(client_id="healthy-pub")
+
+    class Health:
+        def check(self, n=[0]):
+            n[0] += 1
+            payload = b"ping-%d" % n[0]
+            pub.publish("health/x", payload, qos=1)
+            msg = sub.get()
+            assert (msg.topic, msg.payload) == ("health/x", payload)
+
+    h = Health()
+    h.check()
+    return h
+
+
+
+###############################################################################
+# 01 CONNECT
+###############################################################################
+
+class Test01Connect:
+
+    @both
+    def test_connack_accepted_bytes(self, raw, proto):
+        r = raw()
+        r.send(gen_connect("c1", proto=proto))
+        assert r.read_packet() == (CONNACK, 0, b"\x00\x00")
+
+    @both
+    def test_paho_connects_and_is_listed(self, client, broker, proto):
+        c = client(client_id="paho1", proto=proto, keepalive=30)
+        assert c.session_present is False
+        infos = wait_until(lambda: broker.clients())
+        assert [i["client_id"] for i in infos] == ["paho1"]
+        info = infos[0]
+        assert info["proto_ver"] == proto
+        assert info["username"] is None
+        assert info["ipaddress"] == HOST
+        assert info["keepalive"] == 30
+        assert info["clean_sess"] is True
+        assert isinstance(info["port"], int) and info["port"] > 0
+        assert abs(info["connected_at"] - time.time()) < 60
+
+    def test_username_is_reported(self, raw, broker):
+        r = raw()
+        assert r.connect("user1", username="alice", password=b"pw") == (0, 0)
+        assert [c["username"] for c in broker.clients()] == ["alice"]
+
+    @both
+    def test_first_packet_must_be_connect(self, raw, proto):
+        """[MQTT-3.1.0-1] a packet before CONNECT closes the connection."""
+        r = raw()
+        r.send(gen_pingreq())
+        assert r.expect_closed()
+
+    def test_first_packet_publish_is_not_routed(self, raw, client):
+        """[MQTT-3.1.0-1] a PUBLISH before CONNECT is not processed."""
+        sub = client(client_id="watch")
+        sub.subscribe("early", 0)
+        r = raw()
+        r.send(gen_publish("early", b"x"))
+        assert r.expect_closed()
+        sub.expect_nothing(0.2)
+
+    @both
+    def test_second_connect_is_protocol_violation(self, raw, broker, proto):
+        """[MQTT-3.1.0-2] a second CONNECT closes the connection."""
+        r = raw()
+        assert r.connect("twice", proto=proto) == (0, 0)
+        r.send(gen_connect("twice", proto=proto))
+        assert r.expect_closed()
+        assert wait_until(lambda: not broker.clients())
+
+    def test_bad_protocol_name(self, raw):
+        """[MQTT-3.1.2-1] an unknown protocol name: the server MAY disconnect
+        without CONNACK."""
+        r = raw()
+        r.send(gen_connect("bad", proto=4, proto_name="MQTX"))
+        assert r.expect_closed()
+
+    @pytest.mark.parametrize("level", [0, 1, 2, 5, 6, 255])
+    def test_unsupported_level_gets_connack_1(self, raw, broker, level):
+        """[MQTT-3.1.2-2] an unsupported protocol level gets CONNACK 0x01 and
+        the connection is closed."""
+        r = raw()
+        r.send(gen_connect("lvl", proto=level, proto_name="MQTT"))
+        assert r.read_packet() == (CONNACK, 0, b"\x00\x01")
+        assert r.expect_closed()
+        assert broker.clients() == []
+
+    @both
+    def test_reserved_flag_must_be_zero(self, raw, proto):
+        """[MQTT-3.1.2-3] the reserved CONNECT flag must be 0."""
+        r = raw()
+        r.send(gen_connect("rsv", proto=proto, extra_flags=0x01))
+        assert r.expect_closed()
+
+    @both
+    @pytest.mark.parametrize("flags", [0x08, 0x10, 0x18], ids=["q1", "q2", "q3"])
+    def test_will_qos_without_will_flag(self, raw, proto, flags):
+        """[MQTT-3.1.2-13] will flag 0 requires will QoS 0."""
+        r = raw()
+        r.send(gen_connect("wq", proto=proto, extra_flags=flags))
+        assert r.expect_closed()
+
+    @both
+    def test_will_qos_3_is_invalid(self, raw, proto):
+        """[MQTT-3.1.2-14] will QoS 3 is a protocol violation."""
+        r = raw()
+        r.send(gen_connect("wq3", proto=proto, will=("w", b"x", 3, False)))
+        assert r.expect_closed()
+
+    @both
+    def test_will_retain_without_will_flag(self, raw, proto):
+        """[MQTT-3.1.2-15] will flag 0 requires will retain 0."""
+        r = raw()
+        r.send(gen_connect("wr", proto=proto, extra_flags=0x20))
+        assert r.expect_closed()
+
+    def test_password_without_username(self, raw):
+        """[MQTT-3.1.2-22] the password flag requires the username flag."""
+        r = raw()
+        body = (enc_str("MQTT") + bytes((4, 0x42)) + (60).to_bytes(2, "big")
+                + enc_str("pw") + enc_bytes(b"secret"))
+        r.send(packet(0x10, body))
+        assert r.expect_closed()
+
+    def test_empty_client_id_gets_assigned_id(self, raw, broker):
+        """[MQTT-3.1.3-6] a zero-length client id with clean session 1 is
+        accepted and the server assigns a unique id."""
+        r1, r2 = raw(), raw()
+        assert r1.connect("", clean=True) == (0, 0)
+        assert r2.connect("", clean=True) == (0, 0)
+        ids = [c["client_id"] for c in wait_until(lambda: len(broker.clients()) == 2 and broker.clients())]
+        assert len(set(ids)) == 2 and all(ids)
+
+    def test_empty_client_id_paho(self, client, broker):
+        """[MQTT-3.1.3-6] paho with client_id='' gets an assigned id."""
+        c = client(client_id="")
+        c.subscribe("anon", 0)
+        broker.publish("anon", b"hi")
+        assert c.get().payload == b"hi"
+
+    def test_empty_client_id_persistent_rejected(self, raw, broker):
+        """[MQTT-3.1.3-8] zero-length client id with clean session 0 gets
+        CONNACK 0x02 and the connection is closed."""
+        r = raw()
+        r.send(gen_connect("", clean=False))
+        assert r.read_packet() == (CONNACK, 0, b"\x00\x02")
+        assert r.expect_closed()
+        assert broker.sessions() == []
+
+    def test_empty_client_id_mqtt31_rejected(self, raw):
+        """MQTT 3.1 requires a 1-23 character client id: 0x02 (identifier rejected)."""
+        r = raw()
+        r.send(gen_connect("", proto=3, clean=True))
+        assert r.read_packet() == (CONNACK, 0, b"\x00\x02")
+        assert r.expect_closed()
+
+    def test_long_client_id_accepted(self, raw, broker):
+        """3.1.1: the server MAY allow client ids longer than 23 characters."""
+        cid = "x" * 200
+        r = raw()
+        assert r.connect(cid) == (0, 0)
+        assert broker.clients()[0]["client_id"] == cid
+
+    def test_max_clientid_len(self, make_broker):
+        b = make_broker(max_clientid_len=8)
+        r = RawClient(b.mqtt_port)
+        try:
+            r.send(gen_connect("123456789"))
+            assert r.read_packet() == (CONNACK, 0, b"\x00\x02")
+            assert r.expect_closed()
+        finally:
+            r.close()
+        r = RawClient(b.mqtt_port)
+        try:
+            assert r.connect("12345678") == (0, 0)
+        finally:
+            r.close()
+
+    @both
+    def test_session_present_0_with_clean_session(self, raw, proto):
+        """[MQTT-3.2.2-1] session present is 0 when clean session is 1, even
+        if a stored session existed [MQTT-3.1.2-6]."""
+        r = raw()
+        assert r.connect("sp", proto=proto, clean=False) == (0, 0)
+        r.send(gen_disconnect())
+        assert r.expect_closed()
+        r2 = raw()
+        assert r2.connect("sp", proto=proto, clean=True) == (0, 0)
+
+    @both
+    def test_session_present_1_when_resumed(self, raw, broker, proto):
+        """[MQTT-3.2.2-2] [MQTT-3.1.2-4] clean session 0 resumes the stored
+        session and CONNACK says session present 1."""
+        r = raw()
+        assert r.connect("sp1", proto=proto, clean=False) == (0, 0)
+        assert r.subscribe([("keep/me", 1)]) == [1]
+        r.send(gen_disconnect())
+        assert r.expect_closed()
+        r2 = raw()
+        present, rc = r2.connect("sp1", proto=proto, clean=False)
+        assert rc == 0
+        if proto == 4:        # MQTT 3.1 has no session present flag
+            assert present == 1
+        assert broker.subscriptions("sp1") == [{"client_id": "sp1", "topic": "keep/me", "qos": 1}]
+
+    def test_session_present_0_for_new_persistent_session(self, raw):
+        """[MQTT-3.2.2-3] no stored session: session present 0."""
+        r = raw()
+        assert r.connect("fresh", clean=False) == (0, 0)
+
+    @both
+    def test_takeover_closes_old_connection(self, raw, broker, proto):
+        """[MQTT-3.1.4-2] a second client with the same id disconnects the first."""
+        old = raw()
+        assert old.connect("dup", proto=proto) == (0, 0)
+        new = raw()
+        assert new.connect("dup", proto=proto) == (0, 0)
+        assert old.expect_closed()
+        new.send(gen_pingreq())
+        assert new.read_packet() == (PINGRESP, 0, b"")
+        assert [c["port"] for c in broker.clients()] == [new.sock.getsockname()[1]]
+
+    def test_takeover_keeps_persistent_session(self, raw, broker):
+        """[MQTT-3.1.4-2] [MQTT-3.2.2-2] takeover with clean session 0 resumes
+        the session of the connection it replaces."""
+        old = raw()
+        assert old.connect("tk", clean=False) == (0, 0)
+        assert old.subscribe([("tk/t", 1)]) == [1]
+        new = raw()
+        assert new.connect("tk", clean=False) == (1, 0)
+        assert old.expect_closed()
+        broker.publish("tk/t", b"after", qos=1)
+        m = new.read_publish()
+        assert (m["topic"], m["payload"], m["qos"]) == ("tk/t", b"after", 1)
+
+
+###############################################################################
+# 02 SUBSCRIBE / UNSUBSCRIBE / topic matching
+###############################################################################
+
+def next_of(r, topics):
+    """Read PUBLISHes from a raw client until one whose topic is in topics
+    (skips $SYS heartbeats)."""
+    while True:
+        m = r.read_publish()
+        if m["topic"] in topics:
+            return m
+
+
+MATCH_TABLE = [
+    # (filter, topic, matches)  -- MQTT 3.1.1 section 4.7
+    ("a/b", "a/b", True),
+    ("a/b", "A/b", False),
+    ("a/b", "a/b/", False),
+    ("a/b", "a", False),
+    ("sport/tennis/player1/#", "sport/tennis/player1", True),          # [MQTT-4.7.1-2]
+    ("sport/tennis/player1/#", "sport/tennis/player1/ranking", True),
+    ("sport/tennis/player1/#", "sport/tennis/player1/score/wimbledon", True),
+    ("sport/#", "sport", True),                                         # [MQTT-4.7.1-2]
+    ("sport/#", "sports", False),
+    ("#", "anything/at/all", True),
+    ("#", "/", True),
+    ("sport/tennis/+", "sport/tennis/player1", True),
+    ("sport/tennis/+", "sport/tennis/player1/ranking", False),
+    ("sport/+", "sport", False),
+    ("sport/+", "sport/", True),
+    ("+/+", "/finance", True),
+    ("/+", "/finance", True),
+    ("+", "/finance", False),
+    ("+", "finance", True),
+    ("a//b", "a//b", True),
+    ("a/+/b", "a//b", True),
+    ("+/+/+", "a//b", True),
+    ("+/tennis/#", "sport/tennis/player1", True),
+    ("+/tennis/#", "sport/tennis", True),
+    ("#", "$SYS/monitor/Clients", False),                               # [MQTT-4.7.2-1]
+    ("+/monitor/Clients", "$SYS/monitor/Clients", False),               # [MQTT-4.7.2-1]
+    ("+/#", "$foo/bar", False),                                         # [MQTT-4.7.2-1]
+    ("$SYS/#", "$SYS/monitor/Clients", True),
+    ("$SYS/monitor/+", "$SYS/monitor/Clients", True),
+    ("$foo/+", "$foo/bar", True),
+    ("a/$b/+", "a/$b/c", True),
+    ("+/$b", "a/$b", True),
+    ("+/#", "a", True),                                                 # [MQTT-4.7.1-2]
+    ("a/+/#", "a/b", True),
+    ("a/+/#", "a", False),
+    ("+/+", "a", False),
+    ("a/#", "ab", False),
+    ("a/#", "a/$SYS", True),
+    ("caf\u00e9/+", "caf\u00e9/x", True),
+    ("caf\u00e9/+", "cafe/x", False),
+]
+
+
+class Test02Subscribe:
+
+    @both
+    def test_suback_grants_requested_qos(self, raw, proto):
+        r = raw()
+        r.connect("s1", proto=proto)
+        assert r.subscribe([("q/0", 0), ("q/1", 1), ("q/2", 2)], pid=0x1234) == [0, 1, 2]
+
+    @both
+    def test_paho_subscribe(self, client, broker, proto):
+        c = client(client_id="ps", proto=proto)
+        assert c.subscribe([("x/+", 2), ("y/#", 1)]) == [2, 1]
+        subs = sorted(broker.subscriptions("ps"), key=lambda s: s["topic"])
+        assert subs == [{"client_id": "ps", "topic": "x/+", "qos": 2},
+                        {"client_id": "ps", "topic": "y/#", "qos": 1}]
+        assert sorted(broker.routes()) == ["x/+", "y/#"]
+
+    @pytest.mark.parametrize("bad", ["a/#/b", "a/b#", "a+/b", "#/", "", "$share/g", "$share//t",
+                                     "a/\u0000"])
+    def test_suback_failure_for_bad_filter(self, raw, broker, bad):
+        """[MQTT-3.9.3-2] [MQTT-4.7.1-2] [MQTT-4.7.1-3] an invalid filter gets
+        0x80 and the valid filters in the same SUBSCRIBE are granted."""
+        r = raw()
+        r.connect("bad")
+        assert r.subscribe([("good/1", 1), (bad, 1), ("good/2", 2)]) == [1, 0x80, 2]
+        assert sorted(s["topic"] for s in broker.subscriptions("bad")) == ["good/1", "good/2"]
+        broker.publish("good/2", b"ok", qos=1)
+        m = r.read_publish()
+        assert (m["topic"], m["payload"], m["qos"]) == ("good/2", b"ok", 1)
+
+    @both
+    def test_subscribe_flags_must_be_0010(self, raw, proto):
+        """[MQTT-3.8.1-1] SUBSCRIBE fixed-header flags other than 0010 close the connection."""
+        r = raw()
+        r.connect("sf", proto=proto)
+        r.send(gen_subscribe(1, [("a", 0)], flags=0x00))
+        assert r.expect_closed()
+
+    def test_subscribe_without_filters(self, raw):
+        """[MQTT-3.8.3-3] a SUBSCRIBE with no topic filter is a protocol violation."""
+        r = raw()
+        r.connect("sn")
+        r.send(gen_subscribe(1, []))
+        assert r.expect_closed()
+
+    def test_subscribe_qos_3(self, raw):
+        """[MQTT-3.8.3-4] requested QoS 3 is malformed."""
+        r = raw()
+        r.connect("s3")
+        r.send(gen_subscribe(1, [("a", 3)]))
+        assert r.expect_closed()
+
+    @pytest.mark.parametrize("flt,topic,matches", MATCH_TABLE,
+                             ids=["%s~%s" % (f, t) for f, t, _ in MATCH_TABLE])
+    def test_wildcard_matching(self, raw, broker, flt, topic, matches):
+        """MQTT 3.1.1 section 4.7 matching rules, including the '$' rule
+        [MQTT-4.7.2-1] and '#' matching the parent level [MQTT-4.7.1-2].
+        A sentinel published after the probe proves a non-match (ordering)."""
+        r = raw()
+        r.connect("m")
+        assert r.subscribe([(flt, 0), ("zz/sentinel", 0)]) == [0, 0]
+        broker.publish(topic, b"probe")
+        broker.publish("zz/sentinel", b"end")
+        m = next_of(r, (topic, "zz/sentinel"))
+        if matches:
+            assert (m["topic"], m["payload"]) == (topic, b"probe")
+            m = next_of(r, (topic, "zz/sentinel"))
+        assert m["topic"] == "zz/sentinel"
+
+    @pytest.mark.parametrize("flt,topic,matches", MATCH_TABLE,
+                             ids=["%s~%s" % (f, t) for f, t, _ in MATCH_TABLE])
+    def test_wildcard_matching_retained(self, raw, broker, flt, topic, matches):
+        """The same matching table applied to retained messages sent on
+        subscribe [MQTT-3.3.1-6]: a second SUBSCRIBE whose retained sentinel
+        arrives after proves a non-match."""
+        broker.publish(topic, b"probe", retain=True)
+        broker.publish("zz/sentinel", b"end", retain=True)
+        r = raw()
+        r.connect("mr")
+        r.send(gen_subscribe(1, [(flt, 0)]) + gen_subscribe(2, [("zz/sentinel", 0)]))
+        topics = []
+        while True:
+            ptype, flags, body = r.read_packet()
+            if ptype == PUBLISH:
+                m = parse_publish(flags, body)
+                if m["topic"] == "zz/sentinel":
+                    break
+                assert m["retain"] is True
+                topics.append(m["topic"])
+        assert (topic in topics) == matches, topics
+
+    @both
+    def test_overlapping_subscriptions_one_copy_highest_qos(self, raw, broker, proto):
+        """[MQTT-3.3.5-1] overlapping subscriptions: the message is delivered
+        once, at the maximum QoS of the matching subscriptions."""
+        r = raw()
+        r.connect("ov", proto=proto)
+        assert r.subscribe([("ov/+", 0), ("ov/#", 2), ("ov/x", 1), ("zz/sentinel", 0)]) == [0, 2, 1, 0]
+        broker.publish("ov/x", b"m", qos=2)
+        broker.publish("zz/sentinel", b"end")
+        m = r.read_publish()
+        assert (m["topic"], m["qos"]) == ("ov/x", 2)
+        assert r.read_publish()["topic"] == "zz/sentinel"
+        r.send(gen_pubrec(m["pid"]))
+        assert r.read_packet() == (PUBREL, 2, m["pid"].to_bytes(2, "big"))
+        r.send(gen_pubcomp(m["pid"]))
+        assert wait_until(lambda: broker.sessions()[0]["inflight_len"] == 0)
+
+    @both
+    def test_resubscribe_replaces_qos(self, raw, broker, proto):
+        """[MQTT-3.8.4-3] a SUBSCRIBE for an existing filter replaces it
+        (new QoS), and the retained messages are re-sent."""
+        broker.publish("rs/t", b"kept", qos=2, retain=True)
+        r = raw()
+        r.connect("rs", proto=proto)
+        assert r.subscribe([("rs/t", 0)], pid=1) == [0]
+        m = r.read_publish()
+        assert (m["payload"], m["qos"], m["retain"]) == (b"kept", 0, True)
+        assert r.subscribe([("rs/t", 1)], pid=2) == [1]
+        m = r.read_publish()
+        assert (m["payload"], m["qos"], m["retain"]) == (b"kept", 1, True)
+        r.send(gen_puback(m["pid"]))
+        assert broker.subscriptions("rs") == [{"client_id": "rs", "topic": "rs/t", "qos": 1}]
+        assert broker.sessions()[0]["subscriptions"] == 1
+        broker.publish("rs/t", b"live", qos=2)
+        m = r.read_publish()
+        assert (m["payload"], m["qos"], m["retain"]) == (b"live", 1, False)
+
+    @both
+    def test_unsubscribe_stops_delivery(self, raw, broker, proto):
+        """[MQTT-3.10.4-4] UNSUBACK carries the UNSUBSCRIBE's packet id; the
+        subscription is deleted."""
+        r = raw()
+        r.connect("un", proto=proto)
+        assert r.subscribe([("un/a", 1), ("zz/sentinel", 0)]) == [1, 0]
+        r.send(gen_unsubscribe(0x0102, ["un/a"]))
+        assert r.read_packet() == (UNSUBACK, 0, b"\x01\x02")
+        assert broker.subscriptions("un") == [{"client_id": "un", "topic": "zz/sentinel", "qos": 0}]
+        assert broker.routes() == ["zz/sentinel"]
+        broker.publish("un/a", b"gone", qos=1)
+        broker.publish("zz/sentinel", b"end")
+        assert r.read_publish()["topic"] == "zz/sentinel"
+
+    def test_unsubscribe_completes_inflight(self, raw, broker):
+        """[MQTT-3.10.4-3] messages in flight when the subscription is deleted
+        are still completed: their PUBACK/PUBREC is accepted."""
+        r = raw()
+        r.connect("ui")
+        r.subscribe([("ui/1", 1), ("ui/2", 2)])
+        broker.publish("ui/1", b"a", qos=1)
+        broker.publish("ui/2", b"b", qos=2)
+        m1, m2 = r.read_publish(), r.read_publish()
+        r.send(gen_unsubscribe(9, ["ui/1", "ui/2"]))
+        assert r.read_packet() == (UNSUBACK, 0, b"\x00\x09")
+        r.send(gen_puback(m1["pid"]) + gen_pubrec(m2["pid"]))
+        assert r.read_packet() == (PUBREL, 2, m2["pid"].to_bytes(2, "big"))
+        r.send(gen_pubcomp(m2["pid"]))
+        assert wait_until(lambda: broker.sessions()[0]["inflight_len"] == 0)
+        mt = broker.metrics()
+        assert (mt["packets/puback/missed"], mt["packets/pubcomp/missed"]) == (0, 0)
+
+    def test_unsuback_even_if_nothing_matched(self, raw):
+        """[MQTT-3.10.4-5] UNSUBACK is sent even if no filter matched."""
+        r = raw()
+        r.connect("un2")
+        r.send(gen_unsubscribe(7, ["never/subscribed", "a/+"]))
+        assert r.read_packet() == (UNSUBACK, 0, b"\x00\x07")
+
+    def test_unsubscribe_requires_exact_filter(self, raw, broker):
+        """Unsubscribing 'a/b' does not remove 'a/+' (filters compared character by character)."""
+        r = raw()
+        r.connect("un3")
+        r.subscribe([("a/+", 0)])
+        r.send(gen_unsubscribe(2, ["a/b"]))
+        assert r.read_packet() == (UNSUBACK, 0, b"\x00\x02")
+        assert [s["topic"] for s in broker.subscriptions("un3")] == ["a/+"]
+
+    @both
+    def test_unsubscribe_flags_must_be_0010(self, raw, proto):
+        """[MQTT-3.10.1-1] UNSUBSCRIBE flags other than 0010 close the connection."""
+        r = raw()
+        r.connect("uf", proto=proto)
+        r.send(gen_unsubscribe(1, ["a"], flags=0x00))
+        assert r.expect_closed()
+
+    def test_unsubscribe_without_filters(self, raw):
+        """[MQTT-3.10.3-2] UNSUBSCRIBE must contain at least one filter."""
+        r = raw()
+        r.connect("un0")
+        r.send(gen_unsubscribe(1, []))
+        assert r.expect_closed()
+
+    @both
+    def test_paho_unsubscribe(self, client, broker, proto):
+        c = client(client_id="pu", proto=proto)
+        c.subscribe("pu/t", 1)
+        c.subscribe("zz/sentinel", 0)
+        c.unsubscribe("pu/t")
+        broker.publish("pu/t", b"x", qos=1)
+        broker.publish("zz/sentinel", b"end")
+        assert c.get().topic == "zz/sentinel"
+
+    def test_subscription_survives_in_routes_until_last_unsubscribe(self, raw, broker):
+        a, b = raw(), raw()
+        a.connect("ra")
+        b.connect("rb")
+        a.subscribe([("r/+", 0)])
+        b.subscribe([("r/+", 1)])
+        assert broker.routes() == ["r/+"]
+        assert broker.stats()["subscriptions/count"] == 2
+        a.send(gen_unsubscribe(2, ["r/+"]))
+        a.read_packet()
+        assert broker.routes() == ["r/+"]
+        b.send(gen_unsubscribe(2, ["r/+"]))
+        b.read_packet()
+        assert broker.routes() == []
+        assert broker.stats()["subscriptions/count"] == 0
+
+
+###############################################################################
+# 03 PUBLISH: QoS flows
+###############################################################################
+
+class Test03Publish:
+
+    @both
+    @pytest.mark.parametrize("qos", [0, 1, 2])
+    def test_paho_roundtrip(self, client, proto, qos):
+        sub = client(client_id="sub", proto=proto)
+        sub.subscribe("rt/t", 2)
+        pub = client(client_id="pub", proto=proto)
+        pub.publish("rt/t", b"hello \x00\xff", qos=qos)
+        m = sub.get()
+        assert (m.topic, m.payload, m.qos, m.retain) == ("rt/t", b"hello \x00\xff", qos, False)
+
+    @both
+    def test_inbound_qos1_puback_bytes(self, raw, client, proto):
+        """4.3.2: a QoS 1 PUBLISH is answered with PUBACK carrying its packet id."""
+        sub = client(client_id="w")
+        sub.subscribe("in/1", 1)
+        r = raw()
+        r.connect("p1", proto=proto)
+        r.send(gen_publish("in/1", b"one", qos=1, pid=0xBEEF))
+        assert r.read_packet() == (PUBACK, 0, b"\xbe\xef")
+        m = sub.get()
+        assert (m.payload, m.qos) == (b"one", 1)
+
+    @both
+    def test_inbound_qos2_flow_bytes(self, raw, client, broker, proto):
+        """4.3.3: PUBLISH -> PUBREC, PUBREL (flags 0010) -> PUBCOMP."""
+        sub = client(client_id="w")
+        sub.subscribe("in/2", 2)
+        r = raw()
+        r.connect("p2", proto=proto)
+        r.send(gen_publish("in/2", b"two", qos=2, pid=9))
+        assert r.read_packet() == (PUBREC, 0, b"\x00\x09")
+        m = sub.get()
+        assert (m.payload, m.qos) == (b"two", 2)
+        assert [s["awaiting_rel_len"] for s in broker.sessions() if s["client_id"] == "p2"] == [1]
+        r.send(gen_pubrel(9))
+        assert r.read_packet() == (PUBCOMP, 0, b"\x00\x09")
+        assert [s["awaiting_rel_len"] for s in broker.sessions() if s["client_id"] == "p2"] == [0]
+
+    def test_inbound_qos2_dup_not_redelivered(self, raw, broker):
+        """[MQTT-4.3.3-2] a DUP resend of a QoS 2 PUBLISH whose PUBREL has not
+        arrived is not delivered a second time; after PUBREL the id is new again."""
+        sub = raw()
+        sub.connect("s")
+        sub.subscribe([("dup/t", 2), ("zz/sentinel", 0)])
+        r = raw()
+        r.connect("p")
+        r.send(gen_publish("dup/t", b"once", qos=2, pid=5))
+        assert r.read_packet() == (PUBREC, 0, b"\x00\x05")
+        r.send(gen_publish("dup/t", b"once", qos=2, pid=5, dup=True))
+        assert r.read_packet() == (PUBREC, 0, b"\x00\x05")
+        r.send(gen_pubrel(5))
+        assert r.read_packet() == (PUBCOMP, 0, b"\x00\x05")
+        r.send(gen_publish("zz/sentinel", b"end", qos=1, pid=6))
+        assert r.read_packet() == (PUBACK, 0, b"\x00\x06")
+        m = sub.read_publish()
+        assert (m["topic"], m["payload"], m["qos"], m["dup"]) == ("dup/t", b"once", 2, False)
+        assert sub.read_publish()["topic"] == "zz/sentinel"
+        # the id was released: reusing it is a new message
+        r.send(gen_publish("dup/t", b"again", qos=2, pid=5))
+        assert r.read_packet() == (PUBREC, 0, b"\x00\x05")
+        m = sub.read_publish()
+        assert (m["topic"], m["payload"]) == ("dup/t", b"again")
+
+    def test_pubrel_unknown_id_still_gets_pubcomp(self, raw):
+        """4.3.3: PUBREL is always answered with PUBCOMP."""
+        r = raw()
+        r.connect("rel")
+        r.send(gen_pubrel(77))
+        assert r.read_packet() == (PUBCOMP, 0, b"\x00\x4d")
+
+    @both
+    def test_outbound_qos1(self, raw, broker, proto):
+        """Outbound QoS 1: non-zero packet id [MQTT-2.3.1-1], DUP 0, retain 0
+        on normal forwarding [MQTT-3.3.1-9]; PUBACK frees the inflight slot."""
+        r = raw()
+        r.connect("o1", proto=proto)
+        r.subscribe([("out/1", 1)])
+        broker.publish("out/1", b"a", qos=1, retain=True)
+        ptype, flags, body = r.read_packet()
+        assert ptype == PUBLISH and flags == 0b0010
+        m = parse_publish(flags, body)
+        assert m["pid"] != 0 and m["payload"] == b"a"
+        assert broker.sessions()[0]["inflight_len"] == 1
+        r.send(gen_puback(m["pid"]))
+        assert wait_until(lambda: broker.sessions()[0]["inflight_len"] == 0)
+
+    @both
+    def test_outbound_qos2(self, raw, broker, proto):
+        """Outbound QoS 2: PUBLISH, PUBREC -> PUBREL with flags 0010
+        [MQTT-3.6.1-1], PUBCOMP completes it."""
+        r = raw()
+        r.connect("o2", proto=proto)
+        r.subscribe([("out/2", 2)])
+        broker.publish("out/2", b"b", qos=2)
+        ptype, flags, body = r.read_packet()
+        assert ptype == PUBLISH and flags == 0b0100
+        m = parse_publish(flags, body)
+        assert m["pid"] != 0
+        r.send(gen_pubrec(m["pid"]))
+        assert r.read_packet() == (PUBREL, 0b0010, m["pid"].to_bytes(2, "big"))
+        info = broker.sessions()[0]
+        assert (info["inflight_len"], info["awaiting_comp"]) == (1, 1)
+        r.send(gen_pubcomp(m["pid"]))
+        assert wait_until(lambda: broker.sessions()[0]["inflight_len"] == 0)
+
+    def test_outbound_qos0_flags(self, raw, broker):
+        """[MQTT-3.3.1-2] DUP is 0 for QoS 0; no packet id."""
+        r = raw()
+        r.connect("o0")
+        r.subscribe([("out/0", 2)])
+        broker.publish("out/0", b"zero", qos=0)
+        ptype, flags, body = r.read_packet()
+        assert (ptype, flags) == (PUBLISH, 0)
+        assert body == enc_str("out/0") + b"zero"
+
+    @pytest.mark.parametrize("pub_qos", [0, 1, 2])
+    @pytest.mark.parametrize("sub_qos", [0, 1, 2])
+    def test_delivered_at_min_qos(self, raw, client, pub_qos, sub_qos):
+        """[MQTT-3.8.4-6] delivery QoS is min(published QoS, granted QoS)."""
+        r = raw()
+        r.connect("mq")
+        assert r.subscribe([("mq/t", sub_qos)]) == [sub_qos]
+        pub = client(client_id="mqp")
+        pub.publish("mq/t", b"x", qos=pub_qos)
+        m = r.read_publish()
+        assert (m["payload"], m["qos"]) == (b"x", min(pub_qos, sub_qos))
+
+    @both
+    @pytest.mark.parametrize("qos", [0, 1, 2])
+    def test_ordering(self, make_broker, proto, qos):
+        """[MQTT-4.6.0-2] [MQTT-4.6.0-3] [MQTT-4.6.0-6] messages from one
+        publisher arrive in order, also when the broker's inflight window
+        (max_inflight=32) fills and messages pass through the session queue."""
+        b = make_broker()
+        sub = PahoClient(b.mqtt_port, "os", proto=proto)
+        # a window large enough that paho itself never queues (see PahoClient)
+        pub = PahoClient(b.mqtt_port, "op", proto=proto, max_inflight=1000)
+        try:
+            self._check_order(sub, pub, qos)
+        finally:
+            sub.disconnect()
+            pub.disconnect()
+
+    @staticmethod
+    def _check_order(sub, pub, qos):
+        sub.subscribe("ord/t", qos)
+        infos = [pub.publish("ord/t", b"%d" % i, qos=qos, wait=False) for i in range(100)]
+        for info in infos:
+            if qos:
+                info.wait_for_publish(TIMEOUT)
+        got = [sub.get().payload for _ in range(100)]
+        assert got == [b"%d" % i for i in range(100)]
+
+    def test_ordering_across_inflight_window(self, make_broker):
+        """[MQTT-4.6.0-6] same topic, same QoS, same publisher: PUBLISHes reach
+        the subscriber in the order received, also when max_inflight is
+        reached and messages pass through the session queue.
+
+        One client publishes to itself (max_inflight=2): m0 is in flight; one
+        write then carries m1 (fills the window), m2 (queued) and the PUBACK
+        for m0 (frees a slot, m2 leaves the queue). m1 must still come first."""
+        b = make_broker(max_inflight=2)
+        r = RawClient(b.mqtt_port)
+        try:
+            r.connect("selfpub")
+            r.subscribe([("o", 1)])
+            r.send(gen_publish("o", b"m0", qos=1, pid=1))
+            packets = [r.read_packet() for _ in range(2)]
+            assert (PUBACK, 0, b"\x00\x01") in packets
+            (m0,) = [parse_publish(f, body) for t, f, body in packets if t == PUBLISH]
+            r.send(gen_publish("o", b"m1", qos=1, pid=2) + gen_publish("o", b"m2", qos=1, pid=3)
+                   + gen_puback(m0["pid"]))
+            got = []
+            while len(got) < 2:
+                ptype, flags, body = r.read_packet()
+                if ptype == PUBLISH:
+                    m = parse_publish(flags, body)
+                    got.append(m["payload"])
+                    r.send(gen_puback(m["pid"]))
+            assert got == [b"m1", b"m2"]
+        finally:
+            r.close()
+
+    @pytest.mark.parametrize("qos", [0, 1, 2])
+    def test_ordering_raw_pipelined(self, raw, qos):
+        """[MQTT-4.6.0-2] [MQTT-4.6.0-3] 100 pipelined PUBLISHes from one raw
+        publisher reach a raw subscriber in order, acks in order too."""
+        N = 100   # = max_awaiting_rel, so no QoS 2 message is refused
+        sub = raw()
+        sub.connect("ors")
+        sub.subscribe([("ord/r", 2)])
+        pub = raw()
+        pub.connect("orp")
+        pub.send(b"".join(gen_publish("ord/r", b"%d" % i, qos=qos, pid=i + 1) for i in range(N)))
+        if qos:
+            acks = [pub.read_packet() for _ in range(N)]
+            ack = PUBACK if qos == 1 else PUBREC
+            assert acks == [(ack, 0, (i + 1).to_bytes(2, "big")) for i in range(N)]
+        got = []
+        while len(got) < N:
+            ptype, flags, body = sub.read_packet()
+            if ptype == PUBREL:
+                sub.send(gen_pubcomp(int.from_bytes(body, "big")))
+                continue
+            m = parse_publish(flags, body)
+            got.append(m["payload"])
+            if m["qos"] == 1:
+                sub.send(gen_puback(m["pid"]))
+            elif m["qos"] == 2:
+                sub.send(gen_pubrec(m["pid"]))
+        assert got == [b"%d" % i for i in range(N)]
+
+    def test_inflight_window(self, make_broker):
+        """max_inflight=2: a subscriber that does not ack gets 2 messages; the
+        rest wait in the session queue until a PUBACK opens the window."""
+        b = make_broker(max_inflight=2)
+        r = RawClient(b.mqtt_port)
+        try:
+            r.connect("win")
+            r.subscribe([("win/t", 1)])
+            for i in range(5):
+                b.publish("win/t", b"%d" % i, qos=1)
+            m0, m1 = r.read_publish(), r.read_publish()
+            assert (m0["payload"], m1["payload"]) == (b"0", b"1")
+            r.expect_nothing(0.3)
+            info = b.sessions()[0]
+            assert (info["inflight_len"], info["mqueue_len"]) == (2, 3)
+            r.send(gen_puback(m0["pid"]))
+            m2 = r.read_publish()
+            assert m2["payload"] == b"2"
+            r.expect_nothing(0.2)
+            r.send(gen_puback(m1["pid"]) + gen_puback(m2["pid"]))
+            rest = [r.read_publish()["payload"] for _ in range(2)]
+            assert rest == [b"3", b"4"]
+        finally:
+            r.close()
+
+    def test_qos2_inflight_window_counts_until_pubcomp(self, make_broker):
+        b = make_broker(max_inflight=1)
+        r = RawClient(b.mqtt_port)
+        try:
+            r.connect("win2")
+            r.subscribe([("w2", 2)])
+            b.publish("w2", b"a", qos=2)
+            b.publish("w2", b"b", qos=2)
+            m = r.read_publish()
+            r.send(gen_pubrec(m["pid"]))
+            assert r.read_packet()[0] == PUBREL
+            r.expect_nothing(0.2)
+            r.send(gen_pubcomp(m["pid"]))
+            assert r.read_publish()["payload"] == b"b"
+        finally:
+            r.close()
+
+    @pytest.mark.parametrize("qos", [1, 2])
+    def test_retry_resends_with_dup(self, make_broker, qos):
+        """retry_interval=0.5: an unacknowledged PUBLISH is resent with DUP=1
+        and the same packet id."""
+        b = make_broker(retry_interval=0.5)
+        r = RawClient(b.mqtt_port)
+        try:
+            r.connect("retry")
+            r.subscribe([("re/t", qos)])
+            b.publish("re/t", b"again", qos=qos)
+            first = r.read_publish()
+            assert first["dup"] is False
+            t0 = time.monotonic()
+            second = r.read_publish(timeout=3)
+            assert time.monotonic() - t0 >= 0.3
+            assert second["dup"] is True
+            assert (second["pid"], second["payload"], second["qos"]) == (first["pid"], b"again", qos)
+            if qos == 1:
+                r.send(gen_puback(first["pid"]))
+            else:
+                r.send(gen_pubrec(first["pid"]))
+                assert r.read_packet() == (PUBREL, 2, first["pid"].to_bytes(2, "big"))
+                # the PUBREL is retried too
+                assert r.read_packet(timeout=3) == (PUBREL, 2, first["pid"].to_bytes(2, "big"))
+                r.send(gen_pubcomp(first["pid"]))
+            assert wait_until(lambda: b.sessions()[0]["inflight_len"] == 0)
+        finally:
+            r.close()
+
+    def test_incoming_dup_not_propagated(self, raw):
+        """[MQTT-3.3.1-3] the DUP flag of an incoming PUBLISH is not
+        propagated to subscribers."""
+        s = raw()
+        s.connect("s")
+        s.subscribe([("dp", 1)])
+        p = raw()
+        p.connect("p")
+        p.send(gen_publish("dp", b"x", qos=1, pid=2, dup=True))
+        assert p.read_packet() == (PUBACK, 0, b"\x00\x02")
+        m = s.read_publish()
+        assert (m["payload"], m["dup"]) == (b"x", False)
+
+    def test_pipelined_connect_subscribe_publish(self, raw):
+        """CONNECT, SUBSCRIBE and PUBLISH in one TCP write are processed in order
+        and answered in order."""
+        r = raw()
+        r.send(gen_connect("pipe") + gen_subscribe(3, [("pipe/t", 1)])
+               + gen_publish("pipe/t", b"self", qos=1, pid=4))
+        assert r.read_packet() == (CONNACK, 0, b"\x00\x00")
+        assert r.read_packet() == (SUBACK, 0, b"\x00\x03\x01")
+        packets = [r.read_packet() for _ in range(2)]
+        assert (PUBACK, 0, b"\x00\x04") in packets
+        (pub,) = [p for p in packets if p[0] == PUBLISH]
+        assert parse_publish(pub[1], pub[2])["payload"] == b"self"
+
+    def test_publish_to_self(self, client):
+        """A client subscribed to the topic it publishes to receives its own message."""
+        c = client(client_id="self")
+        c.subscribe("me", 1)
+        c.publish("me", b"echo", qos=1)
+        assert c.get().payload == b"echo"
+
+    def test_large_payload(self, client):
+        sub = client(client_id="bigs")
+        sub.subscribe("big", 1)
+        pub = client(client_id="bigp")
+        payload = os.urandom(300_000)
+        pub.publish("big", payload, qos=1)
+        assert sub.get().payload == payload
+
+    def test_empty_payload(self, client):
+        sub = client(client_id="es")
+        sub.subscribe("empty", 1)
+        client(client_id="ep").publish("empty", b"", qos=1)
+        m = sub.get()
+        assert (m.topic, m.payload) == ("empty", b"")
+
+    def test_fan_out(self, client, broker):
+        subs = [client(client_id="fan%d" % i) for i in range(5)]
+        for s in subs:
+            s.subscribe("fan/+", 1)
+        broker.publish("fan/x", b"all", qos=1)
+        for s in subs:
+            assert s.get().payload == b"all"
+
+    def test_puback_for_unknown_id_is_harmless(self, raw, broker):
+        r = raw()
+        r.connect("pa")
+        r.send(gen_puback(999))
+        r.send(gen_pingreq())
+        assert r.read_packet() == (PINGRESP, 0, b"")
+        assert broker.metrics()["packets/puback/missed"] == 1
+
+    def test_python_api_publish_validation(self, broker):
+        with pytest.raises(ValueError):
+            broker.publish("a/+", b"x")
+        with pytest.raises(ValueError):
+            broker.publish("", b"x")
+        with pytest.raises(ValueError):
+            broker.publish("a", b"x", qos=3)
+
+    def test_python_api_publish_str_payload(self, client, broker):
+        c = client(client_id="api")
+        c.subscribe("api/t", 1)
+        broker.publish("api/t", "h\u00e9", qos=1)
+        assert c.get().payload == "h\u00e9".encode()
+
+
+###############################################################################
+# 04 Retained messages
+###############################################################################
+
+def user_retained(broker):
+    """The retained store without the broker's own $SYS messages."""
+    return [m for m in broker.retained() if not m["topic"].startswith("$SYS")]
+
+
+class Test04Retain:
+
+    @both
+    def test_retained_sent_on_subscribe(self, client, broker, proto):
+        """[MQTT-3.3.1-6] the retained message is sent on subscribe, with
+        the RETAIN flag 1 [MQTT-3.3.1-8]."""
+        pub = client(client_id="rp", proto=proto)
+        pub.publish("ret/a", b"state", qos=1, retain=True)
+        assert wait_until(lambda: user_retained(broker)) == [
+            {"topic": "ret/a", "payload": b"state", "qos": 1}]
+        sub = client(client_id="rs", proto=proto)
+        sub.subscribe("ret/a", 1)
+        m = sub.get()
+        assert (m.topic, m.payload, m.qos, m.retain) == ("ret/a", b"state", 1, True)
+
+    def test_retained_flag_bytes(self, raw, broker):
+        """[MQTT-3.3.1-8] retained delivery on subscribe has RETAIN=1, arriving
+        after the SUBACK."""
+        broker.publish("ret/b", b"v", qos=0, retain=True)
+        r = raw()
+        r.connect("rb")
+        assert r.subscribe([("ret/b", 0)]) == [0]
+        assert r.read_packet() == (PUBLISH, 0b0001, enc_str("ret/b") + b"v")
+
+    def test_retain_cleared_on_normal_forward(self, raw, broker):
+        """[MQTT-3.3.1-9] a retained PUBLISH forwarded to an existing
+        subscriber has RETAIN=0."""
+        r = raw()
+        r.connect("fw")
+        r.subscribe([("ret/c", 1)])
+        p = raw()
+        p.connect("fwp")
+        p.send(gen_publish("ret/c", b"live", qos=1, pid=3, retain=True))
+        assert p.read_packet() == (PUBACK, 0, b"\x00\x03")
+        m = r.read_publish()
+        assert (m["payload"], m["retain"]) == (b"live", False)
+
+    def test_retained_replaced(self, client, broker):
+        """[MQTT-3.3.1-5] a new retained message replaces the old one."""
+        pub = client(client_id="p")
+        pub.publish("ret/r", b"one", qos=1, retain=True)
+        pub.publish("ret/r", b"two", qos=1, retain=True)
+        assert user_retained(broker) == [{"topic": "ret/r", "payload": b"two", "qos": 1}]
+        sub = client(client_id="s")
+        sub.subscribe("ret/r", 1)
+        assert sub.get().payload == b"two"
+        sub.expect_nothing(0.2)
+
+    @both
+    def test_zero_byte_retained_deletes(self, raw, broker, proto):
+        """[MQTT-3.3.1-10] a zero-byte retained PUBLISH removes the retained
+        message; [MQTT-3.3.1-11] it is not stored itself."""
+        p = raw()
+        p.connect("zp", proto=proto)
+        p.send(gen_publish("ret/z", b"old", qos=1, pid=1, retain=True))
+        assert p.read_packet()[0] == PUBACK
+        assert len(user_retained(broker)) == 1
+        p.send(gen_publish("ret/z", b"", qos=1, pid=2, retain=True))
+        assert p.read_packet()[0] == PUBACK
+        assert user_retained(broker) == []
+        s = raw()
+        s.connect("zs", proto=proto)
+        assert s.subscribe([("ret/z", 1), ("zz/sentinel", 0)]) == [1, 0]
+        broker.publish("zz/sentinel", b"end")
+        assert s.read_publish()["topic"] == "zz/sentinel"
+
+    def test_non_retained_publish_keeps_retained(self, client, broker):
+        """[MQTT-3.3.1-12] a PUBLISH with RETAIN 0 does not store or replace
+        the retained message."""
+        broker.publish("ret/k", b"kept", retain=True)
+        broker.publish("ret/k", b"transient")
+        broker.publish("ret/k2", b"transient")
+        assert user_retained(broker) == [{"topic": "ret/k", "payload": b"kept", "qos": 0}]
+
+    def test_zero_byte_retained_forwarded_to_current_subscribers(self, raw, broker):
+        s = raw()
+        s.connect("zf")
+        s.subscribe([("ret/zf", 0)])
+        broker.publish("ret/zf", b"", retain=True)
+        m = s.read_publish()
+        assert (m["topic"], m["payload"], m["retain"]) == ("ret/zf", b"", False)
+
+    def test_retained_wildcard_delivery(self, raw, broker):
+        """[MQTT-3.3.1-6] every retained message matching the filter is sent."""
+        for t in ("w/1", "w/2", "w/2/deep", "x/1"):
+            broker.publish(t, t.encode(), retain=True)
+        r = raw()
+        r.connect("wd")
+        assert r.subscribe([("w/+", 0)]) == [0]
+        got = sorted(r.read_publish()["topic"] for _ in range(2))
+        assert got == ["w/1", "w/2"]
+        assert r.subscribe([("w/#", 0)], pid=2) == [0]
+        got = sorted(r.read_publish()["topic"] for _ in range(3))
+        assert got == ["w/1", "w/2", "w/2/deep"]
+        r.expect_nothing(0.2)
+
+    @pytest.mark.parametrize("stored_qos,sub_qos", [(2, 1), (1, 0), (0, 2), (2, 2)])
+    def test_retained_min_qos(self, raw, broker, stored_qos, sub_qos):
+        """Retained delivery uses min(retained QoS, granted QoS)."""
+        broker.publish("ret/q", b"q", qos=stored_qos, retain=True)
+        r = raw()
+        r.connect("rq")
+        r.subscribe([("ret/q", sub_qos)])
+        m = r.read_publish()
+        assert (m["qos"], m["retain"]) == (min(stored_qos, sub_qos), True)
+
+    def test_hash_does_not_get_sys_retained(self, raw, broker):
+        """[MQTT-4.7.2-1] '#' does not receive the $SYS retained messages."""
+        assert any(m["topic"].startswith("$SYS/") for m in broker.retained())
+        broker.publish("plain", b"p", retain=True)
+        r = raw()
+        r.connect("h")
+        r.subscribe([("#", 0)])
+        m = r.read_publish()
+        assert m["topic"] == "plain"
+        r.expect_nothing(0.2)
+
+    def test_retained_stats(self, broker):
+        base = broker.stats()["retained/count"]
+        broker.publish("st/1", b"1", retain=True)
+        broker.publish("st/2", b"2", retain=True)
+        assert broker.stats()["retained/count"] == base + 2
+        assert broker.metrics()["messages/retained"] == base + 2
+        broker.publish("st/1", b"", retain=True)
+        assert broker.stats()["retained/count"] == base + 1
+        assert broker.stats()["retained/max"] == base + 2
+
+    def test_retained_survives_publisher(self, client, broker):
+        pub = client(client_id="gone")
+        pub.publish("ret/g", b"still", qos=1, retain=True)
+        pub.disconnect()
+        sub = client(client_id="later")
+        sub.subscribe("ret/+", 0)
+        m = sub.get()
+        assert (m.topic, m.payload, m.retain) == ("ret/g", b"still", True)
+
+
+###############################################################################
+# 05 Sessions
+###############################################################################
+
+def offline(r):
+    """Close a raw client without DISCONNECT and wait for the broker to notice."""
+    r.send(gen_disconnect())
+    assert r.expect_closed()
+    r.close()
+
+
+class Test05Session:
+
+    @both
+    def test_persistent_session_queues_in_order(self, raw, broker, proto):
+        """[MQTT-3.1.2-4] [MQTT-3.1.2-5] a clean-session-0 session keeps its
+        subscriptions and queues QoS 1/2 messages while offline; they are
+        delivered in order [MQTT-4.6.0-2] on reconnect with session present 1."""
+        r = raw()
+        r.connect("ps", proto=proto, clean=False)
+        r.subscribe([("ps/1", 1), ("ps/2", 2)])
+        offline(r)
+        assert wait_until(lambda: broker.sessions() and not broker.sessions()[0]["connected"])
+        for i in range(10):
+            broker.publish("ps/%d" % (1 + i % 2), b"%d" % i, qos=1 + i % 2)
+        info = broker.sessions()[0]
+        assert (info["mqueue_len"], info["enqueue_msg"]) == (10, 10)
+        r2 = raw()
+        assert r2.connect("ps", proto=proto, clean=False)[1] == 0
+        got = []
+        for _ in range(10):
+            m = r2.read_publish()
+            got.append((m["payload"], m["qos"], m["dup"]))
+            r2.send(gen_puback(m["pid"]) if m["qos"] == 1 else gen_pubrec(m["pid"]))
+        assert got == [(b"%d" % i, 1 + i % 2, False) for i in range(10)]
+
+    @pytest.mark.parametrize("proto", PROTOS)
+    def test_paho_persistent_session(self, client, broker, proto):
+        """[MQTT-3.2.2-2] paho sees session present after reconnecting."""
+        c = client(client_id="pp", proto=proto, clean_session=False)
+        assert c.session_present is False
+        c.subscribe("pp/t", 1)
+        c.disconnect()
+        assert wait_until(lambda: broker.clients() == [])
+        broker.publish("pp/t", b"while away", qos=1)
+        c2 = client(client_id="pp", proto=proto, clean_session=False)
+        if proto == 4:        # MQTT 3.1 has no session present flag
+            assert c2.session_present is True
+        assert c2.get().payload == b"while away"
+
+    def test_unacked_resent_with_dup_on_reconnect(self, raw, broker):
+        """[MQTT-4.4.0-1] unacknowledged PUBLISH (and PUBREL) packets are
+        resent with DUP=1 and the original packet ids on reconnect."""
+        r = raw()
+        r.connect("ua", clean=False)
+        r.subscribe([("ua/1", 1), ("ua/2", 2)])
+        broker.publish("ua/1", b"one", qos=1)
+        broker.publish("ua/2", b"two", qos=2)
+        broker.publish("ua/2", b"three", qos=2)
+        m1, m2, m3 = r.read_publish(), r.read_publish(), r.read_publish()
+        r.send(gen_pubrec(m3["pid"]))      # m3 reaches PUBREL state
+        assert r.read_packet() == (PUBREL, 2, m3["pid"].to_bytes(2, "big"))
+        r.close()                          # no acks for m1, m2; no PUBCOMP for m3
+        assert wait_until(lambda: not broker.sessions()[0]["connected"])
+        r2 = raw()
+        assert r2.connect("ua", clean=False) == (1, 0)
+        a, b = r2.read_publish(), r2.read_publish()
+        assert (a["pid"], a["payload"], a["qos"], a["dup"]) == (m1["pid"], b"one", 1, True)
+        assert (b["pid"], b["payload"], b["qos"], b["dup"]) == (m2["pid"], b"two", 2, True)
+        assert r2.read_packet() == (PUBREL, 2, m3["pid"].to_bytes(2, "big"))
+        r2.send(gen_puback(a["pid"]) + gen_pubrec(b["pid"]))
+        assert r2.read_packet() == (PUBREL, 2, b["pid"].to_bytes(2, "big"))
+        r2.send(gen_pubcomp(b["pid"]) + gen_pubcomp(m3["pid"]))
+        assert wait_until(lambda: broker.sessions()[0]["inflight_len"] == 0)
+
+    def test_inbound_qos2_exactly_once_across_reconnect(self, raw, broker):
+        """Session state includes inbound QoS 2 messages not yet released
+        (3.1.2.4): a DUP resend after reconnecting with clean session 0 is not
+        delivered again [MQTT-4.3.3-2]."""
+        s = raw()
+        s.connect("s")
+        s.subscribe([("x2/t", 2), ("zz/sentinel", 0)])
+        p = raw()
+        p.connect("x2", clean=False)
+        p.send(gen_publish("x2/t", b"once", qos=2, pid=11))
+        assert p.read_packet() == (PUBREC, 0, b"\x00\x0b")
+        p.close()
+        assert wait_until(lambda: not broker.is_connected("x2"))
+        p2 = raw()
+        assert p2.connect("x2", clean=False)[1] == 0
+        p2.send(gen_publish("x2/t", b"once", qos=2, pid=11, dup=True))
+        assert p2.read_packet() == (PUBREC, 0, b"\x00\x0b")
+        p2.send(gen_pubrel(11))
+        assert p2.read_packet() == (PUBCOMP, 0, b"\x00\x0b")
+        broker.publish("zz/sentinel", b"end")
+        got = []
+        while True:
+            m = s.read_publish()
+            if m["topic"] == "zz/sentinel":
+                break
+            got.append((m["topic"], m["payload"], m["dup"]))
+        assert got == [("x2/t", b"once", False)]
+
+    def test_takeover_resends_inflight(self, raw, broker):
+        """[MQTT-3.1.4-2] [MQTT-4.4.0-1] a takeover with clean session 0
+        resends the old connection's unacknowledged messages with DUP=1."""
+        old = raw()
+        old.connect("tko", clean=False)
+        old.subscribe([("tko/t", 1)])
+        broker.publish("tko/t", b"pending", qos=1)
+        m = old.read_publish()
+        new = raw()
+        assert new.connect("tko", clean=False) == (1, 0)
+        assert old.expect_closed()
+        again = new.read_publish()
+        assert (again["pid"], again["payload"], again["dup"]) == (m["pid"], b"pending", True)
+
+    @pytest.mark.parametrize("store", [True, False])
+    def test_mqueue_store_qos0(self, make_broker, store):
+        """mqueue_store_qos0 decides whether QoS 0 messages are queued for an
+        offline session (EMQ X mqueue.store_qos0)."""
+        b = make_broker(mqueue_store_qos0=store)
+        r = RawClient(b.mqtt_port)
+        r.connect("q0", clean=False)
+        r.subscribe([("q0/t", 1)])
+        offline(r)
+        assert wait_until(lambda: not b.sessions()[0]["connected"])
+        dropped = b.metrics()["messages/dropped"]
+        b.publish("q0/t", b"zero", qos=0)
+        b.publish("q0/t", b"one", qos=1)
+        assert b.sessions()[0]["mqueue_len"] == (2 if store else 1)
+        assert b.metrics()["messages/dropped"] == dropped + (0 if store else 1)
+        r2 = RawClient(b.mqtt_port)
+        try:
+            assert r2.connect("q0", clean=False) == (1, 0)
+            got = [r2.read_publish() for _ in range(2 if store else 1)]
+            expected = [(b"zero", 0), (b"one", 1)] if store else [(b"one", 1)]
+            assert [(m["payload"], m["qos"]) for m in got] == expected
+            r2.expect_nothing(0.2)
+        finally:
+            r2.close()
+
+    def test_max_mqueue_len_drops_oldest(self, make_broker):
+        """max_mqueue_len=3: the queue keeps the newest messages; drops are
+        counted in mqueue_dropped and messages/dropped."""
+        b = make_broker(max_mqueue_len=3)
+        r = RawClient(b.mqtt_port)
+        r.connect("mq", clean=False)
+        r.subscribe([("mq/t", 1)])
+        offline(r)
+        assert wait_until(lambda: not b.sessions()[0]["connected"])
+        for i in range(5):
+            b.publish("mq/t", b"%d" % i, qos=1)
+        info = b.sessions()[0]
+        assert (info["mqueue_len"], info["mqueue_dropped"]) == (3, 2)
+        assert b.metrics()["messages/dropped"] == 2
+        r2 = RawClient(b.mqtt_port)
+        try:
+            r2.connect("mq", clean=False)
+            got = []
+            for _ in range(3):
+                m = r2.read_publish()
+                got.append(m["payload"])
+                r2.send(gen_puback(m["pid"]))
+            assert got == [b"2", b"3", b"4"]
+            r2.expect_nothing(0.2)
+        finally:
+            r2.close()
+
+    @both
+    def test_clean_session_discards_state(self, raw, broker, proto):
+        """[MQTT-3.1.2-6] clean session 1 discards the previous session:
+        subscriptions and queued messages are gone."""
+        r = raw()
+        r.connect("cs", proto=proto, clean=False)
+        r.subscribe([("cs/t", 1)])
+        offline(r)
+        broker.publish("cs/t", b"queued", qos=1)
+        r2 = raw()
+        assert r2.connect("cs", proto=proto, clean=True) == (0, 0)
+        assert broker.subscriptions("cs") == []
+        assert r2.subscribe([("zz/sentinel", 0)]) == [0]
+        broker.publish("cs/t", b"after", qos=1)
+        broker.publish("zz/sentinel", b"end")
+        assert r2.read_publish()["topic"] == "zz/sentinel"
+
+    def test_clean_session_ends_with_connection(self, raw, broker):
+        """[MQTT-3.1.2-6] a clean session lasts as long as the connection."""
+        r = raw()
+        r.connect("gone", clean=True)
+        r.subscribe([("g/t", 1)])
+        assert [s["client_id"] for s in broker.sessions()] == ["gone"]
+        offline(r)
+        assert wait_until(lambda: broker.sessions() == [])
+        assert broker.routes() == []
+
+    def test_persistent_session_listed_while_offline(self, raw, broker):
+        r = raw()
+        r.connect("off", clean=False)
+        r.subscribe([("o/t", 2)])
+        offline(r)
+        assert wait_until(lambda: broker.clients() == [])
+        (info,) = broker.sessions()
+        assert (info["client_id"], info["clean_sess"], info["connected"],
+                info["subscriptions"]) == ("off", False, False, 1)
+        assert broker.routes() == ["o/t"]
+
+    def test_session_expiry(self, make_broker):
+        """session_expiry_interval: an offline persistent session is dropped
+        after the interval."""
+        b = make_broker(session_expiry_interval=0.3)
+        r = RawClient(b.mqtt_port)
+        r.connect("exp", clean=False)
+        r.subscribe([("e/t", 1)])
+        offline(r)
+        assert wait_until(lambda: b.sessions() == [], timeout=3)
+        r2 = RawClient(b.mqtt_port)
+        try:
+            assert r2.connect("exp", clean=False) == (0, 0)
+        finally:
+            r2.close()
+
+    def test_session_counters(self, raw, broker):
+        r = raw()
+        r.connect("cnt")
+        r.subscribe([("c/t", 1)])
+        for i in range(3):
+            broker.publish("c/t", b"x", qos=1)
+        for _ in range(3):
+            r.send(gen_puback(r.read_publish()["pid"]))
+        assert wait_until(lambda: broker.sessions()[0]["inflight_len"] == 0)
+        info = broker.sessions()[0]
+        assert info["deliver_msg"] == 3
+        assert info["mqueue_len"] == 0
+
+
+###############################################################################
+# 06 Keepalive
+###############################################################################
+
+class Test06Keepalive:
+
+    @both
+    def test_pingreq_pingresp(self, raw, proto):
+        """[MQTT-3.12.4-1] PINGREQ is answered with PINGRESP (0xD0 0x00)."""
+        r = raw()
+        r.connect("ping", proto=proto, keepalive=0)
+        for _ in range(3):
+            r.send(gen_pingreq())
+            assert r.sock.recv(2) == b"\xd0\x00"
+
+    def test_keepalive_zero_disables_timeout(self, raw, broker):
+        """3.1.2.10: keepalive 0 turns the mechanism off; the client stays
+        connected with nothing to send."""
+        r = raw()
+        r.connect("ka0", keepalive=0)
+        assert broker.clients()[0]["keepalive"] == 0
+        r.expect_nothing(0.6)   # longer than one service tick
+        r.send(gen_pingreq())
+        assert r.read_packet() == (PINGRESP, 0, b"")
+
+    @both
+    def test_keepalive_timeout_closes_and_publishes_will(self, raw, client, broker, proto):
+        """[MQTT-3.1.2-24] no packet for 1.5 x keepalive closes the
+        connection; that is abnormal, so the will is published [MQTT-3.1.2-8]."""
+        watcher = client(client_id="watcher")
+        watcher.subscribe("will/ka", 1)
+        r = raw()
+        t0 = time.monotonic()
+        r.connect("ka1", proto=proto, keepalive=1, will=("will/ka", b"timed out", 1, False))
+        assert r.expect_closed(timeout=4)
+        elapsed = time.monotonic() - t0
+        assert 1.4 <= elapsed <= 3.5, elapsed
+        m = watcher.get()
+        assert (m.topic, m.payload, m.qos) == ("will/ka", b"timed out", 1)
+        assert wait_until(lambda: [c["client_id"] for c in broker.clients()] == ["watcher"])
+
+    def test_any_packet_resets_keepalive(self, raw):
+        """[MQTT-3.1.2-24] the timer counts from the last control packet:
+        PINGREQs every 0.5 s keep a keepalive=1 client connected past 1.5 s."""
+        r = raw()
+        r.connect("alive", keepalive=1)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 1.7:
+            r.send(gen_pingreq())
+            assert r.read_packet() == (PINGRESP, 0, b"")
+            r.expect_nothing(0.5)
+        r.send(gen_pingreq())
+        assert r.read_packet() == (PINGRESP, 0, b"")
+
+    def test_paho_keepalive_pings(self, client, broker):
+        """paho with keepalive=1 pings and stays connected."""
+        c = client(client_id="pk", keepalive=1)
+        c.subscribe("pk/t", 0)
+        assert wait_until(lambda: broker.metrics()["packets/pingreq"] >= 1, timeout=3)
+        broker.publish("pk/t", b"still here")
+        assert c.get().payload == b"still here"
+        assert c.disconnects.empty()
+
+
+###############################################################################
+# 07 Will messages
+###############################################################################
+
+class Test07Will:
+
+    @both
+    @pytest.mark.parametrize("will_qos", [0, 1, 2])
+    def test_will_on_abnormal_close(self, raw, client, proto, will_qos):
+        """[MQTT-3.1.2-8] the will is published when the network connection
+        is closed without DISCONNECT, at its QoS (bounded by the subscription)."""
+        w = client(client_id="w")
+        w.subscribe("will/t", 2)
+        r = raw()
+        r.connect("dying", proto=proto, will=("will/t", b"bye", will_qos, False))
+        r.close()
+        m = w.get()
+        assert (m.topic, m.payload, m.qos, m.retain) == ("will/t", b"bye", will_qos, False)
+
+    def test_will_qos_bounded_by_subscription(self, raw):
+        w = raw()
+        w.connect("w")
+        w.subscribe([("will/q", 1)])
+        r = raw()
+        r.connect("dying", will=("will/q", b"q2", 2, False))
+        r.close()
+        m = w.read_publish()
+        assert (m["payload"], m["qos"]) == (b"q2", 1)
+
+    @both
+    def test_no_will_after_disconnect(self, raw, client, broker, proto):
+        """[MQTT-3.1.2-10] DISCONNECT removes the will: it is not published."""
+        w = client(client_id="w")
+        w.subscribe("will/d", 1)
+        w.subscribe("zz/sentinel", 0)
+        r = raw()
+        r.connect("polite", proto=proto, will=("will/d", b"never", 1, True))
+        r.send(gen_disconnect())
+        assert r.expect_closed()
+        assert wait_until(lambda: [c["client_id"] for c in broker.clients()] == ["w"])
+        broker.publish("zz/sentinel", b"end")
+        assert w.get().topic == "zz/sentinel"
+        assert user_retained(broker) == []
+
+    @both
+    def test_paho_will(self, client, broker, proto):
+        w = client(client_id="w", proto=proto)
+        w.subscribe("will/p", 2)
+        dying = client(client_id="pdying", proto=proto, will=("will/p", b"paho bye", 2, False))
+        dying.client.reconnect_delay_set(0.05, 0.1)   # fast teardown
+        # drop the TCP connection under paho's feet
+        dying.client.socket().shutdown(socket.SHUT_RDWR)
+        m = w.get()
+        assert (m.payload, m.qos) == (b"paho bye", 2)
+
+    def test_paho_clean_disconnect_no_will(self, client, broker):
+        w = client(client_id="w")
+        w.subscribe("will/c", 1)
+        w.subscribe("zz/sentinel", 0)
+        p = client(client_id="clean", will=("will/c", b"x", 1, False))
+        p.disconnect()
+        assert wait_until(lambda: [c["client_id"] for c in broker.clients()] == ["w"])
+        broker.publish("zz/sentinel", b"end")
+        assert w.get().topic == "zz/sentinel"
+
+    def test_will_on_kick(self, raw, client, broker):
+        """kick closes the connection like EMQ X's kick: the will is published."""
+        w = client(client_id="w")
+        w.subscribe("will/k", 1)
+        r = raw()
+        r.connect("kicked", will=("will/k", b"kicked out", 1, False))
+        assert broker.kick("kicked") is True
+        assert r.expect_closed()
+        m = w.get()
+        assert m.payload == b"kicked out"
+        assert wait_until(lambda: not broker.is_connected("kicked"))
+        assert broker.kick("kicked") is False
+        assert broker.kick("nobody") is False
+
+    def test_will_on_protocol_error(self, raw, client):
+        """A protocol violation closes the connection abnormally
+        [MQTT-3.1.2-8]: the will is published."""
+        w = client(client_id="w")
+        w.subscribe("will/e", 1)
+        r = raw()
+        r.connect("broken", will=("will/e", b"violated", 0, False))
+        r.send(gen_pubrel(1, flags=0))   # bad fixed-header flags [MQTT-2.2.2-2]
+        assert r.expect_closed()
+        assert w.get().payload == b"violated"
+
+    def test_will_retain_flag(self, raw, broker):
+        """A will with retain=1 is stored as retained; a later subscriber
+        gets it with RETAIN=1 [MQTT-3.3.1-8]."""
+        r = raw()
+        r.connect("ret-will", will=("will/r", b"offline", 1, True))
+        r.close()
+        assert wait_until(lambda: user_retained(broker)) == [
+            {"topic": "will/r", "payload": b"offline", "qos": 1}]
+        s = raw()
+        s.connect("late")
+        s.subscribe([("will/r", 1)])
+        m = s.read_publish()
+        assert (m["payload"], m["qos"], m["retain"]) == (b"offline", 1, True)
+
+    def test_will_on_takeover(self, raw, client):
+        """Takeover [MQTT-3.1.4-2] closes the old connection without
+        DISCONNECT: its will is published (EMQ X behaviour)."""
+        w = client(client_id="w")
+        w.subscribe("will/tk", 1)
+        old = raw()
+        old.connect("same", will=("will/tk", b"old one", 1, False))
+        new = raw()
+        new.connect("same")
+        assert old.expect_closed()
+        assert w.get().payload == b"old one"
+
+    def test_broker_stop_publishes_no_will(self, make_broker):
+        """Shutting the broker down publishes no wills."""
+        b = make_broker()
+        r = RawClient(b.mqtt_port)
+        try:
+            r.connect("stopped", will=("will/s", b"x", 1, True))
+            b.stop()
+            assert r.expect_closed()
+        finally:
+            r.close()
+        # the (stopped) broker's retained store has no will in it
+        assert [t for t in b.core.retained if not t.startswith("$SYS")] == []
+
+    def test_will_utf8_topic_and_binary_payload(self, raw, client):
+        w = client(client_id="w")
+        w.subscribe("will/\u00fc", 0)
+        r = raw()
+        payload = bytes(range(256))
+        r.connect("bin", will=("will/\u00fc", payload, 0, False))
+        r.close()
+        assert w.get().payload == payload
+
+    @pytest.mark.parametrize("topic", ["will/+", "will/#", ""])
+    def test_invalid_will_topic(self, raw, topic):
+        """[MQTT-3.3.2-2] [MQTT-4.7.3-1] a will topic must be a valid topic name."""
+        r = raw()
+        r.send(gen_connect("badwill", will=(topic, b"x", 0, False)))
+        assert r.expect_closed()
+
+
+###############################################################################
+# 08 Shared subscriptions (EMQ X 2.x $queue/ and $share/<group>/)
+###############################################################################
+
+class Test08Shared:
+
+    @pytest.mark.parametrize("flt", ["$queue/sh/t", "$share/g/sh/t"])
+    def test_round_robin(self, raw, broker, flt):
+        """Two members of one group, four messages: two each."""
+        a, b = raw(), raw()
+        a.connect("a")
+        b.connect("b")
+        assert a.subscribe([(flt, 1), ("zz/sentinel", 0)]) == [1, 0]
+        assert b.subscribe([(flt, 1), ("zz/sentinel", 0)]) == [1, 0]
+        for i in range(4):
+            broker.publish("sh/t", b"%d" % i, qos=1)
+        broker.publish("zz/sentinel", b"end")
+        counts = {}
+        for name, r in (("a", a), ("b", b)):
+            got = []
+            while True:
+                m = r.read_publish()
+                if m["topic"] == "zz/sentinel":
+                    break
+                assert m["topic"] == "sh/t"
+                got.append(m["payload"])
+                r.send(gen_puback(m["pid"]))
+            counts[name] = got
+        assert len(counts["a"]) == len(counts["b"]) == 2
+        assert sorted(counts["a"] + counts["b"]) == [b"0", b"1", b"2", b"3"]
+
+    def test_groups_each_get_a_copy(self, raw, broker):
+        """Each group gets one copy; a normal subscriber gets its own copy."""
+        clients = {}
+        for cid, flt in (("g1a", "$share/g1/gr/+"), ("g1b", "$share/g1/gr/+"),
+                         ("g2a", "$share/g2/gr/x"), ("q", "$queue/gr/x"), ("plain", "gr/x")):
+            r = raw()
+            r.connect(cid)
+            assert r.subscribe([(flt, 0), ("zz/sentinel", 0)]) == [0, 0]
+            clients[cid] = r
+        broker.publish("gr/x", b"copy")
+        broker.publish("zz/sentinel", b"end")
+        received = {}
+        for cid, r in clients.items():
+            received[cid] = []
+            while True:
+                m = r.read_publish()
+                if m["topic"] == "zz/sentinel":
+                    break
+                received[cid].append(m["payload"])
+        assert received["plain"] == [b"copy"]
+        assert received["g2a"] == [b"copy"]
+        assert received["q"] == [b"copy"]
+        assert sorted(received["g1a"] + received["g1b"]) == [b"copy"]
+
+    def test_no_retained_on_shared_subscribe(self, raw, broker):
+        broker.publish("shr/t", b"retained", retain=True)
+        r = raw()
+        r.connect("shr")
+        assert r.subscribe([("$share/g/shr/t", 0), ("$queue/shr/t", 0), ("zz/sentinel", 0)]) == [0, 0, 0]
+        broker.publish("zz/sentinel", b"end")
+        assert r.read_publish()["topic"] == "zz/sentinel"
+
+    def test_paho_shared(self, client, broker):
+        members = [client(client_id="m%d" % i) for i in range(2)]
+        for m in members:
+            m.subscribe("$share/grp/ps/#", 1)
+        pub = client(client_id="psp")
+        for i in range(6):
+            pub.publish("ps/x", b"%d" % i, qos=1)
+        got = [sorted(m.get().payload for _ in range(3)) for m in members]
+        assert sorted(got[0] + got[1]) == [b"%d" % i for i in range(6)]
+        for m in members:
+            m.expect_nothing(0.1)
+
+    def test_unsubscribe_shared(self, raw, broker):
+        a, b = raw(), raw()
+        a.connect("ua")
+        b.connect("ub")
+        a.subscribe([("$queue/us", 0)])
+        b.subscribe([("$queue/us", 0)])
+        a.send(gen_unsubscribe(5, ["$queue/us"]))
+        assert a.read_packet() == (UNSUBACK, 0, b"\x00\x05")
+        for i in range(3):
+            broker.publish("us", b"%d" % i)
+        assert [b.read_publish()["payload"] for _ in range(3)] == [b"0", b"1", b"2"]
+        a.expect_nothing(0.1)
+        assert broker.subscriptions("ub") == [{"client_id": "ub", "topic": "$queue/us", "qos": 0}]
+        assert broker.routes() == ["us"]
+
+    def test_member_leaving_group(self, raw, broker):
+        """A clean-session member that disconnects leaves the group."""
+        a, b = raw(), raw()
+        a.connect("la")
+        b.connect("lb")
+        a.subscribe([("$share/g/lv", 0)])
+        b.subscribe([("$share/g/lv", 0)])
+        offline(a)
+        assert wait_until(lambda: len(broker.sessions()) == 1)
+        for i in range(4):
+            broker.publish("lv", b"%d" % i)
+        assert [b.read_publish()["payload"] for _ in range(4)] == [b"0", b"1", b"2", b"3"]
+
+    @pytest.mark.parametrize("bad", ["$share/g", "$share//t", "$share/g+/t", "$share/g#/t", "$queue/"])
+    def test_invalid_shared_filter(self, raw, bad):
+        r = raw()
+        r.connect("bad")
+        assert r.subscribe([(bad, 0), ("ok", 0)]) == [0x80, 0]
+
+
+###############################################################################
+# 09 $SYS topics and presence events
+###############################################################################
+
+NODE = "emqx_lite@127.0.0.1"
+
+
+class Test09Sys:
+
+    @pytest.fixture
+    def broker(self, make_broker):
+        return make_broker(sys_interval=0.2)
+
+    def test_sys_retained_topics(self, raw):
+        r = raw()
+        r.connect("sys")
+        r.subscribe([("$SYS/brokers", 0), ("$SYS/brokers/+/version", 0),
+                     ("$SYS/brokers/+/sysdescr", 0)])
+        got = {}
+        while len(got) < 3:
+            m = r.read_publish()
+            assert m["retain"] is True
+            got[m["topic"]] = m["payload"]
+        assert got == {"$SYS/brokers": NODE.encode(),
+                       "$SYS/brokers/%s/version" % NODE: emqx_lite.__version__.encode(),
+                       "$SYS/brokers/%s/sysdescr" % NODE: b"EMQ X Lite"}
+
+    def test_uptime_and_datetime(self, raw):
+        r = raw()
+        r.connect("hb")
+        r.subscribe([("$SYS/brokers/%s/uptime" % NODE, 0), ("$SYS/brokers/%s/datetime" % NODE, 0)])
+        got = {}
+        while len(got) < 2:
+            m = r.read_publish(timeout=3)
+            got[m["topic"].rsplit("/", 1)[1]] = m["payload"].decode()
+        assert re.fullmatch(r"(\d+ (days|hours|minutes),? ?)*\d+ seconds", got["uptime"]), got
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", got["datetime"]), got
+
+    def test_stats_and_metrics(self, raw):
+        r = raw()
+        r.connect("st")
+        r.subscribe([("$SYS/brokers/%s/stats/clients/count" % NODE, 0),
+                     ("$SYS/brokers/%s/metrics/packets/connect" % NODE, 0)])
+        got = {}
+        while len(got) < 2:
+            m = r.read_publish(timeout=3)
+            got[m["topic"].split("/", 3)[3]] = m["payload"]
+        assert got == {"stats/clients/count": b"1", "metrics/packets/connect": b"1"}
+
+    def test_sys_wildcard_subscription(self, raw):
+        """'$SYS/#' receives the periodic $SYS messages (they are only excluded from
+        wildcards at the first level [MQTT-4.7.2-1])."""
+        r = raw()
+        r.connect("all")
+        r.subscribe([("$SYS/#", 0)])
+        topics = set()
+        while not any("/metrics/" in t for t in topics):
+            topics.add(r.read_publish(timeout=3)["topic"])
+        assert "$SYS/brokers" in topics
+
+    def test_presence_events(self, raw, client):
+        """emqx_modules presence: JSON connected/disconnected events at QoS 1."""
+        w = client(client_id="watch")
+        w.subscribe("$SYS/brokers/+/clients/+/+", 1)
+        r = raw()
+        t0 = int(time.time())
+        r.connect("pres", clean=False, username="bob", proto=3, keepalive=0)
+        m = w.get()
+        assert m.topic == "$SYS/brokers/%s/clients/pres/connected" % NODE
+        assert m.qos == 1 and m.retain is False
+        data = json.loads(m.payload)
+        assert set(data) == {"clientid", "username", "ipaddress", "clean_sess", "protocol",
+                             "connack", "ts"}
+        assert (data["clientid"], data["username"], data["ipaddress"], data["clean_sess"],
+                data["protocol"], data["connack"]) == ("pres", "bob", HOST, False, 3, 0)
+        assert t0 - 1 <= data["ts"] <= time.time() + 1
+        r.send(gen_disconnect())
+        m = w.get()
+        assert m.topic == "$SYS/brokers/%s/clients/pres/disconnected" % NODE
+        assert m.qos == 1
+        data = json.loads(m.payload)
+        assert set(data) == {"clientid", "username", "reason", "ts"}
+        assert (data["clientid"], data["username"], data["reason"]) == ("pres", "bob", "normal")
+
+    def test_no_disconnected_event_for_takeover(self, raw, client):
+        w = client(client_id="watch")
+        w.subscribe("$SYS/brokers/+/clients/+/disconnected", 1)
+        old = raw()
+        old.connect("tk")
+        new = raw()
+        new.connect("tk")
+        assert old.expect_closed()
+        other = raw()
+        other.connect("other")
+        other.send(gen_disconnect())
+        m = w.get()
+        assert m.topic.endswith("/clients/other/disconnected"), m.topic
+
+    def test_clients_cannot_publish_to_sys(self, raw, client):
+        """Clients' $SYS publishes are acknowledged but not routed."""
+        w = client(client_id="watch")
+        w.subscribe("$SYS/fake/#", 1)
+        w.subscribe("zz/sentinel", 0)
+        r = raw()
+        r.connect("faker")
+        r.send(gen_publish("$SYS/fake/x", b"lie", qos=1, pid=4))
+        assert r.read_packet() == (PUBACK, 0, b"\x00\x04")
+        r.send(gen_publish("$SYS/fake/y", b"lie", qos=2, pid=5))
+        assert r.read_packet() == (PUBREC, 0, b"\x00\x05")
+        r.send(gen_publish("zz/sentinel", b"end", qos=1, pid=6))
+        assert r.read_packet() == (PUBACK, 0, b"\x00\x06")
+        assert w.get().topic == "zz/sentinel"
+
+    def test_hash_subscriber_sees_no_sys(self, raw):
+        """[MQTT-4.7.2-1] '#' does not receive $SYS heartbeats."""
+        r = raw()
+        r.connect("h")
+        r.subscribe([("#", 0)])
+        r.expect_nothing(0.5)
+
+
+###############################################################################
+# 10 Metrics and stats
+###############################################################################
+
+class Test10Metrics:
+
+    def test_all_names_present_and_zero_on_fresh_broker(self, broker):
+        metrics = broker.metrics()
+        assert set(metrics) == set(emqx_lite.METRIC_NAMES)
+        assert all(v == 0 for k, v in metrics.items() if k != "messages/retained")
+        stats = broker.stats()
+        assert set(stats) == {n + s for n in emqx_lite.STAT_NAMES for s in ("/count", "/max")}
+        assert stats["clients/count"] == 0
+
+    def test_exact_counts_after_known_sequence(self, broker):
+        """Exact packet/message counters for a scripted exchange on a fresh broker."""
+        sent = []
+
+        def send(r, data):
+            sent.append(len(data))
+            r.send(data)
+
+        a, b = RawClient(broker.mqtt_port), RawClient(broker.mqtt_port)
+        try:
+            send(a, gen_connect("ma"))
+            assert a.read_packet() == (CONNACK, 0, b"\x00\x00")
+            send(a, gen_subscribe(1, [("m/t", 1)]))
+            assert a.read_packet()[0] == SUBACK
+            send(b, gen_connect("mb"))
+            assert b.read_packet() == (CONNACK, 0, b"\x00\x00")
+            send(b, gen_publish("m/t", b"q1", qos=1, pid=1))
+            assert b.read_packet() == (PUBACK, 0, b"\x00\x01")
+            m = a.read_publish()
+            send(a, gen_puback(m["pid"]))
+            send(b, gen_publish("nobody/here", b"q0"))
+            send(b, gen_publish("m/t", b"q0"))
+            assert a.read_publish()["qos"] == 0
+            send(a, gen_pingreq())
+            assert a.read_packet() == (PINGRESP, 0, b"")
+            send(b, gen_disconnect())
+            assert b.expect_closed()
+            send(a, gen_disconnect())
+            assert a.expect_closed()
+        finally:
+            a.close()
+            b.close()
+        assert wait_until(lambda: broker.metrics()["packets/disconnect"] == 2)
+        mt = broker.metrics()
+        expected = {
+            "packets/connect": 2, "packets/connack": 2,
+            "packets/subscribe": 1, "packets/suback": 1,
+            "packets/publish/received": 3, "packets/publish/sent": 2,
+            "packets/puback/sent": 1, "packets/puback/received": 1,
+            "packets/pingreq": 1, "packets/pingresp": 1,
+            "packets/disconnect": 2,
+            "packets/received": 2 + 1 + 3 + 1 + 1 + 2,
+            "packets/sent": 2 + 1 + 2 + 1 + 1,
+            "messages/received": 3, "messages/qos0/received": 2,
+            "messages/qos1/received": 1, "messages/qos2/received": 0,
+            "messages/sent": 2, "messages/qos1/sent": 1, "messages/qos0/sent": 1,
+            "messages/dropped": 1,   # the PUBLISH nobody subscribed to
+            "packets/unsubscribe": 0, "packets/unsuback": 0,
+            "packets/puback/missed": 0,
+            "bytes/received": sum(sent),
+        }
+        assert {k: mt[k] for k in expected} == expected
+        assert mt["bytes/sent"] > 0
+        assert wait_until(lambda: broker.stats()["sessions/count"] == 0)
+        stats = broker.stats()
+        assert (stats["clients/count"], stats["clients/max"]) == (0, 2)
+        assert (stats["sessions/count"], stats["sessions/max"]) == (0, 2)
+        assert (stats["subscriptions/count"], stats["subscriptions/max"]) == (0, 1)
+        assert (stats["routes/count"], stats["routes/max"]) == (0, 1)
+
+    def test_qos2_counters(self, raw, broker):
+        s = raw()
+        s.connect("s")
+        s.subscribe([("q2", 2)])
+        p = raw()
+        p.connect("p")
+        p.send(gen_publish("q2", b"x", qos=2, pid=1))
+        assert p.read_packet()[0] == PUBREC
+        p.send(gen_pubrel(1))
+        assert p.read_packet()[0] == PUBCOMP
+        m = s.read_publish()
+        s.send(gen_pubrec(m["pid"]))
+        assert s.read_packet()[0] == PUBREL
+        s.send(gen_pubcomp(m["pid"]))
+        assert wait_until(lambda: broker.metrics()["packets/pubcomp/received"] == 1)
+        mt = broker.metrics()
+        assert {k: mt[k] for k in ("messages/qos2/received", "messages/qos2/sent",
+                                   "packets/pubrec/sent", "packets/pubrel/received",
+                                   "packets/pubcomp/sent", "packets/pubrec/received",
+                                   "packets/pubrel/sent", "packets/pubcomp/received")} == \
+            dict.fromkeys(("messages/qos2/received", "messages/qos2/sent",
+                           "packets/pubrec/sent", "packets/pubrel/received",
+                           "packets/pubcomp/sent", "packets/pubrec/received",
+                           "packets/pubrel/sent", "packets/pubcomp/received"), 1)
+
+    def test_unsubscribe_counters(self, raw, broker):
+        r = raw()
+        r.connect("u")
+        r.send(gen_unsubscribe(1, ["x"]))
+        assert r.read_packet()[0] == UNSUBACK
+        mt = broker.metrics()
+        assert (mt["packets/unsubscribe"], mt["packets/unsuback"]) == (1, 1)
+
+    def test_clients_stats_follow_connections(self, client, broker):
+        cs = [client(client_id="c%d" % i) for i in range(3)]
+        assert broker.stats()["clients/count"] == 3
+        for c in cs:
+            c.disconnect()
+        assert wait_until(lambda: broker.stats()["clients/count"] == 0)
+        assert broker.stats()["clients/max"] == 3
+
+    def test_max_awaiting_rel(self, make_broker):
+        """max_awaiting_rel=2: a third unreleased inbound QoS 2 id gets no
+        PUBREC and is counted in messages/qos2/dropped (EMQ X)."""
+        b = make_broker(max_awaiting_rel=2)
+        r = RawClient(b.mqtt_port)
+        try:
+            r.connect("ar")
+            for pid in (1, 2, 3):
+                r.send(gen_publish("ar", b"x", qos=2, pid=pid))
+            assert r.read_packet() == (PUBREC, 0, b"\x00\x01")
+            assert r.read_packet() == (PUBREC, 0, b"\x00\x02")
+            r.expect_nothing(0.2)
+            assert b.metrics()["messages/qos2/dropped"] == 1
+            r.send(gen_pubrel(1))
+            assert r.read_packet() == (PUBCOMP, 0, b"\x00\x01")
+            r.send(gen_publish("ar", b"x", qos=2, pid=3))
+            assert r.read_packet() == (PUBREC, 0, b"\x00\x03")
+        finally:
+            r.close()
+
+
+###############################################################################
+# 13 Malformed input: the bad connection is closed, the broker carries on
+###############################################################################
+
+def bad_utf8_string(raw_bytes):
+    return len(raw_bytes).to_bytes(2, "big") + raw_bytes
+
+
+class Test13Malformed:
+    """Each test connects a healthy paho pair first (``health``), feeds a raw
+    socket bad bytes, checks that socket is closed, then checks the paho pair
+    still publishes and receives."""
+
+    @pytest.fixture
+    def broker(self, make_broker):
+        return make_broker(max_packet_size=1024, connect_timeout=0.3)
+
+    def connected(self, raw, cid="bad"):
+        r = raw()
+        assert r.connect(cid) == (0, 0)
+        return r
+
+    def test_truncated_packet_then_close(self, raw, broker, health):
+        r = self.connected(raw)
+        r.send(b"\x30\x20\x00\x05hel")     # PUBLISH promising 32 bytes, 5 sent
+        r.close()
+        assert wait_until(lambda: [c["client_id"] for c in broker.clients()] ==
+                          ["healthy-pub", "healthy-sub"])
+        health.check()
+
+    def test_truncated_connect_then_close(self, raw, broker, health):
+        r = raw()
+        r.send(gen_connect("half")[:7])
+        r.close()
+        assert wait_until(lambda: broker.listener_infos()[0]["current_clients"] == 2)
+        health.check()
+
+    def test_five_byte_remaining_length(self, raw, health):
+        """2.2.3: the remaining length is at most four bytes."""
+        r = self.connected(raw)
+        r.send(b"\x30\xff\xff\xff\xff\x01")
+        assert r.expect_closed()
+        health.check()
+
+    def test_five_byte_remaining_length_before_connect(self, raw, health):
+        r = raw()
+        r.send(b"\x10\x80\x80\x80\x80\x01")
+        assert r.expect_closed()
+        health.check()
+
+    def test_oversize_packet(self, raw, health):
+        """A packet above max_packet_size (1024 here) closes the connection."""
+        r = self.connected(raw)
+        try:
+            r.send(gen_publish("big", b"x" * 2000))
+        except OSError:
+            pass
+        assert r.expect_closed()
+        health.check()
+
+    def test_oversize_header_only(self, raw, health):
+        """The size is checked from the header, before the body arrives."""
+        r = self.connected(raw)
+        r.send(b"\x30" + enc_varint(10_000_000))
+        assert r.expect_closed()
+        health.check()
+
+    def test_packet_at_limit_is_fine(self, raw, client, health):
+        sub = client(client_id="lim")
+        sub.subscribe("lim", 0)
+        r = self.connected(raw)
+        body_len = 1024 - 2 - len("lim")
+        r.send(gen_publish("lim", b"y" * body_len))
+        assert len(sub.get().payload) == body_len
+        health.check()
+
+    @pytest.mark.parametrize("first", [0x00, 0xF0], ids=["type0", "type15"])
+    def test_reserved_packet_types(self, raw, health, first):
+        """Packet types 0 and 15 are reserved / forbidden in 3.1.1."""
+        r = self.connected(raw)
+        r.send(bytes((first, 0)))
+        assert r.expect_closed()
+        health.check()
+
+    @pytest.mark.parametrize("ptype", [CONNACK, SUBACK, UNSUBACK, PINGRESP])
+    def test_server_to_client_packet_types(self, raw, health, ptype):
+        r = self.connected(raw)
+        r.send(packet(ptype << 4, b"\x00\x01" if ptype in (SUBACK, UNSUBACK) else
+                      (b"\x00\x00" if ptype == CONNACK else b"")))
+        assert r.expect_closed()
+        health.check()
+
+    @pytest.mark.parametrize("flags", [0x00, 0x01, 0x03, 0x0F])
+    def test_bad_pubrel_flags(self, raw, health, flags):
+        """[MQTT-3.6.1-1] [MQTT-2.2.2-2] PUBREL flags must be 0010."""
+        r = self.connected(raw)
+        r.send(gen_publish("t", b"x", qos=2, pid=1))
+        assert r.read_packet() == (PUBREC, 0, b"\x00\x01")
+        r.send(gen_pubrel(1, flags=flags))
+        assert r.expect_closed()
+        health.check()
+
+    @pytest.mark.parametrize("data", [b"\xc1\x00", b"\xe2\x00", b"\x41\x02\x00\x01",
+                                      b"\x12" + gen_connect("x")[1:]],
+                             ids=["pingreq", "disconnect", "puback", "connect"])
+    def test_bad_fixed_header_flags(self, raw, health, data):
+        """[MQTT-2.2.2-2] invalid fixed-header flags close the connection."""
+        r = self.connected(raw)
+        r.send(data)
+        assert r.expect_closed()
+        health.check()
+
+    def test_publish_qos3(self, raw, health):
+        """[MQTT-3.3.1-4] a PUBLISH with both QoS bits set is malformed."""
+        r = self.connected(raw)
+        r.send(packet(0x36, enc_str("t") + b"\x00\x01x"))
+        assert r.expect_closed()
+        health.check()
+
+    def test_publish_packet_id_zero(self, raw, health):
+        """[MQTT-2.3.1-1] QoS > 0 packets need a non-zero packet id."""
+        r = self.connected(raw)
+        r.send(gen_publish("t", b"x", qos=1, pid=0))
+        assert r.expect_closed()
+        health.check()
+
+    def test_dup_on_qos0(self, raw, health):
+        """[MQTT-3.3.1-2] DUP must be 0 for QoS 0."""
+        r = self.connected(raw)
+        r.send(gen_publish("t", b"x", qos=0, dup=True))
+        assert r.expect_closed()
+        health.check()
+
+    @pytest.mark.parametrize("raw_id", [b"\xc3\x28", b"\xff", b"\xed\xa0\x80", b"\xc0\x80"],
+                             ids=["bad-continuation", "ff", "surrogate", "overlong-nul"])
+    def test_invalid_utf8_client_id(self, raw, broker, health, raw_id):
+        """[MQTT-1.5.3-1] ill-formed UTF-8 (including surrogates) closes the connection."""
+        r = raw()
+        body = enc_str("MQTT") + bytes((4, 0x02)) + (60).to_bytes(2, "big") + bad_utf8_string(raw_id)
+        r.send(packet(0x10, body))
+        assert r.expect_closed()
+        assert len(broker.clients()) == 2
+        health.check()
+
+    @pytest.mark.parametrize("raw_topic", [b"a/\xc3\x28", b"\xff\xfe", b"x/\xed\xbf\xbf"])
+    def test_invalid_utf8_topic(self, raw, client, health, raw_topic):
+        """[MQTT-1.5.3-1] ill-formed UTF-8 in a PUBLISH topic closes the connection."""
+        w = client(client_id="w")
+        w.subscribe("#", 0)
+        r = self.connected(raw)
+        r.send(packet(0x30, bad_utf8_string(raw_topic) + b"payload"))
+        assert r.expect_closed()
+        health.check()
+        assert all(m.topic == "health/x" for m in w.drain())
+
+    def test_invalid_utf8_subscribe_filter(self, raw, health):
+        r = self.connected(raw)
+        r.send(packet(0x82, b"\x00\x01" + bad_utf8_string(b"a/\xff") + b"\x00"))
+        assert r.expect_closed()
+        health.check()
+
+    def test_nul_in_topic(self, raw, client, health):
+        """[MQTT-1.5.3-2] U+0000 in a string closes the connection."""
+        w = client(client_id="w")
+        w.subscribe("#", 0)
+        r = self.connected(raw)
+        r.send(gen_publish("a\u0000b", b"x"))
+        assert r.expect_closed()
+        health.check()
+        assert all(m.topic == "health/x" for m in w.drain())
+
+    def test_nul_in_client_id(self, raw, health):
+        """[MQTT-1.5.3-2]"""
+        r = raw()
+        r.send(gen_connect("a\u0000b"))
+        assert r.expect_closed()
+        health.check()
+
+    def test_empty_topic(self, raw, health):
+        """[MQTT-4.7.3-1] a topic name is at least one character long."""
+        r = self.connected(raw)
+        r.send(gen_publish("", b"x", qos=1, pid=1))
+        assert r.expect_closed()
+        health.check()
+
+    @pytest.mark.parametrize("topic", ["a/+", "a/#", "+", "#", "a/b+"])
+    def test_wildcard_in_publish_topic(self, raw, client, health, topic):
+        """[MQTT-3.3.2-2] a PUBLISH topic name must not contain wildcards."""
+        w = client(client_id="w")
+        w.subscribe("#", 0)
+        r = self.connected(raw)
+        r.send(gen_publish(topic, b"x"))
+        assert r.expect_closed()
+        health.check()
+        assert all(m.topic == "health/x" for m in w.drain())
+
+    @pytest.mark.parametrize("seed", [1, 2, 3])
+    def test_random_garbage(self, raw, health, seed):
+        rnd = random.Random(seed)
+        data = bytes(rnd.randrange(256) for _ in range(4096))
+        if data[0] >> 4 == CONNECT:
+            data = b"\x00" + data[1:]
+        r = raw()
+        try:
+            r.send(data)
+        except OSError:
+            pass
+        assert r.expect_closed(strict=False)
+        health.check()
+
+    def test_random_garbage_after_connect(self, raw, health):
+        rnd = random.Random(42)
+        r = self.connected(raw)
+        data = bytes(rnd.randrange(256) for _ in range(4096))
+        try:
+            r.send(b"\xf0" + data)
+        except OSError:
+            pass
+        assert r.expect_closed(strict=False)
+        health.check()
+
+    def test_truncated_fields(self, raw, health):
+        """A string length pointing past the packet end is malformed."""
+        r = self.connected(raw)
+        r.send(packet(0x30, b"\x00\x10ab"))
+        assert r.expect_closed()
+        health.check()
+
+    def test_pingreq_with_body(self, raw, health):
+        r = self.connected(raw)
+        r.send(b"\xc0\x01\x00")
+        assert r.expect_closed()
+        health.check()
+
+    def test_connect_trailing_bytes(self, raw, health):
+        r = raw()
+        c = gen_connect("trail")
+        r.send(packet(0x10, c[2:] + b"\x00"))
+        assert r.expect_closed()
+        health.check()
+
+    def test_connect_timeout(self, raw, health):
+        """connect_timeout=0.3: a socket that never sends CONNECT is closed."""
+        r = raw()
+        t0 = time.monotonic()
+        assert r.expect_closed(timeout=3)
+        assert time.monotonic() - t0 >= 0.25
+        health.check()
+
+    def test_partial_connect_times_out(self, raw, health):
+        r = raw()
+        r.send(gen_connect("slow")[:5])
+        assert r.expect_closed(timeout=3)
+        health.check()
+
+    def test_many_bad_clients_at_once(self, raw, health):
+        bad = []
+        for i in range(20):
+            r = raw()
+            r.send(bytes((0xF0, 0)) if i % 2 else b"\x30\xff\xff\xff\xff\x01")
+            bad.append(r)
+        for r in bad:
+            assert r.expect_closed()
+        health.check()
+
+
+###############################################################################
+# Embedding hygiene
+###############################################################################
+
+def broker_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("emqx_lite")]
+
+
+def fd_count():
+    return len(os.listdir("/proc/self/fd"))
+
+
+class TestEmbedding:
+
+    def test_start_stop_200_brokers_leaks_nothing(self):
+        """200 start/stop cycles (some with a client still connected at stop)
+        leave no thread and no file descriptor behind."""
+        assert wait_until(lambda: not broker_threads())
+        threads_before = threading.active_count()
+        fds_before = fd_count()
+        for i in range(200):
+            with emqx_lite.Broker(HOST, mqtt_port=0, http_port=None) as b:
+                assert b.mqtt_port > 0
+                if i % 20 == 0:
+                    r = RawClient(b.mqtt_port)
+                    r.connect("leak%d" % i, will=("w", b"x", 1, True))
+                    b.stop()               # stop with the client still connected
+                    assert r.expect_closed()
+                    r.close()
+        assert broker_threads() == []
+        assert threading.active_count() <= threads_before
+        assert wait_until(lambda: fd_count() <= fds_before), (fd_count(), fds_before)
+
+    def test_stop_joins_connection_threads(self, make_broker):
+        b = make_broker()
+        rs = [RawClient(b.mqtt_port) for _ in range(5)]
+        for i, r in enumerate(rs):
+            r.connect("t%d" % i)
+        assert len(broker_threads()) >= 6
+        b.stop()
+        assert broker_threads() == []
+        for r in rs:
+            assert r.expect_closed()
+            r.close()
+
+    def test_two_brokers_are_independent(self, make_broker):
+        b1, b2 = make_broker(), make_broker()
+        assert b1.mqtt_port != b2.mqtt_port
+        c1 = PahoClient(b1.mqtt_port, "same-id")
+        c2 = PahoClient(b2.mqtt_port, "same-id")   # no takeover across brokers
+        try:
+            c1.subscribe("ind", 1)
+            c2.subscribe("ind", 1)
+            c2.subscribe("zz/sentinel", 0)
+            b1.publish("ind", b"one", qos=1, retain=True)
+            assert c1.get().payload == b"one"
+            b2.publish("zz/sentinel", b"end")
+            assert c2.get().topic == "zz/sentinel"
+            assert user_retained(b2) == []
+            assert [c["client_id"] for c in b1.clients()] == ["same-id"]
+            assert [c["client_id"] for c in b2.clients()] == ["same-id"]
+            b1.stop()
+            b2.publish("ind", b"two", qos=1)
+            assert c2.get().payload == b"two"
+        finally:
+            c1.disconnect()
+            c2.disconnect()
+
+    def test_lifecycle_errors(self):
+        b = emqx_lite.Broker(HOST, mqtt_port=0, http_port=None)
+        with pytest.raises(RuntimeError):
+            b.publish("t", b"x")
+        with pytest.raises(RuntimeError):
+            b.clients()
+        b.start()
+        try:
+            with pytest.raises(RuntimeError):
+                b.start()
+        finally:
+            b.stop()
+        b.stop()   # idempotent
+        with pytest.raises(TypeError):
+            emqx_lite.Broker(HOST, mqtt_port=0, http_port=None, no_such_setting=1)
+
+    def test_restart(self):
+        b = emqx_lite.Broker(HOST, mqtt_port=0, http_port=None)
+        for _ in range(2):
+            with b:
+                r = RawClient(b.mqtt_port)
+                try:
+                    assert r.connect("again") == (0, 0)
+                finally:
+                    r.close()
+        assert broker_threads() == []
+
+    def test_context_manager_and_node(self):
+        with emqx_lite.Broker(HOST, mqtt_port=0, http_port=None) as b:
+            assert isinstance(b, emqx_lite.Broker)
+            assert b.node == NODE
+            assert b.http_port is None
+        with emqx_lite.Broker(HOST, mqtt_port=0, http_port=None, node="n1@host") as b:
+            assert b.node == "n1@host"
+            r = RawClient(b.mqtt_port)
+            try:
+                r.connect("n")
+                r.subscribe([("$SYS/brokers", 0)])
+                assert r.read_publish()["payload"] == b"n1@host"
+            finally:
+                r.close()
+
+    def test_python_subscribe_api(self, raw, broker):
+        r = raw()
+        r.connect("api", clean=False)
+        broker.publish("api/r", b"kept", retain=True)
+        broker.subscribe("api", "api/+", qos=1)
+        m = r.read_publish()
+        assert (m["topic"], m["retain"]) == ("api/r", True)
+        assert broker.subscriptions("api") == [{"client_id": "api", "topic": "api/+", "qos": 1}]
+        assert broker.is_connected("api") and not broker.is_connected("nobody")
+        with pytest.raises(KeyError):
+            broker.subscribe("nobody", "t")
+        with pytest.raises(ValueError):
+            broker.subscribe("api", "a/#/b")
+        broker.unsubscribe("api", "api/+")
+        assert broker.subscriptions("api") == []
+
+    def test_concurrent_api_publishers(self, client, broker):
+        sub = client(client_id="cc")
+        sub.subscribe("cc/+", 1)
+        n_threads, n_msgs = 8, 100   # 800 < max_mqueue_len: nothing is dropped
+
+        def worker(k):
+            for i in range(n_msgs):
+                broker.publish("cc/%d" % k, b"%d" % i, qos=1)
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(n_threads)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        per_topic = {}
+        for _ in range(n_threads * n_msgs):
+            m = sub.get()
+            per_topic.setdefault(m.topic, []).append(int(m.payload))
+        assert sorted(per_topic) == ["cc/%d" % k for k in range(n_threads)]
+        for values in per_topic.values():
+            assert values == list(range(n_msgs))   # per-publisher order [MQTT-4.6.0-2]
+
+
+###############################################################################
+# Slow consumers
+###############################################################################
+
+class TestSlowConsumer:
+
+    def test_stalled_subscriber_does_not_block_others(self, make_broker):
+        """A raw subscriber that never reads, a paho subscriber that keeps up
+        and a raw QoS 0 publisher of 20,000 x 1 KiB (max_outbuf=64 KiB): the
+        fast subscriber gets everything in order, the publisher's writes never
+        stall, and the stalled client's surplus is dropped (messages/dropped).
+
+        The publisher sends 50 messages (< max_outbuf) at a time and lets the
+        paho subscriber catch up: a consumer that keeps up is never dropped."""
+        N, BATCH = 20000, 50
+        b = make_broker(max_outbuf=64 * 1024)
+        slow = RawClient(b.mqtt_port)
+        fast = PahoClient(b.mqtt_port, "fast")
+        pub = RawClient(b.mqtt_port)
+        try:
+            slow.connect("slow")
+            assert slow.subscribe([("slow/t", 0)]) == [0]
+            assert fast.subscribe("slow/t", 0) == [0]
+            pub.connect("pub")
+            pad = b"x" * 1019
+            got = []
+            worst_send = 0.0
+            t0 = time.monotonic()
+            for start in range(0, N, BATCH):
+                data = b"".join(gen_publish("slow/t", pad + b"%05d" % i)
+                                for i in range(start, start + BATCH))
+                ts = time.monotonic()
+                pub.send(data)
+                worst_send = max(worst_send, time.monotonic() - ts)
+                while len(got) < start + BATCH:
+                    got.append(fast.get().payload[-5:])
+            elapsed = time.monotonic() - t0
+            ts = time.monotonic()
+            pub.send(gen_pingreq())
+            assert pub.read_packet(timeout=2) == (PINGRESP, 0, b"")
+            assert time.monotonic() - ts < 1.0
+            assert got == [b"%05d" % i for i in range(N)]
+            assert worst_send < 1.0, worst_send
+            assert elapsed < 30, elapsed
+            dropped = b.metrics()["messages/dropped"]
+            assert dropped > 0
+            slow_info = [s for s in b.sessions() if s["client_id"] == "slow"][0]
+            assert slow_info["deliver_msg"] + dropped == N
+            assert b.is_connected("slow")
+        finally:
+            fast.disconnect()
+            slow.close()
+            pub.close()
+
+    def test_stalled_qos1_subscriber_queues(self, make_broker):
+        """QoS 1 messages for a subscriber that never acks wait in its session
+        queue behind a full inflight window; none are dropped."""
+        b = make_broker(max_inflight=4)
+        slow = RawClient(b.mqtt_port)
+        try:
+            slow.connect("slow1")
+            slow.subscribe([("s1", 1)])
+            for i in range(50):
+                b.publish("s1", b"%d" % i, qos=1)
+            info = b.sessions()[0]
+            assert (info["inflight_len"], info["mqueue_len"]) == (4, 46)
+            assert b.metrics()["messages/dropped"] == 0
+            got = []
+            while len(got) < 50:
+                m = slow.read_publish()
+                got.append(m["payload"])
+                slow.send(gen_puback(m["pid"]))
+            assert got == [b"%d" % i for i in range(50)]
+        finally:
+            slow.close()
+
+    def test_send_timeout_closes_stalled_client(self, make_broker):
+        """send_timeout: a client whose socket stays full is disconnected."""
+        b = make_broker(max_outbuf=16 * 1024, send_timeout=0.5)
+        slow = socket.create_connection((HOST, b.mqtt_port))
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        try:
+            slow.sendall(gen_connect("stall") + gen_subscribe(1, [("st", 0)]))
+            time.sleep(0.05)
+            pad = b"z" * 4096
+            deadline = time.monotonic() + 5
+            while b.is_connected("stall") and time.monotonic() < deadline:
+                for _ in range(50):
+                    b.publish("st", pad)
+                time.sleep(0.02)
+            assert not b.is_connected("stall")
+        finally:
+            slow.close()
+
+
+# =============================================================================
+# Listeners: TLS, WebSocket, secure WebSocket, max_clients
+# =============================================================================
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    d = tmp_path_factory.mktemp("pki")
+    files = {name: str(d / name) for name in ("ca.pem", "server.pem", "server.key",
+                                               "client.pem", "client.key")}
+    ca.cert_pem.write_to_path(files["ca.pem"])
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    server.cert_chain_pems[0].write_to_path(files["server.pem"])
+    server.private_key_pem.write_to_path(files["server.key"])
+    client = ca.issue_cert("client-7", common_name="client-7")
+    client.cert_chain_pems[0].write_to_path(files["client.pem"])
+    client.private_key_pem.write_to_path(files["client.key"])
+    return files
+
+
+def _tls_broker(pki, **kw):
+    return emqx_lite.Broker("127.0.0.1", 0, None, ssl_port=0, ws_port=0, wss_port=0,
+                            certfile=pki["server.pem"], keyfile=pki["server.key"],
+                            cacertfile=pki["ca.pem"], **kw)
+
+
+def _paho(cid, port, transport="tcp", ca=None, cert=None, key=None):
+    """A connected paho client whose messages land in ``client.inbox``."""
+    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=cid, transport=transport)
+    if ca:
+        c.tls_set(ca_certs=ca, certfile=cert, keyfile=key)
+    c.inbox = queue.Queue()
+    connected, subscribed = threading.Event(), threading.Event()
+    c.on_connect = lambda *a: connected.set()
+    c.on_subscribe = lambda *a: subscribed.set()
+    c.on_message = lambda cl, u, m: c.inbox.put((m.topic, m.payload, m.qos))
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    assert connected.wait(5), cid
+    c.subscribed = subscribed
+    return c
+
+
+def _close(*clients):
+    for c in clients:
+        c.disconnect()
+        c.loop_stop()
+
+
+class TestListeners:
+    def test_every_listener_type_carries_the_same_mqtt(self, pki):
+        """tcp, ssl, ws and wss clients publish to and receive from each other."""
+        with _tls_broker(pki) as b:
+            clients = [_paho("tcp", b.mqtt_port), _paho("ssl", b.ssl_port, ca=pki["ca.pem"]),
+                       _paho("ws", b.ws_port, "websockets"),
+                       _paho("wss", b.wss_port, "websockets", ca=pki["ca.pem"])]
+            try:
+                for c in clients:
+                    c.subscribe("mix/#", 1)
+                    assert c.subscribed.wait(5)
+                big = bytes(range(256)) * 1000   # spans many TLS records and WebSocket frames
+                for c in clients:
+                    c.publish("mix/" + c._client_id.decode(), big, qos=1).wait_for_publish(5)
+                for c in clients:
+                    got = sorted(c.inbox.get(timeout=5)[0] for _ in clients)
+                    assert got == ["mix/ssl", "mix/tcp", "mix/ws", "mix/wss"]
+                protocols = [(l["protocol"], l["current_clients"]) for l in b.listener_infos()]
+                assert protocols == [("mqtt:tcp", 1), ("mqtt:ssl", 1), ("mqtt:ws", 1), ("mqtt:wss", 1)]
+            finally:
+                _close(*clients)
+
+    def test_tls_client_certificate_required(self, pki):
+        """fail_if_no_peer_cert: a client without a certificate cannot connect;
+        with one signed by the CA it can, and peer_cert_as_username=cn makes the
+        certificate's CN its username."""
+        listeners = [{"type": "ssl", "host": "127.0.0.1", "port": 0,
+                      "certfile": pki["server.pem"], "keyfile": pki["server.key"],
+                      "cacertfile": pki["ca.pem"], "verify": True,
+                      "fail_if_no_peer_cert": True, "peer_cert_as_username": "cn"}]
+        with emqx_lite.Broker(http_port=None, listeners=listeners) as b:
+            ctx = ssl.create_default_context(cafile=pki["ca.pem"])
+            with socket.create_connection(("127.0.0.1", b.ssl_port), timeout=5) as raw_sock:
+                with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+                    with ctx.wrap_socket(raw_sock, server_hostname="127.0.0.1") as tls:
+                        tls.sendall(gen_connect("nocert"))
+                        if not tls.recv(4):
+                            raise ConnectionError("closed")
+            c = _paho("withcert", b.ssl_port, ca=pki["ca.pem"], cert=pki["client.pem"],
+                      key=pki["client.key"])
+            try:
+                assert b.clients()[0]["username"] == "client-7"
+            finally:
+                _close(c)
+
+    def test_tls_optional_client_certificate(self, pki):
+        """verify without fail_if_no_peer_cert: clients with or without a certificate connect."""
+        with _tls_broker(pki, verify=True) as b:
+            a = _paho("a", b.ssl_port, ca=pki["ca.pem"])
+            c = _paho("c", b.ssl_port, ca=pki["ca.pem"], cert=pki["client.pem"], key=pki["client.key"])
+            _close(a, c)
+
+    def test_tls_garbage_closes_only_that_connection(self, pki):
+        with _tls_broker(pki) as b:
+            healthy = _paho("healthy", b.mqtt_port)
+            try:
+                s = socket.create_connection(("127.0.0.1", b.ssl_port), timeout=5)
+                s.sendall(b"\x16\x03\x01\x00\x05hello-not-tls" * 10)
+                try:   # the broker may answer with a TLS alert, then closes
+                    while s.recv(4096):
+                        pass
+                except ConnectionError:
+                    pass
+                s.close()
+                assert wait_until(lambda: b.listener_infos()[1]["current_clients"] == 0)
+                healthy.subscribe("h/#", 0)
+                assert healthy.subscribed.wait(5)
+                b.publish("h/1", b"still here")
+                assert healthy.inbox.get(timeout=5)[:2] == ("h/1", b"still here")
+            finally:
+                _close(healthy)
+
+    def test_websocket_frames_split_and_joined(self):
+        """[MQTT-6.0.0-2] a packet split over frames and [MQTT-6.0.0-3] several
+        packets in one frame are both handled, as browsers may send them; ping
+        gets pong; close gets close."""
+        wsproto = pytest.importorskip("wsproto")
+        import wsproto.events as ev
+        with emqx_lite.Broker("127.0.0.1", 0, None, ws_port=0) as b:
+            ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+            s = socket.create_connection(("127.0.0.1", b.ws_port), timeout=5)
+
+            def events():
+                while True:
+                    got = list(ws.events())
+                    if got:
+                        return got
+                    ws.receive_data(s.recv(65536))
+
+            s.sendall(ws.send(ev.Request(host="127.0.0.1", target="/mqtt", subprotocols=["mqtt"])))
+            (accept,) = events()
+            assert isinstance(accept, ev.AcceptConnection) and accept.subprotocol == "mqtt"
+            connect = gen_connect("wsc")
+            s.sendall(ws.send(ev.BytesMessage(data=connect[:3], message_finished=False)))
+            s.sendall(ws.send(ev.BytesMessage(data=connect[3:])))
+            stream = b""
+            while len(stream) < 4:
+                for e in events():
+                    stream += bytes(e.data)
+            assert stream[:4] == b"\x20\x02\x00\x00"
+            both = gen_subscribe(1, [("w/t", 0)]) + gen_publish("w/t", b"one-frame")
+            s.sendall(ws.send(ev.BytesMessage(data=both)))
+            stream = stream[4:]
+            expected = b"\x90\x03\x00\x01\x00" + gen_publish("w/t", b"one-frame")
+            while len(stream) < len(expected):
+                for e in events():
+                    stream += bytes(e.data)
+            assert stream == expected
+            s.sendall(ws.send(ev.Ping(payload=b"hi")))
+            (pong,) = events()
+            assert isinstance(pong, ev.Pong) and pong.payload == b"hi"
+            s.sendall(ws.send(ev.CloseConnection(code=1000)))
+            assert any(isinstance(e, ev.CloseConnection) for e in events())
+            s.close()
+
+    def test_websocket_wrong_path_or_subprotocol_is_rejected(self):
+        with emqx_lite.Broker("127.0.0.1", 0, None, ws_port=0) as b:
+            for target, protos in (("/other", ["mqtt"]), ("/mqtt", ["chat"])):
+                s = socket.create_connection(("127.0.0.1", b.ws_port), timeout=5)
+                s.sendall(("GET %s HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                           "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                           "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: %s\r\n\r\n"
+                           % (target, ",".join(protos))).encode())
+                reply = s.recv(4096)
+                assert reply.startswith(b"HTTP/1.1 404"), reply
+                s.close()
+
+    def test_max_clients_refuses_cleanly(self):
+        with emqx_lite.Broker("127.0.0.1", 0, None, max_clients=2) as b:
+            a, c = _paho("mc-a", b.mqtt_port), _paho("mc-b", b.mqtt_port)
+            try:
+                s = socket.create_connection(("127.0.0.1", b.mqtt_port), timeout=5)
+                s.sendall(gen_connect("mc-c"))
+                try:
+                    assert s.recv(4) == b""
+                except ConnectionError:
+                    pass
+                s.close()
+                assert b.listener_infos()[0]["shutdown_count"] == {"max_clients": 1}
+                assert len(b.clients()) == 2
+            finally:
+                _close(a, c)
+
+
+
+# =============================================================================
+# ACL through real clients, and the command line with configuration files
+# =============================================================================
+
+def _acl_broker(tmp_path, rules, **kw):
+    path = tmp_path / "acl.conf"
+    path.write_text(rules)
+    return emqx_lite.Broker("127.0.0.1", 0, None, acl_file=str(path), **kw)
+
+
+def _raw_session(port, client_id, username=None):
+    """A raw socket that has CONNECTed (gen_connect from the helpers above)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(gen_connect(client_id, username=username))
+    assert _recv_exact(s, 4) == b"\x20\x02\x00\x00"
+    return s
+
+
+def _recv_exact(s, n):
+    data = b""
+    while len(data) < n:
+        chunk = s.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("closed after %r" % data)
+        data += chunk
+    return data
+
+
+def _suback_codes(s, pid, filters):
+    s.sendall(gen_subscribe(pid, filters))
+    head = _recv_exact(s, 2)
+    assert head[0] == 0x90
+    body = _recv_exact(s, head[1])
+    assert body[:2] == pid.to_bytes(2, "big")
+    return list(body[2:])
+
+
+class TestAcl:
+    def test_denied_subscribe_gets_0x80_alongside_granted_filters(self, tmp_path):
+        """[MQTT-3.9.3-2]: 0x80 for the denied filter, the others are granted."""
+        rules = '{deny, all, subscribe, ["$SYS/#", {eq, "#"}]}.\n{allow, all}.\n'
+        with _acl_broker(tmp_path, rules) as b:
+            s = _raw_session(b.mqtt_port, "acl-sub")
+            assert _suback_codes(s, 1, [("#", 1), ("a/+", 1), ("$SYS/#", 0), ("a/#", 2)]) == \
+                [0x80, 1, 0x80, 2]
+            assert sorted(x["topic"] for x in b.subscriptions("acl-sub")) == ["a/#", "a/+"]
+            s.close()
+
+    def test_eq_matches_only_the_literal_filter(self, tmp_path):
+        rules = '{deny, all, subscribe, [{eq, "a/+"}]}.\n'
+        with _acl_broker(tmp_path, rules) as b:
+            s = _raw_session(b.mqtt_port, "acl-eq")
+            assert _suback_codes(s, 1, [("a/+", 0), ("a/b", 0), ("a/#", 0)]) == [0x80, 0, 0]
+            s.close()
+
+    def test_denied_publish_is_acknowledged_and_dropped(self, tmp_path):
+        """[MQTT-3.3.5-2]: a PUBLISH the ACL refuses gets its PUBACK and goes nowhere."""
+        rules = '{deny, {user, "bob"}, publish, ["secret/#"]}.\n{allow, all}.\n'
+        with _acl_broker(tmp_path, rules) as b:
+            sub = _raw_session(b.mqtt_port, "acl-watch")
+            assert _suback_codes(sub, 1, [("secret/#", 0)]) == [0]
+            bob = _raw_session(b.mqtt_port, "bob-1", username="bob")
+            alice = _raw_session(b.mqtt_port, "alice-1", username="alice")
+            dropped = b.metrics()["messages/dropped"]
+            bob.sendall(gen_publish("secret/x", b"from bob", qos=1, pid=7))
+            assert _recv_exact(bob, 4) == b"\x40\x02\x00\x07"
+            alice.sendall(gen_publish("secret/x", b"from alice"))
+            assert _recv_exact(sub, len(gen_publish("secret/x", b"from alice"))) == \
+                gen_publish("secret/x", b"from alice")
+            assert b.metrics()["messages/dropped"] == dropped + 1
+            for s in (sub, bob, alice):
+                s.close()
+
+    def test_username_and_client_id_placeholders(self, tmp_path):
+        rules = ('{allow, all, subscribe, ["users/%u/#", "clients/%c/#"]}.\n'
+                 '{deny, all, subscribe, ["users/#", "clients/#"]}.\n')
+        with _acl_broker(tmp_path, rules) as b:
+            s = _raw_session(b.mqtt_port, "dev-9", username="carol")
+            assert _suback_codes(s, 1, [("users/carol/x", 0), ("users/dave/x", 0),
+                                        ("clients/dev-9/#", 0), ("clients/dev-8/#", 0)]) == \
+                [0, 0x80, 0, 0x80]
+            anon = _raw_session(b.mqtt_port, "anon-1")
+            assert _suback_codes(anon, 1, [("users/%u/x", 0)]) == [0x80]
+            s.close()
+            anon.close()
+
+    def test_ipaddr_cidr_and_client_rules(self, tmp_path):
+        rules = ('{deny, {client, "blocked"}, subscribe, ["#"]}.\n'
+                 '{allow, {ipaddr, "127.0.0.0/8"}, subscribe, ["local/#"]}.\n'
+                 '{allow, {ipaddr, "10.0.0.0/8"}, subscribe, ["remote/#"]}.\n'
+                 '{deny, all}.\n')
+        with _acl_broker(tmp_path, rules) as b:
+            s = _raw_session(b.mqtt_port, "someone")
+            assert _suback_codes(s, 1, [("local/a", 0), ("remote/a", 0)]) == [0, 0x80]
+            blocked = _raw_session(b.mqtt_port, "blocked")
+            assert _suback_codes(blocked, 1, [("local/a", 0)]) == [0x80]
+            s.close()
+            blocked.close()
+
+    def test_nomatch_deny_and_first_match_wins(self, tmp_path):
+        rules = ('{allow, all, subscribe, ["a/#"]}.\n'
+                 '{deny, all, subscribe, ["a/b"]}.\n')
+        with _acl_broker(tmp_path, rules, acl_nomatch="deny") as b:
+            s = _raw_session(b.mqtt_port, "order")
+            assert _suback_codes(s, 1, [("a/b", 0), ("z", 0)]) == [0, 0x80]
+            s.close()
+
+    def test_default_acl_lets_localhost_do_everything(self, broker):
+        s = _raw_session(broker.mqtt_port, "local")
+        assert _suback_codes(s, 1, [("#", 0), ("$SYS/#", 0)]) == [0, 0]
+        s.close()
+
+    def test_bad_acl_file_stops_startup_with_its_line(self, tmp_path):
+        path = tmp_path / "acl.conf"
+        path.write_text('{allow, all}.\n{allow, {user, "x"}, fly, ["t"]}.\n')
+        with pytest.raises(emqx_lite.ConfigError, match=r"acl\.conf:2: expected publish"):
+            emqx_lite.Broker("127.0.0.1", 0, None, acl_file=str(path))
+
+
+def _run_cli(*args, env=None, timeout=10):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, emqx_lite.__file__, *args], capture_output=True,
+                          text=True, timeout=timeout, env=dict(os.environ, **(env or {})))
+
+
+class _CliBroker:
+    """``python emqx_lite.py ...`` in a subprocess; ports read from its log lines."""
+
+    def __init__(self, *args, env=None):
+        import subprocess
+        import sys
+        self.proc = subprocess.Popen(
+            [sys.executable, emqx_lite.__file__, "--log-level", "info", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=dict(os.environ, **(env or {})))
+        self.ports, self.lines = {}, []
+        while "mqtt:tcp" not in self.ports or "api" not in self.ports:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise AssertionError("broker exited: %s" % "".join(self.lines))
+            self.lines.append(line)
+            m = re.search(r"Listening for MQTT \((mqtt:\w+)\) on [\d.]+:(\d+)", line)
+            if m:
+                self.ports[m.group(1)] = int(m.group(2))
+            m = re.search(r"REST API \(waitress\) on http://[\d.]+:(\d+)/", line)
+            if m:
+                self.ports["api"] = int(m.group(1))
+
+    def stop(self, sig=signal.SIGTERM):
+        self.proc.send_signal(sig)
+        out, _ = self.proc.communicate(timeout=10)
+        return self.proc.returncode, "".join(self.lines) + out
+
+
+class TestCommandLine:
+    def test_help_lists_the_flags(self):
+        out = _run_cli("--help").stdout
+        for flag in ("--bind", "--mqtt-port", "--http-port", "--node", "--log-level",
+                     "--config", "--print-config"):
+            assert flag in out
+
+    def test_config_file_env_and_flags_in_that_order(self, tmp_path):
+        conf = tmp_path / "emqx_lite.conf"
+        conf.write_text("# a comment\nnode.name = fromfile@host\n"
+                        "mqtt.max_packet_size = 64KB\n"
+                        "listener.tcp.external = 127.0.0.1:1883\n"
+                        "listener.api.mgmt = 127.0.0.1:8080\n")
+        broker = _CliBroker("--config", str(conf), "--mqtt-port", "0", "--http-port", "0",
+                            "--node", "fromflag@host",
+                            env={"EMQX_LITE_MQTT__MAX_PACKET_SIZE": "1KB",
+                                 "EMQX_LITE_NODE__NAME": "fromenv@host"})
+        try:
+            status = urllib.request.urlopen("http://127.0.0.1:%d/status" % broker.ports["api"],
+                                            timeout=5).read()
+            assert status.startswith(b"Node fromflag@host is started")
+            ok = _raw_session(broker.ports["mqtt:tcp"], "small")
+            ok.sendall(gen_pingreq())
+            assert _recv_exact(ok, 2) == b"\xd0\x00"
+            big = _raw_session(broker.ports["mqtt:tcp"], "big")
+            big.sendall(gen_publish("t", b"x" * 2000))   # over the environment's 1KB
+            try:
+                assert big.recv(10) == b""
+            except ConnectionError:
+                pass
+            ok.close()
+            big.close()
+        finally:
+            code, log = broker.stop()
+        assert code == 0, log
+        assert "Stopping" in log
+
+    def test_sigint_stops_cleanly(self):
+        broker = _CliBroker("--bind", "127.0.0.1", "--mqtt-port", "0", "--http-port", "0")
+        s = _raw_session(broker.ports["mqtt:tcp"], "held")
+        code, log = broker.stop(signal.SIGINT)
+        assert code == 0, log
+        assert s.recv(10) == b""   # the connection was closed by the broker
+        s.close()
+
+    @pytest.mark.parametrize("text,message", [
+        ("mqtt.bogus = 1\n", r"bad\.conf:1: mqtt\.bogus: unknown key"),
+        ("# ok\nmqtt.max_packet_size = lots\n", r"bad\.conf:2: mqtt\.max_packet_size: expected a size"),
+        ("listener.tcp.x.max_clients = 5\n", r"has no address line"),
+        ("just words\n", r"bad\.conf:1: expected 'key = value'"),
+    ])
+    def test_bad_config_stops_startup_naming_file_line_and_key(self, tmp_path, text, message):
+        conf = tmp_path / "bad.conf"
+        conf.write_text(text)
+        result = _run_cli("--config", str(conf))
+        assert result.returncode == 1
+        assert re.search(message, result.stderr), result.stderr
+
+    def test_bad_environment_value_names_the_variable(self):
+        result = _run_cli("--print-config", env={"EMQX_LITE_MQTT__SESSION__MAX_INFLIGHT": "many"})
+        assert result.returncode == 1
+        assert "$EMQX_LITE_MQTT__SESSION__MAX_INFLIGHT: mqtt.session.max_inflight" in result.stderr
+
+    def test_print_config_round_trips(self, tmp_path):
+        conf = tmp_path / "in.conf"
+        conf.write_text("mqtt.session.max_inflight = 7\nlistener.ws.w1 = 127.0.0.1:0\n"
+                        "auth.username.u = p\nmqtt.broker.sys_interval = 2m\n")
+        printed = _run_cli("--config", str(conf), "--print-config").stdout
+        settings = emqx_lite.config_settings(emqx_lite.parse_conf(printed, "out"), "out")
+        assert settings["max_inflight"] == 7 and settings["sys_interval"] == 120
+        assert settings["auth_username"] == {"u": "p"}
+        assert [(l["type"], l["name"]) for l in settings["listeners"]] == [("ws", "w1")]
+        again = tmp_path / "again.conf"
+        again.write_text(printed)
+        assert _run_cli("--config", str(again), "--print-config").stdout == printed
+
+    def test_readme_configuration_example_is_valid(self):
+        readme = open(os.path.join(os.path.dirname(emqx_lite.__file__), "README.md")).read()
+        start = readme.index("```\nnode.name = ")
+        block = readme[start + 4:readme.index("```", start + 4)]
+        settings = emqx_lite.config_settings(emqx_lite.parse_conf(block, "README"), "README")
+        assert {l["type"] for l in settings["listeners"]} == {"tcp", "ssl", "ws", "wss"}
+        assert settings["max_packet_size"] == 64 * 1024
+
+
+
+# =============================================================================
+# REST API (EMQ X 2.x api/v2) — every request goes over real HTTP to waitress
+# =============================================================================
+
+API_METRIC_NAMES = {
+    "packets/disconnect", "messages/dropped", "messages/qos2/received", "packets/suback",
+    "packets/pubcomp/received", "packets/unsuback", "packets/pingresp",
+    "packets/puback/missed", "packets/pingreq", "messages/retained", "packets/sent",
+    "messages/qos2/dropped", "packets/unsubscribe", "packets/pubrec/missed",
+    "packets/connack", "messages/received", "packets/pubrec/sent",
+    "packets/publish/received", "packets/pubcomp/sent", "bytes/received",
+    "packets/connect", "packets/puback/received", "messages/sent", "packets/publish/sent",
+    "bytes/sent", "packets/pubrel/missed", "packets/puback/sent", "messages/qos0/received",
+    "packets/subscribe", "packets/pubrel/sent", "messages/forward", "messages/qos2/sent",
+    "packets/received", "packets/pubrel/received", "messages/qos1/received",
+    "messages/qos1/sent", "packets/pubrec/received", "packets/pubcomp/missed",
+    "messages/qos0/sent",
+}
+API_STAT_NAMES = {n + s for n in ("clients", "retained", "routes", "sessions", "subscribers",
+                                  "subscriptions", "topics") for s in ("/count", "/max")}
+NODE = "emqx_lite@127.0.0.1"
+
+
+class Api:
+    """A tiny HTTP client for the REST API (http.client, one request each)."""
+
+    def __init__(self, port, user="admin", password="public"):
+        self.port, self.user, self.password = port, user, password
+
+    def request(self, method, path, body=None, auth=True, headers=None, raw_body=None):
+        import http.client
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        hdrs = dict(headers or {})
+        if auth is True:
+            token = base64.b64encode(("%s:%s" % (self.user, self.password)).encode()).decode()
+            hdrs["Authorization"] = "Basic " + token
+        elif isinstance(auth, str):
+            hdrs["Authorization"] = auth
+        data = raw_body if raw_body is not None else (
+            json.dumps(body).encode() if body is not None else None)
+        try:
+            conn.request(method, path if path.startswith("/") else "/api/v2/" + path,
+                         body=data, headers=hdrs)
+            resp = conn.getresponse()
+            content = resp.read()
+            return resp.status, resp.headers, content
+        finally:
+            conn.close()
+
+    def json(self, method, path, body=None, **kw):
+        status, headers, content = self.request(method, path, body, **kw)
+        assert status == 200, (status, content)
+        assert headers["Content-Type"].startswith("application/json")
+        return json.loads(content)
+
+    def get(self, path):
+        return self.json("GET", path)
+
+    def result(self, method, path, body=None):
+        reply = self.json(method, path, body)
+        assert reply["code"] == 0, reply
+        return reply["result"]
+
+
+@pytest.fixture
+def api_broker():
+    with emqx_lite.Broker("127.0.0.1", mqtt_port=0, http_port=0) as b:
+        yield b
+
+
+@pytest.fixture
+def api(api_broker):
+    return Api(api_broker.http_port)
+
+
+@pytest.fixture
+def api_mqtt(api_broker):
+    """Factory of connected paho clients (MQTT 3.1.1) on the REST test broker."""
+    made = []
+
+    def make(client_id, clean_session=True, keepalive=60, username=None, will=None,
+             subscribe=None):
+        inbox = queue.Queue()
+        connected = threading.Event()
+        c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
+                        clean_session=clean_session, protocol=paho.MQTTv311)
+        c.inbox = inbox
+        if username:
+            c.username_pw_set(username, "pw")
+        if will:
+            c.will_set(*will)
+        c.on_message = lambda cl, u, m: inbox.put((m.topic, m.payload, m.qos, m.retain))
+        c.on_connect = lambda cl, u, f, rc, p: connected.set()
+        subscribed = threading.Event()
+        c.on_subscribe = lambda *a: subscribed.set()
+        c.connect("127.0.0.1", api_broker.mqtt_port, keepalive=keepalive)
+        c.loop_start()
+        made.append(c)
+        assert connected.wait(5)
+        if subscribe:
+            c.subscribe(subscribe)
+            assert subscribed.wait(5)
+        return c
+
+    yield make
+    for c in made:
+        c.disconnect()
+        c.loop_stop()
+
+
+class TestRestAuth:
+    def test_no_credentials_is_401_with_emqx_realm(self, api):
+        status, headers, body = api.request("GET", "management/nodes", auth=False)
+        assert status == 401
+        assert headers["WWW-Authenticate"] == 'Basic realm="emqx control center"'
+        assert body == b""
+
+    def test_wrong_password_is_401(self, api_broker):
+        status, _, _ = Api(api_broker.http_port, "admin", "wrong").request("GET", "routes")
+        assert status == 401
+
+    @pytest.mark.parametrize("header", ["Basic !!!notbase64", "Bearer abc", "Basic",
+                                        "Basic " + base64.b64encode(b"nocolon").decode()])
+    def test_malformed_authorization_header_is_401(self, api, header):
+        status, _, _ = api.request("GET", "routes", auth=header)
+        assert status == 401
+
+    def test_unknown_path_needs_auth_before_routing(self, api):
+        assert api.request("GET", "no/such/route", auth=False)[0] == 401
+        status, _, body = api.request("GET", "no/such/route")
+        assert (status, body) == (404, b"")
+
+    def test_wrong_method_is_404(self, api):
+        status, _, body = api.request("POST", "management/nodes", {})
+        assert (status, body) == (404, b"")
+
+    def test_status_and_index_need_no_auth(self, api):
+        status, _, body = api.request("GET", "/status", auth=False)
+        assert status == 200 and body == ("Node %s is started\nemqx_lite is running" % NODE).encode()
+        status, _, body = api.request("GET", "/", auth=False)
+        assert status == 200 and "api/v2/routes" in json.loads(body)["paths"]
+
+
+class TestRestNodes:
+    def test_management_nodes(self, api):
+        reply = api.get("management/nodes")
+        assert reply["code"] == 0
+        (node,) = reply["result"]
+        assert list(node) == ["name", "version", "sysdescr", "uptime", "datetime",
+                              "otp_release", "node_status"]
+        assert node["name"] == NODE and node["version"] == emqx_lite.__version__
+        assert node["sysdescr"] == "EMQ X Lite" and node["node_status"] == "Running"
+        assert re.fullmatch(r"\d+ seconds", node["uptime"])
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", node["datetime"])
+        assert node["otp_release"].startswith("Python/")
+
+    def test_management_node_by_name_and_unknown_node(self, api):
+        info = api.result("GET", "management/nodes/" + NODE)
+        assert "name" not in info and info["node_status"] == "Running"
+        assert api.request("GET", "management/nodes/nobody@nowhere")[:3:2] == (404, b"")
+
+    def test_monitoring_nodes_reports_process_figures(self, api, api_mqtt):
+        api_mqtt("mon-1")
+        (node,) = api.result("GET", "monitoring/nodes")
+        assert node == api.result("GET", "monitoring/nodes/" + NODE) | {
+            "memory_used": node["memory_used"], "memory_total": node["memory_total"],
+            "process_used": node["process_used"], "load1": node["load1"],
+            "load5": node["load5"], "load15": node["load15"]}
+        assert node["clients"] == 1 and node["node_status"] == "Running"
+        assert re.fullmatch(r"\d+\.\d\d[KMG]", node["memory_total"])
+        assert re.fullmatch(r"\d+\.\d\d", node["load1"])
+        assert node["max_fds"] > 0 and node["process_used"] > 1
+        assert node["process_available"] >= node["process_used"]
+        for path in ("monitoring/nodes/x@y", "monitoring/metrics/x@y", "monitoring/stats/x@y",
+                     "monitoring/listeners/x@y", "nodes/x@y/clients"):
+            assert api.request("GET", path)[0] == 404, path
+
+
+class TestRestClients:
+    def test_client_rows_reflect_the_real_connection(self, api, api_mqtt):
+        c = api_mqtt("rest-c1", keepalive=42, username="alice")
+        local_port = c.socket().getsockname()[1]
+        page = api.result("GET", "nodes/%s/clients" % NODE)
+        assert {k: page[k] for k in ("current_page", "page_size", "total_num", "total_page")} == \
+            {"current_page": 1, "page_size": 20, "total_num": 1, "total_page": 1}
+        (row,) = page["objects"]
+        assert list(row) == ["client_id", "username", "ipaddress", "port", "clean_sess",
+                             "proto_ver", "keepalive", "connected_at"]
+        assert row["client_id"] == "rest-c1" and row["username"] == "alice"
+        assert row["ipaddress"] == "127.0.0.1" and row["port"] == local_port
+        assert row["keepalive"] == 42 and row["proto_ver"] == 4 and row["clean_sess"] is True
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", row["connected_at"])
+        assert api.result("GET", "clients/rest-c1") == {"objects": [row]}
+        assert api.result("GET", "nodes/%s/clients/rest-c1" % NODE) == {"objects": [row]}
+        assert api.result("GET", "clients/nobody") == {"objects": []}
+
+    def test_client_without_username_reports_undefined(self, api, api_mqtt):
+        api_mqtt("anon")
+        assert api.result("GET", "clients/anon")["objects"][0]["username"] == "undefined"
+
+    def test_pagination_is_sorted_and_bounded(self, api, api_mqtt):
+        for cid in ("p-c", "p-a", "p-b"):
+            api_mqtt(cid)
+        page = api.result("GET", "nodes/%s/clients?curr_page=1&page_size=2" % NODE)
+        assert page["total_num"] == 3 and page["total_page"] == 2
+        assert [o["client_id"] for o in page["objects"]] == ["p-a", "p-b"]
+        page = api.result("GET", "nodes/%s/clients?curr_page=2&page_size=2" % NODE)
+        assert [o["client_id"] for o in page["objects"]] == ["p-c"]
+        page = api.result("GET", "nodes/%s/clients?curr_page=9&page_size=2" % NODE)
+        assert page["objects"] == [] and page["current_page"] == 9
+        for bad in ("page_size=0", "page_size=-1", "curr_page=x", "page_size="):
+            assert api.request("GET", "nodes/%s/clients?%s" % (NODE, bad))[0] == 404, bad
+
+    def test_client_ids_with_slash_plus_and_hash_in_urls(self, api, api_mqtt):
+        api_mqtt("dev/1+#")
+        for path in ("clients/dev/1%2B%23", "clients/dev%2F1%2B%23"):
+            assert api.result("GET", path)["objects"][0]["client_id"] == "dev/1+#", path
+        assert api.result("GET", "clients/dev/1+%23") == {"objects": []}  # raw '+' is a space
+
+    def test_delete_kicks_the_client_and_its_will_is_published(self, api, api_broker, api_mqtt):
+        watcher = api_mqtt("watcher", subscribe=("wills/#", 1))
+        victim = api_mqtt("victim", will=("wills/victim", b"gone", 1, False))
+        disconnected = threading.Event()
+        victim.on_disconnect = lambda *a: disconnected.set()
+        assert api.result("DELETE", "clients/victim") == []
+        assert watcher.inbox.get(timeout=5)[:2] == ("wills/victim", b"gone")
+        assert disconnected.wait(5)
+        listeners = api.result("GET", "monitoring/listeners/" + NODE)
+        assert listeners[0]["shutdown_count"] == {"kick": 1}
+
+    def test_delete_unknown_client_is_112_without_message(self, api):
+        assert api.json("DELETE", "clients/nobody") == {"code": 112}
+
+
+class TestRestSessionsSubscriptionsRoutes:
+    def test_session_rows_carry_both_key_sets_with_numbers(self, api, api_mqtt):
+        c = api_mqtt("sess-1", clean_session=False, subscribe=("s/#", 1))
+        c.disconnect()
+        assert wait_until(lambda: not any(x["client_id"] == "sess-1"
+                                          for x in api.result("GET", "nodes/%s/clients" % NODE)["objects"]))
+        api.result("POST", "mqtt/publish", {"topic": "s/1", "payload": "x", "qos": 1})
+        for path in ("nodes/%s/sessions" % NODE, "node/%s/sessions" % NODE):
+            (row,) = api.result("GET", path)["objects"]
+            assert row["client_id"] == "sess-1" and row["clean_sess"] is False
+            assert row["subscriptions"] == 1 and row["max_inflight"] == 32
+            assert row["mqueue_len"] == 1 and row["message_queue"] == 1
+            assert row["enqueue_msg"] == 1 and row["inflight_len"] == 0
+            for key in ("inflight_queue", "message_dropped", "awaiting_rel", "awaiting_ack",
+                        "awaiting_comp", "mqueue_dropped", "awaiting_rel_len", "deliver_msg"):
+                assert isinstance(row[key], int), key
+            assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", row["created_at"])
+        assert api.result("GET", "sessions/sess-1")["objects"][0]["client_id"] == "sess-1"
+        assert api.result("GET", "nodes/%s/sessions/sess-1" % NODE)["objects"][0]["mqueue_len"] == 1
+        assert api.result("GET", "sessions/nobody") == {"objects": []}
+
+    def test_subscriptions_and_routes(self, api, api_mqtt):
+        api_mqtt("sub-a", subscribe=[("a/+/c", 1), ("a/#", 2)])
+        api_mqtt("sub-b", subscribe=("a/#", 0))
+        page = api.result("GET", "nodes/%s/subscriptions" % NODE)
+        assert page["total_num"] == 3
+        assert page["objects"] == [{"client_id": "sub-a", "topic": "a/#", "qos": 2},
+                                   {"client_id": "sub-a", "topic": "a/+/c", "qos": 1},
+                                   {"client_id": "sub-b", "topic": "a/#", "qos": 0}]
+        assert api.result("GET", "subscriptions/sub-b") == {
+            "objects": [{"client_id": "sub-b", "topic": "a/#", "qos": 0}]}
+        assert len(api.result("GET", "nodes/%s/subscriptions/sub-a" % NODE)["objects"]) == 2
+        routes = api.result("GET", "routes")
+        assert routes["total_num"] == 2
+        assert routes["objects"] == [{"topic": "a/#", "node": NODE}, {"topic": "a/+/c", "node": NODE}]
+        assert api.result("GET", "routes/a%2F%2B%2Fc") == {"objects": [{"topic": "a/+/c", "node": NODE}]}
+        assert api.result("GET", "routes/a/%23") == {"objects": [{"topic": "a/#", "node": NODE}]}
+        assert api.result("GET", "routes/a/b") == {"objects": []}
+        assert api.request("GET", "routes/")[0] == 404
+
+
+class TestRestPublishSubscribe:
+    def test_publish_reaches_a_subscriber_with_qos_and_retain(self, api, api_broker, api_mqtt):
+        c = api_mqtt("rx", subscribe=("news/#", 2))
+        assert api.result("POST", "mqtt/publish",
+                          {"topic": "news/1", "payload": "hello", "qos": 1}) == []
+        assert c.inbox.get(timeout=5) == ("news/1", b"hello", 1, False)
+        api.result("POST", "mqtt/publish", {"topic": "news/r", "payload": "kept", "qos": 2,
+                                            "retain": True, "client_id": "C_1"})
+        assert c.inbox.get(timeout=5) == ("news/r", b"kept", 2, False)
+        late = api_mqtt("late", subscribe=("news/r", 1))
+        assert late.inbox.get(timeout=5) == ("news/r", b"kept", 1, True)
+        assert api_broker.metrics()["messages/received"] == 0   # REST is not an MQTT client
+
+    def test_publish_defaults_and_dropped_metric(self, api, api_broker):
+        before = api_broker.metrics()["messages/dropped"]
+        assert api.result("POST", "mqtt/publish", {"topic": "nobody/listens"}) == []
+        assert api_broker.metrics()["messages/dropped"] == before + 1
+
+    @pytest.mark.parametrize("body,code", [
+        (b"not json", 109), (b"{'single': 'quotes'}", 109), (b"[1, 2]", 107), (b'"text"', 107),
+        (b"5", 107), (b"null", 107), (b"{}", 107), (b'{"payload": "x"}', 107),
+        (b'{"topic": 1}', 108), (b'{"topic": null}', 108), (b'{"topic": "t", "qos": 3}', 108),
+        (b'{"topic": "t", "qos": "1"}', 108), (b'{"topic": "t", "qos": 1.0}', 108),
+        (b'{"topic": "t", "retain": "yes"}', 108), (b'{"topic": "t", "payload": 5}', 108),
+        (b'{"topic": "a/+"}', 102), (b'{"topic": "a/#"}', 102), (b'{"topic": ""}', 102),
+    ], ids=lambda v: v.decode() if isinstance(v, bytes) else str(v))
+    def test_publish_bad_bodies_get_specific_codes(self, api, body, code):
+        reply = api.json("POST", "mqtt/publish", raw_body=body)
+        assert reply["code"] == code and isinstance(reply["message"], str)
+
+    def test_subscribe_on_behalf_delivers_retained_and_later_messages(self, api, api_broker, api_mqtt):
+        api.result("POST", "mqtt/publish", {"topic": "t/ret", "payload": "r", "retain": True, "qos": 1})
+        c = api_mqtt("behalf")
+        assert api.result("POST", "mqtt/subscribe", {"client_id": "behalf", "topic": "t/#", "qos": 1}) == []
+        assert c.inbox.get(timeout=5) == ("t/ret", b"r", 1, True)
+        assert {"client_id": "behalf", "topic": "t/#", "qos": 1} in api_broker.subscriptions("behalf")
+        api.result("POST", "mqtt/publish", {"topic": "t/x", "payload": "live", "qos": 1})
+        assert c.inbox.get(timeout=5) == ("t/x", b"live", 1, False)
+        assert api.result("POST", "mqtt/unsubscribe", {"client_id": "behalf", "topic": "t/#"}) == []
+        assert "t/#" not in api_broker.routes()
+
+    @pytest.mark.parametrize("path,body,code,message", [
+        ("mqtt/subscribe", {"client_id": "nobody", "topic": "t"}, 102, "Clientid: nobody not found"),
+        ("mqtt/subscribe", {"client_id": "here", "topic": "a/#/b"}, 102, "validate topic: a/#/b fail"),
+        ("mqtt/subscribe", {"client_id": "here", "topic": "t", "qos": 3}, 108, "params type error"),
+        ("mqtt/subscribe", {"client_id": "here"}, 107, "params error"),
+        ("mqtt/subscribe", {"client_id": 5, "topic": "t"}, 108, "params type error"),
+        ("mqtt/unsubscribe", {"client_id": "nobody", "topic": "t"}, 102, "Clientid: nobody not found"),
+        ("mqtt/unsubscribe", {"topic": "t"}, 107, "params error"),
+    ])
+    def test_subscribe_errors(self, api, api_mqtt, path, body, code, message):
+        api_mqtt("here")
+        assert api.json("POST", path, body) == {"code": code, "message": message}
+
+
+class TestRestPluginsMetricsStatsListeners:
+    def test_plugin_list_names_and_defaults(self, api):
+        plugins = api.result("GET", "nodes/%s/plugins" % NODE)
+        assert [(p["name"], p["active"]) for p in plugins] == [
+            ("emqx_auth_clientid", False), ("emqx_auth_username", False),
+            ("emqx_dashboard", True), ("emqx_modules", True), ("emqx_retainer", True)]
+        assert all(set(p) == {"name", "version", "description", "active"} for p in plugins)
+
+    def test_retainer_off_neither_stores_nor_delivers(self, api, api_broker, api_mqtt):
+        path = "nodes/%s/plugins/emqx_retainer" % NODE
+        api.result("POST", "mqtt/publish", {"topic": "keep/1", "payload": "a", "retain": True})
+        assert api.result("PUT", path, {"active": False}) == []
+        assert api.json("PUT", path, {"active": False}) == {"code": 111, "message": "not_started"}
+        api.result("POST", "mqtt/publish", {"topic": "keep/2", "payload": "b", "retain": True})
+        c = api_mqtt("ret-off", subscribe=("keep/#", 0))
+        api.result("POST", "mqtt/publish", {"topic": "keep/3", "payload": "c"})
+        assert c.inbox.get(timeout=5)[:2] == ("keep/3", b"c")   # no retained message first
+        assert api.result("PUT", path, {"active": True}) == []
+        assert api.json("PUT", path, {"active": True}) == {"code": 110, "message": "already_started"}
+        assert [r["topic"] for r in api_broker.retained() if r["topic"].startswith("keep/")] == ["keep/1"]
+
+    def test_plugin_errors(self, api):
+        assert api.json("PUT", "nodes/%s/plugins/emqx_nope" % NODE, {"active": True}) == \
+            {"code": 102, "message": "unknown"}
+        assert api.json("PUT", "nodes/%s/plugins/emqx_retainer" % NODE, {}) == \
+            {"code": 107, "message": "params error"}
+        assert api.json("PUT", "nodes/%s/plugins/emqx_retainer" % NODE, {"active": "no"}) == \
+            {"code": 108, "message": "params type error"}
+
+    def test_auth_username_plugin_checks_connect(self):
+        """[MQTT-3.2.2-5]: a refused CONNECT gets a non-zero CONNACK (0x04 here)."""
+        with emqx_lite.Broker("127.0.0.1", 0, 0, auth_username={"u1": "secret"}) as b:
+            rest = Api(b.http_port)
+            rest.result("PUT", "nodes/%s/plugins/emqx_auth_username" % NODE, {"active": True})
+            codes = []
+            for password in ("wrong", "secret"):
+                c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="auth-" + password)
+                c.username_pw_set("u1", password)
+                done = threading.Event()
+                c.on_connect = lambda cl, u, f, rc, p: (codes.append(str(rc)), done.set())
+                c.connect("127.0.0.1", b.mqtt_port)
+                c.loop_start()
+                assert done.wait(5)
+                c.disconnect()
+                c.loop_stop()
+            assert codes == ["Bad user name or password", "Success"]
+
+    def test_metrics_and_stats_names_and_values(self, api, api_broker, api_mqtt):
+        api_mqtt("m-sub", subscribe=("m/#", 1))
+        pub = api_mqtt("m-pub")
+        pub.publish("m/1", b"x", qos=1).wait_for_publish(5)
+        all_metrics = api.result("GET", "monitoring/metrics")
+        assert list(all_metrics) == [NODE]
+        metrics = all_metrics[NODE]
+        assert set(metrics) == API_METRIC_NAMES
+        assert all(type(v) is int for v in metrics.values())
+        assert metrics["packets/connect"] == 2 and metrics["messages/qos1/received"] == 1
+        assert api.result("GET", "monitoring/metrics/" + NODE)["packets/subscribe"] == 1
+        stats = api.result("GET", "monitoring/stats")[NODE]
+        assert set(stats) == API_STAT_NAMES and list(stats) == sorted(stats)
+        assert stats["clients/count"] == 2 and stats["subscriptions/count"] == 1
+        assert stats["routes/count"] == stats["topics/count"] == 1
+        assert api.result("GET", "monitoring/stats/" + NODE)["sessions/count"] == 2
+
+    def test_listeners_report_real_figures(self, api, api_broker, api_mqtt):
+        api_mqtt("l-1")
+        (lst,) = api.result("GET", "monitoring/listeners")[NODE]
+        assert lst == {"protocol": "mqtt:tcp", "listen": "127.0.0.1:%d" % api_broker.mqtt_port,
+                       "acceptors": 1, "max_clients": 102400, "current_clients": 1,
+                       "shutdown_count": []}
+
+
+class TestRestUsers:
+    def test_user_lifecycle(self, api, api_broker):
+        assert api.result("GET", "users") == [{"username": "admin", "tags": "administrator"}]
+        assert api.result("POST", "users", {"username": "bob", "password": "pw1", "tags": "viewer"}) == []
+        assert api.json("POST", "users", {"username": "bob", "password": "x", "tags": ""}) == \
+            {"code": 113, "message": "User already exist"}
+        assert api.json("POST", "users", {"username": "", "password": "x", "tags": ""})["code"] == 104
+        assert api.result("GET", "users/bob") == {"username": "bob", "tags": "viewer"}
+        assert api.result("GET", "users/nobody") == []
+        assert api.result("PUT", "users/bob", {"tags": "ops"}) == []
+        assert api.json("PUT", "users/nobody", {"tags": "x"}) == {"code": 105, "message": "User not found"}
+        bob = Api(api_broker.http_port, "bob", "pw1")
+        assert bob.result("GET", "users/bob")["tags"] == "ops"
+        assert api.json("PUT", "change_pwd/bob", {"old_pwd": "bad", "new_pwd": "pw2"}) == \
+            {"code": 114, "message": "OldPassword error"}
+        assert api.result("PUT", "change_pwd/bob", {"old_pwd": "pw1", "new_pwd": "pw2"}) == []
+        assert bob.request("GET", "users")[0] == 401
+        assert Api(api_broker.http_port, "bob", "pw2").request("GET", "users")[0] == 200
+        assert api.json("DELETE", "users/admin") == {"code": 106, "message": "admin cannot be deleted"}
+        assert api.result("DELETE", "users/bob") == []
+        assert api.json("DELETE", "users/bob") == {"code": 105, "message": "User not found"}
+
+    def test_auth_route_needs_no_basic_auth(self, api):
+        assert api.json("POST", "auth", {"username": "admin", "password": "public"}, auth=False) == \
+            {"code": 0, "result": []}
+        assert api.json("POST", "auth", {"username": "admin", "password": "x"}, auth=False) == \
+            {"code": 103, "message": "Password error"}
+        assert api.json("POST", "auth", {"username": "ghost", "password": "x"}, auth=False) == \
+            {"code": 103, "message": "User not found"}
+
+
+class TestEmqxModules:
+    def test_presence_auto_subscribe_and_rewrite(self):
+        with emqx_lite.Broker("127.0.0.1", 0, None, module_subscription=[("$client/%c", 1)],
+                              module_rewrite=[("x/#", r"^x/y/(.+)$", "z/y/$1")]) as b:
+            inbox = queue.Queue()
+            c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="mod-1")
+            c.on_message = lambda cl, u, m: inbox.put((m.topic, m.payload))
+            c.connect("127.0.0.1", b.mqtt_port)
+            c.loop_start()
+            try:
+                assert wait_until(lambda: b.subscriptions("mod-1"))
+                assert b.subscriptions("mod-1") == [{"client_id": "mod-1", "topic": "$client/mod-1", "qos": 1}]
+                b.publish("$client/mod-1", b"direct", qos=1)
+                assert inbox.get(timeout=5) == ("$client/mod-1", b"direct")
+                b.subscribe("mod-1", "z/#", 0)
+                b.publish("x/y/abc", b"rewritten")
+                assert inbox.get(timeout=5) == ("z/y/abc", b"rewritten")
+            finally:
+                c.disconnect()
+                c.loop_stop()
+
+
+# =============================================================================
+# Configuration and ACL parsers (pure functions)
+# =============================================================================
+
+def settings_of(text, filename="emqx_lite.conf"):
+    return config_settings(parse_conf(text, filename), filename)
+
+
+def config_error(text):
+    with pytest.raises(ConfigError) as info:
+        settings_of(text)
+    return str(info.value)
+
+
+# --- parse_conf ---------------------------------------------------------------
+
+def test_parse_conf_lines_comments_and_whitespace():
+    text = ("## header\n\n   # indented comment\nnode.name = a@b\n"
+            "  mqtt.max_packet_size=64KB  \r\nmodule.subscription.1.topic = $client/%c # not a comment\n")
+    assert parse_conf(text) == [(4, "node.name", "a@b"), (5, "mqtt.max_packet_size", "64KB"),
+                                (6, "module.subscription.1.topic", "$client/%c # not a comment")]
+
+
+def test_parse_conf_value_may_contain_equals_and_be_empty():
+    assert parse_conf("auth.username.bob = a=b\nx =") == [(1, "auth.username.bob", "a=b"), (2, "x", "")]
+
+
+@pytest.mark.parametrize("line", ["node.name", "= value", "node name = x", "just words here"])
+def test_parse_conf_malformed_line(line):
+    with pytest.raises(ConfigError, match=r"^emq\.conf:2: expected 'key = value'"):
+        parse_conf("node.name = a@b\n" + line, "emq.conf")
+
+
+def test_config_error_is_value_error():
+    assert issubclass(ConfigError, ValueError)
+
+
+# --- values -------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, seconds", [
+    ("20s", 20.0), ("5m", 300.0), ("2h", 7200.0), ("1d", 86400.0), ("1w", 604800.0),
+    ("500ms", 0.5), ("30", 30.0), ("1.5s", 1.5), ("0", 0.0)])
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == seconds
+    assert isinstance(parse_duration(text), float)
+
+
+@pytest.mark.parametrize("text", ["", "s", "20 s", "-1s", "1y", "20S", "1.s", "abc"])
+def test_parse_duration_rejects(text):
+    with pytest.raises(ValueError, match="expected a duration like 20s"):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize("text, size", [
+    ("64KB", 65536), ("1MB", 1048576), ("1GB", 1073741824), ("512B", 512), ("100", 100),
+    ("64kb", 65536), ("0", 0)])
+def test_parse_bytesize(text, size):
+    assert parse_bytesize(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "KB", "1.5MB", "1TB", "-1", "64 KB"])
+def test_parse_bytesize_rejects(text):
+    with pytest.raises(ValueError, match="expected a size like 64KB"):
+        parse_bytesize(text)
+
+
+@pytest.mark.parametrize("text, value", [("on", True), ("true", True), ("TRUE", True),
+                                         ("off", False), ("false", False), ("Off", False)])
+def test_parse_bool(text, value):
+    assert parse_bool(text) is value
+
+
+@pytest.mark.parametrize("text", ["yes", "1", "", "enabled"])
+def test_parse_bool_rejects(text):
+    with pytest.raises(ValueError):
+        parse_bool(text)
+
+
+def test_parse_int():
+    assert parse_int("1024") == 1024
+    for bad in ("", "-1", "1.0", "1e3", "\u0661"):   # \u0661: ARABIC-INDIC DIGIT ONE
+        with pytest.raises(ValueError, match="expected an integer"):
+            parse_int(bad)
+
+
+@pytest.mark.parametrize("text, address", [
+    ("0.0.0.0:1883", ("0.0.0.0", 1883)), ("1883", ("0.0.0.0", 1883)),
+    ("127.0.0.1:11883", ("127.0.0.1", 11883)), ("[::1]:1883", ("::1", 1883)),
+    ("::1:1883", ("::1", 1883)), ("localhost:8080", ("localhost", 8080)), ("0", ("0.0.0.0", 0))])
+def test_parse_address(text, address):
+    assert parse_address(text) == address
+
+
+@pytest.mark.parametrize("text", ["", "abc", "1.2.3.4", "1.2.3.4:", ":1883", "1.2.3.4:70000",
+                                  "999.0.0.1:1883", "[::1]1883", "[::1]:", "bad host:1883"])
+def test_parse_address_rejects(text):
+    with pytest.raises(ValueError, match="expected an address like 0.0.0.0:1883"):
+        parse_address(text)
+
+
+# --- config_settings ----------------------------------------------------------
+
+SIMPLE_CASES = [
+    ("node.name", "emqx@10.0.0.1", "node", "emqx@10.0.0.1"),
+    ("mqtt.allow_anonymous", "false", "allow_anonymous", False),
+    ("mqtt.acl_nomatch", "deny", "acl_nomatch", "deny"),
+    ("mqtt.acl_file", "etc/acl.conf", "acl_file", "etc/acl.conf"),
+    ("mqtt.max_clientid_len", "512", "max_clientid_len", 512),
+    ("mqtt.max_packet_size", "64KB", "max_packet_size", 65536),
+    ("mqtt.keepalive_backoff", "0.75", "keepalive_backoff", 1.5),
+    ("mqtt.client.idle_timeout", "30s", "connect_timeout", 30.0),
+    ("mqtt.session.max_inflight", "16", "max_inflight", 16),
+    ("mqtt.session.retry_interval", "20s", "retry_interval", 20.0),
+    ("mqtt.session.max_awaiting_rel", "100", "max_awaiting_rel", 100),
+    ("mqtt.session.await_rel_timeout", "1m", "await_rel_timeout", 60.0),
+    ("mqtt.session.expiry_interval", "2h", "session_expiry_interval", 7200.0),
+    ("mqtt.mqueue.max_length", "0", "max_mqueue_len", 0),
+    ("mqtt.mqueue.store_qos0", "off", "mqueue_store_qos0", False),
+    ("mqtt.broker.sys_interval", "60", "sys_interval", 60.0),
+    ("mqtt.max_topic_length", "100", "max_topic_length", 100),
+    ("mqtt.max_topic_levels", "8", "max_topic_levels", 8),
+    ("mqtt.max_subscriptions", "10", "max_subscriptions", 10),
+    ("mqtt.max_keepalive", "300", "max_keepalive", 300),
+    ("mqtt.client.max_outbuf", "64KB", "max_outbuf", 65536),
+    ("mqtt.client.send_timeout", "5s", "send_timeout", 5.0),
+]
+
+
+def test_simple_cases_cover_every_setting_key():
+    assert sorted(key for key, _, _, _ in SIMPLE_CASES) == sorted(SETTING_KEYS)
+
+
+@pytest.mark.parametrize("key, text, name, value", SIMPLE_CASES)
+def test_simple_key(key, text, name, value):
+    assert settings_of("%s = %s" % (key, text)) == {name: value}
+
+
+def test_only_set_keys_are_returned_and_later_lines_win():
+    assert settings_of("") == {}
+    assert settings_of("node.name = a@h\nnode.name = b@h") == {"node": "b@h"}
+
+
+def test_error_names_file_line_and_key():
+    msg = config_error("node.name = a@b\n\nmqtt.max_packet_size = abc\n")
+    assert msg == "emqx_lite.conf:3: mqtt.max_packet_size: expected a size like 64KB, got 'abc'"
+
+
+@pytest.mark.parametrize("line, fragment", [
+    ("mqtt.unknown = 1", "mqtt.unknown: unknown key"),
+    ("mqtt.acl_nomatch = maybe", "expected allow or deny, got 'maybe'"),
+    ("mqtt.keepalive_backoff = 0.4", "expected a number >= 0.5"),
+    ("mqtt.session.max_inflight = -1", "expected an integer"),
+    ("mqtt.session.retry_interval = soon", "expected a duration like 20s"),
+    ("mqtt.allow_anonymous = yes", "expected on, off, true or false"),
+    ("node.name =", "node.name: expected a value"),
+    ("mqtt.max_packet_size = 64KB # comment", "got '64KB # comment'"),
+])
+def test_bad_values(line, fragment):
+    msg = config_error(line)
+    assert msg.startswith("emqx_lite.conf:1: ") and fragment in msg
+
+
+def test_auth_tables():
+    s = settings_of("auth.username.admin = public\nauth.username.john.doe = pw=1\n"
+                    "auth.client.dev-1 = secret\n"
+                    "auth.client.1.clientid = dev:2\nauth.client.1.password = pw2\n")
+    assert s == {"auth_username": {"admin": "public", "john.doe": "pw=1"},
+                 "auth_clientid": {"dev-1": "secret", "dev:2": "pw2"}}
+
+
+def test_auth_errors():
+    assert "auth.username.: unknown key" in config_error("auth.username. = x")
+    assert "expected a value" in config_error("auth.username.bob =")
+    msg = config_error("auth.client.3.clientid = c")
+    assert msg == "emqx_lite.conf:1: auth.client.3.clientid: auth.client.3 needs .clientid and .password"
+
+
+def test_dashboard_default_user():
+    assert settings_of("dashboard.default_user.login = root\ndashboard.default_user.password = pw") \
+        == {"users": {"root": "pw"}}
+    assert settings_of("dashboard.default_user.password = pw") == {"users": {"admin": "pw"}}
+    assert settings_of("dashboard.default_user.login = root") == {"users": {"root": "public"}}
+
+
+def test_module_subscription_sorted_by_number():
+    s = settings_of("module.subscription.10.topic = c\nmodule.subscription.2.qos = 2\n"
+                    "module.subscription.2.topic = $user/%u\nmodule.subscription.1.topic = $client/%c\n"
+                    "module.subscription.1.qos = 0\n")
+    assert s == {"module_subscription": [("$client/%c", 0), ("$user/%u", 2), ("c", 1)]}
+
+
+def test_module_subscription_errors():
+    assert "expected 0, 1 or 2, got '3'" in config_error(
+        "module.subscription.1.topic = t\nmodule.subscription.1.qos = 3")
+    msg = config_error("module.subscription.1.topic = t\nmodule.subscription.2.qos = 1")
+    assert msg == "emqx_lite.conf:2: module.subscription.2.qos: module.subscription.2 has no .topic"
+    assert "unknown key" in config_error("module.subscription.x.topic = t")
+
+
+def test_module_rewrite():
+    s = settings_of('module.rewrite.rule.2 = y/+/z/# ^y/(.+)/z/(.+)$ y/z/$2\n'
+                    'module.rewrite.rule.1 = "x/# ^x/y/(.+)$ z/y/$1"\n')
+    assert s == {"module_rewrite": [("x/#", "^x/y/(.+)$", "z/y/$1"),
+                                    ("y/+/z/#", "^y/(.+)/z/(.+)$", "y/z/$2")]}
+
+
+def test_module_rewrite_errors():
+    assert "expected '<filter> <regex> <destination>'" in config_error("module.rewrite.rule.1 = x/# ^x")
+    assert "bad regex '^x/(('" in config_error("module.rewrite.rule.1 = x/# ^x/(( y")
+
+
+def test_listeners():
+    s = settings_of("""
+listener.tcp.external = 0.0.0.0:1883
+listener.tcp.external.acceptors = 16
+listener.tcp.external.max_clients = 1024
+listener.tcp.internal = 127.0.0.1:11883
+listener.ssl.external.keyfile = etc/certs/key.pem
+listener.ssl.external = 8883
+listener.ssl.external.certfile = etc/certs/cert.pem
+listener.ssl.external.cacertfile = etc/certs/cacert.pem
+listener.ssl.external.verify = verify_peer
+listener.ssl.external.fail_if_no_peer_cert = true
+listener.ssl.external.peer_cert_as_username = cn
+listener.ws.external = 8083
+listener.wss.external = [::]:8084
+listener.wss.external.mqtt_path = /ws
+listener.api.mgmt = 127.0.0.1:8080
+""")
+    base = dict(LISTENER_DEFAULTS)
+    assert base == {"acceptors": 1, "max_clients": 102400, "keyfile": None, "certfile": None,
+                    "cacertfile": None, "verify": None, "fail_if_no_peer_cert": None,
+                    "peer_cert_as_username": None, "mqtt_path": None}
+    assert s["http_bind"] == "127.0.0.1" and s["http_port"] == 8080
+    assert s["listeners"] == [
+        dict(base, type="tcp", name="external", host="0.0.0.0", port=1883, acceptors=16, max_clients=1024),
+        dict(base, type="tcp", name="internal", host="127.0.0.1", port=11883),
+        dict(base, type="ssl", name="external", host="0.0.0.0", port=8883, keyfile="etc/certs/key.pem",
+             certfile="etc/certs/cert.pem", cacertfile="etc/certs/cacert.pem", verify="verify_peer",
+             fail_if_no_peer_cert=True, peer_cert_as_username="cn"),
+        dict(base, type="ws", name="external", host="0.0.0.0", port=8083, mqtt_path="/mqtt"),
+        dict(base, type="wss", name="external", host="::", port=8084, mqtt_path="/ws"),
+    ]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("listener.tcp.x = 1883\nlistener.tcp.y.acceptors = 4",
+     "emqx_lite.conf:2: listener.tcp.y.acceptors: listener.tcp.y has no address line"),
+    ("listener.tcp.x = 1883\nlistener.tcp.x.keyfile = k.pem",
+     "emqx_lite.conf:2: listener.tcp.x.keyfile: not an option of tcp listeners"),
+    ("listener.ssl.x = 8883\nlistener.ssl.x.mqtt_path = /mqtt",
+     "emqx_lite.conf:2: listener.ssl.x.mqtt_path: not an option of ssl listeners"),
+    ("listener.tcp.x = 1883\nlistener.tcp.x.access.1 = allow all",
+     "emqx_lite.conf:2: listener.tcp.x.access.1: unknown listener option 'access.1'"),
+    ("listener.ssl.x = 8883\nlistener.ssl.x.verify = sometimes",
+     "emqx_lite.conf:2: listener.ssl.x.verify: expected verify_peer or verify_none, got 'sometimes'"),
+    ("listener.ws.x = 8083\nlistener.ws.x.mqtt_path = mqtt",
+     "emqx_lite.conf:2: listener.ws.x.mqtt_path: expected a path like /mqtt, got 'mqtt'"),
+    ("listener.tcp.x = 0.0.0.0", "emqx_lite.conf:1: listener.tcp.x: expected an address like"),
+    ("listener.udp.x = 1883", "emqx_lite.conf:1: listener.udp.x: unknown key"),
+    ("listener.api.mgmt = nope", "emqx_lite.conf:1: listener.api.mgmt: expected an address like"),
+])
+def test_listener_errors(text, message):
+    assert config_error(text).startswith(message)
+
+
+# --- environment --------------------------------------------------------------
+
+def test_env_overrides_rule():
+    environ = {"EMQX_LITE_MQTT__MAX_PACKET_SIZE": "64KB", "PATH": "/bin",
+               "EMQX_LITE_LISTENER__TCP__EXTERNAL": "0.0.0.0:1884",
+               "EMQX_LITE_MQTT__SESSION__MAX_INFLIGHT": "8"}
+    assert env_overrides(environ) == [
+        ("$EMQX_LITE_LISTENER__TCP__EXTERNAL", "listener.tcp.external", "0.0.0.0:1884"),
+        ("$EMQX_LITE_MQTT__MAX_PACKET_SIZE", "mqtt.max_packet_size", "64KB"),
+        ("$EMQX_LITE_MQTT__SESSION__MAX_INFLIGHT", "mqtt.session.max_inflight", "8")]
+
+
+def test_env_overrides_win_over_the_file_and_can_complete_a_listener():
+    entries = parse_conf("mqtt.max_packet_size = 1MB\nlistener.tcp.external = 1883\n", "emq.conf")
+    entries += env_overrides({"EMQX_LITE_MQTT__MAX_PACKET_SIZE": "64KB",
+                              "EMQX_LITE_LISTENER__TCP__EXTERNAL__ACCEPTORS": "4"})
+    s = config_settings(entries, "emq.conf")
+    assert s["max_packet_size"] == 65536
+    assert s["listeners"][0]["acceptors"] == 4 and s["listeners"][0]["port"] == 1883
+
+
+def test_env_errors_name_the_variable():
+    entries = env_overrides({"EMQX_LITE_MQTT__MAX_PACKET_SIZE": "huge"})
+    with pytest.raises(ConfigError) as info:
+        config_settings(entries, "emq.conf")
+    assert str(info.value) == ("$EMQX_LITE_MQTT__MAX_PACKET_SIZE: mqtt.max_packet_size: "
+                               "expected a size like 64KB, got 'huge'")
+    for bad in ("EMQX_LITE_", "EMQX_LITE_MQTT____X", "EMQX_LITE_MQTT__"):
+        with pytest.raises(ConfigError, match=r"^\$%s: expected" % bad):
+            env_overrides({bad: "1"})
+
+
+# --- render_config ------------------------------------------------------------
+
+FULL_CONF = """
+node.name = emqx@10.0.0.1
+mqtt.allow_anonymous = false
+mqtt.acl_nomatch = deny
+mqtt.acl_file = /etc/emqx/acl.conf
+mqtt.max_clientid_len = 512
+mqtt.max_packet_size = 1000
+mqtt.keepalive_backoff = 0.8
+mqtt.client.idle_timeout = 1500ms
+mqtt.session.max_inflight = 16
+mqtt.session.retry_interval = 90s
+mqtt.session.max_awaiting_rel = 7
+mqtt.session.await_rel_timeout = 1.1s
+mqtt.session.expiry_interval = 1w
+mqtt.mqueue.max_length = 0
+mqtt.mqueue.store_qos0 = off
+mqtt.broker.sys_interval = 0
+mqtt.max_topic_length = 100
+mqtt.max_topic_levels = 8
+mqtt.max_subscriptions = 10
+mqtt.max_keepalive = 300
+mqtt.client.max_outbuf = 1KB
+mqtt.client.send_timeout = 2s
+auth.username.john.doe = pw=1
+auth.client.1.clientid = 7.password
+auth.client.1.password = x
+auth.client.dev = y
+dashboard.default_user.login = root
+dashboard.default_user.password = secret
+module.subscription.1.topic = $client/%c
+module.subscription.1.qos = 2
+module.rewrite.rule.1 = x/# ^x/y/(.+)$ z/y/$1
+listener.api.mgmt = [::1]:8080
+listener.tcp.external = 1883
+listener.ssl.external = 127.0.0.1:8883
+listener.ssl.external.certfile = cert.pem
+listener.ssl.external.fail_if_no_peer_cert = false
+listener.wss.external = ::1:8084
+listener.wss.external.max_clients = 64
+"""
+
+
+def test_render_round_trip():
+    settings = settings_of(FULL_CONF)
+    assert len(settings) == len(SETTING_KEYS) + 8
+    text = render_config(settings)
+    assert config_settings(parse_conf(text)) == settings
+
+
+def test_render_format():
+    text = render_config({"node": "n@h", "max_packet_size": 65536, "session_expiry_interval": 7200.0,
+                          "retry_interval": 0.5, "keepalive_backoff": 1.5, "allow_anonymous": True,
+                          "acl_file": None, "acceptors": 4, "module_rewrite": [("a/#", "^a/(.+)$", "b/$1")]})
+    lines = text.splitlines()
+    assert lines[0].startswith("## ")
+    for line in ("node.name = n@h", "mqtt.max_packet_size = 64KB", "mqtt.session.expiry_interval = 2h",
+                 "mqtt.session.retry_interval = 0.5s", "mqtt.keepalive_backoff = 0.75",
+                 "mqtt.allow_anonymous = true", "## mqtt.acl_file is not set",
+                 'module.rewrite.rule.1 = "a/# ^a/(.+)$ b/$1"', "##   acceptors = 4"):
+        assert line in lines
+    assert config_settings(parse_conf(text)) == {
+        "node": "n@h", "max_packet_size": 65536, "session_expiry_interval": 7200.0,
+        "retry_interval": 0.5, "keepalive_backoff": 1.5, "allow_anonymous": True,
+        "module_rewrite": [("a/#", "^a/(.+)$", "b/$1")]}
+
+
+def test_render_defaults_like_dict():
+    defaults = {"node": "emqx_lite@127.0.0.1", "max_packet_size": 1024 * 1024, "max_clientid_len": 1024,
+                "connect_timeout": 15.0, "keepalive_backoff": 1.5, "max_inflight": 32,
+                "retry_interval": 20.0, "max_awaiting_rel": 100, "await_rel_timeout": 20.0,
+                "max_mqueue_len": 1000, "mqueue_store_qos0": True, "session_expiry_interval": 7200.0,
+                "max_outbuf": 1024 * 1024, "send_timeout": 15.0, "sys_interval": 60.0,
+                "max_clients": 102400, "acceptors": 1, "allow_anonymous": True, "auth_username": {},
+                "auth_clientid": {}, "module_subscription": (), "module_rewrite": ()}
+    back = config_settings(parse_conf(render_config(defaults)))
+    assert back == {k: v for k, v in defaults.items()
+                    if k not in ("max_clients", "acceptors",
+                                 "auth_username", "auth_clientid", "module_subscription",
+                                 "module_rewrite")}
+
+
+def test_render_several_users_is_a_comment():
+    text = render_config({"users": {"a": "1", "b": "2"}})
+    assert config_settings(parse_conf(text)) == {}
+
+
+# --- ACL parsing --------------------------------------------------------------
+
+def test_parse_default_acl():
+    assert parse_acl(DEFAULT_ACL) == [
+        ("allow", ("user", "dashboard"), "subscribe", [("filter", "$SYS/#")]),
+        ("allow", ("ipaddr", ipaddress.ip_network("127.0.0.1/32")), "pubsub",
+         [("filter", "$SYS/#"), ("filter", "#")]),
+        ("deny", ("all",), "subscribe", [("filter", "$SYS/#"), ("eq", "#")]),
+        ("allow", ("all",), "pubsub", None),
+    ]
+
+
+def test_parse_acl_forms_whitespace_and_comments():
+    text = ('%% comment\n{deny,\n  {client, "c1"} ,publish,[ "a/#" ] } . % trailing\n'
+            "{allow, {'and', [{user, \"u\"}, {ipaddr, \"10.0.0.0/8\"}]}, pubsub, []}.\n"
+            '{allow, {or, [{user, all}, {client, "x"}]}, subscribe, ["q\\"\\\\\\n"]}.\n'
+            "{'deny', all}.")
+    assert parse_acl(text) == [
+        ("deny", ("client", "c1"), "publish", [("filter", "a/#")]),
+        ("allow", ("and", [("user", "u"), ("ipaddr", ipaddress.ip_network("10.0.0.0/8"))]), "pubsub", []),
+        ("allow", ("or", [("all",), ("client", "x")]), "subscribe", [("filter", 'q"\\\n')]),
+        ("deny", ("all",), "pubsub", None),
+    ]
+
+
+def test_parse_acl_empty():
+    assert parse_acl("") == [] and parse_acl("% nothing\n\n") == []
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{allow, all}.\n{allow, all}', "acl.conf:2: expected ., got end of file"),
+    ('{allow, all}.\n\n{allow, all', "acl.conf:3: expected , or }, got end of file"),
+    ('{allow,\n "unterminated}.', "acl.conf:2: unterminated quote"),
+    ('{allow, All}.', "acl.conf:1: unexpected 'A'"),
+    ('{allow, 1}.', "acl.conf:1: unexpected '1'"),
+    ('\n{allow, all}\n{deny, all}.', "acl.conf:3: expected ., got '{'"),
+    ('{allow, , all}.', "acl.conf:1: expected atom or string or { or [, got ','"),
+    ('\n\n{permit, all}.', "acl.conf:3: expected {allow|deny, all} or {allow|deny, Who, Action, Topics}"),
+    ('{allow, "all"}.', "acl.conf:1: expected {allow, all}"),
+    ('{allow, all, pubsub}.', "acl.conf:1: expected {allow|deny, all}"),
+    ('{"allow", all}.', "acl.conf:1: expected {allow|deny, all}"),
+    ('{allow, {user, "u"}, write, ["#"]}.', "acl.conf:1: expected publish, subscribe or pubsub"),
+    ('{allow, {user, "u"}, publish, "#"}.', "acl.conf:1: expected a list of topics"),
+    ('{allow, {user, "u"}, publish, [{eq, x}]}.', "acl.conf:1: expected a topic string or {eq, Topic}"),
+    ('{allow, {user, "u"}, publish, [t]}.', "acl.conf:1: expected a topic string"),
+    ('{allow, {user, u}, publish, ["#"]}.', "acl.conf:1: expected all, {user, U}"),
+    ('{allow, {group, "g"}, publish, ["#"]}.', "acl.conf:1: expected all, {user, U}"),
+    ('{allow, {ipaddr, "10.0.0.300"}, publish, ["#"]}.', "acl.conf:1: bad address '10.0.0.300'"),
+])
+def test_parse_acl_errors(text, message):
+    with pytest.raises(ConfigError) as info:
+        parse_acl(text, "acl.conf")
+    assert str(info.value).startswith(message)
+
+
+# --- ACL checks ---------------------------------------------------------------
+
+def acl(text, nomatch="allow"):
+    return Acl(parse_acl(text), nomatch)
+
+
+def test_default_acl():
+    a = acl(DEFAULT_ACL)
+    # dashboard user may subscribe to $SYS from anywhere
+    assert a.check("subscribe", "$SYS/brokers/+/uptime", "c", "dashboard", "10.1.1.1")
+    # others may not, except from 127.0.0.1
+    assert not a.check("subscribe", "$SYS/#", "c", "bob", "10.1.1.1")
+    assert a.check("subscribe", "$SYS/#", "c", "bob", "127.0.0.1")
+    # exactly "#" is denied, other wildcards are not
+    assert not a.check("subscribe", "#", "c", None, "10.1.1.1")
+    assert a.check("subscribe", "a/#", "c", None, "10.1.1.1")
+    assert a.check("subscribe", "+/b", "c", None, "10.1.1.1")
+    assert a.check("subscribe", "#", "c", None, "127.0.0.1")
+    # publishing anything is allowed ({allow, all})
+    assert a.check("publish", "$SYS/x", "c", None, "10.1.1.1")
+
+
+def test_user_and_client_rules():
+    a = acl('{allow, {user, "u"}, publish, ["a"]}.\n{allow, {client, "c"}, publish, ["b"]}.\n'
+            '{deny, all}.')
+    assert a.check("publish", "a", "x", "u", None)
+    assert not a.check("publish", "a", "u", None, None)       # client id is not a username
+    assert a.check("publish", "b", "c", None, None)
+    assert not a.check("publish", "b", "x", "c", None)
+
+
+def test_user_all_and_client_all_match_everyone():
+    a = acl('{deny, {user, all}, publish, ["a"]}.\n{deny, {client, all}, publish, ["b"]}.')
+    assert not a.check("publish", "a", "c", None, None)
+    assert not a.check("publish", "b", "c", "u", None)
+    assert a.check("publish", "z", "c", "u", None)
+
+
+def test_ipaddr_and_cidr():
+    a = acl('{deny, {ipaddr, "192.168.0.0/24"}, pubsub, ["#"]}.\n'
+            '{deny, {ipaddr, "2001:db8::/32"}, pubsub, ["#"]}.', "allow")
+    assert not a.check("publish", "t", "c", None, "192.168.0.77")
+    assert not a.check("publish", "t", "c", None, "::ffff:192.168.0.1")   # IPv4-mapped
+    assert a.check("publish", "t", "c", None, "192.168.1.1")
+    assert not a.check("publish", "t", "c", None, "2001:db8::1")
+    assert a.check("publish", "t", "c", None, "2001:db9::1")
+    assert a.check("publish", "t", "c", None, None)               # unknown peer never matches
+    assert a.check("publish", "t", "c", None, "not an ip")
+
+
+def test_ipaddr_single_address_is_a_host():
+    a = acl('{deny, {ipaddr, "127.0.0.1"}, publish, ["#"]}.')
+    assert not a.check("publish", "t", "c", None, "127.0.0.1")
+    assert a.check("publish", "t", "c", None, "127.0.0.2")
+
+
+def test_and_or():
+    a = acl('{allow, {and, [{user, "u"}, {ipaddr, "10.0.0.0/8"}]}, publish, ["and"]}.\n'
+            '{allow, {or, [{user, "u"}, {client, "c"}]}, publish, ["or"]}.\n{deny, all}.')
+    assert a.check("publish", "and", "x", "u", "10.2.3.4")
+    assert not a.check("publish", "and", "x", "u", "11.2.3.4")
+    assert a.check("publish", "or", "c", None, None)
+    assert a.check("publish", "or", "x", "u", None)
+    assert not a.check("publish", "or", "x", "v", None)
+
+
+def test_actions():
+    a = acl('{deny, all, publish, ["p"]}.\n{deny, all, subscribe, ["s"]}.\n{deny, all, pubsub, ["ps"]}.')
+    assert not a.check("publish", "p", "c", None, None) and a.check("subscribe", "p", "c", None, None)
+    assert not a.check("subscribe", "s", "c", None, None) and a.check("publish", "s", "c", None, None)
+    assert not a.check("publish", "ps", "c", None, None)
+    assert not a.check("subscribe", "ps", "c", None, None)
+    with pytest.raises(ValueError):
+        a.check("pubsub", "p", "c", None, None)
+
+
+def test_publish_topic_matching():
+    a = acl('{allow, all, publish, ["a/+/c", "d/#", "+/x"]}.', "deny")
+    assert a.check("publish", "a/b/c", "c", None, None)
+    assert not a.check("publish", "a/b/c/d", "c", None, None)
+    assert a.check("publish", "d", "c", None, None)               # "d/#" matches its parent
+    assert a.check("publish", "d/e/f", "c", None, None)
+    assert a.check("publish", "q/x", "c", None, None)
+    assert not a.check("publish", "$q/x", "c", None, None)       # first-level wildcard vs $-topic
+
+
+def test_subscribe_treats_the_filter_as_a_name():
+    a = acl('{allow, all, subscribe, ["#", "a/b"]}.', "deny")
+    assert a.check("subscribe", "a/+", "c", None, None)          # "#" matches the string "a/+"
+    assert not a.check("subscribe", "$SYS/#", "c", None, None)
+    b = acl('{allow, all, subscribe, ["a/b", "x/+"]}.', "deny")
+    assert not b.check("subscribe", "a/+", "c", None, None)      # "a/b" does not cover "a/+"
+    assert b.check("subscribe", "x/#", "c", None, None)          # "+" matches the level "#"
+
+
+def test_eq_is_exact():
+    a = acl('{deny, all, pubsub, [{eq, "a/#"}, {eq, "t/%u"}]}.')
+    assert not a.check("subscribe", "a/#", "c", None, None)
+    assert a.check("subscribe", "a/b", "c", None, None)
+    assert a.check("subscribe", "a/+", "c", None, None)
+    assert not a.check("publish", "t/%u", "c", "bob", None)       # no placeholder in eq
+    assert a.check("publish", "t/bob", "c", "bob", None)
+
+
+def test_placeholders():
+    a = acl('{allow, all, pubsub, ["users/%u/#", "clients/%c", "x/%c/%u"]}.', "deny")
+    assert a.check("publish", "users/bob/inbox", "c1", "bob", None)
+    assert not a.check("publish", "users/alice/inbox", "c1", "bob", None)
+    assert not a.check("publish", "users/%u/inbox", "c1", None, None)   # no username: never
+    assert a.check("subscribe", "clients/c1", "c1", None, None)
+    assert not a.check("subscribe", "clients/c2", "c1", None, None)
+    assert a.check("publish", "x/c1/bob", "c1", "bob", None)
+    assert not a.check("publish", "x/c1/bob", "c1", None, None)
+
+
+def test_placeholder_value_is_one_literal_level():
+    a = acl('{allow, all, subscribe, ["users/%u/#"]}.', "deny")
+    assert not a.check("subscribe", "users/bob/x", "c", "#", None)      # username "#" is no wildcard
+    assert not a.check("subscribe", "users/a/b/x", "c", "a/b", None)
+    assert not a.check("subscribe", "users/x/y", "c", "+", None)
+
+
+def test_first_match_wins():
+    text = '{deny, {user, "u"}, publish, ["t"]}.\n{allow, {user, "u"}, publish, ["t"]}.'
+    assert not acl(text).check("publish", "t", "c", "u", None)
+    swapped = "\n".join(reversed(text.splitlines()))
+    assert acl(swapped, "deny").check("publish", "t", "c", "u", None)
+
+
+def test_nomatch():
+    assert acl("").check("publish", "t", "c", None, None)
+    assert not acl("", "deny").check("publish", "t", "c", None, None)
+    assert not acl('{allow, all, publish, ["other"]}.', "deny").check("publish", "t", "c", None, None)
+    with pytest.raises(ValueError):
+        Acl([], "ignore")
