@@ -389,7 +389,20 @@ def _fixed_header(packet_type, flags, remaining):
 # Codec: packets ##############################################################
 ###############################################################################
 
-class Will:
+class _Packet:
+    """Packets compare and print by their fields (handy in tests and logs)."""
+    __slots__ = ()
+
+    def __eq__(self, other):
+        return type(self) is type(other) and all(
+            getattr(self, name) == getattr(other, name) for name in self.__slots__)
+
+    def __repr__(self):
+        return "%s(%s)" % (type(self).__name__, ", ".join(
+            "%s=%r" % (name, getattr(self, name)) for name in self.__slots__))
+
+
+class Will(_Packet):
     """The will message of a CONNECT (3.1.2.5)."""
     __slots__ = ("topic", "payload", "qos", "retain")
 
@@ -397,7 +410,7 @@ class Will:
         self.topic, self.payload, self.qos, self.retain = topic, payload, qos, retain
 
 
-class Connect:
+class Connect(_Packet):
     __slots__ = ("proto_name", "proto_ver", "clean_session", "keepalive",
                  "client_id", "will", "username", "password", "properties")
 
@@ -409,7 +422,7 @@ class Connect:
         self.properties = properties
 
 
-class Publish:
+class Publish(_Packet):
     __slots__ = ("topic", "payload", "qos", "retain", "dup", "packet_id", "properties")
 
     def __init__(self, topic, payload, qos=0, retain=False, dup=False, packet_id=None,
@@ -418,29 +431,45 @@ class Publish:
         self.dup, self.packet_id, self.properties = dup, packet_id, properties
 
 
-class Subscribe:
+class Subscribe(_Packet):
     __slots__ = ("packet_id", "topics", "properties")
 
     def __init__(self, packet_id, topics, properties=None):
         self.packet_id, self.topics, self.properties = packet_id, topics, properties
 
 
-class Unsubscribe:
+class Unsubscribe(_Packet):
     __slots__ = ("packet_id", "topics", "properties")
 
     def __init__(self, packet_id, topics, properties=None):
         self.packet_id, self.topics, self.properties = packet_id, topics, properties
 
 
-class Ack:
-    """PUBACK, PUBREC, PUBREL and PUBCOMP: a packet id (and later a reason code)."""
+class Connack(_Packet):
+    __slots__ = ("session_present", "return_code", "properties")
+
+    def __init__(self, session_present, return_code, properties=None):
+        self.session_present, self.return_code = session_present, return_code
+        self.properties = properties
+
+
+class Suback(_Packet):
+    __slots__ = ("packet_id", "return_codes", "properties")
+
+    def __init__(self, packet_id, return_codes, properties=None):
+        self.packet_id, self.return_codes, self.properties = packet_id, return_codes, properties
+
+
+class Ack(_Packet):
+    """PUBACK, PUBREC, PUBREL, PUBCOMP and UNSUBACK: a packet id (MQTT 5.0 adds
+    a reason code)."""
     __slots__ = ("packet_id", "reason_code", "properties")
 
     def __init__(self, packet_id, reason_code=0, properties=None):
         self.packet_id, self.reason_code, self.properties = packet_id, reason_code, properties
 
 
-class Empty:
+class Empty(_Packet):
     """PINGREQ, PINGRESP and DISCONNECT (3.1.1: no variable header, no payload)."""
     __slots__ = ()
 
@@ -515,6 +544,12 @@ def encode_connack(session_present, return_code, version=None):
     return bytes((CONNACK << 4, 2, 1 if session_present else 0, return_code))
 
 
+def decode_connack(flags, body, version=None):
+    if len(body) != 2 or body[0] & 0xFE:
+        raise MalformedPacket("CONNACK body must be 2 bytes, flags 0 or 1 [MQTT-3.2.2-1]")
+    return Connack(bool(body[0]), body[1])
+
+
 def decode_publish(flags, body, version=None):
     qos = (flags >> 1) & 0x03
     if qos == 3:
@@ -548,7 +583,7 @@ def _decode_ack(flags, body, version=None):
     return Ack(packet_id)
 
 
-decode_puback = decode_pubrec = decode_pubrel = decode_pubcomp = _decode_ack
+decode_puback = decode_pubrec = decode_pubrel = decode_pubcomp = decode_unsuback = _decode_ack
 
 
 def encode_ack(packet_type, packet_id, version=None):
@@ -591,6 +626,19 @@ def encode_suback(packet_id, return_codes, version=None):
     return _fixed_header(SUBACK, 0, len(body)) + body
 
 
+def decode_suback(flags, body, version=None):
+    packet_id, pos = _decode_u16(body, 0)
+    codes = list(body[pos:])
+    if not codes or any(c not in (0, 1, 2, SUBACK_FAILURE) for c in codes):
+        raise MalformedPacket("SUBACK return codes must be 0, 1, 2 or 0x80 [MQTT-3.9.3-2]")
+    return Suback(packet_id, codes)
+
+
+def encode_unsubscribe(pkt, version=None):
+    body = pkt.packet_id.to_bytes(2, "big") + b"".join(encode_string(t) for t in pkt.topics)
+    return _fixed_header(UNSUBSCRIBE, 2, len(body)) + body
+
+
 def decode_unsubscribe(flags, body, version=None):
     packet_id, pos = _decode_u16(body, 0)
     if not packet_id:
@@ -617,21 +665,60 @@ def encode_pingresp(version=None):
     return bytes((PINGRESP << 4, 0))
 
 
-#: Decoders for the packets a server receives, by packet type.
+#: Decoders for all 14 packet types (3.1.1 section 3), by packet type.
 DECODERS = {
-    CONNECT: decode_connect, PUBLISH: decode_publish, PUBACK: decode_puback,
-    PUBREC: decode_pubrec, PUBREL: decode_pubrel, PUBCOMP: decode_pubcomp,
-    SUBSCRIBE: decode_subscribe, UNSUBSCRIBE: decode_unsubscribe,
-    PINGREQ: decode_empty, DISCONNECT: decode_empty,
+    CONNECT: decode_connect, CONNACK: decode_connack, PUBLISH: decode_publish,
+    PUBACK: decode_puback, PUBREC: decode_pubrec, PUBREL: decode_pubrel,
+    PUBCOMP: decode_pubcomp, SUBSCRIBE: decode_subscribe, SUBACK: decode_suback,
+    UNSUBSCRIBE: decode_unsubscribe, UNSUBACK: decode_unsuback, PINGREQ: decode_empty,
+    PINGRESP: decode_empty, DISCONNECT: decode_empty,
 }
 
+#: Encoders for all 14 packet types: packet object -> bytes.
+ENCODERS = {
+    CONNECT: encode_connect,
+    CONNACK: lambda p, v=None: encode_connack(p.session_present, p.return_code),
+    PUBLISH: encode_publish,
+    PUBACK: lambda p, v=None: encode_ack(PUBACK, p.packet_id),
+    PUBREC: lambda p, v=None: encode_ack(PUBREC, p.packet_id),
+    PUBREL: lambda p, v=None: encode_ack(PUBREL, p.packet_id),
+    PUBCOMP: lambda p, v=None: encode_ack(PUBCOMP, p.packet_id),
+    SUBSCRIBE: encode_subscribe,
+    SUBACK: lambda p, v=None: encode_suback(p.packet_id, p.return_codes),
+    UNSUBSCRIBE: encode_unsubscribe,
+    UNSUBACK: lambda p, v=None: encode_ack(UNSUBACK, p.packet_id),
+    PINGREQ: lambda p, v=None: bytes((PINGREQ << 4, 0)),
+    PINGRESP: lambda p, v=None: encode_pingresp(),
+    DISCONNECT: lambda p, v=None: bytes((DISCONNECT << 4, 0)),
+}
 
-def decode_packet(first_byte, body, version=None):
-    """Check the fixed-header flags and decode one packet a client sent."""
+#: The packet types a server accepts from a client.
+CLIENT_PACKETS = frozenset((CONNECT, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP,
+                            SUBSCRIBE, UNSUBSCRIBE, PINGREQ, DISCONNECT))
+
+
+def encode_packet(packet_type, pkt, version=None):
+    return ENCODERS[packet_type](pkt, version)
+
+
+def split_packet(data):
+    """Frame the first packet of ``data``: (first_byte, body, size) or None
+    when more bytes are needed."""
+    if len(data) < 2:
+        return None
+    remaining, start = decode_varint(data, 1)
+    if remaining is None or start + remaining > len(data):
+        return None
+    return data[0], data[start:start + remaining], start + remaining
+
+
+def decode_packet(first_byte, body, version=None, accept=CLIENT_PACKETS):
+    """Check the fixed-header flags and decode one packet (by default, one a
+    client may send to a server). Raises only MQTTError subclasses."""
     packet_type, flags = first_byte >> 4, first_byte & 0x0F
-    decoder = DECODERS.get(packet_type)
+    decoder = DECODERS.get(packet_type) if packet_type in accept else None
     if decoder is None:
-        raise ProtocolError("packet type %d is not accepted from a client" % packet_type)
+        raise ProtocolError("packet type %d is not accepted here" % packet_type)
     if packet_type != PUBLISH and flags != FIXED_FLAGS[packet_type]:
         raise MalformedPacket("%s with invalid fixed-header flags 0x%x [MQTT-2.2.2-2]"
                               % (PACKET_NAMES[packet_type], flags))

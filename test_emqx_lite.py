@@ -4262,3 +4262,425 @@ def test_nomatch():
     assert not acl('{allow, all, publish, ["other"]}.', "deny").check("publish", "t", "c", None, None)
     with pytest.raises(ValueError):
         Acl([], "ignore")
+
+# =============================================================================
+# Hardening: property-based codec tests, live fuzzing, limits, soak
+# =============================================================================
+#
+# Quick by default; EMQX_LITE_FUZZ_EXAMPLES / EMQX_LITE_FUZZ_PACKETS /
+# EMQX_LITE_SOAK_SECONDS make the runs longer (README: "Longer runs").
+
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+
+FUZZ_EXAMPLES = int(os.environ.get("EMQX_LITE_FUZZ_EXAMPLES", "200"))
+FUZZ_PACKETS = int(os.environ.get("EMQX_LITE_FUZZ_PACKETS", "600"))
+SOAK_SECONDS = float(os.environ.get("EMQX_LITE_SOAK_SECONDS", "3"))
+
+_text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+                max_size=30)
+_name = _text.filter(lambda t: t and "+" not in t and "#" not in t)
+_pid = st.integers(1, 65535)
+
+
+@st.composite
+def _packets(draw):
+    """(packet type, packet object) for every one of the 14 packet types."""
+    kind = draw(st.sampled_from(sorted(emqx_lite.ENCODERS)))
+    if kind == emqx_lite.CONNECT:
+        level = draw(st.sampled_from([3, 4]))
+        will = draw(st.none() | st.builds(emqx_lite.Will, _name, st.binary(max_size=40),
+                                          st.integers(0, 2), st.booleans()))
+        username = draw(st.none() | _text)
+        password = draw(st.none() | st.binary(max_size=20)) if username is not None else None
+        pkt = emqx_lite.Connect(emqx_lite.PROTOCOL_NAMES[level], level, draw(st.booleans()),
+                                draw(st.integers(0, 65535)), draw(_text), will, username, password)
+    elif kind == emqx_lite.CONNACK:
+        pkt = emqx_lite.Connack(draw(st.booleans()), draw(st.integers(0, 5)))
+    elif kind == emqx_lite.PUBLISH:
+        qos = draw(st.integers(0, 2))
+        pkt = emqx_lite.Publish(draw(_name), draw(st.binary(max_size=100)), qos,
+                                draw(st.booleans()), draw(st.booleans()) if qos else False,
+                                draw(_pid) if qos else None)
+    elif kind == emqx_lite.SUBSCRIBE:
+        pkt = emqx_lite.Subscribe(draw(_pid), draw(st.lists(st.tuples(_text, st.integers(0, 2)),
+                                                            min_size=1, max_size=5)))
+    elif kind == emqx_lite.SUBACK:
+        pkt = emqx_lite.Suback(draw(_pid), draw(st.lists(st.sampled_from([0, 1, 2, 0x80]),
+                                                         min_size=1, max_size=5)))
+    elif kind == emqx_lite.UNSUBSCRIBE:
+        pkt = emqx_lite.Unsubscribe(draw(_pid), draw(st.lists(_text, min_size=1, max_size=5)))
+    elif kind in (emqx_lite.PINGREQ, emqx_lite.PINGRESP, emqx_lite.DISCONNECT):
+        pkt = emqx_lite.EMPTY
+    else:
+        pkt = emqx_lite.Ack(draw(_pid))
+    return kind, pkt
+
+
+class TestCodecProperties:
+    @hsettings(max_examples=FUZZ_EXAMPLES * 3, deadline=None)
+    @given(_packets())
+    def test_decode_of_encode_is_identity_for_every_packet_type(self, typed):
+        kind, pkt = typed
+        data = emqx_lite.encode_packet(kind, pkt)
+        first, body, size = emqx_lite.split_packet(data + b"\x00trailing")
+        assert size == len(data) and first >> 4 == kind
+        assert emqx_lite.decode_packet(first, body, accept=emqx_lite.DECODERS) == pkt
+
+    @hsettings(max_examples=FUZZ_EXAMPLES * 5, deadline=None,
+               suppress_health_check=[HealthCheck.too_slow])
+    @given(st.integers(0, 255), st.binary(max_size=200))
+    def test_arbitrary_bytes_raise_only_the_codecs_own_error(self, first, body):
+        try:
+            emqx_lite.decode_packet(first, body, accept=emqx_lite.DECODERS)
+        except emqx_lite.MQTTError:
+            pass
+
+    @hsettings(max_examples=FUZZ_EXAMPLES, deadline=None)
+    @given(_packets(), st.data())
+    def test_mutated_packets_raise_only_the_codecs_own_error(self, typed, data):
+        raw = bytearray(emqx_lite.encode_packet(*typed))
+        for _ in range(data.draw(st.integers(1, 4))):
+            raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+        try:
+            framed = emqx_lite.split_packet(bytes(raw))
+            if framed:
+                emqx_lite.decode_packet(framed[0], framed[1], accept=emqx_lite.DECODERS)
+        except emqx_lite.MQTTError:
+            pass
+
+    @hsettings(max_examples=FUZZ_EXAMPLES, deadline=None)
+    @given(st.integers(0, emqx_lite.MAX_REMAINING_LENGTH))
+    def test_remaining_length_round_trip(self, n):
+        """2.2.3: one to four bytes, up to 268,435,455."""
+        encoded = emqx_lite.encode_varint(n)
+        assert len(encoded) <= 4
+        assert emqx_lite.decode_varint(encoded, 0) == (n, len(encoded))
+
+
+def _random_packet(rng):
+    """A random or mutated packet, the kind a broken or hostile client sends."""
+    choice = rng.random()
+    if choice < 0.3:
+        return bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 40)))
+    base = rng.choice([
+        gen_connect("fz-%d" % rng.randint(0, 9)), gen_publish("fz/t", b"x" * rng.randint(0, 50), qos=1, pid=1),
+        gen_subscribe(1, [("fz/#", 1)]), gen_pubrel(3), gen_pingreq(), gen_disconnect(),
+        gen_unsubscribe(2, ["fz/#"]), gen_publish("fz/t", b"q2", qos=2, pid=9)])
+    raw = bytearray(base)
+    for _ in range(rng.randint(0, 3)):
+        raw[rng.randrange(len(raw))] = rng.getrandbits(8)
+    if choice > 0.85:
+        raw = raw[:rng.randint(1, len(raw))]   # truncated
+    return bytes(raw)
+
+
+class TestLiveFuzz:
+    def test_random_and_mutated_packets_from_many_connections(self):
+        """A flood of bad input from 12 connections: the broker stays up, closes
+        what it must, leaks no thread or socket, and a healthy pair on the side
+        gets every one of its QoS 1 messages, in order."""
+        rng = random.Random(20261125)
+        with emqx_lite.Broker("127.0.0.1", 0, None, connect_timeout=1) as b:
+            threads_before = {t for t in threading.enumerate()}
+            sub = PahoClient(b.mqtt_port, "fz-healthy-sub")
+            sub.subscribe("healthy/t", 1)
+            pub = PahoClient(b.mqtt_port, "fz-healthy-pub", max_inflight=1000)
+            tried = [0]
+
+            def attacker(seed):
+                r = random.Random(seed)
+                for _ in range(FUZZ_PACKETS // 12):
+                    try:
+                        s = socket.create_connection(("127.0.0.1", b.mqtt_port), timeout=2)
+                        if r.random() < 0.5:
+                            s.sendall(gen_connect("fz-a%d" % seed))
+                        for _ in range(r.randint(1, 5)):
+                            s.sendall(_random_packet(r))
+                            tried[0] += 1
+                        s.close()
+                    except OSError:
+                        pass   # the broker closed it first: fine
+
+            attackers = [threading.Thread(target=attacker, args=(rng.random(),)) for _ in range(12)]
+            for t in attackers:
+                t.start()
+            infos = [pub.publish("healthy/t", b"%d" % i, qos=1, wait=False) for i in range(300)]
+            for t in attackers:
+                t.join()
+            for info in infos:
+                info.wait_for_publish(TIMEOUT)
+            assert [sub.get().payload for _ in range(300)] == [b"%d" % i for i in range(300)]
+            assert tried[0] >= FUZZ_PACKETS // 2
+            sub.disconnect()
+            pub.disconnect()
+            assert wait_until(lambda: not b.core.sockets, timeout=10)
+            assert wait_until(lambda: {t for t in threading.enumerate()} <= threads_before)
+            assert b.stats()["clients/count"] == 0
+
+
+class TestLimits:
+    def test_topic_length_and_levels(self, make_broker):
+        """max_topic_length / max_topic_levels: a PUBLISH over them closes its
+        connection; a SUBSCRIBE filter over them gets 0x80 [MQTT-3.9.3-2]."""
+        b = make_broker(max_topic_length=20, max_topic_levels=4)
+        r = RawClient(b.mqtt_port)
+        r.connect("lim-sub")
+        r.send(gen_subscribe(1, [("a/b/c/d", 0), ("a/b/c/d/e", 0), ("x" * 21, 0), ("ok", 0)]))
+        assert r.read_packet() == (SUBACK, 0, b"\x00\x01\x00\x80\x80\x00")
+        for topic in ("a/b/c/d/e", "y" * 21):
+            p = RawClient(b.mqtt_port)
+            p.connect("lim-pub")
+            p.send(gen_publish(topic, b"x"))
+            assert p.expect_closed()
+            p.close()
+        r.close()
+
+    def test_max_subscriptions(self, make_broker):
+        b = make_broker(max_subscriptions=2)
+        r = RawClient(b.mqtt_port)
+        r.connect("lim-subs")
+        r.send(gen_subscribe(1, [("a", 0), ("b", 1), ("c", 0)]))
+        assert r.read_packet() == (SUBACK, 0, b"\x00\x01\x00\x01\x80")
+        r.send(gen_subscribe(2, [("a", 2)]))   # replacing an existing one is fine
+        assert r.read_packet() == (SUBACK, 0, b"\x00\x02\x02")
+        r.close()
+
+    def test_max_keepalive_applies_to_clients_asking_for_none(self, make_broker):
+        """A client with keepalive 0 would otherwise hold its socket forever."""
+        b = make_broker(max_keepalive=1)
+        r = RawClient(b.mqtt_port)
+        r.connect("lim-ka", keepalive=0)
+        assert b.clients()[0]["keepalive"] == 1
+        assert r.expect_closed(timeout=5)
+        assert wait_until(lambda: b.listener_infos()[0]["shutdown_count"] == {"keepalive_timeout": 1})
+
+    def test_offline_session_memory_is_bounded_by_queue_and_expiry(self, make_broker):
+        """A persistent session whose client never returns holds at most
+        max_mqueue_len messages, and is dropped after session_expiry_interval."""
+        b = make_broker(max_mqueue_len=10, session_expiry_interval=0.5)
+        r = RawClient(b.mqtt_port)
+        r.connect("gone", clean=False)
+        r.subscribe([("mem/t", 1)])
+        r.close()
+        assert wait_until(lambda: not b.is_connected("gone"))
+        for i in range(50):
+            b.publish("mem/t", b"%d" % i, qos=1)
+        (info,) = [s for s in b.sessions() if s["client_id"] == "gone"]
+        assert info["mqueue_len"] == 10 and info["mqueue_dropped"] == 40
+        assert wait_until(lambda: not any(s["client_id"] == "gone" for s in b.sessions()))
+        assert "mem/t" not in b.routes()
+
+
+class TestSecurity:
+    def test_clients_cannot_inject_sys_topics(self, make_broker):
+        b = make_broker()
+        s = RawClient(b.mqtt_port)
+        s.connect("sys-watch")
+        s.subscribe([("$SYS/brokers/fake", 0)])
+        p = RawClient(b.mqtt_port)
+        p.connect("sys-inject")
+        p.send(gen_publish("$SYS/brokers/fake", b"spoof", qos=1, pid=5))
+        assert p.read_packet() == (PUBACK, 0, b"\x00\x05")
+        s.expect_nothing(0.3)
+        s.close()
+        p.close()
+
+    def test_default_admin_password_is_warned_about(self, caplog):
+        with caplog.at_level("WARNING", logger="emqx_lite"):
+            with emqx_lite.Broker("127.0.0.1", 0, 0):
+                pass
+            assert "default password" in caplog.text
+            caplog.clear()
+            with emqx_lite.Broker("127.0.0.1", 0, 0, users={"admin": "s3cret"}):
+                pass
+            assert "default password" not in caplog.text
+
+    def test_passwords_are_not_kept_in_plain_text(self):
+        with emqx_lite.Broker("127.0.0.1", 0, None, users={"admin": "hunter2"},
+                              auth_username={"u": "pw-u"}, auth_clientid={"c": "pw-c"}) as b:
+            everything = repr(vars(b)) + repr(b.settings) + repr(b.users._users) \
+                + repr(b._auth_username._users) + repr(b._auth_clientid._users)
+            for secret in ("hunter2", "pw-u", "pw-c"):
+                assert secret not in everything
+
+
+class TestRestFuzz:
+    @pytest.fixture(scope="class")
+    def fuzz_api(self):
+        with emqx_lite.Broker("127.0.0.1", 0, 0) as b:
+            yield Api(b.http_port)
+
+    _json_values = st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | _text,
+        lambda children: st.lists(children, max_size=3) | st.dictionaries(
+            st.sampled_from(["topic", "payload", "qos", "retain", "client_id", "active",
+                             "username", "password", "tags", "old_pwd", "new_pwd"]),
+            children, max_size=5), max_leaves=8)
+
+    @hsettings(max_examples=FUZZ_EXAMPLES, deadline=None,
+               suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.sampled_from([("POST", "mqtt/publish"), ("POST", "mqtt/subscribe"),
+                            ("POST", "mqtt/unsubscribe"), ("POST", "users"), ("POST", "auth"),
+                            ("PUT", "users/nobody"), ("PUT", "change_pwd/nobody"),
+                            ("PUT", "nodes/emqx_lite@127.0.0.1/plugins/emqx_modules"),
+                            ("PUT", "clients/nobody/clean_acl_cache")]),
+           st.one_of(_json_values.map(lambda v: json.dumps(v).encode()), st.binary(max_size=60)))
+    def test_bad_bodies_get_a_json_code_never_a_server_error(self, fuzz_api, route, body):
+        method, path = route
+        status, headers, content = fuzz_api.request(method, path, raw_body=body)
+        assert status == 200, (status, content)
+        reply = json.loads(content)
+        assert isinstance(reply["code"], int)
+        assert b"Traceback" not in content
+
+    @hsettings(max_examples=FUZZ_EXAMPLES, deadline=None,
+               suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.sampled_from(["GET", "POST", "PUT", "DELETE"]),
+           st.text(st.sampled_from("abcnodes/%2F+#?=&@._-0123456789emqx_lite"), max_size=40))
+    def test_random_paths_never_fail_with_a_server_error(self, fuzz_api, method, tail):
+        status, _, content = fuzz_api.request(method, "/api/v2/" + tail.replace("#", "%23"),
+                                              raw_body=b"{}" if method != "GET" else None)
+        assert status in (200, 404), (status, content)
+        assert b"Traceback" not in content and b"/work/" not in content
+
+    def test_every_api_route_refuses_strangers(self, fuzz_api):
+        for path in API_PATHS_TO_PROBE:
+            status, _, _ = fuzz_api.request("GET", path, auth=False)
+            assert status == 401, path
+        assert fuzz_api.request("GET", "/status", auth=False)[0] == 200
+
+
+API_PATHS_TO_PROBE = ["management/nodes", "monitoring/nodes", "monitoring/listeners",
+                      "monitoring/metrics", "monitoring/stats", "nodes/emqx_lite@127.0.0.1/clients",
+                      "clients/x", "nodes/emqx_lite@127.0.0.1/sessions", "sessions/x",
+                      "subscriptions/x", "routes", "routes/a", "users", "users/admin",
+                      "nodes/emqx_lite@127.0.0.1/plugins"]
+
+
+class TestSoak:
+    def test_soak_reconnecting_persistent_clients_lose_nothing(self):
+        """For SOAK_SECONDS: persistent subscribers that drop their connections
+        abruptly and come back, publishers at QoS 0/1/2, REST reads throughout.
+        Every QoS 1/2 message the broker acknowledged reaches every persistent
+        subscriber (QoS 1 at least once, QoS 2 exactly once, in order), and
+        clients, threads and sockets return to where they started."""
+        subscribers, publishers = 6, 4
+        with emqx_lite.Broker("127.0.0.1", 0, 0, max_mqueue_len=0, retry_interval=1) as b:
+            threads_before = set(threading.enumerate())
+            fds_before = len(os.listdir("/proc/self/fd"))
+            api = Api(b.http_port)
+            stop = threading.Event()
+            acked = {1: [], 2: []}       # (publisher, seq) the broker acknowledged, per QoS
+            received = {}                # subscriber -> qos -> list of (publisher, seq)
+            errors = []
+
+            def receive(r, got, awaiting_rel, timeout):
+                """One packet as a correct client handles it; False on timeout.
+                QoS 2 ids are remembered until PUBREL (client session state), so a
+                resent PUBLISH is not taken twice [MQTT-4.3.3-2]."""
+                try:
+                    ptype, flags, body = r.read_packet(timeout=timeout)
+                except socket.timeout:
+                    return False
+                if ptype == PUBREL:
+                    pid = int.from_bytes(body, "big")
+                    awaiting_rel.discard(pid)
+                    r.send(gen_pubcomp(pid))
+                    return True
+                m = parse_publish(flags, body)
+                message = tuple(m["payload"].decode().split(":"))
+                if m["qos"] == 0:
+                    pass   # at most once: nothing to check
+                elif m["qos"] == 1:
+                    got[1].append(message)
+                    r.send(gen_puback(m["pid"]))
+                else:
+                    if m["pid"] not in awaiting_rel:
+                        awaiting_rel.add(m["pid"])
+                        got[2].append(message)
+                    r.send(gen_pubrec(m["pid"]))
+                return True
+
+            def subscriber(n):
+                got = received.setdefault(n, {1: [], 2: []})
+                awaiting_rel = set()
+                cid = "soak-sub-%d" % n
+                first = True
+                while first or not stop.is_set():
+                    r = RawClient(b.mqtt_port)
+                    r.connect(cid, clean=False)
+                    if first:
+                        r.subscribe([("soak/1/#", 1), ("soak/2/#", 2)])
+                        first = False
+                    deadline = time.monotonic() + random.uniform(0.2, 0.6)
+                    while time.monotonic() < deadline:
+                        receive(r, got, awaiting_rel, 0.1)
+                    r.sock.close()   # abrupt: no DISCONNECT
+                r = RawClient(b.mqtt_port)
+                r.connect(cid, clean=False)
+                idle = 0
+                while idle < 3:   # drain what is left, then leave cleanly
+                    idle = 0 if receive(r, got, awaiting_rel, 0.5) else idle + 1
+                r.send(gen_disconnect())
+                r.close()
+
+            def publisher(n):
+                r = RawClient(b.mqtt_port)
+                r.connect("soak-pub-%d" % n)
+                seq = 0
+                while not stop.is_set():
+                    seq += 1
+                    qos = seq % 3
+                    payload = ("%d:%d" % (n, seq)).encode()
+                    r.send(gen_publish("soak/%d/%d" % (max(qos, 1), n), payload, qos=qos, pid=seq % 65535 + 1))
+                    if qos == 1:
+                        assert r.read_packet()[0] == PUBACK
+                        acked[1].append(("%d" % n, "%d" % seq))
+                    elif qos == 2:
+                        assert r.read_packet()[0] == PUBREC
+                        r.send(gen_pubrel(seq % 65535 + 1))
+                        assert r.read_packet()[0] == PUBCOMP
+                        acked[2].append(("%d" % n, "%d" % seq))
+                    if seq % 50 == 0:
+                        time.sleep(0.005)   # pace: the point is reconnects, not throughput
+                r.send(gen_disconnect())
+                r.close()
+
+            def rest_reader():
+                while not stop.is_set():
+                    assert api.get("monitoring/stats")["code"] == 0
+                    assert api.get("nodes/emqx_lite@127.0.0.1/sessions")["code"] == 0
+                    stop.wait(0.05)
+
+            def guarded(target, *args):
+                def run():
+                    try:
+                        target(*args)
+                    except BaseException as exc:   # reported by the main thread
+                        errors.append(exc)
+                        stop.set()
+                return threading.Thread(target=run)
+
+            workers = [guarded(subscriber, n) for n in range(subscribers)]
+            workers += [guarded(publisher, n) for n in range(publishers)]
+            workers.append(guarded(rest_reader))
+            for t in workers:
+                t.start()
+            time.sleep(SOAK_SECONDS)   # the soak's duration, not a wait for an event
+            stop.set()
+            for t in workers:
+                t.join(60)
+                assert not t.is_alive()
+            assert not errors, errors
+            for n, got in received.items():
+                qos1 = set(got[1])
+                assert qos1 >= set(acked[1]), "subscriber %d lost QoS 1 messages" % n
+                assert sorted(got[2]) == sorted(set(got[2])), "subscriber %d: QoS 2 duplicate" % n
+                assert set(got[2]) == set(acked[2]), "subscriber %d lost QoS 2 messages" % n
+                for pub in map(str, range(publishers)):   # per publisher, in order
+                    seqs = [int(s) for p, s in got[2] if p == pub]
+                    assert seqs == sorted(seqs)
+            assert len(acked[1]) > 10 and len(acked[2]) > 10
+            assert wait_until(lambda: b.stats()["clients/count"] == 0)
+            assert wait_until(lambda: set(threading.enumerate()) <= threads_before)
+            assert wait_until(lambda: len(os.listdir("/proc/self/fd")) <= fds_before)
