@@ -4411,6 +4411,8 @@ class TestLiveFuzz:
                 info.wait_for_publish(TIMEOUT)
             assert [sub.get().payload for _ in range(300)] == [b"%d" % i for i in range(300)]
             assert tried[0] >= FUZZ_PACKETS // 2
+            print("live fuzz: %d bad packets over 12 connections; healthy pair: 300 of 300 "
+                  "QoS 1 messages in order" % tried[0])
             sub.disconnect()
             pub.disconnect()
             assert wait_until(lambda: not b.core.sockets, timeout=10)
@@ -4681,6 +4683,11 @@ class TestSoak:
                     seqs = [int(s) for p, s in got[2] if p == pub]
                     assert seqs == sorted(seqs)
             assert len(acked[1]) > 10 and len(acked[2]) > 10
+            reconnects = b.metrics()["packets/connect"] - publishers - subscribers
+            print("soak: %.0f s, %d reconnects, %d QoS 1 + %d QoS 2 messages acknowledged, "
+                  "%d deliveries checked, 0 lost" % (
+                      SOAK_SECONDS, reconnects, len(acked[1]), len(acked[2]),
+                      sum(len(g[1]) + len(g[2]) for g in received.values())))
             assert wait_until(lambda: b.stats()["clients/count"] == 0)
             assert wait_until(lambda: set(threading.enumerate()) <= threads_before)
             assert wait_until(lambda: len(os.listdir("/proc/self/fd")) <= fds_before)
