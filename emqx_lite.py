@@ -29,7 +29,7 @@ Architecture
                  +----------------->| BrokerCore: sessions, router trie,|
                                     | retained store, stats (one lock)  |
                                     +-----------------------------------+
-                                          | Session.deliver(msg, qos, pending)
+                                          | Session.deliver(messages)
                                           v
                                     Session (inflight, mqueue) -> Connection
                                     outbound buffer -> one non-blocking send
@@ -38,10 +38,11 @@ Architecture
     snapshot methods and writes through the same verbs MQTT uses.
 
 Every connection has a reader thread that owns the socket's read side. A
-PUBLISH is routed by the thread that read it: the broker lock is taken once to
-match the topic, then each target session's lock once to assign a packet id and
-append the encoded bytes to that client's outbound buffer. At the end of each
-batch of packets read by one recv, every touched connection is flushed with a
+PUBLISH is routed by the thread that read it: the topic is matched (a cached
+result, or the trie under the broker lock) and the message is added to the
+reader's Batch. After all packets of one recv are handled, the Batch takes each
+target session's lock once to assign packet ids and append the encoded bytes to
+that client's outbound buffer, then flushes every touched connection with a
 single non-blocking send. A client that does not read fills its outbound
 buffer: the rest is sent by the service thread when the socket becomes
 writable, further QoS 0 messages are dropped (``messages/dropped``) and QoS 1/2
@@ -942,20 +943,37 @@ class Message:
         return head, self.payload
 
 
-class FlushSet(set):
-    """The connections one thread has appended packets to and must flush.
+class Batch:
+    """Deliveries one thread has routed but not yet handed to their sessions.
 
-    Routing appends each PUBLISH to its target's buffer at once, under the
-    session lock, so every client receives its messages in the order they
-    were assigned [MQTT-4.6.0-6]; only the send is deferred, so a batch of
-    messages for one client leaves in one write. Owned by one thread.
+    A reader routes every PUBLISH of one recv into its Batch; ``run()`` then
+    takes each target session's lock once for all of its messages (in the
+    order they were routed [MQTT-4.6.0-6]) and writes each touched connection
+    once. Other callers (REST, wills, $SYS) make a Batch per message. A Batch
+    belongs to one thread.
     """
-    __slots__ = ()
+    __slots__ = ("deliveries", "touched")
 
-    def flush(self):
-        for conn in self:
-            conn.flush()
-        self.clear()
+    def __init__(self):
+        self.deliveries = {}   # Session -> [(msg, qos, retain), ...]
+        self.touched = set()   # Connections appended to, to flush
+
+    def add(self, session, msg, qos, retain=False):
+        items = self.deliveries.get(session)
+        if items is None:
+            self.deliveries[session] = [(msg, qos, retain)]
+        else:
+            items.append((msg, qos, retain))
+
+    def run(self):
+        if self.deliveries:
+            deliveries, self.deliveries = self.deliveries, {}
+            for session, items in deliveries.items():
+                session.deliver(items, self.touched)
+        if self.touched:
+            for conn in self.touched:
+                conn.flush()
+            self.touched.clear()
 
 
 class Session:
@@ -985,26 +1003,31 @@ class Session:
         self.disconnected_at = None      # set while a persistent session is offline
 
     # --- delivery (called by any thread routing a message) -----------------
-    def deliver(self, msg, qos, pending, retain=False):
-        """Send or queue one message at ``qos``; a connection written to is
-        added to ``pending`` (a FlushSet) for the caller to flush."""
+    def deliver(self, items, touched):
+        """Send or queue messages, [(msg, qos, retain), ...], in order, under
+        one lock round trip. A connection written to is added to ``touched``
+        for the caller to flush. A slow client (its buffer over max_outbuf)
+        has QoS 0 dropped and QoS 1/2 queued; so has a full inflight window."""
         s = self.core.settings
+        max_outbuf, max_inflight = s["max_outbuf"], s["max_inflight"]
+        chunks = []
         with self.lock:
             conn = self.conn
-            if conn is None:
-                self._enqueue_locked(msg, qos, retain)
-            elif qos == 0:
-                if conn.out_bytes < s["max_outbuf"]:
-                    self._send_publish_locked(conn, msg, 0, retain)
-                    pending.add(conn)
+            for msg, qos, retain in items:
+                if conn is None:
+                    self._enqueue_locked(msg, qos, retain)
+                elif conn.out_bytes >= max_outbuf:
+                    if qos:
+                        self._enqueue_locked(msg, qos, retain)
+                    else:
+                        self.core.counts()["messages/dropped"] += 1
+                elif qos and (self.mqueue or len(self.inflight) >= max_inflight):
+                    self._enqueue_locked(msg, qos, retain)
                 else:
-                    self.core.counts()["messages/dropped"] += 1
-            elif (self.mqueue or len(self.inflight) >= s["max_inflight"]
-                    or conn.out_bytes >= s["max_outbuf"]):
-                self._enqueue_locked(msg, qos, retain)
-            else:
-                self._send_publish_locked(conn, msg, qos, retain)
-                pending.add(conn)
+                    chunks.extend(self._publish_chunks_locked(msg, qos, retain))
+            if chunks:
+                conn.write(chunks, flush=False)
+                touched.add(conn)
 
     def _enqueue_locked(self, msg, qos, retain):
         s = self.core.settings
@@ -1019,17 +1042,22 @@ class Session:
         self.mqueue.append((msg, qos, retain))
         self.enqueue_msg += 1
 
-    def _send_publish_locked(self, conn, msg, qos, retain, dup=False, packet_id=None):
-        """Append one PUBLISH to ``conn``'s buffer (the caller flushes)."""
+    def _publish_chunks_locked(self, msg, qos, retain, dup=False, packet_id=None):
+        """One PUBLISH for this session's client: assigns the packet id and
+        records QoS 1/2 in the inflight window; returns the bytes to write."""
         if qos and packet_id is None:
             packet_id = self._packet_id_locked()
             self.inflight[packet_id] = [msg, qos, WAIT_ACK, time.monotonic()]
         self.deliver_msg += 1
-        conn.write(msg.chunks(qos, retain, dup, packet_id), flush=False)
         if not msg.sys:   # $SYS messages are not counted (EMQ X)
             counts = self.core.counts()
             counts["packets/publish/sent"] += 1
             counts[_QOS_SENT[qos]] += 1
+        return msg.chunks(qos, retain, dup, packet_id)
+
+    def _send_publish_locked(self, conn, msg, qos, retain, dup=False, packet_id=None):
+        """Append one PUBLISH to ``conn``'s buffer (the caller flushes)."""
+        conn.write(self._publish_chunks_locked(msg, qos, retain, dup, packet_id), flush=False)
 
     def _packet_id_locked(self):
         """Next free packet id, skipping ids still in flight [MQTT-2.3.1-2]."""
@@ -2036,11 +2064,10 @@ class BrokerCore:
         return topic
 
     # --- publishing ------------------------------------------------------------
-    def publish(self, msg, pending):
+    def publish(self, msg, batch):
         """Route one message: store/clear it if retained, then deliver a copy to
         every matching session at min(msg QoS, granted QoS) [MQTT-3.8.4-6],
-        appended to their buffers; ``pending`` collects them for the caller
-        to flush.
+        added to ``batch`` for the caller to run.
 
         This is the one routing path for MQTT PUBLISH, wills, $SYS, REST and
         the Python API. Match results are cached per topic until the next
@@ -2072,7 +2099,7 @@ class BrokerCore:
             return
         qos = msg.qos
         for session, granted in targets:
-            session.deliver(msg, qos if qos < granted else granted, pending)
+            batch.add(session, msg, qos if qos < granted else granted)
 
     # --- snapshots for the REST and Python APIs --------------------------------
     def client_infos(self):
@@ -2286,7 +2313,7 @@ class Connection:
         self._blocked = False         # the socket buffer is full; the service thread finishes
         self.blocked_since = None
         self._closed = False
-        self._pending = FlushSet()    # connections this reader wrote to in its batch
+        self._batch = Batch()         # what this reader routed from its current recv
         self._disconnecting = False
 
     def __repr__(self):
@@ -2361,8 +2388,7 @@ class Connection:
 
     def _flush_batch(self):
         """End of a batch: one write per touched connection, this one included."""
-        if self._pending:
-            self._pending.flush()
+        self._batch.run()
         self.flush()
 
     def handle_packet(self, first_byte, body, counts):
@@ -2435,10 +2461,10 @@ class Connection:
                 return  # no PUBREC: the client resends later
             if state == "new":
                 self.core.publish(Message(pkt.topic, pkt.payload, 2, pkt.retain,
-                                          self.client_id), self._pending)
+                                          self.client_id), self._batch)
         else:
             self.core.publish(Message(pkt.topic, pkt.payload, qos, pkt.retain,
-                                      self.client_id), self._pending)
+                                      self.client_id), self._batch)
         if qos == 1:
             self.send_ack(PUBACK, pkt.packet_id)
         elif qos == 2:
@@ -2469,7 +2495,7 @@ class Connection:
                      for f, _ in pkt.topics]
         self._send_bytes(encode_suback(pkt.packet_id, codes), SUBACK)
         for msg, qos in retained:
-            self.session.deliver(msg, qos, self._pending, retain=True)
+            self._batch.add(self.session, msg, qos, retain=True)
 
     def handle_unsubscribe(self, pkt, counts):
         self.core.unsubscribe(self.session, pkt.topics)
@@ -2598,10 +2624,10 @@ class Connection:
         if self.will is not None and reason != "shutdown":
             will = self.will
             self.will = None
-            pending = FlushSet()
+            batch = Batch()
             self.core.publish(Message(will.topic, will.payload, will.qos, will.retain,
-                                      self.client_id), pending)
-            pending.flush()
+                                      self.client_id), batch)
+            batch.run()
         self.core.disconnect(self)
         self.session.detach(self)
         self.broker._client_disconnected(self, reason)
@@ -3600,10 +3626,10 @@ class Broker:
     # --- $SYS (emqttd_broker, emqttd_stats, emqttd_metrics, emq_mod_presence) -----------------
     def _sys_publish(self, name, payload, retain=False, qos=0):
         topic = "$SYS/brokers/%s/%s" % (self.node, name) if name else "$SYS/brokers"
-        pending = FlushSet()
+        batch = Batch()
         self.core.publish(Message(topic, payload.encode("utf-8"), qos, retain, None, sys=True),
-                          pending)
-        pending.flush()
+                          batch)
+        batch.run()
 
     def _publish_sys_retained(self):
         self._sys_publish(None, self.node, retain=True)
@@ -3639,10 +3665,10 @@ class Broker:
         if topics:
             # As EMQ X's emq_mod_subscription: no SUBACK; retained messages are sent.
             codes, retained = self.core.subscribe(conn.session, topics)
-            pending = FlushSet()
+            batch = Batch()
             for msg, qos in retained:
-                conn.session.deliver(msg, qos, pending, retain=True)
-            pending.flush()
+                batch.add(conn.session, msg, qos, retain=True)
+            batch.run()
 
     def _client_disconnected(self, conn, reason):
         if self.core.modules_enabled and reason != "conflict":
@@ -3668,9 +3694,9 @@ class Broker:
             validate_topic_name(topic)
         except MalformedPacket as exc:
             raise ValueError(str(exc)) from None
-        pending = FlushSet()
-        core.publish(Message(topic, bytes(payload), qos, bool(retain), client_id), pending)
-        pending.flush()
+        batch = Batch()
+        core.publish(Message(topic, bytes(payload), qos, bool(retain), client_id), batch)
+        batch.run()
 
     def subscribe(self, client_id, topic, qos=0):
         """Subscribe an existing session on its client's behalf (no SUBACK);
@@ -3685,10 +3711,10 @@ class Broker:
         codes, retained = core.subscribe(session, [(topic, qos)])
         if codes[0] == SUBACK_FAILURE:
             raise ValueError("invalid topic filter %r" % topic)
-        pending = FlushSet()
+        batch = Batch()
         for msg, q in retained:
-            session.deliver(msg, q, pending, retain=True)
-        pending.flush()
+            batch.add(session, msg, q, retain=True)
+        batch.run()
 
     def unsubscribe(self, client_id, topic):
         core = self._require_started()

@@ -4575,6 +4575,7 @@ class TestSoak:
             acked = {1: [], 2: []}       # (publisher, seq) the broker acknowledged, per QoS
             received = {}                # subscriber -> qos -> list of (publisher, seq)
             errors = []
+            ready, all_subscribed = [], threading.Event()
 
             def receive(r, got, awaiting_rel, timeout):
                 """One packet as a correct client handles it; False on timeout.
@@ -4613,6 +4614,9 @@ class TestSoak:
                     r.connect(cid, clean=False)
                     if first:
                         r.subscribe([("soak/1/#", 1), ("soak/2/#", 2)])
+                        ready.append(n)
+                        if len(ready) == subscribers:
+                            all_subscribed.set()
                         first = False
                     deadline = time.monotonic() + random.uniform(0.2, 0.6)
                     while time.monotonic() < deadline:
@@ -4627,6 +4631,7 @@ class TestSoak:
                 r.close()
 
             def publisher(n):
+                assert all_subscribed.wait(TIMEOUT)   # publish once every subscription exists
                 r = RawClient(b.mqtt_port)
                 r.connect("soak-pub-%d" % n)
                 seq = 0
