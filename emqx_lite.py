@@ -240,6 +240,7 @@ _QOS_RECEIVED = ("messages/qos0/received", "messages/qos1/received", "messages/q
 _QOS_SENT = ("messages/qos0/sent", "messages/qos1/sent", "messages/qos2/sent")
 
 _ROUTE_CACHE_SIZE = 10000   # topics whose match result is cached
+_RECV_MIN, _RECV_MAX = 1024, 65536   # bytes one recv asks for, adaptively
 
 #: Default settings; every one can be given to Broker() as a keyword.
 DEFAULTS = {
@@ -984,6 +985,10 @@ class Session:
     flush it after releasing every lock.
     """
 
+    __slots__ = ("core", "client_id", "clean_session", "lock", "conn", "subscriptions",
+                 "inflight", "awaiting_rel", "mqueue", "mqueue_dropped", "deliver_msg",
+                 "enqueue_msg", "_next_id", "created_at", "disconnected_at")
+
     def __init__(self, core, client_id, clean_session):
         self.core = core
         self.client_id = client_id
@@ -992,7 +997,7 @@ class Session:
         self.lock = threading.Lock()
         self.conn = None
         self.subscriptions = {}          # filter as subscribed -> granted QoS
-        self.inflight = collections.OrderedDict()  # packet id -> [msg, qos, state, sent_at]
+        self.inflight = {}               # packet id -> [msg, qos, state, sent_at], in send order
         self.awaiting_rel = {}           # packet id of an inbound QoS 2 PUBLISH -> received_at
         self.mqueue = collections.deque()  # (msg, qos, retain) waiting to be sent
         self.mqueue_dropped = 0
@@ -1748,17 +1753,23 @@ def parse_acl(text, filename="<string>"):
     return rules
 
 
-def _acl_who_matches(who, client_id, username, peer_ip):
+def _peer_address(peer_ip):
+    """The client's address as an ip_address (IPv4-mapped IPv6 as IPv4), or None."""
+    try:
+        addr = ipaddress.ip_address(peer_ip)
+    except ValueError:
+        return None
+    return getattr(addr, "ipv4_mapped", None) or addr
+
+
+def _acl_who_matches(who, client_id, username, addr):
+    """``addr``: the client's address from _peer_address (None never matches ipaddr)."""
     kind = who[0]
     if kind in ("and", "or"):
-        results = (_acl_who_matches(w, client_id, username, peer_ip) for w in who[1])
+        results = (_acl_who_matches(w, client_id, username, addr) for w in who[1])
         return all(results) if kind == "and" else any(results)
     if kind == "ipaddr":
-        try:
-            addr = ipaddress.ip_address(peer_ip)
-        except ValueError:
-            return False
-        return (getattr(addr, "ipv4_mapped", None) or addr) in who[1]
+        return addr is not None and addr in who[1]
     return kind == "all" or (username if kind == "user" else client_id) == who[1]
 
 
@@ -1794,7 +1805,7 @@ class Acl:
             raise ValueError("action must be publish or subscribe, got %r" % action)
         for permission, who, rule_action, topics in self.rules:
             if rule_action not in (action, "pubsub") \
-                    or not _acl_who_matches(who, client_id, username, ipaddress):
+                    or not _acl_who_matches(who, client_id, username, _peer_address(ipaddress)):
                 continue
             if topics is None or any(_acl_topic_matches(kind, t, topic, client_id, username)
                                      for kind, t in topics):
@@ -1814,9 +1825,10 @@ class ClientAcl:
 
     def __init__(self, acl, client_id, username, ipaddress):
         self.client_id, self.username = client_id, username
+        addr = _peer_address(ipaddress)
         self.rules = [(permission == "allow", action, topics)
                       for permission, who, action, topics in acl.rules
-                      if _acl_who_matches(who, client_id, username, ipaddress)]
+                      if _acl_who_matches(who, client_id, username, addr)]
         self.nomatch = acl.nomatch == "allow"
         self.cache = {}   # (action, topic) -> allowed; only its owner's reader thread fills it
 
@@ -1873,19 +1885,21 @@ class BrokerCore:
         self.acl = None                # Acl, set by the Broker
         #: guards the registry of per-thread counters (a leaf lock)
         self.counts_lock = threading.Lock()
-        self._counters = []      # one dict per thread that has counted something
+        self._counters = {}      # id -> counters of each thread that has counted something
         self._retired = dict.fromkeys(METRIC_NAMES, 0)
         self._tls = threading.local()
 
     # --- metrics --------------------------------------------------------------
     def counts(self):
-        """The calling thread's own metric counters (only this thread writes them)."""
+        """The calling thread's own metric counters, name -> count (a sparse
+        defaultdict: an idle connection's thread holds only what it counted).
+        Only this thread writes them."""
         try:
             return self._tls.counts
         except AttributeError:
-            counts = self._tls.counts = dict.fromkeys(METRIC_NAMES, 0)
+            counts = self._tls.counts = collections.defaultdict(int)
             with self.counts_lock:
-                self._counters.append(counts)
+                self._counters[id(counts)] = counts
             return counts
 
     def retire_counts(self):
@@ -1895,15 +1909,15 @@ class BrokerCore:
             return
         del self._tls.counts
         with self.counts_lock:
-            self._counters.remove(counts)
+            del self._counters[id(counts)]
             for name, value in counts.items():
                 self._retired[name] += value
 
     def metrics(self):
         with self.counts_lock:
             total = dict(self._retired)
-            for counts in self._counters:
-                for name, value in counts.items():
+            for counts in self._counters.values():
+                for name, value in counts.copy().items():   # copy(): atomic under the GIL
                     total[name] += value
         total["packets/received"] = sum(
             total[n] for n in _RECEIVED_METRIC.values())
@@ -2284,6 +2298,12 @@ class Connection:
     send that drains it; any thread may append and flush.
     """
 
+    __slots__ = ("broker", "core", "settings", "sock", "peer", "listener", "transport",
+                 "client_id", "username", "proto_ver", "keepalive", "clean_session", "will",
+                 "session", "acl", "connected_at", "opened_at", "last_recv", "close_reason",
+                 "thread", "out_lock", "_out", "_wire", "out_bytes", "_blocked",
+                 "blocked_since", "_closed", "_batch", "_disconnecting")
+
     def __init__(self, broker, sock, peer, listener):
         self.broker = broker
         self.core = broker.core
@@ -2348,10 +2368,15 @@ class Connection:
         max_size = self.settings["max_packet_size"]
         transport = self.transport
         buf = b""
+        size = _RECV_MIN   # grows while reads fill it, shrinks when idle (memory per idle client)
         while True:
-            data = sock.recv(65536)
+            data = sock.recv(size)
             if not data:
                 return
+            if len(data) == size:
+                size = min(size * 4, _RECV_MAX)
+            elif size > _RECV_MIN and len(data) < size // 16:
+                size //= 4
             self.last_recv = time.monotonic()
             counts["bytes/received"] += len(data)
             if transport is not None:
