@@ -262,6 +262,7 @@ DEFAULTS = {
     "session_expiry_interval": 7200.0, # seconds an offline persistent session is kept
     "max_outbuf": 1024 * 1024,         # bytes buffered for one client before it counts as slow
     "send_timeout": 15.0,              # seconds a blocked write may take before the client is closed
+    "flow_control_timeout": 1.0,       # seconds a QoS 1/2 publisher's ack may be held (0 = off)
     "sys_interval": 60.0,              # seconds between $SYS broker/stats/metrics publishes
     "max_clients": 102400,             # connections per listener
     "acceptors": 1,                    # reported by the REST API (one accept loop)
@@ -953,13 +954,16 @@ class Batch:
     once. Other callers (REST, wills, $SYS) make a Batch per message. A Batch
     belongs to one thread.
     """
-    __slots__ = ("deliveries", "touched")
+    __slots__ = ("deliveries", "touched", "congested")
 
     def __init__(self):
         self.deliveries = {}   # Session -> [(msg, qos, retain), ...]
         self.touched = set()   # Connections appended to, to flush
+        self.congested = set() # Sessions a QoS 1/2 message went to that are over the mark
 
     def add(self, session, msg, qos, retain=False):
+        if qos and session.congested():
+            self.congested.add(session)
         items = self.deliveries.get(session)
         if items is None:
             self.deliveries[session] = [(msg, qos, retain)]
@@ -987,7 +991,8 @@ class Session:
 
     __slots__ = ("core", "client_id", "clean_session", "lock", "conn", "subscriptions",
                  "inflight", "awaiting_rel", "mqueue", "mqueue_dropped", "deliver_msg",
-                 "enqueue_msg", "_next_id", "created_at", "disconnected_at")
+                 "enqueue_msg", "_next_id", "created_at", "disconnected_at", "last_ack",
+                 "waiters")
 
     def __init__(self, core, client_id, clean_session):
         self.core = core
@@ -1006,6 +1011,8 @@ class Session:
         self._next_id = 0
         self.created_at = time.time()
         self.disconnected_at = None      # set while a persistent session is offline
+        self.last_ack = time.monotonic() # when the client last acknowledged anything
+        self.waiters = None              # publishers whose acks wait for this queue to drain
 
     # --- delivery (called by any thread routing a message) -----------------
     def deliver(self, items, touched):
@@ -1089,7 +1096,52 @@ class Session:
 
     def drain(self):
         with self.lock:
-            return self._drain_locked()
+            conn = self._drain_locked()
+            waiters = self._take_waiters_locked()
+        self._release(waiters)
+        return conn
+
+    # --- publisher flow control ------------------------------------------------
+    # A client that consumes more slowly than QoS 1/2 publishers publish would
+    # otherwise see its queue overflow and lose the oldest messages. Instead,
+    # while its queue is over the mark, the acknowledgements of the publishers
+    # feeding it are held (Connection.hold_acks), so their own inflight windows
+    # pace them; they are released when the queue is back under half the mark.
+    # A client that is offline, not reading (its socket is full) or that has
+    # acknowledged nothing for flow_control_timeout holds nobody back, and no
+    # ack is held longer than flow_control_timeout.
+    def congested(self):
+        """True while publishers feeding this session should wait (a hint,
+        read without the lock)."""
+        conn = self.conn
+        core = self.core
+        return (conn is not None and len(self.mqueue) >= core.flow_high
+                and not conn._blocked
+                and time.monotonic() - self.last_ack < core.settings["flow_control_timeout"])
+
+    def add_waiter(self, publisher):
+        """Register a publisher to release when the queue drains; False if it
+        already has (nothing to wait for)."""
+        with self.lock:
+            if not self.congested():
+                return False
+            if self.waiters is None:
+                self.waiters = set()
+            self.waiters.add(publisher)
+            return True
+
+    def _take_waiters_locked(self):
+        waiters = self.waiters
+        if waiters and (self.conn is None or len(self.mqueue) <= self.core.flow_high // 2):
+            self.waiters = None
+            return waiters
+        return None
+
+    def _release(self, waiters):
+        """Release publishers (called with no lock held)."""
+        if waiters:
+            for publisher in waiters:
+                publisher.release_acks(self)
 
     # --- connection lifecycle ---------------------------------------------
     def attach(self, conn):
@@ -1112,9 +1164,12 @@ class Session:
     def detach(self, conn):
         """The client went away; keep state only if this is still its session."""
         with self.lock:
-            if self.conn is conn:
-                self.conn = None
-                self.disconnected_at = time.monotonic()
+            if self.conn is not conn:
+                return
+            self.conn = None
+            self.disconnected_at = time.monotonic()
+            waiters = self._take_waiters_locked()
+        self._release(waiters)
 
     # --- acknowledgements from the client -----------------------------------
     def puback(self, packet_id):
@@ -1125,7 +1180,11 @@ class Session:
                 self.core.counts()["packets/puback/missed"] += 1
                 return None
             del self.inflight[packet_id]
-            return self._drain_locked()
+            self.last_ack = time.monotonic()
+            conn = self._drain_locked()
+            waiters = self._take_waiters_locked()
+        self._release(waiters)
+        return conn
 
     def pubrec(self, packet_id):
         """PUBREC for a QoS 2 message: answer PUBREL (4.3.3). Returns True if known."""
@@ -1135,6 +1194,7 @@ class Session:
                 self.core.counts()["packets/pubrec/missed"] += 1
                 return False
             entry[2], entry[3] = WAIT_COMP, time.monotonic()
+            self.last_ack = entry[3]
             return True
 
     def pubcomp(self, packet_id):
@@ -1144,7 +1204,11 @@ class Session:
                 self.core.counts()["packets/pubcomp/missed"] += 1
                 return None
             del self.inflight[packet_id]
-            return self._drain_locked()
+            self.last_ack = time.monotonic()
+            conn = self._drain_locked()
+            waiters = self._take_waiters_locked()
+        self._release(waiters)
+        return conn
 
     # --- inbound QoS 2 (the client publishes) -------------------------------
     def await_rel(self, packet_id):
@@ -1877,6 +1941,12 @@ class BrokerCore:
         self.subscription_count = 0
         self.stats_max = dict.fromkeys(STAT_NAMES, 0)
         self._route_cache = {}   # topic -> ((session, qos), ...); cleared on any subscription change
+        # Queue length over which a consuming session holds back its QoS 1/2
+        # publishers (see Session.congested); "never" when flow control is off.
+        mark = max(2 * settings["max_inflight"], 64)
+        if settings["max_mqueue_len"]:
+            mark = min(mark, max(1, settings["max_mqueue_len"] // 2))
+        self.flow_high = mark if settings["flow_control_timeout"] else float("inf")
         self.retainer_enabled = True   # the emqx_retainer plugin
         self.modules_enabled = True    # the emqx_modules plugin (presence, rewrite, subscription)
         self.rewrite_rules = [(f, re.compile(r), d)
@@ -2302,7 +2372,8 @@ class Connection:
                  "client_id", "username", "proto_ver", "keepalive", "clean_session", "will",
                  "session", "acl", "connected_at", "opened_at", "last_recv", "close_reason",
                  "thread", "out_lock", "_out", "_wire", "out_bytes", "_blocked",
-                 "blocked_since", "_closed", "_batch", "_disconnecting")
+                 "blocked_since", "_closed", "_batch", "_disconnecting", "_held",
+                 "held_since", "_waiting_on")
 
     def __init__(self, broker, sock, peer, listener):
         self.broker = broker
@@ -2334,6 +2405,9 @@ class Connection:
         self.blocked_since = None
         self._closed = False
         self._batch = Batch()         # what this reader routed from its current recv
+        self._held = []               # PUBACK/PUBREC held by flow control (out_lock)
+        self.held_since = None
+        self._waiting_on = set()      # congested sessions the held acks wait for (out_lock)
         self._disconnecting = False
 
     def __repr__(self):
@@ -2490,10 +2564,8 @@ class Connection:
         else:
             self.core.publish(Message(pkt.topic, pkt.payload, qos, pkt.retain,
                                       self.client_id), self._batch)
-        if qos == 1:
-            self.send_ack(PUBACK, pkt.packet_id)
-        elif qos == 2:
-            self.send_ack(PUBREC, pkt.packet_id)
+        if qos:
+            self.send_publish_ack(PUBACK if qos == 1 else PUBREC, pkt.packet_id)
 
     def handle_puback(self, pkt, counts):
         self.session.puback(pkt.packet_id)   # may send queued messages to this client
@@ -2544,6 +2616,48 @@ class Connection:
 
     def send_ack(self, packet_type, packet_id):
         self._send_bytes(encode_ack(packet_type, packet_id), packet_type)
+
+    def send_publish_ack(self, packet_type, packet_id):
+        """PUBACK or PUBREC for a PUBLISH this client sent: held, in order
+        [MQTT-4.6.0-2, -3], while a session its messages went to is congested."""
+        congested = self._batch.congested
+        if congested:
+            with self.out_lock:
+                self._waiting_on.update(congested)
+            for session in congested:
+                if not session.add_waiter(self):
+                    self.release_acks(session)
+            congested.clear()
+        data = encode_ack(packet_type, packet_id)
+        with self.out_lock:
+            if self._closed:
+                return
+            if self._waiting_on or self._held:
+                if not self._held:
+                    self.held_since = time.monotonic()
+                self._held.append(data)
+            else:
+                self._out.append(data)
+                self.out_bytes += len(data)
+        self.core.counts()[_SENT_METRIC[packet_type]] += 1
+
+    def release_acks(self, session=None):
+        """Send held acks once no congested session is left to wait for
+        (``session=None``: all of them, the flow_control_timeout case)."""
+        with self.out_lock:
+            if session is None:
+                self._waiting_on.clear()
+            else:
+                self._waiting_on.discard(session)
+            if self._waiting_on or not self._held or self._closed:
+                return
+            for data in self._held:
+                self._out.append(data)
+                self.out_bytes += len(data)
+            self._held = []
+            self.held_since = None
+            if not self._blocked:
+                self._send_locked()
 
     def write(self, chunks, flush=True):
         """Append encoded packets (any thread); with ``flush``, also send what
@@ -3642,6 +3756,9 @@ class Broker:
             blocked_since = conn.blocked_since
             if blocked_since is not None and now - blocked_since > s["send_timeout"]:
                 conn.shutdown("send_timeout")
+            held_since = conn.held_since
+            if held_since is not None and now - held_since > s["flow_control_timeout"]:
+                conn.release_acks()
         for session in sessions:
             conn = session.retry(now)
             if conn is not None:

@@ -4696,3 +4696,75 @@ class TestSoak:
             assert wait_until(lambda: b.stats()["clients/count"] == 0)
             assert wait_until(lambda: set(threading.enumerate()) <= threads_before)
             assert wait_until(lambda: len(os.listdir("/proc/self/fd")) <= fds_before)
+
+
+class TestFlowControl:
+    """A QoS 1/2 subscriber that consumes slower than publishers publish loses
+    nothing: while its queue is over the mark (half of max_mqueue_len, at most
+    2 x max_inflight or 64), the publishers' acks are held, in order, so their
+    own windows pace them (lossless while those windows fit in the rest of the
+    queue). A subscriber that stalls holds nobody back for longer than
+    flow_control_timeout."""
+
+    def test_slow_consumer_paces_the_publisher_and_loses_nothing(self, make_broker):
+        b = make_broker(max_inflight=4, max_mqueue_len=100, flow_control_timeout=5)
+        sub = RawClient(b.mqtt_port)
+        sub.connect("fc-sub")
+        sub.subscribe([("fc/t", 1)])
+        pub = RawClient(b.mqtt_port)
+        pub.connect("fc-pub")
+        total, window = 400, 20
+        sent = acked = 0
+        got = []
+        deadline = time.monotonic() + 30
+        while len(got) < total:
+            assert time.monotonic() < deadline, (sent, acked, len(got))
+            while sent < total and sent - acked < window:   # a publisher with a window
+                sent += 1
+                pub.send(gen_publish("fc/t", b"%d" % sent, qos=1, pid=sent))
+            while True:   # take every ack there is: the publisher is the faster side
+                try:
+                    ptype, _, body = pub.read_packet(timeout=0.002)
+                except socket.timeout:
+                    break
+                assert ptype == PUBACK and int.from_bytes(body, "big") == acked + 1  # in order
+                acked += 1
+            try:
+                m = sub.read_publish(timeout=0.01)   # a consumer that takes its time
+            except socket.timeout:
+                continue
+            got.append(int(m["payload"]))
+            sub.send(gen_puback(m["pid"]))
+        assert got == list(range(1, total + 1))
+        assert acked == total
+        info = [s for s in b.sessions() if s["client_id"] == "fc-sub"][0]
+        assert info["mqueue_dropped"] == 0
+        assert b.metrics()["messages/dropped"] == 0
+
+    def test_stalled_consumer_holds_publishers_back_only_briefly(self, make_broker):
+        b = make_broker(max_inflight=2, max_mqueue_len=8, flow_control_timeout=0.3)
+        stalled = RawClient(b.mqtt_port)
+        stalled.connect("fc-stalled")
+        stalled.subscribe([("fc/s", 1)])   # reads, never acks
+        pub = RawClient(b.mqtt_port)
+        pub.connect("fc-pub2")
+        for i in range(1, 41):
+            pub.send(gen_publish("fc/s", b"%d" % i, qos=1, pid=i))
+        acks = [pub.read_packet(timeout=5) for _ in range(40)]   # all come, in order
+        assert acks == [(PUBACK, 0, i.to_bytes(2, "big")) for i in range(1, 41)]
+        info = [s for s in b.sessions() if s["client_id"] == "fc-stalled"][0]
+        assert info["inflight_len"] == 2 and info["mqueue_len"] == 8
+        assert info["mqueue_dropped"] == 30   # the stalled client's own queue overflowed
+
+    def test_flow_control_off(self, make_broker):
+        b = make_broker(max_inflight=1, max_mqueue_len=4, flow_control_timeout=0)
+        sub = RawClient(b.mqtt_port)
+        sub.connect("fc-off-sub")
+        sub.subscribe([("fc/o", 1)])
+        pub = RawClient(b.mqtt_port)
+        pub.connect("fc-off-pub")
+        for i in range(1, 11):
+            pub.send(gen_publish("fc/o", b"%d" % i, qos=1, pid=i))
+        assert [pub.read_packet()[0] for _ in range(10)] == [PUBACK] * 10   # at once
+        info = [s for s in b.sessions() if s["client_id"] == "fc-off-sub"][0]
+        assert info["mqueue_len"] == 4 and info["mqueue_dropped"] == 5
