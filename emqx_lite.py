@@ -2537,7 +2537,9 @@ class Connection:
             old_conn.shutdown("conflict")   # takeover [MQTT-3.1.4-2]
         _log.debug("Received CONNECT from %s (p%d, c%d, k%d)", client_id,
                    pkt.proto_ver, pkt.clean_session, pkt.keepalive)
-        self._send_bytes(encode_connack(present, CONNACK_ACCEPTED), CONNACK)
+        # MQTT 3.1 has no Session Present flag: that byte is reserved there.
+        self._send_bytes(encode_connack(present and pkt.proto_ver != MQTT_V31,
+                                        CONNACK_ACCEPTED), CONNACK)
         session.attach(self)   # writes to this connection, flushed after the batch
         self.broker._client_connected(self)
 
