@@ -86,6 +86,7 @@ __all__ = [
 
 import argparse
 import collections
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -1817,6 +1818,7 @@ def parse_acl(text, filename="<string>"):
     return rules
 
 
+@functools.lru_cache(maxsize=1024)
 def _peer_address(peer_ip):
     """The client's address as an ip_address (IPv4-mapped IPv6 as IPv4), or None."""
     try:
@@ -2173,7 +2175,8 @@ class BrokerCore:
                         self.retained.pop(topic, None)  # [MQTT-3.3.1-10, -11]
                 matched, shared = self.router.match(topic)
                 targets = tuple(matched.values())
-                if not shared:   # round robin must advance: never cache shared picks
+                if not (shared or msg.sys):   # round robin must advance: never cache shared
+                    # picks; $SYS topics (one per client for presence) would crowd the cache
                     if len(self._route_cache) >= _ROUTE_CACHE_SIZE:
                         self._route_cache.clear()
                     self._route_cache[topic] = targets
