@@ -3146,10 +3146,8 @@ def create_api_blueprint(broker):
     @rule("/nodes/<node>/clients/<path:client_id>")
     def get_node_client(node, client_id):
         check_node(node)
-        _page([], request.args)
-        client_id = _unquote(client_id)
-        return ok({"objects": [client_row(c) for c in broker.clients()
-                               if c["client_id"] == client_id]})
+        _page([], request.args)   # bad paging parameters are a 404 here too (spec §6)
+        return get_client(client_id)
 
     @rule("/clients/<path:client_id>")
     def get_client(client_id):
