@@ -51,21 +51,30 @@ socket.
 
 Threads and locks
 -----------------
+Threads: one service thread (accepts, finishes blocked writes, runs timers),
+one reader thread per connection, and the REST API's waitress threads.
+
 ``BrokerCore.lock``      guards ``sessions``, ``connections``, ``sockets``, the
-                         router trie, the retained store, the route table,
-                         stats high-water marks. Held for dict/trie work only.
+                         router trie, the route cache, the retained store, the
+                         route table and the stats high-water marks. Held for
+                         dict/trie work only.
 ``Session.lock``         guards one session's subscriptions, inflight window,
-                         awaiting-PUBREL ids, message queue, packet ids and its
-                         ``conn`` pointer.
-``Connection.out_lock``  guards one connection's outbound buffer and the
-                         non-blocking ``send`` that drains it.
-``BrokerCore.counts_lock`` guards the registry of per-thread metric counters.
+                         awaiting-PUBREL ids, message queue, packet ids, flow-
+                         control waiters and its ``conn`` pointer.
+``Connection.out_lock``  guards one connection's outbound buffer, its held
+                         acks, its TLS/WebSocket transport state and the
+                         non-blocking ``send`` that drains the buffer.
+``Broker._selector_lock`` guards the service thread's selector registrations
+                         made from other threads (taken under ``out_lock``).
+``BrokerCore.counts_lock``, ``Listener.lock``, ``UserTable.lock`` and
+``Broker._plugins_lock`` guard small registries and tables.
 ``Broker._lifecycle_lock`` serialises start() and stop().
 
-Order: ``BrokerCore.lock`` -> ``Session.lock`` -> ``Connection.out_lock``;
-never the other way. ``counts_lock`` is a leaf (nothing is taken while it is
-held). In practice ``BrokerCore.publish`` releases the broker lock before any
-session is touched. No blocking socket I/O happens under any of these locks:
+Order: ``BrokerCore.lock`` -> ``Session.lock`` -> ``Connection.out_lock`` ->
+``Broker._selector_lock``; never the other way. The remaining locks are
+leaves: nothing is taken while one is held. ``BrokerCore.publish`` releases
+the broker lock before any session is touched, and a session's waiters are
+released after its lock is. No blocking socket I/O happens under any lock:
 the one send made under ``out_lock`` is non-blocking.
 
 Metrics are counted in per-thread dictionaries (each written by one thread
