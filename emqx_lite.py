@@ -86,7 +86,7 @@ __all__ = [
     "Broker", "BrokerCore", "Session", "Message", "Connection",
     "MQTTError", "MalformedPacket", "ProtocolError", "PacketTooLarge",
     "ConnectRefused", "validate_topic_name", "validate_topic_filter",
-    "topic_matches", "main",
+    "topic_matches", "load_config", "main",
 ]
 
 ###############################################################################
@@ -1681,6 +1681,16 @@ def render_config(settings):
         out += ["", "## Settings without an emq.conf key (Python only):"]
         out += ["##   %s = %r" % (name, settings[name]) for name in rest]
     return "\n".join(out) + "\n"
+
+
+def load_config(path=None, environ=None):
+    """Broker keyword arguments from an emq.conf-style file (if any) and then
+    the EMQX_LITE_... variables of ``environ``: ``Broker(**load_config(p))``."""
+    entries = []
+    if path is not None:
+        with open(path, encoding="utf-8") as f:
+            entries = parse_conf(f.read(), path)
+    return config_settings(entries + env_overrides(environ or {}), path or "<environment>")
 
 
 # --- ACL (acl.conf) -----------------------------------------------------------
@@ -3962,12 +3972,7 @@ def _cli_parse(argv):
 
 def _cli_settings(args, environ):
     """Broker keyword arguments: defaults < config file < environment < flags."""
-    entries = []
-    path = args.config or "<environment>"
-    if args.config:
-        with open(args.config, encoding="utf-8") as f:
-            entries = parse_conf(f.read(), args.config)
-    kw = config_settings(entries + env_overrides(environ), path)
+    kw = load_config(args.config, environ)
     kw.setdefault("listeners", [{"type": "tcp", "name": "external", "host": "0.0.0.0",
                                  "port": 1883}])
     kw.setdefault("http_bind", "0.0.0.0")

@@ -4767,3 +4767,54 @@ class TestFlowControl:
         assert [pub.read_packet()[0] for _ in range(10)] == [PUBACK] * 10   # at once
         info = [s for s in b.sessions() if s["client_id"] == "fc-off-sub"][0]
         assert info["mqueue_len"] == 4 and info["mqueue_dropped"] == 5
+
+
+class TestAuthPlugins:
+    """allow_anonymous and the emqx_auth_username / emqx_auth_clientid tables,
+    through real CONNECTs (return codes per [MQTT-3.2.2-5] and table 3.1)."""
+
+    @staticmethod
+    def _connack(port, client_id, username=None, password=None):
+        r = RawClient(port)
+        try:
+            return r.connect(client_id, username=username, password=password)[1]
+        finally:
+            r.close()
+
+    def test_anonymous_refused_when_not_allowed(self, make_broker):
+        b = make_broker(allow_anonymous=False, auth_username={"alice": "pw"})
+        assert self._connack(b.mqtt_port, "anon") == 5
+        b.set_plugin("emqx_auth_username", True)
+        assert self._connack(b.mqtt_port, "a1", "alice", b"pw") == 0
+        assert self._connack(b.mqtt_port, "a2", "alice", b"bad") == 4
+        assert self._connack(b.mqtt_port, "a3", "mallory", b"pw") == 5   # nobody vouches
+
+    def test_clientid_plugin(self, make_broker):
+        b = make_broker(auth_clientid={"sensor-1": "s3"})
+        b.set_plugin("emqx_auth_clientid", True)
+        assert self._connack(b.mqtt_port, "sensor-1", "any", b"s3") == 0
+        assert self._connack(b.mqtt_port, "sensor-1", "any", b"no") == 4
+        assert self._connack(b.mqtt_port, "other") == 0   # anonymous still allowed
+        b.set_plugin("emqx_auth_clientid", False)
+        assert self._connack(b.mqtt_port, "sensor-1", "any", b"no") == 0
+
+    def test_authenticate_hook_runs_first(self, make_broker):
+        seen = []
+
+        def hook(client_id, username, password, ipaddress):
+            seen.append((client_id, username, password, ipaddress))
+            return {"ok": True, "no": 5}.get(client_id)
+
+        b = make_broker(authenticate=hook, allow_anonymous=False)
+        assert self._connack(b.mqtt_port, "ok") == 0
+        assert self._connack(b.mqtt_port, "no") == 5
+        assert self._connack(b.mqtt_port, "pass", "u", b"p") == 5   # hook passes, no plugin
+        assert seen[2] == ("pass", "u", b"p", "127.0.0.1")
+
+    def test_load_config_reads_file_then_environment(self, tmp_path):
+        conf = tmp_path / "c.conf"
+        conf.write_text("mqtt.session.max_inflight = 7\nmqtt.max_clientid_len = 9\n")
+        kw = emqx_lite.load_config(str(conf), {"EMQX_LITE_MQTT__MAX_CLIENTID_LEN": "11"})
+        assert kw == {"max_inflight": 7, "max_clientid_len": 11}
+        with emqx_lite.Broker("127.0.0.1", 0, None, **kw) as b:
+            assert self._connack(b.mqtt_port, "x" * 12) == 2
