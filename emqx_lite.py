@@ -1960,6 +1960,7 @@ class BrokerCore:
         self.retained = {}       # topic -> Message
         self.routes = {}         # topic filter (no share prefix) -> number of subscribers
         self.subscription_count = 0
+        self.sys_subscriptions = 0   # filters that can match $SYS topics [MQTT-4.7.2-1]
         self.stats_max = dict.fromkeys(STAT_NAMES, 0)
         self._route_cache = {}   # topic -> ((session, qos), ...); cleared on any subscription change
         # Queue length over which a consuming session holds back its QoS 1/2
@@ -2127,6 +2128,8 @@ class BrokerCore:
                 if is_new:
                     self.routes[real] += 1
                     self.subscription_count += 1
+                    if real.startswith("$SYS"):
+                        self.sys_subscriptions += 1
                 codes.append(qos)
                 if group is None and self.retainer_enabled:
                     for msg in self.retained.values():
@@ -2150,6 +2153,8 @@ class BrokerCore:
         self._route_cache.clear()
         self.router.remove(real, group, session.client_id)
         self.subscription_count -= 1
+        if real.startswith("$SYS"):
+            self.sys_subscriptions -= 1
         self.routes[real] -= 1
         if not self.routes[real]:
             del self.routes[real]
@@ -3814,12 +3819,11 @@ class Broker:
         """emqx_modules on CONNACK: the presence event, then auto-subscriptions."""
         if not self.core.modules_enabled:
             return
-        payload = json.dumps({
-            "clientid": conn.client_id, "username": conn.username,
-            "ipaddress": conn.peer[0], "clean_sess": conn.clean_session,
-            "protocol": conn.proto_ver, "connack": 0, "ts": int(time.time())},
-            separators=(",", ":"))
-        self._sys_publish("clients/%s/connected" % conn.client_id, payload, qos=1)
+        if self.core.sys_subscriptions:   # nobody can receive it otherwise
+            self._publish_presence(conn, "connected", {
+                "clientid": conn.client_id, "username": conn.username,
+                "ipaddress": conn.peer[0], "clean_sess": conn.clean_session,
+                "protocol": conn.proto_ver, "connack": 0, "ts": int(time.time())})
         topics = []
         for topic, qos in self.settings["module_subscription"]:
             levels = [conn.client_id if w == "%c" else
@@ -3835,11 +3839,15 @@ class Broker:
             batch.run()
 
     def _client_disconnected(self, conn, reason):
-        if self.core.modules_enabled and reason != "conflict":
-            payload = json.dumps({"clientid": conn.client_id, "username": conn.username,
-                                  "reason": reason, "ts": int(time.time())},
-                                 separators=(",", ":"))
-            self._sys_publish("clients/%s/disconnected" % conn.client_id, payload, qos=1)
+        if self.core.modules_enabled and reason != "conflict" and self.core.sys_subscriptions:
+            self._publish_presence(conn, "disconnected", {
+                "clientid": conn.client_id, "username": conn.username,
+                "reason": reason, "ts": int(time.time())})
+
+    def _publish_presence(self, conn, event, fields):
+        """$SYS/brokers/<node>/clients/<id>/<event>: EMQ X's JSON, QoS 1 (emq_mod_presence)."""
+        self._sys_publish("clients/%s/%s" % (conn.client_id, event),
+                          json.dumps(fields, separators=(",", ":")), qos=1)
 
     # --- the Python API (thread-safe) --------------------------------------------------------
     def _require_started(self):
@@ -4002,6 +4010,9 @@ def main(argv=None):
     args = _cli_parse(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()   # handlers first: a signal during start-up must stop cleanly too
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
     try:
         kw = _cli_settings(args, os.environ)
         if args.print_config:
@@ -4013,9 +4024,6 @@ def main(argv=None):
     except (ConfigError, OSError, ValueError) as exc:
         _log.error("cannot start: %s", exc)
         return 1
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
     try:
         while not stop.wait(3600):
             pass
