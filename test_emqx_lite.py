@@ -2781,7 +2781,7 @@ class TestSlowConsumer:
         slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         try:
             slow.sendall(gen_connect("stall") + gen_subscribe(1, [("st", 0)]))
-            time.sleep(0.05)
+            assert wait_until(lambda: b.subscriptions("stall"))
             pad = b"z" * 4096
             deadline = time.monotonic() + 5
             while b.is_connected("stall") and time.monotonic() < deadline:
