@@ -972,7 +972,7 @@ class Batch:
         self.congested = set() # Sessions a QoS 1/2 message went to that are over the mark
 
     def add(self, session, msg, qos, retain=False):
-        if qos and session.congested():
+        if qos and not retain and session.congested():
             self.congested.add(session)
         items = self.deliveries.get(session)
         if items is None:
@@ -988,6 +988,10 @@ class Batch:
         if self.touched:
             for conn in self.touched:
                 conn.flush()
+                session = conn.session
+                if session is not None and session.mqueue and not conn._blocked:
+                    session.drain()   # queued while its buffer was full; now it is not
+                    conn.flush()
             self.touched.clear()
 
 
@@ -1156,8 +1160,12 @@ class Session:
     # --- connection lifecycle ---------------------------------------------
     def attach(self, conn):
         """Bind a freshly connected client: resend the inflight window in order
-        with DUP set [MQTT-4.4.0-1], then the queue. Returns conn."""
-        with self.lock:
+        with DUP set [MQTT-4.4.0-1], then the queue. Returns conn. A connection
+        that a newer one with the same client id already took over is not
+        bound (lock order: core, then session)."""
+        with self.core.lock, self.lock:
+            if self.core.connections.get(self.client_id) is not conn:
+                return conn
             self.conn = conn
             self.disconnected_at = None
             now = time.monotonic()
@@ -2109,6 +2117,9 @@ class BrokerCore:
         if self.rewrite_rules and self.modules_enabled:
             topics = [(self.rewrite(t), q) for t, q in topics]
         with self.lock:
+            if self.sessions.get(session.client_id) is not session:
+                # discarded (clean session ended or taken over): never route to it again
+                return [SUBACK_FAILURE] * len(topics), []
             limit = self.settings["max_subscriptions"]
             for topic_filter, qos in topics:
                 if not (validate_topic_filter(topic_filter)
@@ -2461,6 +2472,10 @@ class Connection:
             _log.exception("Internal error on connection %r", self)
             reason = "internal_error"
         finally:
+            try:   # what was accepted before an error is still delivered
+                self._batch.run()
+            except Exception:
+                _log.exception("Delivering the last batch of %r failed", self)
             self._close(self.close_reason or reason)
             self.core.retire_counts()
 
@@ -3555,6 +3570,9 @@ class Broker:
         with self._lifecycle_lock:
             if self._service is not None:
                 raise RuntimeError("broker already started")
+            if not _MSG_DONTWAIT:
+                raise RuntimeError("emqx_lite needs non-blocking sends (MSG_DONTWAIT): "
+                                   "it runs on Linux and macOS")
             self._stopping = False
             self.core = BrokerCore(self.settings)
             self.core.authenticate = self._authenticate
@@ -3772,7 +3790,8 @@ class Broker:
         self._threads = {t for t in self._threads if t.is_alive()}
         with core.lock:
             conns = list(core.sockets)
-            sessions = [x for x in core.sessions.values() if x.inflight or x.awaiting_rel]
+            sessions = [x for x in core.sessions.values()
+                        if x.inflight or x.awaiting_rel or (x.mqueue and x.conn is not None)]
         backoff = s["keepalive_backoff"]
         for conn in conns:
             if conn.session is None:
@@ -3789,6 +3808,10 @@ class Broker:
         for session in sessions:
             conn = session.retry(now)
             if conn is not None:
+                conn.flush()
+            conn = session.conn
+            if session.mqueue and conn is not None and not conn._blocked:
+                session.drain()   # a queue with nothing in flight to drain it
                 conn.flush()
         core.expire_sessions(now)
 

@@ -4818,3 +4818,35 @@ class TestAuthPlugins:
         assert kw == {"max_inflight": 7, "max_clientid_len": 11}
         with emqx_lite.Broker("127.0.0.1", 0, None, **kw) as b:
             assert self._connack(b.mqtt_port, "x" * 12) == 2
+
+
+class TestRaces:
+    def test_messages_accepted_before_a_protocol_error_are_still_routed(self, make_broker):
+        """A PUBLISH that got its PUBACK is routed even when the next packet in
+        the same read is malformed and closes the connection."""
+        b = make_broker()
+        sub = RawClient(b.mqtt_port)
+        sub.connect("race-sub")
+        sub.subscribe([("race/t", 1)])
+        pub = RawClient(b.mqtt_port)
+        pub.connect("race-pub")
+        pub.send(gen_publish("race/t", b"kept", qos=1, pid=1) + b"\x00\x00")   # then type 0
+        m = sub.read_publish()
+        assert (m["topic"], m["payload"]) == ("race/t", b"kept")
+        assert pub.expect_closed(strict=False)
+
+    def test_a_discarded_session_cannot_subscribe_again(self, make_broker):
+        """After a clean-session takeover the old connection's late SUBSCRIBE
+        must not leave a subscription nobody reads (it would take messages)."""
+        b = make_broker()
+        old = RawClient(b.mqtt_port)
+        old.connect("ghost")
+        old_session = b.core.sessions["ghost"]
+        new = RawClient(b.mqtt_port)
+        new.connect("ghost")
+        new.subscribe([("g/#", 0)])
+        codes, retained = b.core.subscribe(old_session, [("g/t", 1)])
+        assert (codes, retained) == ([0x80], [])
+        b.publish("g/t", b"for the new one", qos=1)
+        m = new.read_publish()
+        assert m["payload"] == b"for the new one" and m["qos"] == 0
