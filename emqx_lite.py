@@ -933,12 +933,11 @@ class Message:
     The encoded PUBLISH header is cached per first byte, so a message sent to
     many subscribers is encoded once (only the packet id differs per client).
     """
-    __slots__ = ("topic", "payload", "qos", "retain", "sender", "timestamp", "sys", "_heads")
+    __slots__ = ("topic", "payload", "qos", "retain", "sender", "sys", "_heads")
 
     def __init__(self, topic, payload, qos=0, retain=False, sender=None, sys=False):
         self.topic, self.payload, self.qos, self.retain = topic, payload, qos, retain
         self.sender, self.sys = sender, sys
-        self.timestamp = time.time()
         self._heads = {}
 
     def chunks(self, qos, retain=False, dup=False, packet_id=None):
@@ -998,9 +997,10 @@ class Batch:
 class Session:
     """The state MQTT keeps for a client id (3.1.2.4), online or offline.
 
-    Every attribute but ``client_id`` is guarded by ``self.lock``. Methods that
-    send return the Connection they appended to (or None), so the caller can
-    flush it after releasing every lock.
+    Every attribute but ``client_id`` is guarded by ``self.lock``. Methods
+    append to the client's buffer under that lock and never send: ``deliver``
+    adds the connection to the caller's set to flush, the others return it
+    (or None) for the caller to flush after releasing every lock.
     """
 
     __slots__ = ("core", "client_id", "clean_session", "lock", "conn", "subscriptions",
@@ -3188,11 +3188,14 @@ def create_api_blueprint(broker):
         _page([], request.args)   # bad paging parameters are a 404 here too (spec §6)
         return get_client(client_id)
 
+    def objects_of(rows, row, client_id):
+        """{"objects": [...]} for one client id, [] when unknown (spec §7.6)."""
+        client_id = _unquote(client_id)
+        return ok({"objects": [row(r) for r in rows if r["client_id"] == client_id]})
+
     @rule("/clients/<path:client_id>")
     def get_client(client_id):
-        client_id = _unquote(client_id)
-        return ok({"objects": [client_row(c) for c in broker.clients()
-                               if c["client_id"] == client_id]})
+        return objects_of(broker.clients(), client_row, client_id)
 
     @rule("/clients/<path:client_id>", methods=["DELETE"])
     def kick_client(client_id):
@@ -3223,9 +3226,7 @@ def create_api_blueprint(broker):
 
     @rule("/sessions/<path:client_id>")
     def get_session(client_id):
-        client_id = _unquote(client_id)
-        return ok({"objects": [session_row(s) for s in broker.sessions()
-                               if s["client_id"] == client_id]})
+        return objects_of(broker.sessions(), session_row, client_id)
 
     # --- Subscriptions: nodes/{node}/subscriptions[/{id}], subscriptions/{id} ---------
     @rule("/nodes/<node>/subscriptions", strict_slashes=False)
