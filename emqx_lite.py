@@ -34,8 +34,11 @@ Architecture
                                     Session (inflight, mqueue) -> Connection
                                     outbound buffer -> one non-blocking send
 
-    REST API: a Flask blueprint served by waitress; it reads the broker through
-    snapshot methods and writes through the same verbs MQTT uses.
+    REST API: a Flask blueprint served by waitress (poll(), so no descriptor
+    limit); it reads the broker through snapshot methods and writes through the
+    same verbs MQTT uses. A request's credentials are settled from its headers,
+    before its body is read; password hashes are computed by a small verifier
+    pool, and a verified credential is remembered for a short while.
 
 Every connection has a reader thread that owns the socket's read side. A
 PUBLISH is routed by the thread that read it: the topic is matched (a cached
@@ -52,7 +55,9 @@ socket.
 Threads and locks
 -----------------
 Threads: one service thread (accepts, finishes blocked writes, runs timers),
-one reader thread per connection, and the REST API's waitress threads.
+one reader thread per connection, and the REST API's: waitress's loop thread
+(every HTTP socket), four task threads (the application) and two verifier
+threads (password hashes).
 
 ``BrokerCore.lock``      guards ``sessions``, ``connections``, ``sockets``, the
                          router trie, the route cache, the retained store, the
@@ -66,7 +71,10 @@ one reader thread per connection, and the REST API's waitress threads.
                          non-blocking ``send`` that drains the buffer.
 ``Broker._selector_lock`` guards the service thread's selector registrations
                          made from other threads (taken under ``out_lock``).
-``BrokerCore.counts_lock``, ``Listener.lock``, ``UserTable.lock`` and
+``_ApiChannel.tls_lock`` guards one HTTPS connection's TLS state and its
+                         unsent records, and the non-blocking ``send`` of them.
+``BrokerCore.counts_lock``, ``Listener.lock``, ``UserTable.lock`` (users and
+remembered credentials), ``ApiGuard.lock`` (failed logins per address) and
 ``Broker._plugins_lock`` guard small registries and tables.
 ``Broker._lifecycle_lock`` serialises start() and stop().
 
@@ -94,6 +102,7 @@ __all__ = [
 ###############################################################################
 
 import argparse
+import base64
 import collections
 import functools
 import hashlib
@@ -113,6 +122,19 @@ import sys
 import threading
 import time
 
+try:   # the REST API's HTTP server; MQTT runs without it (http_port=None)
+    from waitress.adjustments import Adjustments as WaitressAdjustments
+    from waitress.channel import HTTPChannel as WaitressChannel
+    from waitress.parser import HTTPRequestParser as WaitressParser
+    from waitress.server import TcpWSGIServer as WaitressServer
+    from waitress.task import ErrorTask as WaitressErrorTask
+    from waitress.task import ThreadedTaskDispatcher as WaitressDispatcher
+    from waitress.utilities import Error as WaitressError, RequestEntityTooLarge
+except ImportError:   # pragma: no cover
+    WaitressAdjustments = WaitressServer = WaitressDispatcher = None
+    WaitressChannel = WaitressParser = WaitressErrorTask = WaitressError = object
+    RequestEntityTooLarge = None
+
 try:   # MQTT over WebSocket; the broker runs without it when no ws listener is asked for
     import wsproto
     import wsproto.events
@@ -130,6 +152,14 @@ _MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 #: Stack size for the threads the broker starts: small enough for 10k clients.
 _THREAD_STACK_SIZE = 256 * 1024
 _stack_size_lock = threading.Lock()  # guards the process-wide stack size setting
+
+
+def _is_loopback(host):
+    """True for 127.0.0.0/8, ::1 and 'localhost'."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _start_thread(target, name, args=()):
@@ -283,6 +313,18 @@ DEFAULTS = {
     "auth_clientid": {},               # emqx_auth_clientid table: client id -> password
     "module_subscription": (),         # emqx_modules: [(topic with %c/%u, qos)] on connect
     "module_rewrite": (),              # emqx_modules: [(filter, regex, replacement with $N)]
+    # The REST API (listener.api.mgmt):
+    "api_max_clients": 4096,           # connections; at the limit the idlest is closed for a new one
+    "api_idle_timeout": 15.0,          # seconds an idle or half-sent request may hold a connection
+    "api_cors_origins": (),            # other sites' origins allowed to call the API (CORS)
+    "api_max_auth_failures": 10,       # failed logins per source address and window, then 429
+    "api_auth_failure_window": 60.0,   # seconds of that window
+    "api_password_iterations": 600_000,  # PBKDF2-SHA256 cost of a dashboard user's password
+    "api_certfile": None,              # serve the API over HTTPS with this certificate chain
+    "api_keyfile": None,
+    "api_cacertfile": None,            # CA certificates for client certificates
+    "api_verify": False,               # ask for a client certificate (verify_peer)
+    "api_fail_if_no_peer_cert": False, # and require one
 }
 
 #: Plugins active when the broker starts (EMQ X 2.x defaults).
@@ -1298,33 +1340,94 @@ class Session:
 ###############################################################################
 
 class UserTable:
-    """Name -> password table with salted PBKDF2 hashes, compared in constant
-    time; used for the dashboard (REST) users and the MQTT auth plugins.
+    """Name -> password table; used for the dashboard (REST) users and the MQTT
+    auth plugins.
 
-    ``lock`` guards ``_users`` (a leaf lock).
+    A password is kept only as a salted PBKDF2-SHA256 hash that carries its
+    own parameters (``pbkdf2_sha256$<iterations>$<salt>$<hash>``, base64), and
+    is compared in constant time. A hash made with fewer iterations than the
+    table's is made again at the next successful check. An unknown name costs
+    one hash too, so timing does not tell which names exist.
+
+    A successful check is remembered for ``VERIFIED_TTL`` seconds under a
+    keyed hash of the name and password (the key never leaves the process),
+    so a client that sends its credentials with every request pays the hash
+    once; a user's entries are dropped when the password changes or the user
+    is deleted.
     """
-    ITERATIONS = 4096
+    VERIFIED_TTL = 120.0     # seconds a verified (name, password) is remembered
+    VERIFIED_MAX = 1024      # remembered pairs at most (the oldest go first)
 
-    def __init__(self, users=None, tags=""):
-        #: guards _users
+    def __init__(self, users=None, tags="", iterations=4096):
+        self.iterations = iterations
+        #: guards _users and _verified (a leaf lock)
         self.lock = threading.Lock()
-        self._users = {}   # name -> (salt, hash, tags)
+        self._users = {}      # name -> [encoded hash, tags]
+        self._verified = {}   # keyed hash of (name, password) -> (name, expires)
+        self._cache_key = os.urandom(32)
+        self._nobody = None   # the hash an unknown name is checked against (made when needed)
         for name, password in (users or {}).items():
             self.add(name, password, tags)
 
-    @classmethod
-    def _hash(cls, salt, password):
-        return hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, cls.ITERATIONS)
+    # --- hashes ----------------------------------------------------------------
+    def _encode(self, password, salt=None):
+        salt = salt or os.urandom(16)
+        digest = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, self.iterations)
+        return "pbkdf2_sha256$%d$%s$%s" % (self.iterations, base64.b64encode(salt).decode(),
+                                           base64.b64encode(digest).decode())
 
+    @staticmethod
+    def _parse(encoded):
+        """'pbkdf2_sha256$N$salt$hash' -> (N, salt, hash); ValueError if malformed."""
+        scheme, iterations, salt, digest = encoded.split("$")
+        if scheme != "pbkdf2_sha256" or not iterations.isdigit() or int(iterations) < 1:
+            raise ValueError("not a pbkdf2_sha256 hash: %r" % encoded)
+        return int(iterations), base64.b64decode(salt, validate=True), \
+            base64.b64decode(digest, validate=True)
+
+    @classmethod
+    def _matches(cls, encoded, password):
+        iterations, salt, digest = cls._parse(encoded)
+        return hmac.compare_digest(
+            digest, hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, iterations))
+
+    def _cache_id(self, name, password):
+        return hmac.new(self._cache_key, name.encode("utf-8") + b"\0" + password.encode("utf-8"),
+                        "sha256").digest()
+
+    def _forget_locked(self, name):
+        for key in [k for k, (n, _) in self._verified.items() if n == name]:
+            del self._verified[key]
+
+    # --- the table -----------------------------------------------------------------
     def add(self, name, password, tags=""):
         """Add a user; False if the name is taken."""
-        salt = os.urandom(16)
-        record = (salt, self._hash(salt, password), tags)
+        record = [self._encode(password), tags]
         with self.lock:
             if name in self._users:
                 return False
             self._users[name] = record
             return True
+
+    def import_hash(self, name, encoded, tags=""):
+        """Add or replace a user from a stored hash (``password_hash()``'s format)."""
+        self._parse(encoded)
+        with self.lock:
+            self._users[name] = [encoded, tags]
+            self._forget_locked(name)
+
+    def password_hash(self, name):
+        """The stored hash of a user's password, or None."""
+        with self.lock:
+            record = self._users.get(name)
+        return None if record is None else record[0]
+
+    def cached(self, name, password):
+        """True if this name and password were verified a moment ago (no hashing)."""
+        key = self._cache_id(name, password)
+        with self.lock:
+            hit = self._verified.get(key)
+        return hit is not None and hit[1] > time.monotonic()
 
     def check(self, name, password):
         """True if the password is right, False if wrong, None if no such user."""
@@ -1333,41 +1436,61 @@ class UserTable:
                 password = password.decode("utf-8")
             except UnicodeDecodeError:
                 return False
+        key = self._cache_id(name, password)
+        now = time.monotonic()
         with self.lock:
+            hit = self._verified.get(key)
+            if hit is not None and hit[1] > now:
+                return True
             record = self._users.get(name)
+        if record is not None:
+            encoded = record[0]
+        else:
+            encoded = self._nobody = self._nobody or self._encode(secrets.token_hex(16))
+        right = self._matches(encoded, password)
         if record is None:
             return None
-        return hmac.compare_digest(record[1], self._hash(record[0], password))
+        if not right:
+            return False
+        upgraded = self._encode(password) if self._parse(encoded)[0] < self.iterations else None
+        with self.lock:
+            if self._users.get(name) is record and record[0] == encoded:
+                if upgraded is not None:
+                    record[0] = upgraded
+                if len(self._verified) >= self.VERIFIED_MAX:
+                    self._verified.pop(next(iter(self._verified)))
+                self._verified[key] = (name, now + self.VERIFIED_TTL)
+        return True
 
     def set_password(self, name, password):
-        salt = os.urandom(16)
-        digest = self._hash(salt, password)
+        encoded = self._encode(password)
         with self.lock:
             if name not in self._users:
                 return False
-            self._users[name] = (salt, digest, self._users[name][2])
+            self._users[name][0] = encoded
+            self._forget_locked(name)
             return True
 
     def set_tags(self, name, tags):
         with self.lock:
             if name not in self._users:
                 return False
-            salt, digest, _ = self._users[name]
-            self._users[name] = (salt, digest, tags)
+            self._users[name][1] = tags
             return True
 
     def delete(self, name):
         with self.lock:
+            self._forget_locked(name)
             return self._users.pop(name, None) is not None
 
     def get(self, name):
         with self.lock:
             record = self._users.get(name)
-        return None if record is None else {"username": name, "tags": record[2]}
+        return None if record is None else {"username": name, "tags": record[1]}
 
     def list(self):
         with self.lock:
-            return [{"username": n, "tags": r[2]} for n, r in self._users.items()]
+            return [{"username": n, "tags": r[1]} for n, r in self._users.items()]
 
     def __contains__(self, name):
         with self.lock:
@@ -1416,6 +1539,11 @@ parse_duration = _parser(r"([0-9]+(?:\.[0-9]+)?)(ms|[wdhms])?", "a duration like
 _string = _parser(r"(?s).+", "a value")
 _qos = _parser(r"[012]", "0, 1 or 2", lambda m: int(m[0]))
 _mqtt_path = _parser(r"/.*", "a path like /mqtt")
+_verify = _parser("verify_peer|verify_none", "verify_peer or verify_none")
+_ORIGIN = r"https?://(?:[a-z0-9.-]+|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?"
+_origins = _parser(r"(?i)\s*{0}(?:\s*,\s*{0})*\s*".format(_ORIGIN),
+                   "origins like https://ops.example.com, http://localhost:3000",
+                   lambda m: tuple(o.strip().lower() for o in m[0].split(",")))
 # EMQ X closes a silent connection after keepalive * backoff * 2; ours after keepalive *
 # keepalive_backoff, so keepalive_backoff = backoff * 2 (EMQ X default 0.75 -> 1.5).
 _backoff = _parser(r"0\.[5-9][0-9]*|[1-9][0-9]*(\.[0-9]+)?", "a number >= 0.5",
@@ -1476,7 +1604,9 @@ def _fmt_address(host, port):
 
 #: value parser -> formatter for render_config (default: str)
 _FORMAT = {parse_duration: _fmt_duration, parse_bytesize: _fmt_bytesize,
-           parse_bool: lambda v: "true" if v else "false", _backoff: lambda v: repr(v / 2)}
+           parse_bool: lambda v: "true" if v else "false", _backoff: lambda v: repr(v / 2),
+           _origins: ", ".join,
+           _verify: lambda v: "verify_peer" if v in (True, "verify_peer") else "verify_none"}
 
 # --- configuration keys ------------------------------------------------------
 
@@ -1505,6 +1635,18 @@ SETTING_KEYS = {
     "mqtt.max_keepalive": ("max_keepalive", parse_int),
     "mqtt.client.max_outbuf": ("max_outbuf", parse_bytesize),
     "mqtt.client.send_timeout": ("send_timeout", parse_duration),
+    # The REST API's listener (EMQ X 2.x names max_clients; the rest are emqx_lite's):
+    "listener.api.mgmt.max_clients": ("api_max_clients", parse_int),
+    "listener.api.mgmt.idle_timeout": ("api_idle_timeout", parse_duration),
+    "listener.api.mgmt.cors_origins": ("api_cors_origins", _origins),
+    "listener.api.mgmt.max_auth_failures": ("api_max_auth_failures", parse_int),
+    "listener.api.mgmt.auth_failure_window": ("api_auth_failure_window", parse_duration),
+    "listener.api.mgmt.certfile": ("api_certfile", _string),
+    "listener.api.mgmt.keyfile": ("api_keyfile", _string),
+    "listener.api.mgmt.cacertfile": ("api_cacertfile", _string),
+    "listener.api.mgmt.verify": ("api_verify", _verify),
+    "listener.api.mgmt.fail_if_no_peer_cert": ("api_fail_if_no_peer_cert", parse_bool),
+    "dashboard.password_iterations": ("api_password_iterations", parse_int),
 }
 
 _ALL, _TLS = ("tcp", "ssl", "ws", "wss"), ("ssl", "wss")
@@ -1515,7 +1657,7 @@ LISTENER_OPTIONS = {
     "keyfile": (_string, _TLS),
     "certfile": (_string, _TLS),
     "cacertfile": (_string, _TLS),
-    "verify": (_parser("verify_peer|verify_none", "verify_peer or verify_none"), _TLS),
+    "verify": (_verify, _TLS),
     "fail_if_no_peer_cert": (parse_bool, _TLS),
     "peer_cert_as_username": (_parser("cn|dn", "cn or dn"), _TLS),
     "mqtt_path": (_mqtt_path, ("ws", "wss")),
@@ -1655,7 +1797,7 @@ def render_config(settings):
         if name in settings:
             done.add(name)
             value = settings[name]
-            out.append("## %s is not set" % key if value is None
+            out.append("## %s is not set" % key if value is None or value == ()
                        else "%s = %s" % (key, _FORMAT.get(parse, str)(value)))
     out += ["", "## Authentication and dashboard users"]
     users = settings.get("users") or {}
@@ -2851,7 +2993,7 @@ def make_ssl_context(certfile, keyfile, cacertfile=None, verify=False,
         context.load_verify_locations(cacertfile)
     if fail_if_no_peer_cert:
         context.verify_mode = ssl.CERT_REQUIRED
-    elif verify:
+    elif verify in (True, "verify_peer"):   # a bool, or emq.conf's word
         context.verify_mode = ssl.CERT_OPTIONAL
     return context
 
@@ -2976,6 +3118,101 @@ class ApiError(Exception):
     def __init__(self, code, message=None):
         super().__init__(message)
         self.code, self.message = code, message
+
+
+class Throttled(Exception):
+    """Too many failed logins from one address: HTTP 429 until ``retry_after``."""
+
+    def __init__(self, address, retry_after):
+        self.retry_after = max(1, int(retry_after + 0.999))
+        super().__init__("too many failed logins from %s; retry in %d s"
+                         % (address, self.retry_after))
+
+
+#: Headers on every API response (OWASP's REST set): no MIME sniffing, nothing
+#: cached (responses carry broker state to authenticated users), no framing.
+SECURITY_HEADERS = (("X-Content-Type-Options", "nosniff"), ("Cache-Control", "no-store"),
+                    ("X-Frame-Options", "DENY"),
+                    ("Content-Security-Policy", "frame-ancestors 'none'"))
+_STATE_CHANGING = frozenset(("POST", "PUT", "DELETE", "PATCH"))
+
+
+def _raw_path(uri):
+    """The path of a request URI as the client sent it (absolute form too), undecoded."""
+    if "://" in uri:
+        uri = "/" + uri.split("://", 1)[1].partition("/")[2]
+    return uri.split("?", 1)[0].split("#", 1)[0]
+
+
+def _needs_auth(path):
+    """Every /api/v2/ path but exactly /api/v2/auth needs Basic auth, checked
+    before routing: an unknown path answers 401 to a stranger (spec §1.2)."""
+    return path.startswith("/api/v2/") and path != "/api/v2/auth"
+
+
+def _basic_credentials(header):
+    """'Basic base64(name:password)' -> (name, password); None if absent or malformed."""
+    scheme, _, token = (header or "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        text = base64.b64decode(token.strip(), validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    name, colon, password = text.partition(":")
+    return (name, password) if colon and name else None
+
+
+class ApiGuard:
+    """Who may use the REST API: credentials checked against the users table,
+    failed logins counted per source address.
+
+    After ``max_failures`` failures within ``window`` seconds an address gets
+    Throttled (429) for the rest of the window, without its passwords being
+    hashed; a credential verified a moment ago (``UserTable.cached``) still
+    passes, so an operator's session survives someone guessing from the same
+    address. Each throttled address is logged once per window.
+
+    ``lock`` guards ``_failures`` (a leaf lock).
+    """
+    MAX_ADDRESSES = 10000   # addresses remembered at most (expired windows are dropped first)
+
+    def __init__(self, users, max_failures=10, window=60.0):
+        self.users, self.max_failures, self.window = users, max_failures, window
+        #: guards _failures
+        self.lock = threading.Lock()
+        self._failures = {}   # source address -> [window start, failures]
+
+    def check(self, name, password, address):
+        """``users.check()`` for a login from ``address``; raises Throttled."""
+        if self.users.cached(name, password):
+            return True
+        now = time.monotonic()
+        with self.lock:
+            entry = self._failures.get(address)
+            if entry is not None and now - entry[0] < self.window \
+                    and self.max_failures and entry[1] >= self.max_failures:
+                raise Throttled(address, entry[0] + self.window - now)
+        result = self.users.check(name, password)
+        if result is not True:
+            self._count_failure(address, now)
+        return result
+
+    def _count_failure(self, address, now):
+        with self.lock:
+            entry = self._failures.get(address)
+            if entry is None or now - entry[0] >= self.window:
+                if len(self._failures) >= self.MAX_ADDRESSES:
+                    self._failures = {a: e for a, e in self._failures.items()
+                                      if now - e[0] < self.window}
+                    if len(self._failures) >= self.MAX_ADDRESSES:
+                        self._failures.pop(next(iter(self._failures)))
+                entry = self._failures[address] = [now, 0]
+            entry[1] += 1
+            throttled_now = entry[1] == self.max_failures
+        if throttled_now:
+            _log.warning("REST API: %d failed logins from %s; its logins are refused for %d s",
+                         self.max_failures, address, self.window)
 
 
 class _NotFound(Exception):
@@ -3337,7 +3574,7 @@ def create_api_blueprint(broker):
     def login():
         dashboard_required()
         body = params(username=str, password=str)
-        result = broker.users.check(body["username"], body["password"])
+        result = broker.api_guard.check(body["username"], body["password"], request.remote_addr)
         if result is None:
             raise ApiError(103, "User not found")
         if not result:
@@ -3389,7 +3626,7 @@ def create_api_blueprint(broker):
         dashboard_required()
         body = params(old_pwd=str, new_pwd=str)
         username = _unquote(username)
-        result = broker.users.check(username, body["old_pwd"])
+        result = broker.api_guard.check(username, body["old_pwd"], request.remote_addr)
         if result is None:
             raise ApiError(105, "User not found")
         if not result:
@@ -3414,29 +3651,65 @@ def _empty(status):
 
 
 def create_app(broker):
-    """The WSGI application: the api/v2 blueprint, /status, / and Basic auth."""
+    """The WSGI application: the api/v2 blueprint, /status, / and Basic auth,
+    with the cross-site and CORS rules and the security headers."""
     from flask import Flask, request
     from flask_httpauth import HTTPBasicAuth
 
     app = Flask("emqx_lite")
     auth = HTTPBasicAuth(realm="emqx control center")
+    cors_origins = frozenset(broker.settings["api_cors_origins"])
 
     @auth.verify_password
     def verify_password(username, password):
-        return bool(username) and broker.users.check(username, password or "") is True
+        return bool(username) and broker.api_guard.check(
+            username, password or "", request.remote_addr) is True
 
     @auth.error_handler
     def unauthorized(status):
         return _empty(status)
 
+    def cross_site():
+        """True if the request comes from another site's page: its Origin is
+        not this server's, or the browser says so in Sec-Fetch-Site."""
+        origin = request.headers.get("Origin")
+        if origin is not None:
+            return origin.lower() != (request.scheme + "://" + request.host).lower()
+        return request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none")
+
     @app.before_request
-    def require_auth():
-        # Every /api/v2/ path but exactly /api/v2/auth needs Basic auth, before
-        # routing: an unknown path answers 401 to a stranger (spec §1.2).
-        path = request.path
-        if path.startswith("/api/v2/") and path != "/api/v2/auth":
+    def admit():
+        origin = (request.headers.get("Origin") or "").lower()
+        if request.method == "OPTIONS" and origin in cors_origins \
+                and "Access-Control-Request-Method" in request.headers:
+            return _cors_preflight()
+        if request.method in _STATE_CHANGING and cross_site() and origin not in cors_origins:
+            # A page on another site can make a browser send a form (text/plain or
+            # urlencoded, no preflight) with its cached Basic credentials.
+            _log.warning("REST API: refused a cross-site %s %s from %s (Origin %s)",
+                         request.method, request.path, request.remote_addr,
+                         request.headers.get("Origin", "none"))
+            return _json({"code": 403, "message": "cross-site request refused"}, 403)
+        if _needs_auth(request.path):
             return auth.login_required(lambda: None)()
         return None
+
+    def _cors_preflight():
+        response = _empty(204)
+        response.headers["Access-Control-Allow-Methods"] = "GET, POST, PUT, DELETE"
+        response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+        response.headers["Access-Control-Max-Age"] = "600"
+        return response
+
+    @app.after_request
+    def add_headers(response):
+        for name, value in SECURITY_HEADERS:
+            response.headers.setdefault(name, value)
+        origin = request.headers.get("Origin")
+        if origin is not None and origin.lower() in cors_origins:
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Vary"] = "Origin"
+        return response
 
     @app.route("/status")
     def status():
@@ -3455,6 +3728,12 @@ def create_app(broker):
         if exc.message is not None:
             body["message"] = exc.message
         return _json(body)
+
+    @app.errorhandler(Throttled)
+    def throttled(exc):
+        response = _json({"code": 429, "message": str(exc)}, 429)
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response
 
     @app.errorhandler(_NotFound)
     @app.errorhandler(404)
@@ -3477,13 +3756,331 @@ def create_app(broker):
     def raw_path_app(environ, start_response):
         raw = environ.get("REQUEST_URI") or environ.get("RAW_URI")
         if raw:
-            if "://" in raw:
-                raw = "/" + raw.split("://", 1)[1].partition("/")[2]
-            environ["PATH_INFO"] = raw.split("?", 1)[0].split("#", 1)[0]
+            environ["PATH_INFO"] = _raw_path(raw)
         return wsgi_app(environ, start_response)
 
     app.wsgi_app = raw_path_app
     return app
+
+
+###############################################################################
+# REST API server (waitress: limits, credentials first, TLS) ##################
+###############################################################################
+#
+# waitress serves the application with poll(), so no descriptor number is too
+# large for it, and with these changes of its channel and server:
+# - a request's credentials are settled when its headers are in, before its
+#   body is read: a credential verified a moment ago passes at once, one that
+#   is missing or malformed gets 401, and any other is checked by the
+#   verifier pool (the hash is slow on purpose) while the channel reads
+#   nothing more; a request to a path without authentication may carry a
+#   small body only;
+# - an idle connection, and a request not complete, is closed after
+#   api_idle_timeout; at api_max_clients the idlest connection is closed to
+#   admit a new one;
+# - with api_certfile the channel speaks TLS through the same sans-IO
+#   TlsTransport as MQTT, under the channel's tls_lock.
+
+_API_MAX_HEADER = 32 * 1024        # bytes of request line and headers
+_PUBLIC_BODY_MAX = 64 * 1024       # bytes of body for a path without authentication
+_VERIFIER_THREADS = 2              # password hashes computed at once
+
+
+def _api_body_max(max_packet_size):
+    """The largest body a legal request needs: a publish of max_packet_size
+    payload bytes, each JSON-escaped as \\u00XX at worst, plus headroom."""
+    return 6 * max_packet_size + 64 * 1024
+
+
+class _Refusal(WaitressError):
+    """A response the server sends before the application sees the request."""
+
+    def __init__(self, code, reason, headers=(), body=b""):
+        super().__init__(body)
+        self.code, self.reason, self.headers = code, reason, list(headers)
+
+    def to_response(self, ident=None):
+        kind = "application/json" if self.body else "text/plain"
+        return ("%d %s" % (self.code, self.reason),
+                [("Content-Type", kind)] + self.headers, self.body)
+
+    @classmethod
+    def unauthorized(cls):
+        return cls(401, "Unauthorized", [("WWW-Authenticate", 'Basic realm="emqx control center"')])
+
+    @classmethod
+    def throttled(cls, exc):
+        return cls(429, "Too Many Requests", [("Retry-After", str(exc.retry_after))],
+                   json.dumps({"code": 429, "message": str(exc)}).encode())
+
+
+class _ApiErrorTask(WaitressErrorTask):
+    """waitress's error response, with the security headers."""
+
+    def execute(self):
+        self.response_headers.extend(SECURITY_HEADERS)
+        super().execute()
+
+
+class _ApiRequestParser(WaitressParser):
+    """waitress's request parser that lets its channel judge the headers
+    before any of the body is taken, and keeps what arrives meanwhile."""
+
+    def __init__(self, adj, channel):
+        super().__init__(adj)
+        self.channel = channel
+        self.started = time.time()   # the first byte of this request
+        self.judged = False
+
+    def received(self, data):
+        if self.channel.held is not None:   # the credentials are being checked
+            self.channel.held += data
+            return len(data)
+        consumed = super().received(data)
+        if self.headers_finished and not self.judged:
+            self.judged = True
+            if self.error is None:
+                self.channel.judge(self)
+        return consumed
+
+
+class _ApiChannel(WaitressChannel):
+    """One HTTP connection to the API (runs in waitress's loop thread, except
+    ``send``, which a task thread may call too)."""
+    error_task_class = _ApiErrorTask
+
+    def __init__(self, server, sock, addr, adj, map=None):
+        self.held = None            # bytes received while the credentials are checked
+        self.tls = server.tls_transport()   # None for plain HTTP
+        self.tls_out = bytearray()  # TLS records not yet sent
+        #: guards tls and tls_out (a leaf lock; the send under it is non-blocking)
+        self.tls_lock = threading.Lock()
+        self.closing_since = None   # a close waiting for tls_out to drain
+        super().__init__(server, sock, addr, adj, map)
+        self.parser_class = functools.partial(_ApiRequestParser, channel=self)
+
+    def readable(self):
+        return self.held is None and super().readable()
+
+    # --- credentials before the body ---------------------------------------------
+    def judge(self, request):
+        """Called when a request's headers are in, before its body is read."""
+        # A CORS preflight carries no credentials; the application answers it.
+        if request.command == "OPTIONS" or not _needs_auth(_raw_path(request.request_uri)):
+            if request.chunked or request.content_length > _PUBLIC_BODY_MAX:
+                request.error = RequestEntityTooLarge(
+                    "a request without credentials may carry %d bytes" % _PUBLIC_BODY_MAX)
+                request.completed = True
+            return
+        credentials = _basic_credentials(request.headers.get("AUTHORIZATION"))
+        if credentials is None:
+            request.error, request.completed = _Refusal.unauthorized(), True
+        elif not self.server.guard.users.cached(*credentials):
+            self.held = bytearray()
+            request.deferred = (request.completed, request.expect_continue)
+            request.completed = request.expect_continue = False
+            self.server.verify(self, request, credentials)
+
+    def resume(self, request, refusal):
+        """The verifier's answer (loop thread): go on reading, or refuse."""
+        if self.held is None or self.request is not request or not self.connected:
+            return
+        held, self.held = bytes(self.held), None
+        request.completed, expect_continue = request.deferred
+        if refusal is not None:
+            request.error, request.completed, held = refusal, True, b""
+        with self.requests_lock:
+            if request.completed:
+                self.requests.append(request)
+                if len(self.requests) == 1:
+                    self.server.add_task(self)
+                self.request = None
+        if expect_continue and not request.completed and not self.requests:
+            self.send_continue()
+        if held:
+            self.received(held)
+
+    # --- TLS ------------------------------------------------------------------------
+    def handle_read(self):
+        if self.tls is None:
+            return super().handle_read()
+        try:
+            raw = self.socket.recv(self.adj.recv_bytes)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            return self.abort()
+        if not raw:
+            return self.abort()
+        try:
+            with self.tls_lock:
+                plain, reply = self.tls.feed(raw)
+                self.tls_out += reply
+        except MalformedPacket:   # a failed handshake or a broken record
+            return self.abort()
+        if not self._send_tls():
+            return None
+        if plain:
+            self.last_activity = time.time()
+            self.received(plain)
+        if self.tls.closed:
+            self.will_close = True
+        return None
+
+    def send(self, data, do_close=True):
+        """waitress's send of response bytes: encrypted first with TLS. Takes
+        nothing while earlier records still wait for the socket."""
+        if self.tls is None:
+            return super().send(data, do_close)
+        with self.tls_lock:
+            if not self._send_tls_locked():
+                return 0
+            self.tls_out += self.tls.wrap(bytes(data))
+            self._send_tls_locked()
+        return len(data)
+
+    def _send_tls_locked(self):
+        """Send what the socket takes of tls_out; True when all is sent."""
+        while self.tls_out:
+            try:
+                sent = self.socket.send(self.tls_out)
+            except (BlockingIOError, InterruptedError):
+                return False
+            del self.tls_out[:sent]
+        return True
+
+    def _send_tls(self):
+        """_send_tls_locked for the loop thread; False if the connection failed."""
+        try:
+            with self.tls_lock:
+                self._send_tls_locked()
+            return True
+        except OSError:
+            self.abort()
+            return False
+
+    def writable(self):
+        return bool(self.tls_out) or super().writable()
+
+    def handle_write(self):
+        if self.tls is not None and (not self._send_tls() or self.tls_out):
+            return   # failed, or the socket is full: the rest at the next POLLOUT
+        super().handle_write()
+
+    def handle_close(self):
+        if self.tls_out and self.connected:
+            if self.closing_since is None:   # send the last records first
+                self.closing_since = time.time()
+            return
+        super().handle_close()
+
+    def abort(self):
+        """Close now, whatever is unsent."""
+        with self.tls_lock:
+            self.tls_out.clear()
+        super().handle_close()
+
+    def since(self):
+        """When this connection last made progress: the start of the request
+        it is sending, else its last activity."""
+        request = self.request
+        return request.started if request is not None else self.last_activity
+
+
+class _Task:
+    """A job for a waitress dispatcher."""
+
+    def __init__(self, service):
+        self.service = service
+
+    def cancel(self):
+        pass
+
+
+class _ApiServer(WaitressServer):
+    """waitress's TCP server for the API: poll(), timeouts, the verifier pool."""
+    channel_class = _ApiChannel
+
+    def __init__(self, app, guard, settings, host, port):
+        s = settings
+        self.guard = guard
+        self.idle_timeout = s["api_idle_timeout"]
+        self.ssl_context = None
+        if s["api_certfile"] or s["api_keyfile"]:
+            if not (s["api_certfile"] and s["api_keyfile"]):
+                raise ValueError("the REST API's TLS needs both api_certfile and api_keyfile")
+            self.ssl_context = make_ssl_context(s["api_certfile"], s["api_keyfile"],
+                                                s["api_cacertfile"], s["api_verify"],
+                                                s["api_fail_if_no_peer_cert"])
+        adj = WaitressAdjustments(
+            host=host, port=port, threads=4, ident="emqx_lite",
+            clear_untrusted_proxy_headers=True, asyncore_use_poll=True,
+            connection_limit=s["api_max_clients"], cleanup_interval=1,
+            channel_timeout=max(1, int(self.idle_timeout)),
+            max_request_header_size=_API_MAX_HEADER,
+            max_request_body_size=_api_body_max(s["max_packet_size"]) + 1,
+            url_scheme="https" if self.ssl_context else "http")
+        super().__init__(app, adj=adj)
+        #: checks credentials, a few at once, beside the task threads (started here,
+        #: like them, so the thread count stays flat while the server runs)
+        self.verifier = WaitressDispatcher()
+        self.verifier.set_thread_count(_VERIFIER_THREADS)
+
+    def tls_transport(self):
+        return TlsTransport(self.ssl_context) if self.ssl_context is not None else None
+
+    def verify(self, channel, request, credentials):
+        """Check credentials in the verifier pool; the channel hears in the loop thread."""
+        address = channel.addr[0] if isinstance(channel.addr, tuple) else str(channel.addr)
+
+        def service():
+            try:
+                ok = self.guard.check(*credentials, address) is True
+                refusal = None if ok else _Refusal.unauthorized()
+            except Throttled as exc:
+                refusal = _Refusal.throttled(exc)
+            except Exception:   # pragma: no cover - a bug must not leave the channel waiting
+                _log.exception("REST API: checking credentials failed")
+                refusal = _Refusal.unauthorized()
+            try:
+                self.trigger.pull_trigger(lambda: channel.resume(request, refusal))
+            except OSError:   # the server is stopping
+                pass
+
+        self.verifier.add_task(_Task(service))
+
+    def maintenance(self, now):
+        """Close connections idle, or sending one request, for longer than
+        api_idle_timeout, and those whose last TLS records never drain."""
+        cutoff = now - self.idle_timeout
+        for channel in list(self.active_channels.values()):
+            if channel.closing_since is not None and channel.closing_since < cutoff:
+                channel.abort()
+            elif not channel.requests and channel.held is None and channel.since() < cutoff:
+                channel.will_close = True
+
+    def readable(self):
+        if self.accepting and len(self._map) >= self.adj.connection_limit:
+            idle = [c for c in self.active_channels.values()
+                    if not c.requests and c.held is None and not c.will_close]
+            if idle:
+                min(idle, key=_ApiChannel.since).will_close = True
+        return super().readable()
+
+    def stop(self, thread):
+        """Close every connection from inside the loop, which then ends, and
+        join ``thread`` (the one in ``run()``, if started), the task threads
+        and the verifier threads."""
+        if thread is not None:
+            def close_all():
+                for channel in list(self._map.values()):
+                    channel.close()
+            self.trigger.pull_trigger(close_all)
+            thread.join()
+        else:
+            self.close()
+        self.task_dispatcher.shutdown()
+        self.verifier.shutdown()
 
 
 ###############################################################################
@@ -3527,9 +4124,15 @@ class Broker:
                                       "acceptors": self.settings["acceptors"]}, **spec)
                                 for spec in listeners]
         self.ssl_port = self.ws_port = self.wss_port = None
-        #: the dashboard's management users (REST API Basic auth and users API)
+        #: the dashboard's management users (REST API Basic auth and users API);
+        #: none without the API, so that an API-less broker pays no hashing
+        if http_port is None:
+            users = {}
         self.users = UserTable(users if users is not None else {"admin": "public"},
-                               tags="administrator")
+                               tags="administrator",
+                               iterations=self.settings["api_password_iterations"])
+        self.api_guard = ApiGuard(self.users, self.settings["api_max_auth_failures"],
+                                  self.settings["api_auth_failure_window"])
         self._default_admin = users is None
         self.authenticate = authenticate
         acl_file = self.settings["acl_file"]
@@ -3686,31 +4289,25 @@ class Broker:
 
     # --- the REST API server --------------------------------------------------------
     def _start_http(self):
-        import waitress.server
-        app = create_app(self)
-        self._http = waitress.server.create_server(
-            app, host=self.http_bind, port=self._http_port_wanted, threads=4,
-            ident="emqx_lite", clear_untrusted_proxy_headers=True)
+        if WaitressServer is None:
+            raise RuntimeError("the REST API needs the waitress package")
+        self._http = _ApiServer(create_app(self), self.api_guard, self.settings,
+                                self.http_bind, self._http_port_wanted)
         self.http_port = int(self._http.effective_port)
         self._http_thread = _start_thread(self._http.run, "emqx_lite-http")
-        _log.info("REST API (waitress) on http://%s:%d/api/v2/", self.http_bind, self.http_port)
+        tls = self._http.ssl_context is not None
+        _log.info("REST API (waitress) on %s://%s:%d/api/v2/", "https" if tls else "http",
+                  self.http_bind, self.http_port)
+        if not tls and not _is_loopback(self.http_bind):
+            _log.warning("REST API listens on %s without TLS: its passwords cross the network "
+                         "in clear text (set listener.api.mgmt.certfile and .keyfile, or bind "
+                         "it to 127.0.0.1)", self.http_bind)
 
     def _stop_http(self):
         server, thread = self._http, self._http_thread
         self._http = self._http_thread = None
-        if server is None:
-            return
-        if thread is not None:
-            # Close every channel from inside waitress's own loop; the loop
-            # ends when its socket map is empty.
-            def close_all():
-                for channel in list(server._map.values()):
-                    channel.close()
-            server.trigger.pull_trigger(close_all)
-            thread.join()
-        else:
-            server.close()
-        server.task_dispatcher.shutdown()
+        if server is not None:
+            server.stop(thread)
 
     # --- the service thread --------------------------------------------------------------
     def _wake(self):
@@ -4029,9 +4626,24 @@ def _cli_settings(args, environ):
     return kw
 
 
+def _raise_fd_limit():
+    """Raise the soft limit on open files to the hard one, as Go and the JVM do
+    at start-up: a broker holds a descriptor per client (and one per REST
+    connection), and the usual soft limit of 1,024 is far below 10,000 clients."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError):   # not on this system, or not allowed
+        pass
+
+
 def main(argv=None):
     """Run the broker until SIGINT or SIGTERM; returns the exit status."""
     args = _cli_parse(argv)
+    _raise_fd_limit()
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = threading.Event()   # handlers first: a signal during start-up must stop cleanly too

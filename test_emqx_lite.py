@@ -8,6 +8,7 @@ not against itself. REST tests go over real HTTP to the broker's waitress server
 """
 
 import base64
+import hashlib
 import ipaddress
 import json
 import os
@@ -19,6 +20,7 @@ import socket
 import ssl
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -3294,9 +3296,13 @@ class Api:
         return reply["result"]
 
 
+#: A cheap password hash keeps REST tests fast; TestApiCredentials checks the real cost.
+FAST_HASH = {"api_password_iterations": 1000}
+
+
 @pytest.fixture
 def api_broker():
-    with emqx_lite.Broker("127.0.0.1", mqtt_port=0, http_port=0) as b:
+    with emqx_lite.Broker("127.0.0.1", mqtt_port=0, http_port=0, **FAST_HASH) as b:
         yield b
 
 
@@ -3591,7 +3597,7 @@ class TestRestPluginsMetricsStatsListeners:
 
     def test_auth_username_plugin_checks_connect(self):
         """[MQTT-3.2.2-5]: a refused CONNECT gets a non-zero CONNACK (0x04 here)."""
-        with emqx_lite.Broker("127.0.0.1", 0, 0, auth_username={"u1": "secret"}) as b:
+        with emqx_lite.Broker("127.0.0.1", 0, 0, auth_username={"u1": "secret"}, **FAST_HASH) as b:
             rest = Api(b.http_port)
             rest.result("PUT", "nodes/%s/plugins/emqx_auth_username" % NODE, {"active": True})
             codes = []
@@ -3683,6 +3689,497 @@ class TestEmqxModules:
             finally:
                 c.disconnect()
                 c.loop_stop()
+
+
+# =============================================================================
+# The REST API under load and abuse: descriptors, idle and slow connections,
+# body limits, cross-site requests, credentials, throttling, TLS
+# =============================================================================
+
+def _basic(user, password):
+    return "Basic " + base64.b64encode(("%s:%s" % (user, password)).encode()).decode()
+
+
+def _http_head(sock, timeout=TIMEOUT):
+    """Read one response's status line and headers from a raw socket:
+    (status, {lowercase name: value}, bytes after the headers)."""
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed after %r" % data)
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(lines[0].split()[1]), headers, rest
+
+
+def _raw_request(port, method, path, headers=(), body=b""):
+    """Request bytes exactly as sent; ``headers`` is a list of (name, value)."""
+    lines = ["%s %s HTTP/1.1" % (method, path), "Host: 127.0.0.1:%d" % port]
+    lines += ["%s: %s" % h for h in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def _closed_by_peer(sock, timeout):
+    """True once the server closes the connection (within ``timeout``)."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(4096):
+            pass
+        return True
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+def _mqtt_roundtrip(port, n=50):
+    """A paho pair exchanges n QoS 1 messages; returns how many arrived."""
+    sub = _paho("rt-sub-%d" % random.randrange(10 ** 9), port)
+    pub = _paho("rt-pub-%d" % random.randrange(10 ** 9), port)
+    try:
+        sub.subscribe("rt/t", 1)
+        assert sub.subscribed.wait(TIMEOUT)
+        for i in range(n):
+            pub.publish("rt/t", str(i), qos=1)
+        got = []
+        try:
+            while len(got) < n:
+                got.append(sub.inbox.get(timeout=TIMEOUT))
+        except queue.Empty:
+            pass
+        return len(got)
+    finally:
+        _close(sub, pub)
+
+
+class TestApiHardening:
+    """The management API holds under load and abuse."""
+
+    def test_rest_answers_with_more_than_1024_descriptors_in_use(self):
+        """With 1,100 MQTT clients connected, REST requests get descriptors above
+        1,024 and are answered; after the clients leave too. The broker runs as
+        `python emqx_lite.py` in a subprocess whose hard limit is raised."""
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        need = 3000
+        if hard != resource.RLIM_INFINITY and hard < need:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (need, need))
+            except (ValueError, OSError):
+                pytest.skip("cannot raise RLIMIT_NOFILE to %d" % need)
+        elif soft != resource.RLIM_INFINITY and soft < need:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+        broker = _CliBroker("--bind", "127.0.0.1", "--mqtt-port", "0", "--http-port", "0",
+                            env={"EMQX_LITE_DASHBOARD__PASSWORD_ITERATIONS": "1000"})
+        socks = []
+        try:
+            api = Api(broker.ports["api"])
+            assert api.get("monitoring/stats")["code"] == 0
+            for i in range(1100):
+                socks.append(_raw_session(broker.ports["mqtt:tcp"], "fd%d" % i))
+            assert wait_until(lambda: api.get("monitoring/stats")["result"][NODE]
+                              ["clients/count"] == 1100, timeout=30)
+            nodes = api.get("monitoring/nodes")["result"]
+            assert nodes[0]["clients"] == 1100 and nodes[0]["max_fds"] >= need
+            for s in socks:
+                s.close()
+            socks = []
+            assert wait_until(lambda: api.get("monitoring/stats")["result"][NODE]
+                              ["clients/count"] == 0, timeout=30)
+        finally:
+            for s in socks:
+                s.close()
+            code, log = broker.stop()
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert code == 0, log
+        assert "filedescriptor out of range" not in log and "Traceback" not in log
+
+    def test_rest_answers_beside_300_idle_connections(self):
+        """waitress's default limit was 100 connections: 150 idle ones locked the API out."""
+        with emqx_lite.Broker("127.0.0.1", 0, 0, **FAST_HASH) as b:
+            idle = [socket.create_connection(("127.0.0.1", b.http_port)) for _ in range(300)]
+            try:
+                assert Api(b.http_port).get("monitoring/stats")["code"] == 0
+            finally:
+                for s in idle:
+                    s.close()
+
+    def test_at_max_clients_the_idlest_connection_makes_room(self):
+        with emqx_lite.Broker("127.0.0.1", 0, 0, api_max_clients=20, **FAST_HASH) as b:
+            idle = [socket.create_connection(("127.0.0.1", b.http_port)) for _ in range(40)]
+            try:
+                assert Api(b.http_port).get("monitoring/stats")["code"] == 0
+                assert any(_closed_by_peer(s, 0.01) for s in idle)
+            finally:
+                for s in idle:
+                    s.close()
+
+    def test_idle_connection_is_closed_after_idle_timeout(self):
+        with emqx_lite.Broker("127.0.0.1", 0, 0, api_idle_timeout=1, **FAST_HASH) as b:
+            s = socket.create_connection(("127.0.0.1", b.http_port))
+            try:
+                assert _closed_by_peer(s, 5)
+            finally:
+                s.close()
+
+    def test_half_sent_request_is_closed_even_while_it_trickles(self):
+        """slowloris: a header line a byte at a time keeps the connection busy
+        but never completes; it is closed after idle_timeout all the same."""
+        with emqx_lite.Broker("127.0.0.1", 0, 0, api_idle_timeout=1, **FAST_HASH) as b:
+            s = socket.create_connection(("127.0.0.1", b.http_port))
+            try:
+                s.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                closed = False
+                deadline = time.monotonic() + 6
+                while not closed and time.monotonic() < deadline:
+                    try:
+                        s.sendall(b"a")
+                    except OSError:
+                        closed = True
+                        break
+                    closed = _closed_by_peer(s, 0.2)
+                assert closed
+                assert Api(b.http_port).get("monitoring/stats")["code"] == 0
+            finally:
+                s.close()
+
+    def test_keep_alive_connection_serves_several_requests(self, api_broker):
+        """Credentials checked once per connection's first request; bodies on a
+        kept-alive connection keep working."""
+        import http.client
+        conn = http.client.HTTPConnection("127.0.0.1", api_broker.http_port, timeout=TIMEOUT)
+        try:
+            for i in range(3):
+                conn.request("POST", "/api/v2/mqtt/publish",
+                             body=json.dumps({"topic": "ka/%d" % i, "payload": "x"}),
+                             headers={"Authorization": _basic("admin", "public")})
+                resp = conn.getresponse()
+                assert resp.status == 200 and json.loads(resp.read())["code"] == 0
+        finally:
+            conn.close()
+
+    # --- request limits ------------------------------------------------------------
+    def test_oversized_content_length_is_refused_413_before_the_body(self, api_broker):
+        s = socket.create_connection(("127.0.0.1", api_broker.http_port))
+        try:
+            s.sendall(_raw_request(api_broker.http_port, "POST", "/api/v2/mqtt/publish",
+                                   [("Authorization", _basic("admin", "public")),
+                                    ("Content-Length", str(64 * 1024 * 1024))]))
+            status, headers, _ = _http_head(s)   # answered with no body byte sent
+            assert status == 413
+            assert headers["x-content-type-options"] == "nosniff"
+        finally:
+            s.close()
+
+    def test_body_limit_fits_a_publish_of_max_packet_size(self):
+        """The limit is 6 x max_packet_size + 64 KiB: a max_packet_size payload
+        of control characters (6 bytes each in JSON) passes, one byte more is 413."""
+        with emqx_lite.Broker("127.0.0.1", 0, 0, max_packet_size=16 * 1024, **FAST_HASH) as b:
+            api = Api(b.http_port)
+            body = json.dumps({"topic": "big", "payload": "\x01" * 16 * 1024}).encode()
+            assert api.json("POST", "mqtt/publish", raw_body=body)["code"] == 0
+            limit = 6 * 16 * 1024 + 64 * 1024
+            status, _, _ = api.request("POST", "mqtt/publish", raw_body=b" " * (limit + 1))
+            assert status == 413
+            status, _, _ = api.request("POST", "mqtt/publish", raw_body=b" " * limit)
+            assert status == 200
+
+    def test_oversized_headers_are_refused_431(self, api):
+        status, _, _ = api.request("GET", "routes", headers={"X-Pad": "a" * 40000})
+        assert status == 431
+
+    def test_no_credentials_get_401_before_the_body(self, api_broker):
+        s = socket.create_connection(("127.0.0.1", api_broker.http_port))
+        try:
+            s.sendall(_raw_request(api_broker.http_port, "POST", "/api/v2/mqtt/publish",
+                                   [("Content-Length", "1000000")]))
+            status, headers, _ = _http_head(s)
+            assert status == 401
+            assert headers["www-authenticate"] == 'Basic realm="emqx control center"'
+            assert _closed_by_peer(s, TIMEOUT)
+        finally:
+            s.close()
+
+    @pytest.mark.parametrize("user,password", [("admin", "wrong"), ("nobody", "public")])
+    def test_wrong_credentials_get_401_before_the_body(self, api_broker, user, password):
+        s = socket.create_connection(("127.0.0.1", api_broker.http_port))
+        try:
+            s.sendall(_raw_request(api_broker.http_port, "POST", "/api/v2/mqtt/publish",
+                                   [("Authorization", _basic(user, password)),
+                                    ("Content-Length", "1000000")]) + b"{" * 1000)
+            status, _, _ = _http_head(s)
+            assert status == 401
+        finally:
+            s.close()
+
+    def test_good_credentials_read_the_body_once_checked(self, api_broker, api_mqtt):
+        """Headers first, the body after: the request waits for its body."""
+        sub = api_mqtt("body-sub", subscribe="late/body")
+        body = json.dumps({"topic": "late/body", "payload": "ok"}).encode()
+        s = socket.create_connection(("127.0.0.1", api_broker.http_port))
+        try:
+            s.sendall(_raw_request(api_broker.http_port, "POST", "/api/v2/mqtt/publish",
+                                   [("Authorization", _basic("admin", "public")),
+                                    ("Content-Length", str(len(body)))]))
+            s.settimeout(0.2)
+            with pytest.raises(socket.timeout):
+                s.recv(1)   # nothing is answered before the body
+            s.sendall(body)
+            status, _, rest = _http_head(s)
+            assert status == 200
+            assert sub.inbox.get(timeout=TIMEOUT)[:2] == ("late/body", b"ok")
+        finally:
+            s.close()
+
+    def test_expect_100_continue_only_after_the_credentials(self, api_broker):
+        body = json.dumps({"topic": "c", "payload": "x"}).encode()
+        for password, first in (("wrong", 401), ("public", 100)):
+            s = socket.create_connection(("127.0.0.1", api_broker.http_port))
+            try:
+                s.sendall(_raw_request(api_broker.http_port, "POST", "/api/v2/mqtt/publish",
+                                       [("Authorization", _basic("admin", password)),
+                                        ("Expect", "100-continue"),
+                                        ("Content-Length", str(len(body)))]))
+                status, _, _ = _http_head(s)
+                assert status == first
+                if first == 100:
+                    s.sendall(body)
+                    assert _http_head(s)[0] == 200
+            finally:
+                s.close()
+
+    def test_unauthenticated_paths_take_small_bodies_only(self, api):
+        status, _, _ = api.request("POST", "/status", raw_body=b"x" * (64 * 1024 + 1), auth=False)
+        assert status == 413
+        reply = api.json("POST", "auth", {"username": "admin", "password": "public"}, auth=False)
+        assert reply["code"] == 0
+
+    # --- cross-site requests ---------------------------------------------------------
+    def test_forged_cross_site_post_is_refused_beside_a_curl_post(self, api, api_mqtt, caplog):
+        """A form on another site, riding the browser's cached credentials,
+        publishes nothing; curl -d '{...}' (no Origin, form-encoded) still does."""
+        sub = api_mqtt("csrf-sub", subscribe="csrf/#")
+        form = {"Content-Type": "text/plain", "Origin": "http://evil.example"}
+        with caplog.at_level("WARNING", logger="emqx_lite"):
+            status, headers, body = api.request(
+                "POST", "mqtt/publish", raw_body=b'{"topic":"csrf/forged","payload":"x"}',
+                headers=form)
+        assert status == 403 and json.loads(body)["code"] == 403
+        assert "cross-site POST /api/v2/mqtt/publish" in caplog.text
+        curl = {"Content-Type": "application/x-www-form-urlencoded"}
+        reply = json.loads(api.request("POST", "mqtt/publish", headers=curl,
+                                       raw_body=b'{"topic":"csrf/curl","payload":"y"}')[2])
+        assert reply["code"] == 0
+        assert sub.inbox.get(timeout=TIMEOUT)[:2] == ("csrf/curl", b"y")   # the forged one never came
+
+    @pytest.mark.parametrize("method,path,body", [
+        ("DELETE", "clients/someone", None), ("PUT", "nodes/%s/plugins/emqx_retainer" % NODE,
+                                              {"active": False}),
+        ("POST", "users", {"username": "eve", "password": "x", "tags": "t"})])
+    def test_every_state_changing_method_is_guarded(self, api, api_broker, method, path, body):
+        status, _, _ = api.request(method, path, body, headers={"Origin": "https://evil.example"})
+        assert status == 403
+        assert api_broker.plugins()["emqx_retainer"] and "eve" not in api_broker.users
+
+    def test_sec_fetch_site_cross_site_without_origin_is_refused(self, api):
+        status, _, _ = api.request("POST", "mqtt/publish", {"topic": "t"},
+                                   headers={"Sec-Fetch-Site": "cross-site"})
+        assert status == 403
+
+    def test_same_origin_page_and_reads_from_anywhere_work(self, api, api_broker):
+        same = {"Origin": "http://127.0.0.1:%d" % api_broker.http_port,
+                "Sec-Fetch-Site": "same-origin"}
+        assert json.loads(api.request("POST", "mqtt/publish", {"topic": "t"},
+                                      headers=same)[2])["code"] == 0
+        status, headers, _ = api.request("GET", "routes", headers={"Origin": "http://x.example"})
+        assert status == 200
+        assert not [h for h in headers if h.lower().startswith("access-control-")]
+
+    def test_cors_origins_configured_get_preflight_and_headers(self):
+        origin = "https://ops.example.com"
+        with emqx_lite.Broker("127.0.0.1", 0, 0, api_cors_origins=(origin,), **FAST_HASH) as b:
+            api = Api(b.http_port)
+            status, headers, _ = api.request("OPTIONS", "mqtt/publish", auth=False, headers={
+                "Origin": origin, "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization, content-type"})
+            assert status == 204
+            assert headers["Access-Control-Allow-Origin"] == origin
+            assert "POST" in headers["Access-Control-Allow-Methods"]
+            assert "Authorization" in headers["Access-Control-Allow-Headers"]
+            assert "Access-Control-Allow-Credentials" not in headers
+            status, headers, body = api.request("POST", "mqtt/publish", {"topic": "t"},
+                                                headers={"Origin": origin})
+            assert status == 200 and headers["Access-Control-Allow-Origin"] == origin
+            status, _, _ = api.request("POST", "mqtt/publish", {"topic": "t"},
+                                       headers={"Origin": "https://other.example"})
+            assert status == 403
+
+    def test_security_headers_on_every_kind_of_response(self, api):
+        for args in (("GET", "routes"), ("GET", "routes", None, False), ("GET", "no/such"),
+                     ("GET", "/status", None, False)):
+            status, headers, _ = api.request(*args[:3], **({"auth": args[3]} if len(args) > 3 else {}))
+            assert headers["X-Content-Type-Options"] == "nosniff", args
+            assert headers["Cache-Control"] == "no-store", args
+            assert headers["X-Frame-Options"] == "DENY", args
+            assert headers["Content-Security-Policy"] == "frame-ancestors 'none'", args
+
+    # --- credentials ------------------------------------------------------------------
+    def test_passwords_are_stored_at_a_modern_cost_by_default(self):
+        with emqx_lite.Broker("127.0.0.1", None, 0, users={"admin": "s3cret-pw"}) as b:
+            scheme, iterations, salt, digest = b.users.password_hash("admin").split("$")
+            assert scheme == "pbkdf2_sha256" and int(iterations) >= 600000
+            assert base64.b64decode(digest) == hashlib.pbkdf2_hmac(
+                "sha256", b"s3cret-pw", base64.b64decode(salt), int(iterations))
+
+    def test_old_hash_works_and_is_upgraded_at_the_next_login(self, api_broker):
+        salt = os.urandom(16)
+        old = "pbkdf2_sha256$100$%s$%s" % (
+            base64.b64encode(salt).decode(),
+            base64.b64encode(hashlib.pbkdf2_hmac("sha256", b"old-pw", salt, 100)).decode())
+        api_broker.users.import_hash("legacy", old, "viewer")
+        assert Api(api_broker.http_port, "legacy", "old-pw").get("routes")["code"] == 0
+        upgraded = api_broker.users.password_hash("legacy")
+        assert upgraded.startswith("pbkdf2_sha256$1000$")
+        assert Api(api_broker.http_port, "legacy", "old-pw").get("routes")["code"] == 0
+
+    def test_verified_credentials_are_hashed_once_not_per_request(self, api_broker, monkeypatch):
+        calls = []
+        real = emqx_lite.UserTable._matches.__func__
+        monkeypatch.setattr(emqx_lite.UserTable, "_matches",
+                            classmethod(lambda cls, e, p: calls.append(p) or real(cls, e, p)))
+        api = Api(api_broker.http_port)
+        for _ in range(10):
+            assert api.get("routes")["code"] == 0
+        assert len(calls) == 1
+
+    def test_changing_the_password_drops_the_remembered_one(self, api_broker):
+        old = Api(api_broker.http_port)
+        assert old.get("routes")["code"] == 0   # verified and remembered
+        reply = old.json("PUT", "change_pwd/admin", {"old_pwd": "public", "new_pwd": "n3w"})
+        assert reply["code"] == 0
+        assert old.request("GET", "routes")[0] == 401
+        assert Api(api_broker.http_port, "admin", "n3w").get("routes")["code"] == 0
+
+    def test_unknown_users_cost_the_same_as_known_ones(self):
+        """Median time of a wrong password for an existing user and for a name
+        that does not exist, at a cost where the hash dominates."""
+        with emqx_lite.Broker("127.0.0.1", None, 0, api_password_iterations=60000,
+                              api_max_auth_failures=0) as b:
+            def timed(user):
+                t0 = time.perf_counter()
+                status = Api(b.http_port, user, "wrong").request("GET", "routes")[0]
+                assert status == 401
+                return time.perf_counter() - t0
+            known, unknown = [], []
+            for _ in range(9):
+                known.append(timed("admin"))
+                unknown.append(timed("nobody-%d" % len(unknown)))
+            ratio = sorted(known)[4] / sorted(unknown)[4]
+            assert 0.6 < ratio < 1.6, (sorted(known), sorted(unknown))
+
+    # --- throttling ---------------------------------------------------------------------
+    def test_failed_logins_are_throttled_per_address_and_logged_once(self, caplog):
+        with emqx_lite.Broker("127.0.0.1", 0, 0, api_max_auth_failures=3, **FAST_HASH) as b:
+            good, bad = Api(b.http_port), Api(b.http_port, "admin", "guess")
+            assert good.get("routes")["code"] == 0   # an operator logged in before
+            with caplog.at_level("WARNING", logger="emqx_lite"):
+                assert [bad.request("GET", "routes")[0] for _ in range(3)] == [401] * 3
+                for _ in range(5):
+                    status, headers, body = bad.request("GET", "routes")
+                    assert status == 429 and int(headers["Retry-After"]) > 0
+                    assert "too many failed logins" in json.loads(body)["message"]
+            assert caplog.text.count("failed logins from 127.0.0.1") == 1
+            # a right password not verified before is not even checked while throttled...
+            b.users.add("bob", "pw")
+            assert Api(b.http_port, "bob", "pw").request("GET", "routes")[0] == 429
+            # ...but the operator's verified session goes on
+            assert good.get("routes")["code"] == 0
+            status, _, _ = good.request("POST", "auth", {"username": "admin", "password": "x"},
+                                        auth=False)
+            assert status == 429
+
+    def test_mqtt_is_unaffected_while_someone_hammers_the_api(self):
+        with emqx_lite.Broker("127.0.0.1", 0, 0, api_password_iterations=20000) as b:
+            stop = threading.Event()
+            counts = []
+
+            def hammer():
+                api, n = Api(b.http_port, "admin", "guess"), 0
+                while not stop.is_set():
+                    api.request("GET", "routes")
+                    n += 1
+                counts.append(n)
+            threads = [threading.Thread(target=hammer) for _ in range(4)]
+            for t in threads:
+                t.start()
+            try:
+                assert _mqtt_roundtrip(b.mqtt_port, 200) == 200
+            finally:
+                stop.set()
+                for t in threads:
+                    t.join()
+            assert sum(counts) > 10
+
+    # --- TLS -----------------------------------------------------------------------------
+    def test_https_api_with_the_mqtt_ssl_options(self, pki):
+        with emqx_lite.Broker("127.0.0.1", 0, 0, api_certfile=pki["server.pem"],
+                              api_keyfile=pki["server.key"], **FAST_HASH) as b:
+            import http.client
+            context = ssl.create_default_context(cafile=pki["ca.pem"])
+            conn = http.client.HTTPSConnection("127.0.0.1", b.http_port, context=context,
+                                               timeout=TIMEOUT)
+            try:
+                big = {"topic": "tls/big", "payload": "p" * 200000}
+                for method, path, body in (("GET", "/api/v2/monitoring/stats", None),
+                                           ("POST", "/api/v2/mqtt/publish", big),
+                                           ("GET", "/api/v2/routes", None)):
+                    conn.request(method, path, body=json.dumps(body) if body else None,
+                                 headers={"Authorization": _basic("admin", "public")})
+                    resp = conn.getresponse()
+                    assert resp.status == 200 and json.loads(resp.read())["code"] == 0
+                conn.request("GET", "/api/v2/routes")
+                resp = conn.getresponse()
+                assert resp.status == 401
+                resp.read()
+            finally:
+                conn.close()
+            plain = socket.create_connection(("127.0.0.1", b.http_port))
+            try:   # plain HTTP to the TLS port gets no HTTP answer
+                plain.sendall(_raw_request(b.http_port, "GET", "/status"))
+                assert _closed_by_peer(plain, TIMEOUT)
+            finally:
+                plain.close()
+            assert _mqtt_roundtrip(b.mqtt_port, 5) == 5
+
+    def test_https_api_can_require_a_client_certificate(self, pki):
+        with emqx_lite.Broker("127.0.0.1", None, 0, api_certfile=pki["server.pem"],
+                              api_keyfile=pki["server.key"], api_cacertfile=pki["ca.pem"],
+                              api_verify="verify_peer", api_fail_if_no_peer_cert=True,
+                              **FAST_HASH) as b:
+            url = "https://127.0.0.1:%d/status" % b.http_port
+            context = ssl.create_default_context(cafile=pki["ca.pem"])
+            with pytest.raises((ssl.SSLError, ConnectionError, urllib.error.URLError)):
+                urllib.request.urlopen(url, context=context, timeout=TIMEOUT).read()
+            context.load_cert_chain(pki["client.pem"], pki["client.key"])
+            assert urllib.request.urlopen(url, context=context, timeout=TIMEOUT).status == 200
+
+    def test_startup_warns_when_the_api_is_reachable_without_tls(self, caplog, pki):
+        cases = [({"http_bind": "0.0.0.0"}, True), ({}, False),
+                 ({"http_bind": "0.0.0.0", "api_certfile": pki["server.pem"],
+                   "api_keyfile": pki["server.key"]}, False)]
+        for kw, warned in cases:
+            caplog.clear()
+            with caplog.at_level("WARNING", logger="emqx_lite"):
+                with emqx_lite.Broker("127.0.0.1", None, 0, **dict(FAST_HASH, **kw)):
+                    pass
+            assert ("without TLS" in caplog.text) == warned, kw
 
 
 # =============================================================================
@@ -3810,6 +4307,18 @@ SIMPLE_CASES = [
     ("mqtt.max_keepalive", "300", "max_keepalive", 300),
     ("mqtt.client.max_outbuf", "64KB", "max_outbuf", 65536),
     ("mqtt.client.send_timeout", "5s", "send_timeout", 5.0),
+    ("listener.api.mgmt.max_clients", "2048", "api_max_clients", 2048),
+    ("listener.api.mgmt.idle_timeout", "10s", "api_idle_timeout", 10.0),
+    ("listener.api.mgmt.cors_origins", "https://Ops.example.com, http://[::1]:3000",
+     "api_cors_origins", ("https://ops.example.com", "http://[::1]:3000")),
+    ("listener.api.mgmt.max_auth_failures", "5", "api_max_auth_failures", 5),
+    ("listener.api.mgmt.auth_failure_window", "5m", "api_auth_failure_window", 300.0),
+    ("listener.api.mgmt.certfile", "etc/certs/api.pem", "api_certfile", "etc/certs/api.pem"),
+    ("listener.api.mgmt.keyfile", "etc/certs/api.key", "api_keyfile", "etc/certs/api.key"),
+    ("listener.api.mgmt.cacertfile", "etc/certs/ca.pem", "api_cacertfile", "etc/certs/ca.pem"),
+    ("listener.api.mgmt.verify", "verify_peer", "api_verify", "verify_peer"),
+    ("listener.api.mgmt.fail_if_no_peer_cert", "true", "api_fail_if_no_peer_cert", True),
+    ("dashboard.password_iterations", "900000", "api_password_iterations", 900000),
 ]
 
 
@@ -4018,6 +4527,17 @@ module.subscription.1.topic = $client/%c
 module.subscription.1.qos = 2
 module.rewrite.rule.1 = x/# ^x/y/(.+)$ z/y/$1
 listener.api.mgmt = [::1]:8080
+listener.api.mgmt.max_clients = 100
+listener.api.mgmt.idle_timeout = 30s
+listener.api.mgmt.cors_origins = https://a.example, http://b.example:8080
+listener.api.mgmt.max_auth_failures = 3
+listener.api.mgmt.auth_failure_window = 2m
+listener.api.mgmt.certfile = api.pem
+listener.api.mgmt.keyfile = api.key
+listener.api.mgmt.cacertfile = ca.pem
+listener.api.mgmt.verify = verify_none
+listener.api.mgmt.fail_if_no_peer_cert = false
+dashboard.password_iterations = 700000
 listener.tcp.external = 1883
 listener.ssl.external = 127.0.0.1:8883
 listener.ssl.external.certfile = cert.pem
@@ -4508,7 +5028,7 @@ class TestSecurity:
 class TestRestFuzz:
     @pytest.fixture(scope="class")
     def fuzz_api(self):
-        with emqx_lite.Broker("127.0.0.1", 0, 0) as b:
+        with emqx_lite.Broker("127.0.0.1", 0, 0, **FAST_HASH) as b:
             yield Api(b.http_port)
 
     _json_values = st.recursive(
@@ -4566,7 +5086,7 @@ class TestSoak:
         subscriber (QoS 1 at least once, QoS 2 exactly once, in order), and
         clients, threads and sockets return to where they started."""
         subscribers, publishers = 6, 4
-        with emqx_lite.Broker("127.0.0.1", 0, 0, max_mqueue_len=0, retry_interval=1) as b:
+        with emqx_lite.Broker("127.0.0.1", 0, 0, max_mqueue_len=0, retry_interval=1, **FAST_HASH) as b:
             threads_before = set(threading.enumerate())
             fds_before = len(os.listdir("/proc/self/fd"))
             api = Api(b.http_port)
