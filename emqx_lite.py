@@ -578,7 +578,12 @@ def decode_connect(flags, body, version=None):
                    username, password)
 
 
-def encode_connect(pkt, version=None):
+# Encoders: ``encode_<type>(pkt, version) -> bytes``, one per packet type. The
+# version is the client's protocol level (None before CONNECT); encoders marked
+# "client side" serve tests and bridges: a broker never sends those packets.
+
+def encode_connect(pkt, version):
+    """Client side."""
     flags = 0x02 if pkt.clean_session else 0
     payload = encode_string(pkt.client_id)
     if pkt.will:
@@ -595,8 +600,10 @@ def encode_connect(pkt, version=None):
     return _fixed_header(CONNECT, 0, len(body)) + body
 
 
-def encode_connack(session_present, return_code, version=None):
-    return bytes((CONNACK << 4, 2, 1 if session_present else 0, return_code))
+def encode_connack(pkt, version):
+    # MQTT 3.1 has no Session Present flag: that byte is reserved there.
+    present = 1 if pkt.session_present and version != MQTT_V31 else 0
+    return bytes((CONNACK << 4, 2, present, pkt.return_code))
 
 
 def decode_connack(flags, body, version=None):
@@ -622,7 +629,7 @@ def decode_publish(flags, body, version=None):
     return Publish(topic, body[pos:], qos, bool(flags & 0x01), dup, packet_id)
 
 
-def encode_publish(pkt, version=None):
+def encode_publish(pkt, version):
     topic = encode_string(pkt.topic)
     pid = pkt.packet_id.to_bytes(2, "big") if pkt.qos else b""
     flags = (0x08 if pkt.dup else 0) | pkt.qos << 1 | (0x01 if pkt.retain else 0)
@@ -641,43 +648,58 @@ def _decode_ack(flags, body, version=None):
 decode_puback = decode_pubrec = decode_pubrel = decode_pubcomp = decode_unsuback = _decode_ack
 
 
-def encode_ack(packet_type, packet_id, version=None):
-    """PUBACK, PUBREC, PUBREL (flags 0b0010), PUBCOMP and UNSUBACK."""
-    return bytes((packet_type << 4 | FIXED_FLAGS.get(packet_type, 0), 2,
-                  packet_id >> 8, packet_id & 0xFF))
+def _ack_encoder(packet_type):
+    """The encoder of PUBACK, PUBREC, PUBREL (flags 0b0010), PUBCOMP or UNSUBACK."""
+    first = packet_type << 4 | FIXED_FLAGS[packet_type]
+
+    def encode(pkt, version):
+        return bytes((first, 2, pkt.packet_id >> 8, pkt.packet_id & 0xFF))
+    encode.__name__ = "encode_" + PACKET_NAMES[packet_type].lower()
+    return encode
 
 
-def decode_subscribe(flags, body, version=None):
+encode_puback, encode_pubrec, encode_pubrel, encode_pubcomp, encode_unsuback = map(
+    _ack_encoder, (PUBACK, PUBREC, PUBREL, PUBCOMP, UNSUBACK))
+
+
+def _decode_filters(body, with_qos):
+    """SUBSCRIBE's and UNSUBSCRIBE's body: (packet_id, [filter] or [(filter, qos)]).
+    A filter is a UTF-8 string like any other [MQTT-1.5.3-1, -2]."""
     packet_id, pos = _decode_u16(body, 0)
     if not packet_id:
         raise MalformedPacket("packet identifier 0 [MQTT-2.3.1-1]")
     topics = []
     while pos < len(body):
-        raw, pos = _decode_binary(body, pos)
+        topic_filter, pos = _decode_string(body, pos)
+        if not with_qos:
+            topics.append(topic_filter)
+            continue
         if pos >= len(body):
             raise MalformedPacket("SUBSCRIBE topic without QoS byte")
         options = body[pos]
         pos += 1
         if options & 0xFC or options & 0x03 == 3:
             raise MalformedPacket("SUBSCRIBE requested QoS byte invalid [MQTT-3.8.3-4]")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise MalformedPacket("invalid UTF-8 topic filter [MQTT-1.5.3-1]") from None
-        topics.append((text, options & 0x03))
+        topics.append((topic_filter, options & 0x03))
+    return packet_id, topics
+
+
+def decode_subscribe(flags, body, version=None):
+    packet_id, topics = _decode_filters(body, with_qos=True)
     if not topics:
         raise ProtocolError("SUBSCRIBE without topic filters [MQTT-3.8.3-3]")
     return Subscribe(packet_id, topics)
 
 
-def encode_subscribe(pkt, version=None):
+def encode_subscribe(pkt, version):
+    """Client side."""
     body = pkt.packet_id.to_bytes(2, "big") + b"".join(
         encode_string(t) + bytes((q,)) for t, q in pkt.topics)
     return _fixed_header(SUBSCRIBE, 2, len(body)) + body
 
 
-def encode_suback(packet_id, return_codes, version=None):
-    body = packet_id.to_bytes(2, "big") + bytes(return_codes)
+def encode_suback(pkt, version):
+    body = pkt.packet_id.to_bytes(2, "big") + bytes(pkt.return_codes)
     return _fixed_header(SUBACK, 0, len(body)) + body
 
 
@@ -689,22 +711,14 @@ def decode_suback(flags, body, version=None):
     return Suback(packet_id, codes)
 
 
-def encode_unsubscribe(pkt, version=None):
+def encode_unsubscribe(pkt, version):
+    """Client side."""
     body = pkt.packet_id.to_bytes(2, "big") + b"".join(encode_string(t) for t in pkt.topics)
     return _fixed_header(UNSUBSCRIBE, 2, len(body)) + body
 
 
 def decode_unsubscribe(flags, body, version=None):
-    packet_id, pos = _decode_u16(body, 0)
-    if not packet_id:
-        raise MalformedPacket("packet identifier 0 [MQTT-2.3.1-1]")
-    topics = []
-    while pos < len(body):
-        raw, pos = _decode_binary(body, pos)
-        try:
-            topics.append(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise MalformedPacket("invalid UTF-8 topic filter [MQTT-1.5.3-1]") from None
+    packet_id, topics = _decode_filters(body, with_qos=False)
     if not topics:
         raise ProtocolError("UNSUBSCRIBE without topic filters [MQTT-3.10.3-2]")
     return Unsubscribe(packet_id, topics)
@@ -716,8 +730,18 @@ def decode_empty(flags, body, version=None):
     return EMPTY
 
 
-def encode_pingresp(version=None):
-    return bytes((PINGRESP << 4, 0))
+def _empty_encoder(packet_type):
+    """The encoder of PINGREQ, PINGRESP or DISCONNECT: a fixed header only."""
+    data = bytes((packet_type << 4, 0))
+
+    def encode(pkt, version):
+        return data
+    encode.__name__ = "encode_" + PACKET_NAMES[packet_type].lower()
+    return encode
+
+
+encode_pingreq, encode_pingresp, encode_disconnect = map(
+    _empty_encoder, (PINGREQ, PINGRESP, DISCONNECT))   # PINGREQ, DISCONNECT: client side
 
 
 #: Decoders for all 14 packet types (3.1.1 section 3), by packet type.
@@ -729,22 +753,13 @@ DECODERS = {
     PINGRESP: decode_empty, DISCONNECT: decode_empty,
 }
 
-#: Encoders for all 14 packet types: packet object -> bytes.
+#: Encoders for all 14 packet types: encode(packet object, version) -> bytes.
 ENCODERS = {
-    CONNECT: encode_connect,
-    CONNACK: lambda p, v=None: encode_connack(p.session_present, p.return_code),
-    PUBLISH: encode_publish,
-    PUBACK: lambda p, v=None: encode_ack(PUBACK, p.packet_id),
-    PUBREC: lambda p, v=None: encode_ack(PUBREC, p.packet_id),
-    PUBREL: lambda p, v=None: encode_ack(PUBREL, p.packet_id),
-    PUBCOMP: lambda p, v=None: encode_ack(PUBCOMP, p.packet_id),
-    SUBSCRIBE: encode_subscribe,
-    SUBACK: lambda p, v=None: encode_suback(p.packet_id, p.return_codes),
-    UNSUBSCRIBE: encode_unsubscribe,
-    UNSUBACK: lambda p, v=None: encode_ack(UNSUBACK, p.packet_id),
-    PINGREQ: lambda p, v=None: bytes((PINGREQ << 4, 0)),
-    PINGRESP: lambda p, v=None: encode_pingresp(),
-    DISCONNECT: lambda p, v=None: bytes((DISCONNECT << 4, 0)),
+    CONNECT: encode_connect, CONNACK: encode_connack, PUBLISH: encode_publish,
+    PUBACK: encode_puback, PUBREC: encode_pubrec, PUBREL: encode_pubrel,
+    PUBCOMP: encode_pubcomp, SUBSCRIBE: encode_subscribe, SUBACK: encode_suback,
+    UNSUBSCRIBE: encode_unsubscribe, UNSUBACK: encode_unsuback, PINGREQ: encode_pingreq,
+    PINGRESP: encode_pingresp, DISCONNECT: encode_disconnect,
 }
 
 #: The packet types a server accepts from a client.
@@ -752,19 +767,26 @@ CLIENT_PACKETS = frozenset((CONNECT, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP,
                             SUBSCRIBE, UNSUBSCRIBE, PINGREQ, DISCONNECT))
 
 
-def encode_packet(packet_type, pkt, version=None):
+def encode_packet(packet_type, pkt, version=MQTT_V311):
     return ENCODERS[packet_type](pkt, version)
 
 
-def split_packet(data):
-    """Frame the first packet of ``data``: (first_byte, body, size) or None
-    when more bytes are needed."""
-    if len(data) < 2:
+def split_packet(data, pos=0, max_size=MAX_REMAINING_LENGTH):
+    """Frame the packet at ``data[pos:]``: (first_byte, body, end) or None when
+    more bytes are needed. Raises PacketTooLarge as soon as the remaining
+    length is known to exceed ``max_size``, before the body has arrived."""
+    if len(data) - pos < 2:
         return None
-    remaining, start = decode_varint(data, 1)
-    if remaining is None or start + remaining > len(data):
+    remaining, start = decode_varint(data, pos + 1)
+    if remaining is None:
         return None
-    return data[0], data[start:start + remaining], start + remaining
+    if remaining > max_size:
+        raise PacketTooLarge("packet of %d bytes exceeds max_packet_size %d"
+                             % (remaining, max_size))
+    end = start + remaining
+    if end > len(data):
+        return None
+    return data[pos], data[start:end], end
 
 
 def decode_packet(first_byte, body, version=None, accept=CLIENT_PACKETS):
@@ -2601,7 +2623,8 @@ class Connection:
             reason = "normal" if self._disconnecting else "closed"
         except ConnectRefused as exc:
             _log.info("Refused CONNECT from %s:%s: %s", self.peer[0], self.peer[1], exc)
-            self._send_bytes(encode_connack(False, exc.return_code), CONNACK)
+            self._send_bytes(encode_connack(Connack(False, exc.return_code), self.proto_ver),
+                             CONNACK)
             self.flush()
             reason = exc.reason
         except MQTTError as exc:
@@ -2650,19 +2673,10 @@ class Connection:
                 if not data:
                     continue
             buf = buf + data if buf else data
-            pos, end = 0, len(buf)
-            while end - pos >= 2:
-                remaining, start = decode_varint(buf, pos + 1)
-                if remaining is None:
-                    break
-                if remaining > max_size:
-                    raise PacketTooLarge("packet of %d bytes exceeds max_packet_size %d"
-                                         % (remaining, max_size))
-                stop = start + remaining
-                if stop > end:
-                    break
-                self.handle_packet(buf[pos], buf[start:stop], counts)
-                pos = stop
+            pos = 0
+            while (framed := split_packet(buf, pos, max_size)) is not None:
+                first_byte, body, pos = framed
+                self.handle_packet(first_byte, body, counts)
                 if self._disconnecting:
                     self._flush_batch()
                     return
@@ -2721,9 +2735,8 @@ class Connection:
             old_conn.shutdown("conflict")   # takeover [MQTT-3.1.4-2]
         _log.debug("Received CONNECT from %s (p%d, c%d, k%d)", client_id,
                    pkt.proto_ver, pkt.clean_session, pkt.keepalive)
-        # MQTT 3.1 has no Session Present flag: that byte is reserved there.
-        self._send_bytes(encode_connack(present and pkt.proto_ver != MQTT_V31,
-                                        CONNACK_ACCEPTED), CONNACK)
+        self._send_bytes(encode_connack(Connack(present, CONNACK_ACCEPTED), self.proto_ver),
+                         CONNACK)
         session.attach(self)   # writes to this connection, flushed after the batch
         self.broker._client_connected(self)
 
@@ -2776,7 +2789,7 @@ class Connection:
             granted = iter(codes)
             codes = [next(granted) if check("subscribe", parse_share(f)[1]) else SUBACK_FAILURE
                      for f, _ in pkt.topics]
-        self._send_bytes(encode_suback(pkt.packet_id, codes), SUBACK)
+        self._send_bytes(encode_suback(Suback(pkt.packet_id, codes), self.proto_ver), SUBACK)
         for msg, qos in retained:
             self._batch.add(self.session, msg, qos, retain=True)
 
@@ -2785,7 +2798,7 @@ class Connection:
         self.send_ack(UNSUBACK, pkt.packet_id)   # [MQTT-3.10.4-4, -5]
 
     def handle_pingreq(self, pkt, counts):
-        self._send_bytes(encode_pingresp(), PINGRESP)   # [MQTT-3.12.4-1]
+        self._send_bytes(encode_pingresp(pkt, self.proto_ver), PINGRESP)   # [MQTT-3.12.4-1]
 
     def handle_disconnect(self, pkt, counts):
         self.will = None   # [MQTT-3.14.4-3]
@@ -2801,7 +2814,7 @@ class Connection:
         self.core.counts()[_SENT_METRIC[packet_type]] += 1
 
     def send_ack(self, packet_type, packet_id):
-        self._send_bytes(encode_ack(packet_type, packet_id), packet_type)
+        self._send_bytes(ENCODERS[packet_type](Ack(packet_id), self.proto_ver), packet_type)
 
     def send_publish_ack(self, packet_type, packet_id):
         """PUBACK or PUBREC for a PUBLISH this client sent: held, in order
@@ -2814,7 +2827,7 @@ class Connection:
                 if not session.add_waiter(self):
                     self.release_acks(session)
             congested.clear()
-        data = encode_ack(packet_type, packet_id)
+        data = ENCODERS[packet_type](Ack(packet_id), self.proto_ver)
         with self.out_lock:
             if self._closed:
                 return
