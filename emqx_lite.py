@@ -1224,12 +1224,9 @@ class Session:
     # --- connection lifecycle ---------------------------------------------
     def attach(self, conn):
         """Bind a freshly connected client: resend the inflight window in order
-        with DUP set [MQTT-4.4.0-1], then the queue. Returns conn. A connection
-        that a newer one with the same client id already took over is not
-        bound (lock order: core, then session)."""
-        with self.core.lock, self.lock:
-            if self.core.connections.get(self.client_id) is not conn:
-                return conn
+        with DUP set [MQTT-4.4.0-1], then the queue. Called by BrokerCore.attach,
+        which decides whether ``conn`` still owns the client id."""
+        with self.lock:
             self.conn = conn
             self.disconnected_at = None
             now = time.monotonic()
@@ -1241,7 +1238,6 @@ class Session:
                 else:
                     conn.send_ack(PUBREL, packet_id)
             self._drain_locked()
-        return conn
 
     def detach(self, conn):
         """The client went away; keep state only if this is still its session."""
@@ -2119,8 +2115,11 @@ class BrokerCore:
     never while calling a Session method (lock order: core -> session).
     """
 
-    def __init__(self, settings):
+    def __init__(self, settings, authenticate=None, acl=None):
         self.settings = settings
+        #: f(client_id, username, password, ip) -> CONNACK return code (0 = accepted)
+        self.authenticate = authenticate
+        self.acl = acl if acl is not None else Acl([], "allow")
         self.node = settings["node"]
         self.started_at = time.time()
         #: guards the routing tables and registries listed in the class docstring
@@ -2145,8 +2144,6 @@ class BrokerCore:
         self.modules_enabled = True    # the emqx_modules plugin (presence, rewrite, subscription)
         self.rewrite_rules = [(f, re.compile(r), d)
                               for f, r, d in settings["module_rewrite"]]
-        self.authenticate = None       # f(client_id, username, password, ip) -> CONNACK rc
-        self.acl = None                # Acl, set by the Broker
         #: guards the registry of per-thread counters (a leaf lock)
         self.counts_lock = threading.Lock()
         self._counters = {}      # id -> counters of each thread that has counted something
@@ -2239,6 +2236,14 @@ class BrokerCore:
             self.connections[client_id] = conn
             self._update_stats_locked()
         return session, present, old_conn
+
+    def attach(self, session, conn):
+        """Bind a freshly CONNECTed client to its session, unless a newer
+        connection with the same client id took over meanwhile (lock order:
+        core, then session)."""
+        with self.lock:
+            if self.connections.get(conn.client_id) is conn:
+                session.attach(conn)
 
     def disconnect(self, conn):
         """A connection ended: unregister it and end a clean session."""
@@ -2561,6 +2566,20 @@ class StackedTransport:
 # Connection (one reader thread per socket) ###################################
 ###############################################################################
 
+class ConnectionHooks:
+    """What a Connection needs from the application above it, handed over at
+    construction: the service thread finishes a blocked write
+    (``watch_writable(conn)`` / ``unwatch_writable(conn)``, called with the
+    connection's ``out_lock`` held), and the emqx_modules duties run when a
+    client has connected (``connected(conn)``, after CONNACK) and when it is
+    gone (``disconnected(conn, reason)``)."""
+    __slots__ = ("watch_writable", "unwatch_writable", "connected", "disconnected")
+
+    def __init__(self, watch_writable, unwatch_writable, connected, disconnected):
+        self.watch_writable, self.unwatch_writable = watch_writable, unwatch_writable
+        self.connected, self.disconnected = connected, disconnected
+
+
 class Connection:
     """One client socket: its reader thread, protocol state and outbound buffer.
 
@@ -2570,17 +2589,17 @@ class Connection:
     send that drains it; any thread may append and flush.
     """
 
-    __slots__ = ("broker", "core", "settings", "sock", "peer", "listener", "transport",
+    __slots__ = ("hooks", "core", "settings", "sock", "peer", "listener", "transport",
                  "client_id", "username", "proto_ver", "keepalive", "clean_session", "will",
                  "session", "acl", "connected_at", "opened_at", "last_recv", "close_reason",
                  "thread", "out_lock", "_out", "_wire", "out_bytes", "_blocked",
                  "blocked_since", "_closed", "_batch", "_disconnecting", "_held",
                  "held_since", "_waiting_on")
 
-    def __init__(self, broker, sock, peer, listener):
-        self.broker = broker
-        self.core = broker.core
-        self.settings = broker.core.settings
+    def __init__(self, hooks, core, sock, peer, listener):
+        self.hooks = hooks
+        self.core = core
+        self.settings = core.settings
         self.sock = sock
         self.peer = peer[:2]
         self.listener = listener
@@ -2737,8 +2756,8 @@ class Connection:
                    pkt.proto_ver, pkt.clean_session, pkt.keepalive)
         self._send_bytes(encode_connack(Connack(present, CONNACK_ACCEPTED), self.proto_ver),
                          CONNACK)
-        session.attach(self)   # writes to this connection, flushed after the batch
-        self.broker._client_connected(self)
+        self.core.attach(session, self)   # writes to this connection, flushed after the batch
+        self.hooks.connected(self)
 
     def handle_publish(self, pkt, counts):
         qos = pkt.qos
@@ -2909,11 +2928,11 @@ class Connection:
             if not self._blocked:
                 self._blocked = True
                 self.blocked_since = time.monotonic()
-                self.broker._watch_writable(self)
+                self.hooks.watch_writable(self)
         elif self._blocked:
             self._blocked = False
             self.blocked_since = None
-            self.broker._unwatch_writable(self)
+            self.hooks.unwatch_writable(self)
 
     def on_writable(self):
         """Service thread: the socket can take more of a blocked buffer."""
@@ -2948,7 +2967,7 @@ class Connection:
             self.out_bytes = 0
             if self._blocked:
                 self._blocked = False
-                self.broker._unwatch_writable(self)
+                self.hooks.unwatch_writable(self)
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -2968,7 +2987,7 @@ class Connection:
             batch.run()
         self.core.disconnect(self)
         self.session.detach(self)
-        self.broker._client_disconnected(self, reason)
+        self.hooks.disconnected(self, reason)
 
     def info(self):
         return {"client_id": self.client_id, "username": self.username,
@@ -4173,6 +4192,8 @@ class Broker:
         self._service = None
         self._stopping = False
         self._threads = set()       # reader threads started (pruned by the service thread)
+        self._hooks = ConnectionHooks(self._watch_writable, self._unwatch_writable,
+                                      self._client_connected, self._client_disconnected)
         self._http = self._http_thread = None
 
     # --- lifecycle -------------------------------------------------------------
@@ -4191,9 +4212,7 @@ class Broker:
                 raise RuntimeError("emqx_lite needs non-blocking sends (MSG_DONTWAIT): "
                                    "it runs on Linux and macOS")
             self._stopping = False
-            self.core = BrokerCore(self.settings)
-            self.core.authenticate = self._authenticate
-            self.core.acl = self.acl
+            self.core = BrokerCore(self.settings, self._authenticate, self.acl)
             self._apply_plugins()
             self.listeners = []
             try:
@@ -4390,7 +4409,7 @@ class Broker:
             if accepted is None:
                 return
             sock, peer = accepted
-            conn = Connection(self, sock, peer, listener)
+            conn = Connection(self._hooks, self.core, sock, peer, listener)
             self.core.add_socket(conn)
             conn.thread = _start_thread(conn.run, "emqx_lite-conn-%s:%s" % peer[:2])
             self._threads.add(conn.thread)
