@@ -12,6 +12,31 @@ Embed it (tests, demos)::
         paho_client.connect("127.0.0.1", broker.mqtt_port)
         broker.publish("greeting", b"hello", qos=1)
 
+Contents
+--------
+The module reads top to bottom: each section uses only the sections above it.
+``grep -n '^# .* #####' emqx_lite.py`` prints these banners::
+
+    Imports and small helpers
+    Protocol constants
+    Exceptions
+    Topics
+    Codec: primitives
+    Codec: packets
+    Subscription tree
+    Messages and sessions
+    Authentication
+    ACL files
+    Broker core
+    Transports: TLS and WebSocket
+    Connection (one reader thread per socket)
+    Listeners
+    REST API (EMQ X api/v2 blueprint)
+    REST API server (waitress: limits, credentials first, TLS)
+    Application control
+    Configuration files (emq.conf)
+    Command-line interface
+
 Architecture
 ------------
 ::
@@ -359,6 +384,10 @@ class PacketTooLarge(MalformedPacket):
     reason = "frame_too_large"
 
 
+class ConfigError(ValueError):
+    """A configuration or ACL file is wrong; the message names file, line and key."""
+
+
 class ConnectRefused(MQTTError):
     """CONNECT refused with a CONNACK return code, then the socket is closed."""
     reason = "connack_refused"
@@ -366,6 +395,72 @@ class ConnectRefused(MQTTError):
     def __init__(self, return_code, message):
         super().__init__(message)
         self.return_code = return_code
+
+
+###############################################################################
+# Topics ######################################################################
+###############################################################################
+
+def validate_topic_name(topic):
+    """A PUBLISH topic: non-empty, no wildcards [MQTT-3.3.2-2, MQTT-4.7.3-1]."""
+    if not topic:
+        raise MalformedPacket("empty topic name [MQTT-4.7.3-1]")
+    if "+" in topic or "#" in topic:
+        raise MalformedPacket("wildcard in topic name %r [MQTT-3.3.2-2]" % topic)
+    if "\x00" in topic:
+        raise MalformedPacket("U+0000 in topic [MQTT-4.7.3-2]")
+    if len(topic) > MAX_TOPIC_BYTES // 4 and len(topic.encode("utf-8")) > MAX_TOPIC_BYTES:
+        raise MalformedPacket("topic longer than 65535 bytes")
+
+
+def topic_within_limits(topic, settings):
+    """max_topic_length and max_topic_levels, which protect the broker's trie."""
+    return (len(topic) <= settings["max_topic_length"]
+            and topic.count("/") < settings["max_topic_levels"])
+
+
+def parse_share(topic_filter):
+    """Split an EMQ X 2.x shared filter: '$share/g/t' -> ('g', 't'); '$queue/t' -> ('$queue', 't').
+
+    Returns (None, filter) for a normal subscription.
+    """
+    if topic_filter.startswith("$queue/"):
+        return "$queue", topic_filter[7:]
+    if topic_filter.startswith("$share/"):
+        group, sep, rest = topic_filter[7:].partition("/")
+        if group and sep:
+            return group, rest
+        return "", ""  # invalid: rejected by validate_topic_filter
+    return None, topic_filter
+
+
+def validate_topic_filter(topic_filter):
+    """Return True when the filter is valid [MQTT-4.7.1-1..3, MQTT-4.7.3-1, -2]."""
+    group, real = parse_share(topic_filter)
+    if group is not None and (not group or "+" in group or "#" in group):
+        return False
+    if not real or "\x00" in real or len(real.encode("utf-8")) > MAX_TOPIC_BYTES:
+        return False
+    levels = real.split("/")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            return False
+        if "+" in level and level != "+":
+            return False
+    return True
+
+
+def topic_matches(topic_filter, topic):
+    """True if a (non-shared) filter matches a topic name, with the '$' rule [MQTT-4.7.2-1]."""
+    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
+        return False
+    flevels, tlevels = topic_filter.split("/"), topic.split("/")
+    for i, f in enumerate(flevels):
+        if f == "#":
+            return True
+        if i >= len(tlevels) or (f != "+" and f != tlevels[i]):
+            return False
+    return len(flevels) == len(tlevels)
 
 
 ###############################################################################
@@ -800,72 +895,6 @@ def decode_packet(first_byte, body, version=None, accept=CLIENT_PACKETS):
         raise MalformedPacket("%s with invalid fixed-header flags 0x%x [MQTT-2.2.2-2]"
                               % (PACKET_NAMES[packet_type], flags))
     return decoder(flags, body, version)
-
-
-###############################################################################
-# Topics ######################################################################
-###############################################################################
-
-def validate_topic_name(topic):
-    """A PUBLISH topic: non-empty, no wildcards [MQTT-3.3.2-2, MQTT-4.7.3-1]."""
-    if not topic:
-        raise MalformedPacket("empty topic name [MQTT-4.7.3-1]")
-    if "+" in topic or "#" in topic:
-        raise MalformedPacket("wildcard in topic name %r [MQTT-3.3.2-2]" % topic)
-    if "\x00" in topic:
-        raise MalformedPacket("U+0000 in topic [MQTT-4.7.3-2]")
-    if len(topic) > MAX_TOPIC_BYTES // 4 and len(topic.encode("utf-8")) > MAX_TOPIC_BYTES:
-        raise MalformedPacket("topic longer than 65535 bytes")
-
-
-def topic_within_limits(topic, settings):
-    """max_topic_length and max_topic_levels, which protect the broker's trie."""
-    return (len(topic) <= settings["max_topic_length"]
-            and topic.count("/") < settings["max_topic_levels"])
-
-
-def parse_share(topic_filter):
-    """Split an EMQ X 2.x shared filter: '$share/g/t' -> ('g', 't'); '$queue/t' -> ('$queue', 't').
-
-    Returns (None, filter) for a normal subscription.
-    """
-    if topic_filter.startswith("$queue/"):
-        return "$queue", topic_filter[7:]
-    if topic_filter.startswith("$share/"):
-        group, sep, rest = topic_filter[7:].partition("/")
-        if group and sep:
-            return group, rest
-        return "", ""  # invalid: rejected by validate_topic_filter
-    return None, topic_filter
-
-
-def validate_topic_filter(topic_filter):
-    """Return True when the filter is valid [MQTT-4.7.1-1..3, MQTT-4.7.3-1, -2]."""
-    group, real = parse_share(topic_filter)
-    if group is not None and (not group or "+" in group or "#" in group):
-        return False
-    if not real or "\x00" in real or len(real.encode("utf-8")) > MAX_TOPIC_BYTES:
-        return False
-    levels = real.split("/")
-    for i, level in enumerate(levels):
-        if "#" in level and (level != "#" or i != len(levels) - 1):
-            return False
-        if "+" in level and level != "+":
-            return False
-    return True
-
-
-def topic_matches(topic_filter, topic):
-    """True if a (non-shared) filter matches a topic name, with the '$' rule [MQTT-4.7.2-1]."""
-    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
-        return False
-    flevels, tlevels = topic_filter.split("/"), topic.split("/")
-    for i, f in enumerate(flevels):
-        if f == "#":
-            return True
-        if i >= len(tlevels) or (f != "+" and f != tlevels[i]):
-            return False
-    return len(flevels) == len(tlevels)
 
 
 ###############################################################################
@@ -1516,350 +1545,10 @@ class UserTable:
 
 
 ###############################################################################
-# Configuration and ACL files #################################################
+# ACL files ###################################################################
 ###############################################################################
 #
-# emqx_lite reads EMQ X 2.x's own formats: emq.conf's ``key = value`` lines
-# (cuttlefish) become Broker keyword arguments, and acl.conf's Erlang terms
-# become ACL rules checked as emqttd_access_rule does.
-
-class ConfigError(ValueError):
-    """A configuration or ACL file is wrong; the message names file, line and key."""
-
-
-# --- configuration values ----------------------------------------------------
-
-_DURATION_UNITS = {"w": 604800, "d": 86400, "h": 3600, "m": 60, "s": 1}   # and "ms"
-_SIZE_UNITS = {"GB": 1024 ** 3, "MB": 1024 ** 2, "KB": 1024, "B": 1}
-
-
-def _parser(pattern, expected, convert=lambda m: m[0]):
-    """A value parser: the text must match ``pattern``; returns ``convert(match)``."""
-    def parse(text):
-        m = re.fullmatch(pattern, text)
-        if not m:
-            raise ValueError("expected %s, got %r" % (expected, text))
-        return convert(m)
-    return parse
-
-
-def _seconds(m):
-    return float(m[1]) / 1000 if m[2] == "ms" else float(m[1]) * _DURATION_UNITS[m[2] or "s"]
-
-
-#: Value parsers: str -> value, or ValueError("expected ..., got ...").
-parse_int = _parser(r"[0-9]+", "an integer", lambda m: int(m[0]))
-parse_bool = _parser(r"(?i)on|off|true|false", "on, off, true or false",
-                     lambda m: m[0].lower() in ("on", "true"))
-parse_bytesize = _parser(r"(?i)([0-9]+)(GB|MB|KB|B)?", "a size like 64KB",    # 1KB = 1024
-                         lambda m: int(m[1]) * _SIZE_UNITS[(m[2] or "B").upper()])
-parse_duration = _parser(r"([0-9]+(?:\.[0-9]+)?)(ms|[wdhms])?", "a duration like 20s", _seconds)
-_string = _parser(r"(?s).+", "a value")
-_qos = _parser(r"[012]", "0, 1 or 2", lambda m: int(m[0]))
-_mqtt_path = _parser(r"/.*", "a path like /mqtt")
-_verify = _parser("verify_peer|verify_none", "verify_peer or verify_none")
-_ORIGIN = r"https?://(?:[a-z0-9.-]+|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?"
-_origins = _parser(r"(?i)\s*{0}(?:\s*,\s*{0})*\s*".format(_ORIGIN),
-                   "origins like https://ops.example.com, http://localhost:3000",
-                   lambda m: tuple(o.strip().lower() for o in m[0].split(",")))
-# EMQ X closes a silent connection after keepalive * backoff * 2; ours after keepalive *
-# keepalive_backoff, so keepalive_backoff = backoff * 2 (EMQ X default 0.75 -> 1.5).
-_backoff = _parser(r"0\.[5-9][0-9]*|[1-9][0-9]*(\.[0-9]+)?", "a number >= 0.5",
-                   lambda m: float(m[0]) * 2)
-
-
-def parse_address(text):
-    """'0.0.0.0:1883', '1883', '[::1]:1883' or '::1:1883' -> (host, port), host default 0.0.0.0."""
-    if text.startswith("["):
-        host, sep, port = text[1:].partition("]:")
-    else:
-        host, sep, port = text.rpartition(":")
-        host = host if sep else "0.0.0.0"
-    try:
-        if ":" in host or host[:1].isdigit():
-            ipaddress.ip_address(host)
-        elif not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", host):
-            raise ValueError
-        if not re.fullmatch(r"[0-9]+", port) or int(port) > 65535:
-            raise ValueError
-    except ValueError:
-        raise ValueError("expected an address like 0.0.0.0:1883, got %r" % text) from None
-    return host, int(port)
-
-
-def _rewrite_rule(text):
-    """'"x/# ^x/y/(.+)$ z/y/$1"' (quotes optional) -> ('x/#', '^x/y/(.+)$', 'z/y/$1')."""
-    if len(text) >= 2 and text[0] == text[-1] == '"':
-        text = text[1:-1]
-    parts = text.split()
-    if len(parts) != 3:
-        raise ValueError("expected '<filter> <regex> <destination>', got %r" % text)
-    try:
-        re.compile(parts[1])
-    except re.error as exc:
-        raise ValueError("bad regex %r: %s" % (parts[1], exc)) from None
-    return tuple(parts)
-
-
-def _fmt_duration(seconds):
-    for unit, size in _DURATION_UNITS.items():
-        n = seconds / size
-        if n == int(n) and (n or unit == "s"):
-            return "%d%s" % (n, unit)
-    return "%rs" % float(seconds)
-
-
-def _fmt_bytesize(size):
-    for unit, scale in _SIZE_UNITS.items():
-        if size and size % scale == 0:
-            return "%d%s" % (size // scale, unit)
-    return "0"
-
-
-def _fmt_address(host, port):
-    return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
-
-
-#: value parser -> formatter for render_config (default: str)
-_FORMAT = {parse_duration: _fmt_duration, parse_bytesize: _fmt_bytesize,
-           parse_bool: lambda v: "true" if v else "false", _backoff: lambda v: repr(v / 2),
-           _origins: ", ".join,
-           _verify: lambda v: "verify_peer" if v in (True, "verify_peer") else "verify_none"}
-
-# --- configuration keys ------------------------------------------------------
-
-#: emq.conf key -> (Broker setting, value parser)
-SETTING_KEYS = {
-    "node.name": ("node", _string),
-    "mqtt.allow_anonymous": ("allow_anonymous", parse_bool),
-    "mqtt.acl_nomatch": ("acl_nomatch", _parser("allow|deny", "allow or deny")),
-    "mqtt.acl_file": ("acl_file", _string),
-    "mqtt.max_clientid_len": ("max_clientid_len", parse_int),
-    "mqtt.max_packet_size": ("max_packet_size", parse_bytesize),
-    "mqtt.keepalive_backoff": ("keepalive_backoff", _backoff),
-    "mqtt.client.idle_timeout": ("connect_timeout", parse_duration),
-    "mqtt.session.max_inflight": ("max_inflight", parse_int),
-    "mqtt.session.retry_interval": ("retry_interval", parse_duration),
-    "mqtt.session.max_awaiting_rel": ("max_awaiting_rel", parse_int),
-    "mqtt.session.await_rel_timeout": ("await_rel_timeout", parse_duration),
-    "mqtt.session.expiry_interval": ("session_expiry_interval", parse_duration),
-    "mqtt.mqueue.max_length": ("max_mqueue_len", parse_int),
-    "mqtt.mqueue.store_qos0": ("mqueue_store_qos0", parse_bool),
-    "mqtt.broker.sys_interval": ("sys_interval", parse_duration),
-    # emqx_lite's own keys, for limits EMQ X 2.x does not name in emq.conf:
-    "mqtt.max_topic_length": ("max_topic_length", parse_int),
-    "mqtt.max_topic_levels": ("max_topic_levels", parse_int),
-    "mqtt.max_subscriptions": ("max_subscriptions", parse_int),
-    "mqtt.max_keepalive": ("max_keepalive", parse_int),
-    "mqtt.client.max_outbuf": ("max_outbuf", parse_bytesize),
-    "mqtt.client.send_timeout": ("send_timeout", parse_duration),
-    # The REST API's listener (EMQ X 2.x names max_clients; the rest are emqx_lite's):
-    "listener.api.mgmt.max_clients": ("api_max_clients", parse_int),
-    "listener.api.mgmt.idle_timeout": ("api_idle_timeout", parse_duration),
-    "listener.api.mgmt.cors_origins": ("api_cors_origins", _origins),
-    "listener.api.mgmt.max_auth_failures": ("api_max_auth_failures", parse_int),
-    "listener.api.mgmt.auth_failure_window": ("api_auth_failure_window", parse_duration),
-    "listener.api.mgmt.certfile": ("api_certfile", _string),
-    "listener.api.mgmt.keyfile": ("api_keyfile", _string),
-    "listener.api.mgmt.cacertfile": ("api_cacertfile", _string),
-    "listener.api.mgmt.verify": ("api_verify", _verify),
-    "listener.api.mgmt.fail_if_no_peer_cert": ("api_fail_if_no_peer_cert", parse_bool),
-    "dashboard.password_iterations": ("api_password_iterations", parse_int),
-}
-
-_ALL, _TLS = ("tcp", "ssl", "ws", "wss"), ("ssl", "wss")
-#: listener.<type>.<name>.<option> -> (value parser, listener types that take it)
-LISTENER_OPTIONS = {
-    "acceptors": (parse_int, _ALL),
-    "max_clients": (parse_int, _ALL),
-    "keyfile": (_string, _TLS),
-    "certfile": (_string, _TLS),
-    "cacertfile": (_string, _TLS),
-    "verify": (_verify, _TLS),
-    "fail_if_no_peer_cert": (parse_bool, _TLS),
-    "peer_cert_as_username": (_parser("cn|dn", "cn or dn"), _TLS),
-    "mqtt_path": (_mqtt_path, ("ws", "wss")),
-}
-LISTENER_DEFAULTS = dict(dict.fromkeys(LISTENER_OPTIONS), acceptors=1, max_clients=102400)
-
-_LISTENER_KEY = re.compile(r"listener\.(tcp|ssl|ws|wss)\.([A-Za-z0-9_-]+)(?:\.(.+))?")
-_CLIENT_PAIR_KEY = re.compile(r"auth\.client\.([0-9]+)\.(clientid|password)")
-_SUBSCRIPTION_KEY = re.compile(r"module\.subscription\.([0-9]+)\.(topic|qos)")
-_REWRITE_KEY = re.compile(r"module\.rewrite\.rule\.([0-9]+)")
-
-
-def parse_conf(text, filename="<string>"):
-    """emq.conf text -> [(lineno, key, value)].
-
-    As cuttlefish: a comment is a line whose first non-blank character is ``#``;
-    a ``#`` later in a line is part of the value. Blank lines are skipped.
-    """
-    entries = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        m = re.fullmatch(r"([^=\s]+)\s*=\s*(.*)", line)
-        if not m:
-            raise ConfigError("%s:%d: expected 'key = value', got %r" % (filename, lineno, line))
-        entries.append((lineno, m[1], m[2]))
-    return entries
-
-
-def env_overrides(environ, prefix="EMQX_LITE_"):
-    """Configuration entries from environment variables, to append to parse_conf()'s.
-
-    Rule: ``EMQX_LITE_<KEY>`` where ``__`` separates key levels and the key is
-    lowercased: ``EMQX_LITE_MQTT__MAX_PACKET_SIZE=64KB`` sets mqtt.max_packet_size,
-    ``EMQX_LITE_LISTENER__TCP__EXTERNAL=0.0.0.0:1884`` listener.tcp.external.
-    Returns [("$EMQX_LITE_...", key, value)] sorted by variable, so that
-    config_settings() errors name the variable.
-    """
-    entries = []
-    for var in sorted(environ):
-        if var.startswith(prefix):
-            levels = var[len(prefix):].lower().split("__")
-            if not all(levels):
-                raise ConfigError("$%s: expected %sLEVEL__LEVEL..., e.g. %sMQTT__MAX_PACKET_SIZE"
-                                  % (var, prefix, prefix))
-            entries.append(("$" + var, ".".join(levels), environ[var]))
-    return entries
-
-
-def config_settings(entries, filename="<string>"):
-    """[(lineno or "$VAR", key, value)] -> Broker keyword arguments (only those set).
-
-    Later entries win. Besides SETTING_KEYS: ``listener.<tcp|ssl|ws|wss>.<name> =
-    address`` (+ LISTENER_OPTIONS) -> listeners; ``listener.api.mgmt`` ->
-    http_bind/http_port; ``auth.username.<name>`` and ``auth.client.<id>`` (or
-    ``auth.client.<n>.clientid``/``.password``) = password; ``dashboard.default_user.
-    login``/``.password`` -> users; ``module.subscription.<n>.topic``/``.qos`` (default
-    1); ``module.rewrite.rule.<n> = "<filter> <regex> <dest>"``.
-    """
-    settings, addresses, options, pairs, subs, rewrites, user = {}, {}, [], {}, {}, {}, {}
-    for where, key, value in entries:
-        loc = where if isinstance(where, str) else "%s:%d" % (filename, where)
-        try:
-            if key in SETTING_KEYS:
-                name, parse = SETTING_KEYS[key]
-                settings[name] = parse(value)
-            elif key == "listener.api.mgmt":
-                settings["http_bind"], settings["http_port"] = parse_address(value)
-            elif m := _LISTENER_KEY.fullmatch(key):
-                ltype, lname, option = m.groups()
-                if option is None:
-                    addresses[ltype, lname] = parse_address(value)
-                    continue
-                if option not in LISTENER_OPTIONS:
-                    raise ValueError("unknown listener option %r" % option)
-                parse, types = LISTENER_OPTIONS[option]
-                if ltype not in types:
-                    raise ValueError("not an option of %s listeners" % ltype)
-                options.append((loc, key, (ltype, lname), option, parse(value)))
-            elif m := _CLIENT_PAIR_KEY.fullmatch(key):
-                pairs.setdefault(int(m[1]), {})[m[2]] = (loc, key, _string(value))
-            elif key.startswith("auth.client.") and len(key) > 12:
-                settings.setdefault("auth_clientid", {})[key[12:]] = _string(value)
-            elif key.startswith("auth.username.") and len(key) > 14:
-                settings.setdefault("auth_username", {})[key[14:]] = _string(value)
-            elif key in ("dashboard.default_user.login", "dashboard.default_user.password"):
-                user[key[23:]] = _string(value)
-            elif m := _SUBSCRIPTION_KEY.fullmatch(key):
-                sub = subs.setdefault(int(m[1]), {"at": (loc, key)})
-                sub[m[2]] = _qos(value) if m[2] == "qos" else _string(value)
-            elif m := _REWRITE_KEY.fullmatch(key):
-                rewrites[int(m[1])] = _rewrite_rule(value)
-            else:
-                raise ValueError("unknown key")
-        except ValueError as exc:
-            raise ConfigError("%s: %s: %s" % (loc, key, exc)) from None
-    for loc, key, lst, _, _ in options:
-        if lst not in addresses:
-            raise ConfigError("%s: %s: listener.%s.%s has no address line" % ((loc, key) + lst))
-    if addresses:
-        settings["listeners"] = []
-        for (t, n), (host, port) in addresses.items():
-            lst = dict(type=t, name=n, host=host, port=port, **LISTENER_DEFAULTS)
-            lst["mqtt_path"] = "/mqtt" if t in ("ws", "wss") else None
-            lst.update((opt, v) for _, _, at, opt, v in options if at == (t, n))
-            settings["listeners"].append(lst)
-    for n, pair in sorted(pairs.items()):
-        if len(pair) != 2:
-            loc, key, _ = next(iter(pair.values()))
-            raise ConfigError("%s: %s: auth.client.%d needs .clientid and .password"
-                              % (loc, key, n))
-        settings.setdefault("auth_clientid", {})[pair["clientid"][2]] = pair["password"][2]
-    for n, sub in subs.items():
-        if "topic" not in sub:
-            raise ConfigError("%s: %s: module.subscription.%d has no .topic" % (sub["at"] + (n,)))
-    if subs:
-        settings["module_subscription"] = [(s["topic"], s.get("qos", 1))
-                                           for _, s in sorted(subs.items())]
-    if rewrites:
-        settings["module_rewrite"] = [rule for _, rule in sorted(rewrites.items())]
-    if user:
-        settings["users"] = {user.get("login", "admin"): user.get("password", "public")}
-    return settings
-
-
-def render_config(settings):
-    """Settings as emq.conf text (``--print-config``).
-
-    config_settings(parse_conf(render_config(s))) == s for what config_settings
-    returns; settings without an emq.conf key are listed as comments.
-    """
-    out = ["## emqx_lite configuration (EMQ X 2.x emq.conf syntax)", "", "## Broker"]
-    done = {"listeners", "http_bind", "http_port", "users", "auth_username", "auth_clientid",
-            "module_subscription", "module_rewrite"}
-    for key, (name, parse) in SETTING_KEYS.items():
-        if name in settings:
-            done.add(name)
-            value = settings[name]
-            out.append("## %s is not set" % key if value is None or value == ()
-                       else "%s = %s" % (key, _FORMAT.get(parse, str)(value)))
-    out += ["", "## Authentication and dashboard users"]
-    users = settings.get("users") or {}
-    if len(users) == 1:
-        (login, password), = users.items()
-        out += ["dashboard.default_user.login = " + login,
-                "dashboard.default_user.password = " + password]
-    elif users:
-        out.append("## %d dashboard users: only one can be written here" % len(users))
-    out += ["auth.username.%s = %s" % kv for kv in (settings.get("auth_username") or {}).items()]
-    for n, (client_id, password) in enumerate((settings.get("auth_clientid") or {}).items(), 1):
-        out += ["auth.client.%d.clientid = %s" % (n, client_id),
-                "auth.client.%d.password = %s" % (n, password)]
-    out += ["", "## Modules"]
-    for n, (topic, qos) in enumerate(settings.get("module_subscription") or (), 1):
-        out += ["module.subscription.%d.topic = %s" % (n, topic),
-                "module.subscription.%d.qos = %d" % (n, qos)]
-    for n, rule in enumerate(settings.get("module_rewrite") or (), 1):
-        out.append('module.rewrite.rule.%d = "%s"' % (n, " ".join(rule)))
-    out += ["", "## Listeners"]
-    if settings.get("http_port") is not None:
-        out.append("listener.api.mgmt = " + _fmt_address(settings.get("http_bind") or "0.0.0.0",
-                                                         settings["http_port"]))
-    for lst in settings.get("listeners") or ():
-        prefix = "listener.%s.%s" % (lst["type"], lst["name"])
-        out.append("%s = %s" % (prefix, _fmt_address(lst["host"], lst["port"])))
-        out += ["%s.%s = %s" % (prefix, opt, _FORMAT.get(parse, str)(lst[opt]))
-                for opt, (parse, _) in LISTENER_OPTIONS.items() if lst.get(opt) is not None]
-    rest = [name for name in settings if name not in done]
-    if rest:
-        out += ["", "## Settings without an emq.conf key (Python only):"]
-        out += ["##   %s = %r" % (name, settings[name]) for name in rest]
-    return "\n".join(out) + "\n"
-
-
-def load_config(path=None, environ=None):
-    """Broker keyword arguments from an emq.conf-style file (if any) and then
-    the EMQX_LITE_... variables of ``environ``: ``Broker(**load_config(p))``."""
-    entries = []
-    if path is not None:
-        with open(path, encoding="utf-8") as f:
-            entries = parse_conf(f.read(), path)
-    return config_settings(entries + env_overrides(environ or {}), path or "<environment>")
-
+# acl.conf's Erlang terms become ACL rules, checked as emqttd_access_rule does.
 
 # --- ACL (acl.conf) -----------------------------------------------------------
 
@@ -4598,6 +4287,347 @@ class Broker:
     def listener_infos(self):
         self._require_started()
         return [lst.info() for lst in self.listeners]
+
+
+###############################################################################
+# Configuration files (emq.conf) ##############################################
+###############################################################################
+#
+# emqx_lite reads EMQ X 2.x's emq.conf format: ``key = value`` lines (cuttlefish)
+# become Broker keyword arguments. The command line uses it; embedders may too.
+
+# --- configuration values ----------------------------------------------------
+
+_DURATION_UNITS = {"w": 604800, "d": 86400, "h": 3600, "m": 60, "s": 1}   # and "ms"
+_SIZE_UNITS = {"GB": 1024 ** 3, "MB": 1024 ** 2, "KB": 1024, "B": 1}
+
+
+def _parser(pattern, expected, convert=lambda m: m[0]):
+    """A value parser: the text must match ``pattern``; returns ``convert(match)``."""
+    def parse(text):
+        m = re.fullmatch(pattern, text)
+        if not m:
+            raise ValueError("expected %s, got %r" % (expected, text))
+        return convert(m)
+    return parse
+
+
+def _seconds(m):
+    return float(m[1]) / 1000 if m[2] == "ms" else float(m[1]) * _DURATION_UNITS[m[2] or "s"]
+
+
+#: Value parsers: str -> value, or ValueError("expected ..., got ...").
+parse_int = _parser(r"[0-9]+", "an integer", lambda m: int(m[0]))
+parse_bool = _parser(r"(?i)on|off|true|false", "on, off, true or false",
+                     lambda m: m[0].lower() in ("on", "true"))
+parse_bytesize = _parser(r"(?i)([0-9]+)(GB|MB|KB|B)?", "a size like 64KB",    # 1KB = 1024
+                         lambda m: int(m[1]) * _SIZE_UNITS[(m[2] or "B").upper()])
+parse_duration = _parser(r"([0-9]+(?:\.[0-9]+)?)(ms|[wdhms])?", "a duration like 20s", _seconds)
+_string = _parser(r"(?s).+", "a value")
+_qos = _parser(r"[012]", "0, 1 or 2", lambda m: int(m[0]))
+_mqtt_path = _parser(r"/.*", "a path like /mqtt")
+_verify = _parser("verify_peer|verify_none", "verify_peer or verify_none")
+_ORIGIN = r"https?://(?:[a-z0-9.-]+|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?"
+_origins = _parser(r"(?i)\s*{0}(?:\s*,\s*{0})*\s*".format(_ORIGIN),
+                   "origins like https://ops.example.com, http://localhost:3000",
+                   lambda m: tuple(o.strip().lower() for o in m[0].split(",")))
+# EMQ X closes a silent connection after keepalive * backoff * 2; ours after keepalive *
+# keepalive_backoff, so keepalive_backoff = backoff * 2 (EMQ X default 0.75 -> 1.5).
+_backoff = _parser(r"0\.[5-9][0-9]*|[1-9][0-9]*(\.[0-9]+)?", "a number >= 0.5",
+                   lambda m: float(m[0]) * 2)
+
+
+def parse_address(text):
+    """'0.0.0.0:1883', '1883', '[::1]:1883' or '::1:1883' -> (host, port), host default 0.0.0.0."""
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+        host = host if sep else "0.0.0.0"
+    try:
+        if ":" in host or host[:1].isdigit():
+            ipaddress.ip_address(host)
+        elif not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", host):
+            raise ValueError
+        if not re.fullmatch(r"[0-9]+", port) or int(port) > 65535:
+            raise ValueError
+    except ValueError:
+        raise ValueError("expected an address like 0.0.0.0:1883, got %r" % text) from None
+    return host, int(port)
+
+
+def _rewrite_rule(text):
+    """'"x/# ^x/y/(.+)$ z/y/$1"' (quotes optional) -> ('x/#', '^x/y/(.+)$', 'z/y/$1')."""
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        text = text[1:-1]
+    parts = text.split()
+    if len(parts) != 3:
+        raise ValueError("expected '<filter> <regex> <destination>', got %r" % text)
+    try:
+        re.compile(parts[1])
+    except re.error as exc:
+        raise ValueError("bad regex %r: %s" % (parts[1], exc)) from None
+    return tuple(parts)
+
+
+def _fmt_duration(seconds):
+    for unit, size in _DURATION_UNITS.items():
+        n = seconds / size
+        if n == int(n) and (n or unit == "s"):
+            return "%d%s" % (n, unit)
+    return "%rs" % float(seconds)
+
+
+def _fmt_bytesize(size):
+    for unit, scale in _SIZE_UNITS.items():
+        if size and size % scale == 0:
+            return "%d%s" % (size // scale, unit)
+    return "0"
+
+
+def _fmt_address(host, port):
+    return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
+
+
+#: value parser -> formatter for render_config (default: str)
+_FORMAT = {parse_duration: _fmt_duration, parse_bytesize: _fmt_bytesize,
+           parse_bool: lambda v: "true" if v else "false", _backoff: lambda v: repr(v / 2),
+           _origins: ", ".join,
+           _verify: lambda v: "verify_peer" if v in (True, "verify_peer") else "verify_none"}
+
+# --- configuration keys ------------------------------------------------------
+
+#: emq.conf key -> (Broker setting, value parser)
+SETTING_KEYS = {
+    "node.name": ("node", _string),
+    "mqtt.allow_anonymous": ("allow_anonymous", parse_bool),
+    "mqtt.acl_nomatch": ("acl_nomatch", _parser("allow|deny", "allow or deny")),
+    "mqtt.acl_file": ("acl_file", _string),
+    "mqtt.max_clientid_len": ("max_clientid_len", parse_int),
+    "mqtt.max_packet_size": ("max_packet_size", parse_bytesize),
+    "mqtt.keepalive_backoff": ("keepalive_backoff", _backoff),
+    "mqtt.client.idle_timeout": ("connect_timeout", parse_duration),
+    "mqtt.session.max_inflight": ("max_inflight", parse_int),
+    "mqtt.session.retry_interval": ("retry_interval", parse_duration),
+    "mqtt.session.max_awaiting_rel": ("max_awaiting_rel", parse_int),
+    "mqtt.session.await_rel_timeout": ("await_rel_timeout", parse_duration),
+    "mqtt.session.expiry_interval": ("session_expiry_interval", parse_duration),
+    "mqtt.mqueue.max_length": ("max_mqueue_len", parse_int),
+    "mqtt.mqueue.store_qos0": ("mqueue_store_qos0", parse_bool),
+    "mqtt.broker.sys_interval": ("sys_interval", parse_duration),
+    # emqx_lite's own keys, for limits EMQ X 2.x does not name in emq.conf:
+    "mqtt.max_topic_length": ("max_topic_length", parse_int),
+    "mqtt.max_topic_levels": ("max_topic_levels", parse_int),
+    "mqtt.max_subscriptions": ("max_subscriptions", parse_int),
+    "mqtt.max_keepalive": ("max_keepalive", parse_int),
+    "mqtt.client.max_outbuf": ("max_outbuf", parse_bytesize),
+    "mqtt.client.send_timeout": ("send_timeout", parse_duration),
+    # The REST API's listener (EMQ X 2.x names max_clients; the rest are emqx_lite's):
+    "listener.api.mgmt.max_clients": ("api_max_clients", parse_int),
+    "listener.api.mgmt.idle_timeout": ("api_idle_timeout", parse_duration),
+    "listener.api.mgmt.cors_origins": ("api_cors_origins", _origins),
+    "listener.api.mgmt.max_auth_failures": ("api_max_auth_failures", parse_int),
+    "listener.api.mgmt.auth_failure_window": ("api_auth_failure_window", parse_duration),
+    "listener.api.mgmt.certfile": ("api_certfile", _string),
+    "listener.api.mgmt.keyfile": ("api_keyfile", _string),
+    "listener.api.mgmt.cacertfile": ("api_cacertfile", _string),
+    "listener.api.mgmt.verify": ("api_verify", _verify),
+    "listener.api.mgmt.fail_if_no_peer_cert": ("api_fail_if_no_peer_cert", parse_bool),
+    "dashboard.password_iterations": ("api_password_iterations", parse_int),
+}
+
+_ALL, _TLS = ("tcp", "ssl", "ws", "wss"), ("ssl", "wss")
+#: listener.<type>.<name>.<option> -> (value parser, listener types that take it)
+LISTENER_OPTIONS = {
+    "acceptors": (parse_int, _ALL),
+    "max_clients": (parse_int, _ALL),
+    "keyfile": (_string, _TLS),
+    "certfile": (_string, _TLS),
+    "cacertfile": (_string, _TLS),
+    "verify": (_verify, _TLS),
+    "fail_if_no_peer_cert": (parse_bool, _TLS),
+    "peer_cert_as_username": (_parser("cn|dn", "cn or dn"), _TLS),
+    "mqtt_path": (_mqtt_path, ("ws", "wss")),
+}
+LISTENER_DEFAULTS = dict(dict.fromkeys(LISTENER_OPTIONS), acceptors=1, max_clients=102400)
+
+_LISTENER_KEY = re.compile(r"listener\.(tcp|ssl|ws|wss)\.([A-Za-z0-9_-]+)(?:\.(.+))?")
+_CLIENT_PAIR_KEY = re.compile(r"auth\.client\.([0-9]+)\.(clientid|password)")
+_SUBSCRIPTION_KEY = re.compile(r"module\.subscription\.([0-9]+)\.(topic|qos)")
+_REWRITE_KEY = re.compile(r"module\.rewrite\.rule\.([0-9]+)")
+
+
+def parse_conf(text, filename="<string>"):
+    """emq.conf text -> [(lineno, key, value)].
+
+    As cuttlefish: a comment is a line whose first non-blank character is ``#``;
+    a ``#`` later in a line is part of the value. Blank lines are skipped.
+    """
+    entries = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        m = re.fullmatch(r"([^=\s]+)\s*=\s*(.*)", line)
+        if not m:
+            raise ConfigError("%s:%d: expected 'key = value', got %r" % (filename, lineno, line))
+        entries.append((lineno, m[1], m[2]))
+    return entries
+
+
+def env_overrides(environ, prefix="EMQX_LITE_"):
+    """Configuration entries from environment variables, to append to parse_conf()'s.
+
+    Rule: ``EMQX_LITE_<KEY>`` where ``__`` separates key levels and the key is
+    lowercased: ``EMQX_LITE_MQTT__MAX_PACKET_SIZE=64KB`` sets mqtt.max_packet_size,
+    ``EMQX_LITE_LISTENER__TCP__EXTERNAL=0.0.0.0:1884`` listener.tcp.external.
+    Returns [("$EMQX_LITE_...", key, value)] sorted by variable, so that
+    config_settings() errors name the variable.
+    """
+    entries = []
+    for var in sorted(environ):
+        if var.startswith(prefix):
+            levels = var[len(prefix):].lower().split("__")
+            if not all(levels):
+                raise ConfigError("$%s: expected %sLEVEL__LEVEL..., e.g. %sMQTT__MAX_PACKET_SIZE"
+                                  % (var, prefix, prefix))
+            entries.append(("$" + var, ".".join(levels), environ[var]))
+    return entries
+
+
+def config_settings(entries, filename="<string>"):
+    """[(lineno or "$VAR", key, value)] -> Broker keyword arguments (only those set).
+
+    Later entries win. Besides SETTING_KEYS: ``listener.<tcp|ssl|ws|wss>.<name> =
+    address`` (+ LISTENER_OPTIONS) -> listeners; ``listener.api.mgmt`` ->
+    http_bind/http_port; ``auth.username.<name>`` and ``auth.client.<id>`` (or
+    ``auth.client.<n>.clientid``/``.password``) = password; ``dashboard.default_user.
+    login``/``.password`` -> users; ``module.subscription.<n>.topic``/``.qos`` (default
+    1); ``module.rewrite.rule.<n> = "<filter> <regex> <dest>"``.
+    """
+    settings, addresses, options, pairs, subs, rewrites, user = {}, {}, [], {}, {}, {}, {}
+    for where, key, value in entries:
+        loc = where if isinstance(where, str) else "%s:%d" % (filename, where)
+        try:
+            if key in SETTING_KEYS:
+                name, parse = SETTING_KEYS[key]
+                settings[name] = parse(value)
+            elif key == "listener.api.mgmt":
+                settings["http_bind"], settings["http_port"] = parse_address(value)
+            elif m := _LISTENER_KEY.fullmatch(key):
+                ltype, lname, option = m.groups()
+                if option is None:
+                    addresses[ltype, lname] = parse_address(value)
+                    continue
+                if option not in LISTENER_OPTIONS:
+                    raise ValueError("unknown listener option %r" % option)
+                parse, types = LISTENER_OPTIONS[option]
+                if ltype not in types:
+                    raise ValueError("not an option of %s listeners" % ltype)
+                options.append((loc, key, (ltype, lname), option, parse(value)))
+            elif m := _CLIENT_PAIR_KEY.fullmatch(key):
+                pairs.setdefault(int(m[1]), {})[m[2]] = (loc, key, _string(value))
+            elif key.startswith("auth.client.") and len(key) > 12:
+                settings.setdefault("auth_clientid", {})[key[12:]] = _string(value)
+            elif key.startswith("auth.username.") and len(key) > 14:
+                settings.setdefault("auth_username", {})[key[14:]] = _string(value)
+            elif key in ("dashboard.default_user.login", "dashboard.default_user.password"):
+                user[key[23:]] = _string(value)
+            elif m := _SUBSCRIPTION_KEY.fullmatch(key):
+                sub = subs.setdefault(int(m[1]), {"at": (loc, key)})
+                sub[m[2]] = _qos(value) if m[2] == "qos" else _string(value)
+            elif m := _REWRITE_KEY.fullmatch(key):
+                rewrites[int(m[1])] = _rewrite_rule(value)
+            else:
+                raise ValueError("unknown key")
+        except ValueError as exc:
+            raise ConfigError("%s: %s: %s" % (loc, key, exc)) from None
+    for loc, key, lst, _, _ in options:
+        if lst not in addresses:
+            raise ConfigError("%s: %s: listener.%s.%s has no address line" % ((loc, key) + lst))
+    if addresses:
+        settings["listeners"] = []
+        for (t, n), (host, port) in addresses.items():
+            lst = dict(type=t, name=n, host=host, port=port, **LISTENER_DEFAULTS)
+            lst["mqtt_path"] = "/mqtt" if t in ("ws", "wss") else None
+            lst.update((opt, v) for _, _, at, opt, v in options if at == (t, n))
+            settings["listeners"].append(lst)
+    for n, pair in sorted(pairs.items()):
+        if len(pair) != 2:
+            loc, key, _ = next(iter(pair.values()))
+            raise ConfigError("%s: %s: auth.client.%d needs .clientid and .password"
+                              % (loc, key, n))
+        settings.setdefault("auth_clientid", {})[pair["clientid"][2]] = pair["password"][2]
+    for n, sub in subs.items():
+        if "topic" not in sub:
+            raise ConfigError("%s: %s: module.subscription.%d has no .topic" % (sub["at"] + (n,)))
+    if subs:
+        settings["module_subscription"] = [(s["topic"], s.get("qos", 1))
+                                           for _, s in sorted(subs.items())]
+    if rewrites:
+        settings["module_rewrite"] = [rule for _, rule in sorted(rewrites.items())]
+    if user:
+        settings["users"] = {user.get("login", "admin"): user.get("password", "public")}
+    return settings
+
+
+def render_config(settings):
+    """Settings as emq.conf text (``--print-config``).
+
+    config_settings(parse_conf(render_config(s))) == s for what config_settings
+    returns; settings without an emq.conf key are listed as comments.
+    """
+    out = ["## emqx_lite configuration (EMQ X 2.x emq.conf syntax)", "", "## Broker"]
+    done = {"listeners", "http_bind", "http_port", "users", "auth_username", "auth_clientid",
+            "module_subscription", "module_rewrite"}
+    for key, (name, parse) in SETTING_KEYS.items():
+        if name in settings:
+            done.add(name)
+            value = settings[name]
+            out.append("## %s is not set" % key if value is None or value == ()
+                       else "%s = %s" % (key, _FORMAT.get(parse, str)(value)))
+    out += ["", "## Authentication and dashboard users"]
+    users = settings.get("users") or {}
+    if len(users) == 1:
+        (login, password), = users.items()
+        out += ["dashboard.default_user.login = " + login,
+                "dashboard.default_user.password = " + password]
+    elif users:
+        out.append("## %d dashboard users: only one can be written here" % len(users))
+    out += ["auth.username.%s = %s" % kv for kv in (settings.get("auth_username") or {}).items()]
+    for n, (client_id, password) in enumerate((settings.get("auth_clientid") or {}).items(), 1):
+        out += ["auth.client.%d.clientid = %s" % (n, client_id),
+                "auth.client.%d.password = %s" % (n, password)]
+    out += ["", "## Modules"]
+    for n, (topic, qos) in enumerate(settings.get("module_subscription") or (), 1):
+        out += ["module.subscription.%d.topic = %s" % (n, topic),
+                "module.subscription.%d.qos = %d" % (n, qos)]
+    for n, rule in enumerate(settings.get("module_rewrite") or (), 1):
+        out.append('module.rewrite.rule.%d = "%s"' % (n, " ".join(rule)))
+    out += ["", "## Listeners"]
+    if settings.get("http_port") is not None:
+        out.append("listener.api.mgmt = " + _fmt_address(settings.get("http_bind") or "0.0.0.0",
+                                                         settings["http_port"]))
+    for lst in settings.get("listeners") or ():
+        prefix = "listener.%s.%s" % (lst["type"], lst["name"])
+        out.append("%s = %s" % (prefix, _fmt_address(lst["host"], lst["port"])))
+        out += ["%s.%s = %s" % (prefix, opt, _FORMAT.get(parse, str)(lst[opt]))
+                for opt, (parse, _) in LISTENER_OPTIONS.items() if lst.get(opt) is not None]
+    rest = [name for name in settings if name not in done]
+    if rest:
+        out += ["", "## Settings without an emq.conf key (Python only):"]
+        out += ["##   %s = %r" % (name, settings[name]) for name in rest]
+    return "\n".join(out) + "\n"
+
+
+def load_config(path=None, environ=None):
+    """Broker keyword arguments from an emq.conf-style file (if any) and then
+    the EMQX_LITE_... variables of ``environ``: ``Broker(**load_config(p))``."""
+    entries = []
+    if path is not None:
+        with open(path, encoding="utf-8") as f:
+            entries = parse_conf(f.read(), path)
+    return config_settings(entries + env_overrides(environ or {}), path or "<environment>")
 
 
 ###############################################################################
