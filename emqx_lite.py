@@ -1047,6 +1047,103 @@ class Message:
         return head, self.payload
 
 
+class FlowControl:
+    """Publisher flow control: a consuming client's full queue paces the QoS
+    1/2 publishers that feed it.
+
+    A client that consumes more slowly than QoS 1/2 publishers publish would
+    otherwise see its queue overflow and lose the oldest messages. Instead,
+    while its queue is at ``high`` or more, the PUBACK/PUBREC of the
+    publishers feeding it are held, in order [MQTT-4.6.0-2, -3], so that their
+    own inflight windows pace them; they are released once the queue is back
+    to ``high // 2``. A client that is offline, not reading (its connection
+    is ``blocked``) or has acknowledged nothing for ``timeout`` holds nobody
+    back, and no ack is held longer than ``timeout``.
+
+    The rules live here; the state stays under its owner's lock: a session's
+    ``waiters`` (publisher connections to release) under ``Session.lock``; a
+    publisher connection's ``held`` acks, the ``waiting_on`` sessions and
+    ``held_since`` under its ``out_lock``. The entries: ``congested`` while
+    routing (Batch), ``settle`` after a session's queue or connection changed
+    (Session), ``send_ack`` for a publisher's ack (Connection) and ``expire``
+    (the service thread). No lock is held when any of them is called.
+    """
+
+    def __init__(self, settings):
+        self.timeout = settings["flow_control_timeout"]
+        mark = max(2 * settings["max_inflight"], 64)
+        if settings["max_mqueue_len"]:
+            mark = min(mark, max(1, settings["max_mqueue_len"] // 2))
+        self.high = mark if self.timeout else float("inf")   # "never" when off
+
+    def congested(self, session):
+        """True while publishers feeding ``session`` should wait. Read without
+        the session's lock: a hint (see the lock table)."""
+        conn = session.conn
+        return (conn is not None and len(session.mqueue) >= self.high and not conn.blocked
+                and time.monotonic() - session.last_ack < self.timeout)
+
+    def send_ack(self, publisher, data, congested):
+        """Send a publisher's PUBACK/PUBREC ``data``, or hold it behind the
+        acks already held while a session of ``congested`` (those the
+        publisher's batch fed, emptied here) is still over the mark."""
+        if congested:
+            with publisher.out_lock:
+                publisher.waiting_on.update(congested)
+            for session in congested:
+                with session.lock:
+                    waits = self.congested(session)
+                    if waits:
+                        if session.waiters is None:
+                            session.waiters = set()
+                        session.waiters.add(publisher)
+                if not waits:
+                    self.release(publisher, session)
+            congested.clear()
+        with publisher.out_lock:
+            if publisher.waiting_on or publisher.held:
+                if not publisher.held:
+                    publisher.held_since = time.monotonic()
+                publisher.held.append(data)
+            else:
+                publisher.write_locked((data,), flush=False)
+
+    def release(self, publisher, session=None):
+        """Send a publisher's held acks once no session is left to wait for
+        (``session=None``: whatever it waits for, the timeout case)."""
+        with publisher.out_lock:
+            if session is None:
+                publisher.waiting_on.clear()
+            else:
+                publisher.waiting_on.discard(session)
+            if publisher.waiting_on or not publisher.held:
+                return
+            held, publisher.held, publisher.held_since = publisher.held, [], None
+            publisher.write_locked(held, flush=True)
+
+    def settle(self, session):
+        """Release the publishers waiting on ``session`` once its queue is
+        back to half the mark, or it went offline."""
+        if not session.waiters:
+            # Read without the lock: a waiter added after this session's last
+            # change found it as it is now, and the next change settles it.
+            return
+        with session.lock:
+            waiters = session.waiters
+            if not waiters or (session.conn is not None
+                               and len(session.mqueue) > self.high // 2):
+                return
+            session.waiters = None
+        for publisher in waiters:
+            self.release(publisher, session)
+
+    def expire(self, publisher, now):
+        """Service thread: no ack is held longer than ``timeout``."""
+        held_since = publisher.held_since
+        if held_since is not None and now - held_since > self.timeout:
+            self.release(publisher)
+
+
 class Batch:
     """Deliveries one thread has routed but not yet handed to their sessions.
 
@@ -1064,7 +1161,7 @@ class Batch:
         self.congested = set() # Sessions a QoS 1/2 message went to that are over the mark
 
     def add(self, session, msg, qos, retain=False):
-        if qos and not retain and session.congested():
+        if qos and not retain and session.core.flow.congested(session):
             self.congested.add(session)
         items = self.deliveries.get(session)
         if items is None:
@@ -1081,7 +1178,7 @@ class Batch:
             for conn in self.touched:
                 conn.flush()
                 session = conn.session
-                if session is not None and session.mqueue and not conn._blocked:
+                if session is not None and session.mqueue and not conn.blocked:
                     session.drain()   # queued while its buffer was full; now it is not
                     conn.flush()
             self.touched.clear()
@@ -1119,7 +1216,7 @@ class Session:
         self.created_at = time.time()
         self.disconnected_at = None      # set while a persistent session is offline
         self.last_ack = time.monotonic() # when the client last acknowledged anything
-        self.waiters = None              # publishers whose acks wait for this queue to drain
+        self.waiters = None              # publishers whose acks wait for this queue (FlowControl)
 
     # --- delivery (called by any thread routing a message) -----------------
     def deliver(self, items, touched):
@@ -1204,51 +1301,8 @@ class Session:
     def drain(self):
         with self.lock:
             conn = self._drain_locked()
-            waiters = self._take_waiters_locked()
-        self._release(waiters)
+        self.core.flow.settle(self)
         return conn
-
-    # --- publisher flow control ------------------------------------------------
-    # A client that consumes more slowly than QoS 1/2 publishers publish would
-    # otherwise see its queue overflow and lose the oldest messages. Instead,
-    # while its queue is over the mark, the acknowledgements of the publishers
-    # feeding it are held (Connection.hold_acks), so their own inflight windows
-    # pace them; they are released when the queue is back under half the mark.
-    # A client that is offline, not reading (its socket is full) or that has
-    # acknowledged nothing for flow_control_timeout holds nobody back, and no
-    # ack is held longer than flow_control_timeout.
-    def congested(self):
-        """True while publishers feeding this session should wait (a hint,
-        read without the lock)."""
-        conn = self.conn
-        core = self.core
-        return (conn is not None and len(self.mqueue) >= core.flow_high
-                and not conn._blocked
-                and time.monotonic() - self.last_ack < core.settings["flow_control_timeout"])
-
-    def add_waiter(self, publisher):
-        """Register a publisher to release when the queue drains; False if it
-        already has (nothing to wait for)."""
-        with self.lock:
-            if not self.congested():
-                return False
-            if self.waiters is None:
-                self.waiters = set()
-            self.waiters.add(publisher)
-            return True
-
-    def _take_waiters_locked(self):
-        waiters = self.waiters
-        if waiters and (self.conn is None or len(self.mqueue) <= self.core.flow_high // 2):
-            self.waiters = None
-            return waiters
-        return None
-
-    def _release(self, waiters):
-        """Release publishers (called with no lock held)."""
-        if waiters:
-            for publisher in waiters:
-                publisher.release_acks(self)
 
     # --- connection lifecycle ---------------------------------------------
     def attach(self, conn):
@@ -1275,23 +1329,12 @@ class Session:
                 return
             self.conn = None
             self.disconnected_at = time.monotonic()
-            waiters = self._take_waiters_locked()
-        self._release(waiters)
+        self.core.flow.settle(self)
 
     # --- acknowledgements from the client -----------------------------------
     def puback(self, packet_id):
         """PUBACK for a QoS 1 message (4.3.2). Returns a Connection to flush or None."""
-        with self.lock:
-            entry = self.inflight.get(packet_id)
-            if entry is None or entry[1] != 1:
-                self.core.counts()["packets/puback/missed"] += 1
-                return None
-            del self.inflight[packet_id]
-            self.last_ack = time.monotonic()
-            conn = self._drain_locked()
-            waiters = self._take_waiters_locked()
-        self._release(waiters)
-        return conn
+        return self._complete(packet_id, 1, "packets/puback/missed")
 
     def pubrec(self, packet_id):
         """PUBREC for a QoS 2 message: answer PUBREL (4.3.3). Returns True if known."""
@@ -1305,16 +1348,22 @@ class Session:
             return True
 
     def pubcomp(self, packet_id):
+        """PUBCOMP for a QoS 2 message that had its PUBREC (4.3.3)."""
+        return self._complete(packet_id, 2, "packets/pubcomp/missed")
+
+    def _complete(self, packet_id, qos, missed):
+        """The last ack of an outbound QoS ``qos`` message: free its slot in
+        the window, then send what the queue holds. Returns a Connection to
+        flush or None."""
         with self.lock:
             entry = self.inflight.get(packet_id)
-            if entry is None or entry[2] != WAIT_COMP:
-                self.core.counts()["packets/pubcomp/missed"] += 1
+            if entry is None or entry[1] != qos or (qos == 2 and entry[2] != WAIT_COMP):
+                self.core.counts()[missed] += 1
                 return None
             del self.inflight[packet_id]
             self.last_ack = time.monotonic()
             conn = self._drain_locked()
-            waiters = self._take_waiters_locked()
-        self._release(waiters)
+        self.core.flow.settle(self)
         return conn
 
     # --- inbound QoS 2 (the client publishes) -------------------------------
@@ -1823,12 +1872,7 @@ class BrokerCore:
         self.sys_subscriptions = 0   # filters that can match $SYS topics [MQTT-4.7.2-1]
         self.stats_max = dict.fromkeys(STAT_NAMES, 0)
         self._route_cache = {}   # topic -> ((session, qos), ...); cleared on any subscription change
-        # Queue length over which a consuming session holds back its QoS 1/2
-        # publishers (see Session.congested); "never" when flow control is off.
-        mark = max(2 * settings["max_inflight"], 64)
-        if settings["max_mqueue_len"]:
-            mark = min(mark, max(1, settings["max_mqueue_len"] // 2))
-        self.flow_high = mark if settings["flow_control_timeout"] else float("inf")
+        self.flow = FlowControl(settings)
         self.retainer_enabled = True   # the emqx_retainer plugin
         self.modules_enabled = True    # the emqx_modules plugin (presence, rewrite, subscription)
         self.rewrite_rules = [(f, re.compile(r), d)
@@ -2274,16 +2318,17 @@ class Connection:
 
     Only the reader thread touches the protocol state (``client_id``,
     ``session``, ``will``...). ``out_lock`` guards the outbound buffer
-    (``_out``, ``out_bytes``, ``_blocked``, ``_closed``) and the non-blocking
-    send that drains it; any thread may append and flush.
+    (``_out``, ``out_bytes``, ``blocked``, ``_closed``), the acks that
+    FlowControl holds (``held``, ``waiting_on``, ``held_since``) and the
+    non-blocking send that drains the buffer; any thread may append and flush.
     """
 
     __slots__ = ("hooks", "core", "settings", "sock", "peer", "listener", "transport",
                  "client_id", "username", "proto_ver", "keepalive", "clean_session", "will",
                  "session", "acl", "connected_at", "opened_at", "last_recv", "close_reason",
-                 "thread", "out_lock", "_out", "_wire", "out_bytes", "_blocked",
-                 "blocked_since", "_closed", "_batch", "_disconnecting", "_held",
-                 "held_since", "_waiting_on")
+                 "thread", "out_lock", "_out", "_wire", "out_bytes", "blocked",
+                 "blocked_since", "_closed", "_batch", "_disconnecting", "held",
+                 "held_since", "waiting_on")
 
     def __init__(self, hooks, core, sock, peer, listener):
         self.hooks = hooks
@@ -2305,19 +2350,19 @@ class Connection:
         self.opened_at = self.last_recv = time.monotonic()
         self.close_reason = None      # set by whoever decided to close
         self.thread = None
-        #: guards _out, _wire, out_bytes, _blocked, _closed, the transport's
-        #: state and the non-blocking send that drains them
+        #: guards _out, _wire, out_bytes, blocked, _closed, held, waiting_on,
+        #: held_since, the transport's state and the non-blocking send
         self.out_lock = threading.Lock()
         self._out = []                # MQTT bytes waiting to be written
         self._wire = b""              # encoded (TLS/WebSocket) bytes the socket has not taken yet
         self.out_bytes = 0            # bytes waiting; read without the lock as a "slow client" hint
-        self._blocked = False         # the socket buffer is full; the service thread finishes
+        self.blocked = False          # the socket buffer is full; the service thread finishes
         self.blocked_since = None
         self._closed = False
         self._batch = Batch()         # what this reader routed from its current recv
-        self._held = []               # PUBACK/PUBREC held by flow control (out_lock)
+        self.held = []                # PUBACK/PUBREC held by FlowControl, in order
         self.held_since = None
-        self._waiting_on = set()      # congested sessions the held acks wait for (out_lock)
+        self.waiting_on = set()       # congested sessions the held acks wait for
         self._disconnecting = False
 
     def __repr__(self):
@@ -2374,7 +2419,7 @@ class Connection:
                     if reply and not self._closed:
                         self._wire += reply
                         self.out_bytes += len(reply)
-                        if not self._blocked:
+                        if not self.blocked:
                             self._send_locked()
                 if transport.closed:
                     return
@@ -2525,65 +2570,34 @@ class Connection:
         self._send_bytes(ENCODERS[packet_type](Ack(packet_id), self.proto_ver), packet_type)
 
     def send_publish_ack(self, packet_type, packet_id):
-        """PUBACK or PUBREC for a PUBLISH this client sent: held, in order
-        [MQTT-4.6.0-2, -3], while a session its messages went to is congested."""
-        congested = self._batch.congested
-        if congested:
-            with self.out_lock:
-                self._waiting_on.update(congested)
-            for session in congested:
-                if not session.add_waiter(self):
-                    self.release_acks(session)
-            congested.clear()
+        """PUBACK or PUBREC for a PUBLISH this client sent; FlowControl holds
+        it while a session its messages went to is congested."""
         data = ENCODERS[packet_type](Ack(packet_id), self.proto_ver)
-        with self.out_lock:
-            if self._closed:
-                return
-            if self._waiting_on or self._held:
-                if not self._held:
-                    self.held_since = time.monotonic()
-                self._held.append(data)
-            else:
-                self._out.append(data)
-                self.out_bytes += len(data)
+        self.core.flow.send_ack(self, data, self._batch.congested)
         self.core.counts()[_SENT_METRIC[packet_type]] += 1
-
-    def release_acks(self, session=None):
-        """Send held acks once no congested session is left to wait for
-        (``session=None``: all of them, the flow_control_timeout case)."""
-        with self.out_lock:
-            if session is None:
-                self._waiting_on.clear()
-            else:
-                self._waiting_on.discard(session)
-            if self._waiting_on or not self._held or self._closed:
-                return
-            for data in self._held:
-                self._out.append(data)
-                self.out_bytes += len(data)
-            self._held = []
-            self.held_since = None
-            if not self._blocked:
-                self._send_locked()
 
     def write(self, chunks, flush=True):
         """Append encoded packets (any thread); with ``flush``, also send what
         is buffered with one non-blocking send."""
+        with self.out_lock:
+            self.write_locked(chunks, flush)
+
+    def write_locked(self, chunks, flush):
+        """``write`` with ``out_lock`` held."""
+        if self._closed:
+            return
         size = 0
         for chunk in chunks:
             size += len(chunk)
-        with self.out_lock:
-            if self._closed:
-                return
-            self._out.extend(chunks)
-            self.out_bytes += size
-            if flush and not self._blocked:
-                self._send_locked()
+        self._out.extend(chunks)
+        self.out_bytes += size
+        if flush and not self.blocked:
+            self._send_locked()
 
     def flush(self):
         """Write what is buffered with one non-blocking send; never blocks."""
         with self.out_lock:
-            if self._blocked or self._closed or not (self._out or self._wire):
+            if self.blocked or self._closed or not (self._out or self._wire):
                 return
             self._send_locked()
 
@@ -2614,12 +2628,12 @@ class Connection:
         self._wire = wire[sent:] if sent < len(wire) else b""
         self.out_bytes = len(self._wire)
         if self._wire:
-            if not self._blocked:
-                self._blocked = True
+            if not self.blocked:
+                self.blocked = True
                 self.blocked_since = time.monotonic()
                 self.hooks.watch_writable(self)
-        elif self._blocked:
-            self._blocked = False
+        elif self.blocked:
+            self.blocked = False
             self.blocked_since = None
             self.hooks.unwatch_writable(self)
 
@@ -2629,7 +2643,7 @@ class Connection:
             if self._closed:
                 return
             self._send_locked()
-            if self._blocked:
+            if self.blocked:
                 return
         session = self.session
         if session is not None:
@@ -2654,8 +2668,8 @@ class Connection:
             self._out.clear()
             self._wire = b""
             self.out_bytes = 0
-            if self._blocked:
-                self._blocked = False
+            if self.blocked:
+                self.blocked = False
                 self.hooks.unwatch_writable(self)
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
@@ -4121,15 +4135,13 @@ class Broker:
             blocked_since = conn.blocked_since
             if blocked_since is not None and now - blocked_since > s["send_timeout"]:
                 conn.shutdown("send_timeout")
-            held_since = conn.held_since
-            if held_since is not None and now - held_since > s["flow_control_timeout"]:
-                conn.release_acks()
+            core.flow.expire(conn, now)
         for session in sessions:
             conn = session.retry(now)
             if conn is not None:
                 conn.flush()
             conn = session.conn
-            if session.mqueue and conn is not None and not conn._blocked:
+            if session.mqueue and conn is not None and not conn.blocked:
                 session.drain()   # a queue with nothing in flight to drain it
                 conn.flush()
         core.expire_sessions(now)
