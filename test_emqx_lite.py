@@ -25,6 +25,7 @@ import urllib.request
 
 import pytest
 import paho.mqtt.client as paho
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
 import emqx_lite
 from emqx_lite import (DEFAULT_ACL, LISTENER_DEFAULTS, SETTING_KEYS, Acl, ConfigError,
@@ -37,6 +38,12 @@ TIMEOUT = 5.0
 # Packet types (MQTT 3.1.1 section 2.2.1), written out independently.
 CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 2, 3, 4, 5, 6, 7
 SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK, PINGREQ, PINGRESP, DISCONNECT = 8, 9, 10, 11, 12, 13, 14
+
+# Quick by default; EMQX_LITE_FUZZ_EXAMPLES / EMQX_LITE_FUZZ_PACKETS /
+# EMQX_LITE_SOAK_SECONDS make the runs longer (README: "Longer runs").
+FUZZ_EXAMPLES = int(os.environ.get("EMQX_LITE_FUZZ_EXAMPLES", "200"))
+FUZZ_PACKETS = int(os.environ.get("EMQX_LITE_FUZZ_PACKETS", "600"))
+SOAK_SECONDS = float(os.environ.get("EMQX_LITE_SOAK_SECONDS", "3"))
 
 PROTOS = [pytest.param(3, id="mqtt31"), pytest.param(4, id="mqtt311")]
 #: parametrize a test over MQTT 3.1 (MQIsdp, level 3) and 3.1.1 (MQTT, level 4)
@@ -458,6 +465,739 @@ def health(broker, client):
     return h
 
 
+###############################################################################
+# Pure tests: the codec (property-based)
+###############################################################################
+
+_text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+                max_size=30)
+_name = _text.filter(lambda t: t and "+" not in t and "#" not in t)
+_pid = st.integers(1, 65535)
+
+
+@st.composite
+def _packets(draw):
+    """(packet type, packet object) for every one of the 14 packet types."""
+    kind = draw(st.sampled_from(sorted(emqx_lite.ENCODERS)))
+    if kind == emqx_lite.CONNECT:
+        level = draw(st.sampled_from([3, 4]))
+        will = draw(st.none() | st.builds(emqx_lite.Will, _name, st.binary(max_size=40),
+                                          st.integers(0, 2), st.booleans()))
+        username = draw(st.none() | _text)
+        password = draw(st.none() | st.binary(max_size=20)) if username is not None else None
+        pkt = emqx_lite.Connect(emqx_lite.PROTOCOL_NAMES[level], level, draw(st.booleans()),
+                                draw(st.integers(0, 65535)), draw(_text), will, username, password)
+    elif kind == emqx_lite.CONNACK:
+        pkt = emqx_lite.Connack(draw(st.booleans()), draw(st.integers(0, 5)))
+    elif kind == emqx_lite.PUBLISH:
+        qos = draw(st.integers(0, 2))
+        pkt = emqx_lite.Publish(draw(_name), draw(st.binary(max_size=100)), qos,
+                                draw(st.booleans()), draw(st.booleans()) if qos else False,
+                                draw(_pid) if qos else None)
+    elif kind == emqx_lite.SUBSCRIBE:
+        pkt = emqx_lite.Subscribe(draw(_pid), draw(st.lists(st.tuples(_text, st.integers(0, 2)),
+                                                            min_size=1, max_size=5)))
+    elif kind == emqx_lite.SUBACK:
+        pkt = emqx_lite.Suback(draw(_pid), draw(st.lists(st.sampled_from([0, 1, 2, 0x80]),
+                                                         min_size=1, max_size=5)))
+    elif kind == emqx_lite.UNSUBSCRIBE:
+        pkt = emqx_lite.Unsubscribe(draw(_pid), draw(st.lists(_text, min_size=1, max_size=5)))
+    elif kind in (emqx_lite.PINGREQ, emqx_lite.PINGRESP, emqx_lite.DISCONNECT):
+        pkt = emqx_lite.EMPTY
+    else:
+        pkt = emqx_lite.Ack(draw(_pid))
+    return kind, pkt
+
+
+class TestCodecProperties:
+    @hsettings(max_examples=FUZZ_EXAMPLES * 3, deadline=None)
+    @given(_packets())
+    def test_decode_of_encode_is_identity_for_every_packet_type(self, typed):
+        kind, pkt = typed
+        data = emqx_lite.encode_packet(kind, pkt)
+        first, body, size = emqx_lite.split_packet(data + b"\x00trailing")
+        assert size == len(data) and first >> 4 == kind
+        assert emqx_lite.decode_packet(first, body, accept=emqx_lite.DECODERS) == pkt
+
+    @hsettings(max_examples=FUZZ_EXAMPLES * 5, deadline=None,
+               suppress_health_check=[HealthCheck.too_slow])
+    @given(st.integers(0, 255), st.binary(max_size=200))
+    def test_arbitrary_bytes_raise_only_the_codecs_own_error(self, first, body):
+        try:
+            emqx_lite.decode_packet(first, body, accept=emqx_lite.DECODERS)
+        except emqx_lite.MQTTError:
+            pass
+
+    @hsettings(max_examples=FUZZ_EXAMPLES, deadline=None)
+    @given(_packets(), st.data())
+    def test_mutated_packets_raise_only_the_codecs_own_error(self, typed, data):
+        raw = bytearray(emqx_lite.encode_packet(*typed))
+        for _ in range(data.draw(st.integers(1, 4))):
+            raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+        try:
+            framed = emqx_lite.split_packet(bytes(raw))
+            if framed:
+                emqx_lite.decode_packet(framed[0], framed[1], accept=emqx_lite.DECODERS)
+        except emqx_lite.MQTTError:
+            pass
+
+    @hsettings(max_examples=FUZZ_EXAMPLES, deadline=None)
+    @given(st.integers(0, emqx_lite.MAX_REMAINING_LENGTH))
+    def test_remaining_length_round_trip(self, n):
+        """2.2.3: one to four bytes, up to 268,435,455."""
+        encoded = emqx_lite.encode_varint(n)
+        assert len(encoded) <= 4
+        assert emqx_lite.decode_varint(encoded, 0) == (n, len(encoded))
+
+
+###############################################################################
+# Pure tests: topic matching
+###############################################################################
+
+MATCH_TABLE = [
+    # (filter, topic, matches)  -- MQTT 3.1.1 section 4.7
+    ("a/b", "a/b", True),
+    ("a/b", "A/b", False),
+    ("a/b", "a/b/", False),
+    ("a/b", "a", False),
+    ("sport/tennis/player1/#", "sport/tennis/player1", True),          # [MQTT-4.7.1-2]
+    ("sport/tennis/player1/#", "sport/tennis/player1/ranking", True),
+    ("sport/tennis/player1/#", "sport/tennis/player1/score/wimbledon", True),
+    ("sport/#", "sport", True),                                         # [MQTT-4.7.1-2]
+    ("sport/#", "sports", False),
+    ("#", "anything/at/all", True),
+    ("#", "/", True),
+    ("sport/tennis/+", "sport/tennis/player1", True),
+    ("sport/tennis/+", "sport/tennis/player1/ranking", False),
+    ("sport/+", "sport", False),
+    ("sport/+", "sport/", True),
+    ("+/+", "/finance", True),
+    ("/+", "/finance", True),
+    ("+", "/finance", False),
+    ("+", "finance", True),
+    ("a//b", "a//b", True),
+    ("a/+/b", "a//b", True),
+    ("+/+/+", "a//b", True),
+    ("+/tennis/#", "sport/tennis/player1", True),
+    ("+/tennis/#", "sport/tennis", True),
+    ("#", "$SYS/monitor/Clients", False),                               # [MQTT-4.7.2-1]
+    ("+/monitor/Clients", "$SYS/monitor/Clients", False),               # [MQTT-4.7.2-1]
+    ("+/#", "$foo/bar", False),                                         # [MQTT-4.7.2-1]
+    ("$SYS/#", "$SYS/monitor/Clients", True),
+    ("$SYS/monitor/+", "$SYS/monitor/Clients", True),
+    ("$foo/+", "$foo/bar", True),
+    ("a/$b/+", "a/$b/c", True),
+    ("+/$b", "a/$b", True),
+    ("+/#", "a", True),                                                 # [MQTT-4.7.1-2]
+    ("a/+/#", "a/b", True),
+    ("a/+/#", "a", False),
+    ("+/+", "a", False),
+    ("a/#", "ab", False),
+    ("a/#", "a/$SYS", True),
+    ("caf\u00e9/+", "caf\u00e9/x", True),
+    ("caf\u00e9/+", "cafe/x", False),
+]
+
+###############################################################################
+# Pure tests: configuration and ACL parsers
+###############################################################################
+
+def settings_of(text, filename="emqx_lite.conf"):
+    return config_settings(parse_conf(text, filename), filename)
+
+
+def config_error(text):
+    with pytest.raises(ConfigError) as info:
+        settings_of(text)
+    return str(info.value)
+
+
+# --- parse_conf ---------------------------------------------------------------
+
+def test_parse_conf_lines_comments_and_whitespace():
+    text = ("## header\n\n   # indented comment\nnode.name = a@b\n"
+            "  mqtt.max_packet_size=64KB  \r\nmodule.subscription.1.topic = $client/%c # not a comment\n")
+    assert parse_conf(text) == [(4, "node.name", "a@b"), (5, "mqtt.max_packet_size", "64KB"),
+                                (6, "module.subscription.1.topic", "$client/%c # not a comment")]
+
+
+def test_parse_conf_value_may_contain_equals_and_be_empty():
+    assert parse_conf("auth.username.bob = a=b\nx =") == [(1, "auth.username.bob", "a=b"), (2, "x", "")]
+
+
+@pytest.mark.parametrize("line", ["node.name", "= value", "node name = x", "just words here"])
+def test_parse_conf_malformed_line(line):
+    with pytest.raises(ConfigError, match=r"^emq\.conf:2: expected 'key = value'"):
+        parse_conf("node.name = a@b\n" + line, "emq.conf")
+
+
+def test_config_error_is_value_error():
+    assert issubclass(ConfigError, ValueError)
+
+
+# --- values -------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, seconds", [
+    ("20s", 20.0), ("5m", 300.0), ("2h", 7200.0), ("1d", 86400.0), ("1w", 604800.0),
+    ("500ms", 0.5), ("30", 30.0), ("1.5s", 1.5), ("0", 0.0)])
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == seconds
+    assert isinstance(parse_duration(text), float)
+
+
+@pytest.mark.parametrize("text", ["", "s", "20 s", "-1s", "1y", "20S", "1.s", "abc"])
+def test_parse_duration_rejects(text):
+    with pytest.raises(ValueError, match="expected a duration like 20s"):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize("text, size", [
+    ("64KB", 65536), ("1MB", 1048576), ("1GB", 1073741824), ("512B", 512), ("100", 100),
+    ("64kb", 65536), ("0", 0)])
+def test_parse_bytesize(text, size):
+    assert parse_bytesize(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "KB", "1.5MB", "1TB", "-1", "64 KB"])
+def test_parse_bytesize_rejects(text):
+    with pytest.raises(ValueError, match="expected a size like 64KB"):
+        parse_bytesize(text)
+
+
+@pytest.mark.parametrize("text, value", [("on", True), ("true", True), ("TRUE", True),
+                                         ("off", False), ("false", False), ("Off", False)])
+def test_parse_bool(text, value):
+    assert parse_bool(text) is value
+
+
+@pytest.mark.parametrize("text", ["yes", "1", "", "enabled"])
+def test_parse_bool_rejects(text):
+    with pytest.raises(ValueError):
+        parse_bool(text)
+
+
+def test_parse_int():
+    assert parse_int("1024") == 1024
+    for bad in ("", "-1", "1.0", "1e3", "\u0661"):   # \u0661: ARABIC-INDIC DIGIT ONE
+        with pytest.raises(ValueError, match="expected an integer"):
+            parse_int(bad)
+
+
+@pytest.mark.parametrize("text, address", [
+    ("0.0.0.0:1883", ("0.0.0.0", 1883)), ("1883", ("0.0.0.0", 1883)),
+    ("127.0.0.1:11883", ("127.0.0.1", 11883)), ("[::1]:1883", ("::1", 1883)),
+    ("::1:1883", ("::1", 1883)), ("localhost:8080", ("localhost", 8080)), ("0", ("0.0.0.0", 0))])
+def test_parse_address(text, address):
+    assert parse_address(text) == address
+
+
+@pytest.mark.parametrize("text", ["", "abc", "1.2.3.4", "1.2.3.4:", ":1883", "1.2.3.4:70000",
+                                  "999.0.0.1:1883", "[::1]1883", "[::1]:", "bad host:1883"])
+def test_parse_address_rejects(text):
+    with pytest.raises(ValueError, match="expected an address like 0.0.0.0:1883"):
+        parse_address(text)
+
+
+# --- config_settings ----------------------------------------------------------
+
+SIMPLE_CASES = [
+    ("node.name", "emqx@10.0.0.1", "node", "emqx@10.0.0.1"),
+    ("mqtt.allow_anonymous", "false", "allow_anonymous", False),
+    ("mqtt.acl_nomatch", "deny", "acl_nomatch", "deny"),
+    ("mqtt.acl_file", "etc/acl.conf", "acl_file", "etc/acl.conf"),
+    ("mqtt.max_clientid_len", "512", "max_clientid_len", 512),
+    ("mqtt.max_packet_size", "64KB", "max_packet_size", 65536),
+    ("mqtt.keepalive_backoff", "0.75", "keepalive_backoff", 1.5),
+    ("mqtt.client.idle_timeout", "30s", "connect_timeout", 30.0),
+    ("mqtt.session.max_inflight", "16", "max_inflight", 16),
+    ("mqtt.session.retry_interval", "20s", "retry_interval", 20.0),
+    ("mqtt.session.max_awaiting_rel", "100", "max_awaiting_rel", 100),
+    ("mqtt.session.await_rel_timeout", "1m", "await_rel_timeout", 60.0),
+    ("mqtt.session.expiry_interval", "2h", "session_expiry_interval", 7200.0),
+    ("mqtt.mqueue.max_length", "0", "max_mqueue_len", 0),
+    ("mqtt.mqueue.store_qos0", "off", "mqueue_store_qos0", False),
+    ("mqtt.broker.sys_interval", "60", "sys_interval", 60.0),
+    ("mqtt.max_topic_length", "100", "max_topic_length", 100),
+    ("mqtt.max_topic_levels", "8", "max_topic_levels", 8),
+    ("mqtt.max_subscriptions", "10", "max_subscriptions", 10),
+    ("mqtt.max_keepalive", "300", "max_keepalive", 300),
+    ("mqtt.client.max_outbuf", "64KB", "max_outbuf", 65536),
+    ("mqtt.client.send_timeout", "5s", "send_timeout", 5.0),
+    ("listener.api.mgmt.max_clients", "2048", "api_max_clients", 2048),
+    ("listener.api.mgmt.idle_timeout", "10s", "api_idle_timeout", 10.0),
+    ("listener.api.mgmt.cors_origins", "https://Ops.example.com, http://[::1]:3000",
+     "api_cors_origins", ("https://ops.example.com", "http://[::1]:3000")),
+    ("listener.api.mgmt.max_auth_failures", "5", "api_max_auth_failures", 5),
+    ("listener.api.mgmt.auth_failure_window", "5m", "api_auth_failure_window", 300.0),
+    ("listener.api.mgmt.certfile", "etc/certs/api.pem", "api_certfile", "etc/certs/api.pem"),
+    ("listener.api.mgmt.keyfile", "etc/certs/api.key", "api_keyfile", "etc/certs/api.key"),
+    ("listener.api.mgmt.cacertfile", "etc/certs/ca.pem", "api_cacertfile", "etc/certs/ca.pem"),
+    ("listener.api.mgmt.verify", "verify_peer", "api_verify", "verify_peer"),
+    ("listener.api.mgmt.fail_if_no_peer_cert", "true", "api_fail_if_no_peer_cert", True),
+    ("dashboard.password_iterations", "900000", "api_password_iterations", 900000),
+]
+
+
+def test_simple_cases_cover_every_setting_key():
+    assert sorted(key for key, _, _, _ in SIMPLE_CASES) == sorted(SETTING_KEYS)
+
+
+@pytest.mark.parametrize("key, text, name, value", SIMPLE_CASES)
+def test_simple_key(key, text, name, value):
+    assert settings_of("%s = %s" % (key, text)) == {name: value}
+
+
+def test_only_set_keys_are_returned_and_later_lines_win():
+    assert settings_of("") == {}
+    assert settings_of("node.name = a@h\nnode.name = b@h") == {"node": "b@h"}
+
+
+def test_error_names_file_line_and_key():
+    msg = config_error("node.name = a@b\n\nmqtt.max_packet_size = abc\n")
+    assert msg == "emqx_lite.conf:3: mqtt.max_packet_size: expected a size like 64KB, got 'abc'"
+
+
+@pytest.mark.parametrize("line, fragment", [
+    ("mqtt.unknown = 1", "mqtt.unknown: unknown key"),
+    ("mqtt.acl_nomatch = maybe", "expected allow or deny, got 'maybe'"),
+    ("mqtt.keepalive_backoff = 0.4", "expected a number >= 0.5"),
+    ("mqtt.session.max_inflight = -1", "expected an integer"),
+    ("mqtt.session.retry_interval = soon", "expected a duration like 20s"),
+    ("mqtt.allow_anonymous = yes", "expected on, off, true or false"),
+    ("node.name =", "node.name: expected a value"),
+    ("mqtt.max_packet_size = 64KB # comment", "got '64KB # comment'"),
+])
+def test_bad_values(line, fragment):
+    msg = config_error(line)
+    assert msg.startswith("emqx_lite.conf:1: ") and fragment in msg
+
+
+def test_auth_tables():
+    s = settings_of("auth.username.admin = public\nauth.username.john.doe = pw=1\n"
+                    "auth.client.dev-1 = secret\n"
+                    "auth.client.1.clientid = dev:2\nauth.client.1.password = pw2\n")
+    assert s == {"auth_username": {"admin": "public", "john.doe": "pw=1"},
+                 "auth_clientid": {"dev-1": "secret", "dev:2": "pw2"}}
+
+
+def test_auth_errors():
+    assert "auth.username.: unknown key" in config_error("auth.username. = x")
+    assert "expected a value" in config_error("auth.username.bob =")
+    msg = config_error("auth.client.3.clientid = c")
+    assert msg == "emqx_lite.conf:1: auth.client.3.clientid: auth.client.3 needs .clientid and .password"
+
+
+def test_dashboard_default_user():
+    assert settings_of("dashboard.default_user.login = root\ndashboard.default_user.password = pw") \
+        == {"users": {"root": "pw"}}
+    assert settings_of("dashboard.default_user.password = pw") == {"users": {"admin": "pw"}}
+    assert settings_of("dashboard.default_user.login = root") == {"users": {"root": "public"}}
+
+
+def test_module_subscription_sorted_by_number():
+    s = settings_of("module.subscription.10.topic = c\nmodule.subscription.2.qos = 2\n"
+                    "module.subscription.2.topic = $user/%u\nmodule.subscription.1.topic = $client/%c\n"
+                    "module.subscription.1.qos = 0\n")
+    assert s == {"module_subscription": [("$client/%c", 0), ("$user/%u", 2), ("c", 1)]}
+
+
+def test_module_subscription_errors():
+    assert "expected 0, 1 or 2, got '3'" in config_error(
+        "module.subscription.1.topic = t\nmodule.subscription.1.qos = 3")
+    msg = config_error("module.subscription.1.topic = t\nmodule.subscription.2.qos = 1")
+    assert msg == "emqx_lite.conf:2: module.subscription.2.qos: module.subscription.2 has no .topic"
+    assert "unknown key" in config_error("module.subscription.x.topic = t")
+
+
+def test_module_rewrite():
+    s = settings_of('module.rewrite.rule.2 = y/+/z/# ^y/(.+)/z/(.+)$ y/z/$2\n'
+                    'module.rewrite.rule.1 = "x/# ^x/y/(.+)$ z/y/$1"\n')
+    assert s == {"module_rewrite": [("x/#", "^x/y/(.+)$", "z/y/$1"),
+                                    ("y/+/z/#", "^y/(.+)/z/(.+)$", "y/z/$2")]}
+
+
+def test_module_rewrite_errors():
+    assert "expected '<filter> <regex> <destination>'" in config_error("module.rewrite.rule.1 = x/# ^x")
+    assert "bad regex '^x/(('" in config_error("module.rewrite.rule.1 = x/# ^x/(( y")
+
+
+def test_listeners():
+    s = settings_of("""
+listener.tcp.external = 0.0.0.0:1883
+listener.tcp.external.acceptors = 16
+listener.tcp.external.max_clients = 1024
+listener.tcp.internal = 127.0.0.1:11883
+listener.ssl.external.keyfile = etc/certs/key.pem
+listener.ssl.external = 8883
+listener.ssl.external.certfile = etc/certs/cert.pem
+listener.ssl.external.cacertfile = etc/certs/cacert.pem
+listener.ssl.external.verify = verify_peer
+listener.ssl.external.fail_if_no_peer_cert = true
+listener.ssl.external.peer_cert_as_username = cn
+listener.ws.external = 8083
+listener.wss.external = [::]:8084
+listener.wss.external.mqtt_path = /ws
+listener.api.mgmt = 127.0.0.1:8080
+""")
+    base = dict(LISTENER_DEFAULTS)
+    assert base == {"acceptors": 1, "max_clients": 102400, "keyfile": None, "certfile": None,
+                    "cacertfile": None, "verify": None, "fail_if_no_peer_cert": None,
+                    "peer_cert_as_username": None, "mqtt_path": None}
+    assert s["http_bind"] == "127.0.0.1" and s["http_port"] == 8080
+    assert s["listeners"] == [
+        dict(base, type="tcp", name="external", host="0.0.0.0", port=1883, acceptors=16, max_clients=1024),
+        dict(base, type="tcp", name="internal", host="127.0.0.1", port=11883),
+        dict(base, type="ssl", name="external", host="0.0.0.0", port=8883, keyfile="etc/certs/key.pem",
+             certfile="etc/certs/cert.pem", cacertfile="etc/certs/cacert.pem", verify="verify_peer",
+             fail_if_no_peer_cert=True, peer_cert_as_username="cn"),
+        dict(base, type="ws", name="external", host="0.0.0.0", port=8083, mqtt_path="/mqtt"),
+        dict(base, type="wss", name="external", host="::", port=8084, mqtt_path="/ws"),
+    ]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("listener.tcp.x = 1883\nlistener.tcp.y.acceptors = 4",
+     "emqx_lite.conf:2: listener.tcp.y.acceptors: listener.tcp.y has no address line"),
+    ("listener.tcp.x = 1883\nlistener.tcp.x.keyfile = k.pem",
+     "emqx_lite.conf:2: listener.tcp.x.keyfile: not an option of tcp listeners"),
+    ("listener.ssl.x = 8883\nlistener.ssl.x.mqtt_path = /mqtt",
+     "emqx_lite.conf:2: listener.ssl.x.mqtt_path: not an option of ssl listeners"),
+    ("listener.tcp.x = 1883\nlistener.tcp.x.access.1 = allow all",
+     "emqx_lite.conf:2: listener.tcp.x.access.1: unknown listener option 'access.1'"),
+    ("listener.ssl.x = 8883\nlistener.ssl.x.verify = sometimes",
+     "emqx_lite.conf:2: listener.ssl.x.verify: expected verify_peer or verify_none, got 'sometimes'"),
+    ("listener.ws.x = 8083\nlistener.ws.x.mqtt_path = mqtt",
+     "emqx_lite.conf:2: listener.ws.x.mqtt_path: expected a path like /mqtt, got 'mqtt'"),
+    ("listener.tcp.x = 0.0.0.0", "emqx_lite.conf:1: listener.tcp.x: expected an address like"),
+    ("listener.udp.x = 1883", "emqx_lite.conf:1: listener.udp.x: unknown key"),
+    ("listener.api.mgmt = nope", "emqx_lite.conf:1: listener.api.mgmt: expected an address like"),
+])
+def test_listener_errors(text, message):
+    assert config_error(text).startswith(message)
+
+
+# --- environment --------------------------------------------------------------
+
+def test_env_overrides_rule():
+    environ = {"EMQX_LITE_MQTT__MAX_PACKET_SIZE": "64KB", "PATH": "/bin",
+               "EMQX_LITE_LISTENER__TCP__EXTERNAL": "0.0.0.0:1884",
+               "EMQX_LITE_MQTT__SESSION__MAX_INFLIGHT": "8"}
+    assert env_overrides(environ) == [
+        ("$EMQX_LITE_LISTENER__TCP__EXTERNAL", "listener.tcp.external", "0.0.0.0:1884"),
+        ("$EMQX_LITE_MQTT__MAX_PACKET_SIZE", "mqtt.max_packet_size", "64KB"),
+        ("$EMQX_LITE_MQTT__SESSION__MAX_INFLIGHT", "mqtt.session.max_inflight", "8")]
+
+
+def test_env_overrides_win_over_the_file_and_can_complete_a_listener():
+    entries = parse_conf("mqtt.max_packet_size = 1MB\nlistener.tcp.external = 1883\n", "emq.conf")
+    entries += env_overrides({"EMQX_LITE_MQTT__MAX_PACKET_SIZE": "64KB",
+                              "EMQX_LITE_LISTENER__TCP__EXTERNAL__ACCEPTORS": "4"})
+    s = config_settings(entries, "emq.conf")
+    assert s["max_packet_size"] == 65536
+    assert s["listeners"][0]["acceptors"] == 4 and s["listeners"][0]["port"] == 1883
+
+
+def test_env_errors_name_the_variable():
+    entries = env_overrides({"EMQX_LITE_MQTT__MAX_PACKET_SIZE": "huge"})
+    with pytest.raises(ConfigError) as info:
+        config_settings(entries, "emq.conf")
+    assert str(info.value) == ("$EMQX_LITE_MQTT__MAX_PACKET_SIZE: mqtt.max_packet_size: "
+                               "expected a size like 64KB, got 'huge'")
+    for bad in ("EMQX_LITE_", "EMQX_LITE_MQTT____X", "EMQX_LITE_MQTT__"):
+        with pytest.raises(ConfigError, match=r"^\$%s: expected" % bad):
+            env_overrides({bad: "1"})
+
+
+# --- render_config ------------------------------------------------------------
+
+FULL_CONF = """
+node.name = emqx@10.0.0.1
+mqtt.allow_anonymous = false
+mqtt.acl_nomatch = deny
+mqtt.acl_file = /etc/emqx/acl.conf
+mqtt.max_clientid_len = 512
+mqtt.max_packet_size = 1000
+mqtt.keepalive_backoff = 0.8
+mqtt.client.idle_timeout = 1500ms
+mqtt.session.max_inflight = 16
+mqtt.session.retry_interval = 90s
+mqtt.session.max_awaiting_rel = 7
+mqtt.session.await_rel_timeout = 1.1s
+mqtt.session.expiry_interval = 1w
+mqtt.mqueue.max_length = 0
+mqtt.mqueue.store_qos0 = off
+mqtt.broker.sys_interval = 0
+mqtt.max_topic_length = 100
+mqtt.max_topic_levels = 8
+mqtt.max_subscriptions = 10
+mqtt.max_keepalive = 300
+mqtt.client.max_outbuf = 1KB
+mqtt.client.send_timeout = 2s
+auth.username.john.doe = pw=1
+auth.client.1.clientid = 7.password
+auth.client.1.password = x
+auth.client.dev = y
+dashboard.default_user.login = root
+dashboard.default_user.password = secret
+module.subscription.1.topic = $client/%c
+module.subscription.1.qos = 2
+module.rewrite.rule.1 = x/# ^x/y/(.+)$ z/y/$1
+listener.api.mgmt = [::1]:8080
+listener.api.mgmt.max_clients = 100
+listener.api.mgmt.idle_timeout = 30s
+listener.api.mgmt.cors_origins = https://a.example, http://b.example:8080
+listener.api.mgmt.max_auth_failures = 3
+listener.api.mgmt.auth_failure_window = 2m
+listener.api.mgmt.certfile = api.pem
+listener.api.mgmt.keyfile = api.key
+listener.api.mgmt.cacertfile = ca.pem
+listener.api.mgmt.verify = verify_none
+listener.api.mgmt.fail_if_no_peer_cert = false
+dashboard.password_iterations = 700000
+listener.tcp.external = 1883
+listener.ssl.external = 127.0.0.1:8883
+listener.ssl.external.certfile = cert.pem
+listener.ssl.external.fail_if_no_peer_cert = false
+listener.wss.external = ::1:8084
+listener.wss.external.max_clients = 64
+"""
+
+
+def test_render_round_trip():
+    settings = settings_of(FULL_CONF)
+    assert len(settings) == len(SETTING_KEYS) + 8
+    text = render_config(settings)
+    assert config_settings(parse_conf(text)) == settings
+
+
+def test_render_format():
+    text = render_config({"node": "n@h", "max_packet_size": 65536, "session_expiry_interval": 7200.0,
+                          "retry_interval": 0.5, "keepalive_backoff": 1.5, "allow_anonymous": True,
+                          "acl_file": None, "acceptors": 4, "module_rewrite": [("a/#", "^a/(.+)$", "b/$1")]})
+    lines = text.splitlines()
+    assert lines[0].startswith("## ")
+    for line in ("node.name = n@h", "mqtt.max_packet_size = 64KB", "mqtt.session.expiry_interval = 2h",
+                 "mqtt.session.retry_interval = 0.5s", "mqtt.keepalive_backoff = 0.75",
+                 "mqtt.allow_anonymous = true", "## mqtt.acl_file is not set",
+                 'module.rewrite.rule.1 = "a/# ^a/(.+)$ b/$1"', "##   acceptors = 4"):
+        assert line in lines
+    assert config_settings(parse_conf(text)) == {
+        "node": "n@h", "max_packet_size": 65536, "session_expiry_interval": 7200.0,
+        "retry_interval": 0.5, "keepalive_backoff": 1.5, "allow_anonymous": True,
+        "module_rewrite": [("a/#", "^a/(.+)$", "b/$1")]}
+
+
+def test_render_defaults_like_dict():
+    defaults = {"node": "emqx_lite@127.0.0.1", "max_packet_size": 1024 * 1024, "max_clientid_len": 1024,
+                "connect_timeout": 15.0, "keepalive_backoff": 1.5, "max_inflight": 32,
+                "retry_interval": 20.0, "max_awaiting_rel": 100, "await_rel_timeout": 20.0,
+                "max_mqueue_len": 1000, "mqueue_store_qos0": True, "session_expiry_interval": 7200.0,
+                "max_outbuf": 1024 * 1024, "send_timeout": 15.0, "sys_interval": 60.0,
+                "max_clients": 102400, "acceptors": 1, "allow_anonymous": True, "auth_username": {},
+                "auth_clientid": {}, "module_subscription": (), "module_rewrite": ()}
+    back = config_settings(parse_conf(render_config(defaults)))
+    assert back == {k: v for k, v in defaults.items()
+                    if k not in ("max_clients", "acceptors",
+                                 "auth_username", "auth_clientid", "module_subscription",
+                                 "module_rewrite")}
+
+
+def test_render_several_users_is_a_comment():
+    text = render_config({"users": {"a": "1", "b": "2"}})
+    assert config_settings(parse_conf(text)) == {}
+
+
+# --- ACL parsing --------------------------------------------------------------
+
+def test_parse_default_acl():
+    assert parse_acl(DEFAULT_ACL) == [
+        ("allow", ("user", "dashboard"), "subscribe", [("filter", "$SYS/#")]),
+        ("allow", ("ipaddr", ipaddress.ip_network("127.0.0.1/32")), "pubsub",
+         [("filter", "$SYS/#"), ("filter", "#")]),
+        ("deny", ("all",), "subscribe", [("filter", "$SYS/#"), ("eq", "#")]),
+        ("allow", ("all",), "pubsub", None),
+    ]
+
+
+def test_parse_acl_forms_whitespace_and_comments():
+    text = ('%% comment\n{deny,\n  {client, "c1"} ,publish,[ "a/#" ] } . % trailing\n'
+            "{allow, {'and', [{user, \"u\"}, {ipaddr, \"10.0.0.0/8\"}]}, pubsub, []}.\n"
+            '{allow, {or, [{user, all}, {client, "x"}]}, subscribe, ["q\\"\\\\\\n"]}.\n'
+            "{'deny', all}.")
+    assert parse_acl(text) == [
+        ("deny", ("client", "c1"), "publish", [("filter", "a/#")]),
+        ("allow", ("and", [("user", "u"), ("ipaddr", ipaddress.ip_network("10.0.0.0/8"))]), "pubsub", []),
+        ("allow", ("or", [("all",), ("client", "x")]), "subscribe", [("filter", 'q"\\\n')]),
+        ("deny", ("all",), "pubsub", None),
+    ]
+
+
+def test_parse_acl_empty():
+    assert parse_acl("") == [] and parse_acl("% nothing\n\n") == []
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{allow, all}.\n{allow, all}', "acl.conf:2: expected ., got end of file"),
+    ('{allow, all}.\n\n{allow, all', "acl.conf:3: expected , or }, got end of file"),
+    ('{allow,\n "unterminated}.', "acl.conf:2: unterminated quote"),
+    ('{allow, All}.', "acl.conf:1: unexpected 'A'"),
+    ('{allow, 1}.', "acl.conf:1: unexpected '1'"),
+    ('\n{allow, all}\n{deny, all}.', "acl.conf:3: expected ., got '{'"),
+    ('{allow, , all}.', "acl.conf:1: expected atom or string or { or [, got ','"),
+    ('\n\n{permit, all}.', "acl.conf:3: expected {allow|deny, all} or {allow|deny, Who, Action, Topics}"),
+    ('{allow, "all"}.', "acl.conf:1: expected {allow, all}"),
+    ('{allow, all, pubsub}.', "acl.conf:1: expected {allow|deny, all}"),
+    ('{"allow", all}.', "acl.conf:1: expected {allow|deny, all}"),
+    ('{allow, {user, "u"}, write, ["#"]}.', "acl.conf:1: expected publish, subscribe or pubsub"),
+    ('{allow, {user, "u"}, publish, "#"}.', "acl.conf:1: expected a list of topics"),
+    ('{allow, {user, "u"}, publish, [{eq, x}]}.', "acl.conf:1: expected a topic string or {eq, Topic}"),
+    ('{allow, {user, "u"}, publish, [t]}.', "acl.conf:1: expected a topic string"),
+    ('{allow, {user, u}, publish, ["#"]}.', "acl.conf:1: expected all, {user, U}"),
+    ('{allow, {group, "g"}, publish, ["#"]}.', "acl.conf:1: expected all, {user, U}"),
+    ('{allow, {ipaddr, "10.0.0.300"}, publish, ["#"]}.', "acl.conf:1: bad address '10.0.0.300'"),
+])
+def test_parse_acl_errors(text, message):
+    with pytest.raises(ConfigError) as info:
+        parse_acl(text, "acl.conf")
+    assert str(info.value).startswith(message)
+
+
+# --- ACL checks ---------------------------------------------------------------
+
+def acl(text, nomatch="allow"):
+    return Acl(parse_acl(text), nomatch)
+
+
+def test_default_acl():
+    a = acl(DEFAULT_ACL)
+    # dashboard user may subscribe to $SYS from anywhere
+    assert a.check("subscribe", "$SYS/brokers/+/uptime", "c", "dashboard", "10.1.1.1")
+    # others may not, except from 127.0.0.1
+    assert not a.check("subscribe", "$SYS/#", "c", "bob", "10.1.1.1")
+    assert a.check("subscribe", "$SYS/#", "c", "bob", "127.0.0.1")
+    # exactly "#" is denied, other wildcards are not
+    assert not a.check("subscribe", "#", "c", None, "10.1.1.1")
+    assert a.check("subscribe", "a/#", "c", None, "10.1.1.1")
+    assert a.check("subscribe", "+/b", "c", None, "10.1.1.1")
+    assert a.check("subscribe", "#", "c", None, "127.0.0.1")
+    # publishing anything is allowed ({allow, all})
+    assert a.check("publish", "$SYS/x", "c", None, "10.1.1.1")
+
+
+def test_user_and_client_rules():
+    a = acl('{allow, {user, "u"}, publish, ["a"]}.\n{allow, {client, "c"}, publish, ["b"]}.\n'
+            '{deny, all}.')
+    assert a.check("publish", "a", "x", "u", None)
+    assert not a.check("publish", "a", "u", None, None)       # client id is not a username
+    assert a.check("publish", "b", "c", None, None)
+    assert not a.check("publish", "b", "x", "c", None)
+
+
+def test_user_all_and_client_all_match_everyone():
+    a = acl('{deny, {user, all}, publish, ["a"]}.\n{deny, {client, all}, publish, ["b"]}.')
+    assert not a.check("publish", "a", "c", None, None)
+    assert not a.check("publish", "b", "c", "u", None)
+    assert a.check("publish", "z", "c", "u", None)
+
+
+def test_ipaddr_and_cidr():
+    a = acl('{deny, {ipaddr, "192.168.0.0/24"}, pubsub, ["#"]}.\n'
+            '{deny, {ipaddr, "2001:db8::/32"}, pubsub, ["#"]}.', "allow")
+    assert not a.check("publish", "t", "c", None, "192.168.0.77")
+    assert not a.check("publish", "t", "c", None, "::ffff:192.168.0.1")   # IPv4-mapped
+    assert a.check("publish", "t", "c", None, "192.168.1.1")
+    assert not a.check("publish", "t", "c", None, "2001:db8::1")
+    assert a.check("publish", "t", "c", None, "2001:db9::1")
+    assert a.check("publish", "t", "c", None, None)               # unknown peer never matches
+    assert a.check("publish", "t", "c", None, "not an ip")
+
+
+def test_ipaddr_single_address_is_a_host():
+    a = acl('{deny, {ipaddr, "127.0.0.1"}, publish, ["#"]}.')
+    assert not a.check("publish", "t", "c", None, "127.0.0.1")
+    assert a.check("publish", "t", "c", None, "127.0.0.2")
+
+
+def test_and_or():
+    a = acl('{allow, {and, [{user, "u"}, {ipaddr, "10.0.0.0/8"}]}, publish, ["and"]}.\n'
+            '{allow, {or, [{user, "u"}, {client, "c"}]}, publish, ["or"]}.\n{deny, all}.')
+    assert a.check("publish", "and", "x", "u", "10.2.3.4")
+    assert not a.check("publish", "and", "x", "u", "11.2.3.4")
+    assert a.check("publish", "or", "c", None, None)
+    assert a.check("publish", "or", "x", "u", None)
+    assert not a.check("publish", "or", "x", "v", None)
+
+
+def test_actions():
+    a = acl('{deny, all, publish, ["p"]}.\n{deny, all, subscribe, ["s"]}.\n{deny, all, pubsub, ["ps"]}.')
+    assert not a.check("publish", "p", "c", None, None) and a.check("subscribe", "p", "c", None, None)
+    assert not a.check("subscribe", "s", "c", None, None) and a.check("publish", "s", "c", None, None)
+    assert not a.check("publish", "ps", "c", None, None)
+    assert not a.check("subscribe", "ps", "c", None, None)
+    with pytest.raises(ValueError):
+        a.check("pubsub", "p", "c", None, None)
+
+
+def test_publish_topic_matching():
+    a = acl('{allow, all, publish, ["a/+/c", "d/#", "+/x"]}.', "deny")
+    assert a.check("publish", "a/b/c", "c", None, None)
+    assert not a.check("publish", "a/b/c/d", "c", None, None)
+    assert a.check("publish", "d", "c", None, None)               # "d/#" matches its parent
+    assert a.check("publish", "d/e/f", "c", None, None)
+    assert a.check("publish", "q/x", "c", None, None)
+    assert not a.check("publish", "$q/x", "c", None, None)       # first-level wildcard vs $-topic
+
+
+def test_subscribe_treats_the_filter_as_a_name():
+    a = acl('{allow, all, subscribe, ["#", "a/b"]}.', "deny")
+    assert a.check("subscribe", "a/+", "c", None, None)          # "#" matches the string "a/+"
+    assert not a.check("subscribe", "$SYS/#", "c", None, None)
+    b = acl('{allow, all, subscribe, ["a/b", "x/+"]}.', "deny")
+    assert not b.check("subscribe", "a/+", "c", None, None)      # "a/b" does not cover "a/+"
+    assert b.check("subscribe", "x/#", "c", None, None)          # "+" matches the level "#"
+
+
+def test_eq_is_exact():
+    a = acl('{deny, all, pubsub, [{eq, "a/#"}, {eq, "t/%u"}]}.')
+    assert not a.check("subscribe", "a/#", "c", None, None)
+    assert a.check("subscribe", "a/b", "c", None, None)
+    assert a.check("subscribe", "a/+", "c", None, None)
+    assert not a.check("publish", "t/%u", "c", "bob", None)       # no placeholder in eq
+    assert a.check("publish", "t/bob", "c", "bob", None)
+
+
+def test_placeholders():
+    a = acl('{allow, all, pubsub, ["users/%u/#", "clients/%c", "x/%c/%u"]}.', "deny")
+    assert a.check("publish", "users/bob/inbox", "c1", "bob", None)
+    assert not a.check("publish", "users/alice/inbox", "c1", "bob", None)
+    assert not a.check("publish", "users/%u/inbox", "c1", None, None)   # no username: never
+    assert a.check("subscribe", "clients/c1", "c1", None, None)
+    assert not a.check("subscribe", "clients/c2", "c1", None, None)
+    assert a.check("publish", "x/c1/bob", "c1", "bob", None)
+    assert not a.check("publish", "x/c1/bob", "c1", None, None)
+
+
+def test_placeholder_value_is_one_literal_level():
+    a = acl('{allow, all, subscribe, ["users/%u/#"]}.', "deny")
+    assert not a.check("subscribe", "users/bob/x", "c", "#", None)      # username "#" is no wildcard
+    assert not a.check("subscribe", "users/a/b/x", "c", "a/b", None)
+    assert not a.check("subscribe", "users/x/y", "c", "+", None)
+
+
+def test_first_match_wins():
+    text = '{deny, {user, "u"}, publish, ["t"]}.\n{allow, {user, "u"}, publish, ["t"]}.'
+    assert not acl(text).check("publish", "t", "c", "u", None)
+    swapped = "\n".join(reversed(text.splitlines()))
+    assert acl(swapped, "deny").check("publish", "t", "c", "u", None)
+
+
+def test_nomatch():
+    assert acl("").check("publish", "t", "c", None, None)
+    assert not acl("", "deny").check("publish", "t", "c", None, None)
+    assert not acl('{allow, all, publish, ["other"]}.', "deny").check("publish", "t", "c", None, None)
+    with pytest.raises(ValueError):
+        Acl([], "ignore")
+
 
 ###############################################################################
 # 01 CONNECT
@@ -692,51 +1432,6 @@ def next_of(r, topics):
         m = r.read_publish()
         if m["topic"] in topics:
             return m
-
-
-MATCH_TABLE = [
-    # (filter, topic, matches)  -- MQTT 3.1.1 section 4.7
-    ("a/b", "a/b", True),
-    ("a/b", "A/b", False),
-    ("a/b", "a/b/", False),
-    ("a/b", "a", False),
-    ("sport/tennis/player1/#", "sport/tennis/player1", True),          # [MQTT-4.7.1-2]
-    ("sport/tennis/player1/#", "sport/tennis/player1/ranking", True),
-    ("sport/tennis/player1/#", "sport/tennis/player1/score/wimbledon", True),
-    ("sport/#", "sport", True),                                         # [MQTT-4.7.1-2]
-    ("sport/#", "sports", False),
-    ("#", "anything/at/all", True),
-    ("#", "/", True),
-    ("sport/tennis/+", "sport/tennis/player1", True),
-    ("sport/tennis/+", "sport/tennis/player1/ranking", False),
-    ("sport/+", "sport", False),
-    ("sport/+", "sport/", True),
-    ("+/+", "/finance", True),
-    ("/+", "/finance", True),
-    ("+", "/finance", False),
-    ("+", "finance", True),
-    ("a//b", "a//b", True),
-    ("a/+/b", "a//b", True),
-    ("+/+/+", "a//b", True),
-    ("+/tennis/#", "sport/tennis/player1", True),
-    ("+/tennis/#", "sport/tennis", True),
-    ("#", "$SYS/monitor/Clients", False),                               # [MQTT-4.7.2-1]
-    ("+/monitor/Clients", "$SYS/monitor/Clients", False),               # [MQTT-4.7.2-1]
-    ("+/#", "$foo/bar", False),                                         # [MQTT-4.7.2-1]
-    ("$SYS/#", "$SYS/monitor/Clients", True),
-    ("$SYS/monitor/+", "$SYS/monitor/Clients", True),
-    ("$foo/+", "$foo/bar", True),
-    ("a/$b/+", "a/$b/c", True),
-    ("+/$b", "a/$b", True),
-    ("+/#", "a", True),                                                 # [MQTT-4.7.1-2]
-    ("a/+/#", "a/b", True),
-    ("a/+/#", "a", False),
-    ("+/+", "a", False),
-    ("a/#", "ab", False),
-    ("a/#", "a/$SYS", True),
-    ("caf\u00e9/+", "caf\u00e9/x", True),
-    ("caf\u00e9/+", "cafe/x", False),
-]
 
 
 class Test02Subscribe:
@@ -2551,6 +3246,498 @@ class Test13Malformed:
 
 
 ###############################################################################
+# Limits and $SYS protection
+###############################################################################
+
+class TestLimits:
+    def test_topic_length_and_levels(self, make_broker):
+        """max_topic_length / max_topic_levels: a PUBLISH over them closes its
+        connection; a SUBSCRIBE filter over them gets 0x80 [MQTT-3.9.3-2]."""
+        b = make_broker(max_topic_length=20, max_topic_levels=4)
+        r = RawClient(b.mqtt_port)
+        r.connect("lim-sub")
+        r.send(gen_subscribe(1, [("a/b/c/d", 0), ("a/b/c/d/e", 0), ("x" * 21, 0), ("ok", 0)]))
+        assert r.read_packet() == (SUBACK, 0, b"\x00\x01\x00\x80\x80\x00")
+        for topic in ("a/b/c/d/e", "y" * 21):
+            p = RawClient(b.mqtt_port)
+            p.connect("lim-pub")
+            p.send(gen_publish(topic, b"x"))
+            assert p.expect_closed()
+            p.close()
+        r.close()
+
+    def test_max_subscriptions(self, make_broker):
+        b = make_broker(max_subscriptions=2)
+        r = RawClient(b.mqtt_port)
+        r.connect("lim-subs")
+        r.send(gen_subscribe(1, [("a", 0), ("b", 1), ("c", 0)]))
+        assert r.read_packet() == (SUBACK, 0, b"\x00\x01\x00\x01\x80")
+        r.send(gen_subscribe(2, [("a", 2)]))   # replacing an existing one is fine
+        assert r.read_packet() == (SUBACK, 0, b"\x00\x02\x02")
+        r.close()
+
+    def test_max_keepalive_applies_to_clients_asking_for_none(self, make_broker):
+        """A client with keepalive 0 would otherwise hold its socket forever."""
+        b = make_broker(max_keepalive=1)
+        r = RawClient(b.mqtt_port)
+        r.connect("lim-ka", keepalive=0)
+        assert b.clients()[0]["keepalive"] == 1
+        assert r.expect_closed(timeout=5)
+        assert wait_until(lambda: b.listener_infos()[0]["shutdown_count"] == {"keepalive_timeout": 1})
+
+    def test_offline_session_memory_is_bounded_by_queue_and_expiry(self, make_broker):
+        """A persistent session whose client never returns holds at most
+        max_mqueue_len messages, and is dropped after session_expiry_interval."""
+        b = make_broker(max_mqueue_len=10, session_expiry_interval=0.5)
+        r = RawClient(b.mqtt_port)
+        r.connect("gone", clean=False)
+        r.subscribe([("mem/t", 1)])
+        r.close()
+        assert wait_until(lambda: not b.is_connected("gone"))
+        for i in range(50):
+            b.publish("mem/t", b"%d" % i, qos=1)
+        (info,) = [s for s in b.sessions() if s["client_id"] == "gone"]
+        assert info["mqueue_len"] == 10 and info["mqueue_dropped"] == 40
+        assert wait_until(lambda: not any(s["client_id"] == "gone" for s in b.sessions()))
+        assert "mem/t" not in b.routes()
+
+
+class TestSecurity:
+    def test_clients_cannot_inject_sys_topics(self, make_broker):
+        b = make_broker()
+        s = RawClient(b.mqtt_port)
+        s.connect("sys-watch")
+        s.subscribe([("$SYS/brokers/fake", 0)])
+        p = RawClient(b.mqtt_port)
+        p.connect("sys-inject")
+        p.send(gen_publish("$SYS/brokers/fake", b"spoof", qos=1, pid=5))
+        assert p.read_packet() == (PUBACK, 0, b"\x00\x05")
+        s.expect_nothing(0.3)
+        s.close()
+        p.close()
+
+    def test_default_admin_password_is_warned_about(self, caplog):
+        with caplog.at_level("WARNING", logger="emqx_lite"):
+            with emqx_lite.Broker("127.0.0.1", 0, 0):
+                pass
+            assert "default password" in caplog.text
+            caplog.clear()
+            with emqx_lite.Broker("127.0.0.1", 0, 0, users={"admin": "s3cret"}):
+                pass
+            assert "default password" not in caplog.text
+
+    def test_passwords_are_not_kept_in_plain_text(self):
+        with emqx_lite.Broker("127.0.0.1", 0, None, users={"admin": "hunter2"},
+                              auth_username={"u": "pw-u"}, auth_clientid={"c": "pw-c"}) as b:
+            everything = repr(vars(b)) + repr(b.settings) + repr(b.users._users) \
+                + repr(b._auth_username._users) + repr(b._auth_clientid._users)
+            for secret in ("hunter2", "pw-u", "pw-c"):
+                assert secret not in everything
+
+
+###############################################################################
+# Authentication plugins and emqx_modules
+###############################################################################
+
+class TestAuthPlugins:
+    """allow_anonymous and the emqx_auth_username / emqx_auth_clientid tables,
+    through real CONNECTs (return codes per [MQTT-3.2.2-5] and table 3.1)."""
+
+    @staticmethod
+    def _connack(port, client_id, username=None, password=None):
+        r = RawClient(port)
+        try:
+            return r.connect(client_id, username=username, password=password)[1]
+        finally:
+            r.close()
+
+    def test_anonymous_refused_when_not_allowed(self, make_broker):
+        b = make_broker(allow_anonymous=False, auth_username={"alice": "pw"})
+        assert self._connack(b.mqtt_port, "anon") == 5
+        b.set_plugin("emqx_auth_username", True)
+        assert self._connack(b.mqtt_port, "a1", "alice", b"pw") == 0
+        assert self._connack(b.mqtt_port, "a2", "alice", b"bad") == 4
+        assert self._connack(b.mqtt_port, "a3", "mallory", b"pw") == 5   # nobody vouches
+
+    def test_clientid_plugin(self, make_broker):
+        b = make_broker(auth_clientid={"sensor-1": "s3"})
+        b.set_plugin("emqx_auth_clientid", True)
+        assert self._connack(b.mqtt_port, "sensor-1", "any", b"s3") == 0
+        assert self._connack(b.mqtt_port, "sensor-1", "any", b"no") == 4
+        assert self._connack(b.mqtt_port, "other") == 0   # anonymous still allowed
+        b.set_plugin("emqx_auth_clientid", False)
+        assert self._connack(b.mqtt_port, "sensor-1", "any", b"no") == 0
+
+    def test_authenticate_hook_runs_first(self, make_broker):
+        seen = []
+
+        def hook(client_id, username, password, ipaddress):
+            seen.append((client_id, username, password, ipaddress))
+            return {"ok": True, "no": 5}.get(client_id)
+
+        b = make_broker(authenticate=hook, allow_anonymous=False)
+        assert self._connack(b.mqtt_port, "ok") == 0
+        assert self._connack(b.mqtt_port, "no") == 5
+        assert self._connack(b.mqtt_port, "pass", "u", b"p") == 5   # hook passes, no plugin
+        assert seen[2] == ("pass", "u", b"p", "127.0.0.1")
+
+    def test_load_config_reads_file_then_environment(self, tmp_path):
+        conf = tmp_path / "c.conf"
+        conf.write_text("mqtt.session.max_inflight = 7\nmqtt.max_clientid_len = 9\n")
+        kw = emqx_lite.load_config(str(conf), {"EMQX_LITE_MQTT__MAX_CLIENTID_LEN": "11"})
+        assert kw == {"max_inflight": 7, "max_clientid_len": 11}
+        with emqx_lite.Broker("127.0.0.1", 0, None, **kw) as b:
+            assert self._connack(b.mqtt_port, "x" * 12) == 2
+
+
+class TestEmqxModules:
+    def test_presence_auto_subscribe_and_rewrite(self):
+        with emqx_lite.Broker("127.0.0.1", 0, None, module_subscription=[("$client/%c", 1)],
+                              module_rewrite=[("x/#", r"^x/y/(.+)$", "z/y/$1")]) as b:
+            inbox = queue.Queue()
+            c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="mod-1")
+            c.on_message = lambda cl, u, m: inbox.put((m.topic, m.payload))
+            c.connect("127.0.0.1", b.mqtt_port)
+            c.loop_start()
+            try:
+                assert wait_until(lambda: b.subscriptions("mod-1"))
+                assert b.subscriptions("mod-1") == [{"client_id": "mod-1", "topic": "$client/mod-1", "qos": 1}]
+                b.publish("$client/mod-1", b"direct", qos=1)
+                assert inbox.get(timeout=5) == ("$client/mod-1", b"direct")
+                b.subscribe("mod-1", "z/#", 0)
+                b.publish("x/y/abc", b"rewritten")
+                assert inbox.get(timeout=5) == ("z/y/abc", b"rewritten")
+            finally:
+                c.disconnect()
+                c.loop_stop()
+
+
+###############################################################################
+# ACL through real clients
+###############################################################################
+
+def _acl_broker(tmp_path, rules, **kw):
+    path = tmp_path / "acl.conf"
+    path.write_text(rules)
+    return emqx_lite.Broker("127.0.0.1", 0, None, acl_file=str(path), **kw)
+
+
+def _raw_session(port, client_id, username=None):
+    """A raw socket that has CONNECTed (gen_connect from the helpers above)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(gen_connect(client_id, username=username))
+    assert _recv_exact(s, 4) == b"\x20\x02\x00\x00"
+    return s
+
+
+def _recv_exact(s, n):
+    data = b""
+    while len(data) < n:
+        chunk = s.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("closed after %r" % data)
+        data += chunk
+    return data
+
+
+def _suback_codes(s, pid, filters):
+    s.sendall(gen_subscribe(pid, filters))
+    head = _recv_exact(s, 2)
+    assert head[0] == 0x90
+    body = _recv_exact(s, head[1])
+    assert body[:2] == pid.to_bytes(2, "big")
+    return list(body[2:])
+
+
+class TestAcl:
+    def test_denied_subscribe_gets_0x80_alongside_granted_filters(self, tmp_path):
+        """[MQTT-3.9.3-2]: 0x80 for the denied filter, the others are granted."""
+        rules = '{deny, all, subscribe, ["$SYS/#", {eq, "#"}]}.\n{allow, all}.\n'
+        with _acl_broker(tmp_path, rules) as b:
+            s = _raw_session(b.mqtt_port, "acl-sub")
+            assert _suback_codes(s, 1, [("#", 1), ("a/+", 1), ("$SYS/#", 0), ("a/#", 2)]) == \
+                [0x80, 1, 0x80, 2]
+            assert sorted(x["topic"] for x in b.subscriptions("acl-sub")) == ["a/#", "a/+"]
+            s.close()
+
+    def test_eq_matches_only_the_literal_filter(self, tmp_path):
+        rules = '{deny, all, subscribe, [{eq, "a/+"}]}.\n'
+        with _acl_broker(tmp_path, rules) as b:
+            s = _raw_session(b.mqtt_port, "acl-eq")
+            assert _suback_codes(s, 1, [("a/+", 0), ("a/b", 0), ("a/#", 0)]) == [0x80, 0, 0]
+            s.close()
+
+    def test_denied_publish_is_acknowledged_and_dropped(self, tmp_path):
+        """[MQTT-3.3.5-2]: a PUBLISH the ACL refuses gets its PUBACK and goes nowhere."""
+        rules = '{deny, {user, "bob"}, publish, ["secret/#"]}.\n{allow, all}.\n'
+        with _acl_broker(tmp_path, rules) as b:
+            sub = _raw_session(b.mqtt_port, "acl-watch")
+            assert _suback_codes(sub, 1, [("secret/#", 0)]) == [0]
+            bob = _raw_session(b.mqtt_port, "bob-1", username="bob")
+            alice = _raw_session(b.mqtt_port, "alice-1", username="alice")
+            dropped = b.metrics()["messages/dropped"]
+            bob.sendall(gen_publish("secret/x", b"from bob", qos=1, pid=7))
+            assert _recv_exact(bob, 4) == b"\x40\x02\x00\x07"
+            alice.sendall(gen_publish("secret/x", b"from alice"))
+            assert _recv_exact(sub, len(gen_publish("secret/x", b"from alice"))) == \
+                gen_publish("secret/x", b"from alice")
+            assert b.metrics()["messages/dropped"] == dropped + 1
+            for s in (sub, bob, alice):
+                s.close()
+
+    def test_username_and_client_id_placeholders(self, tmp_path):
+        rules = ('{allow, all, subscribe, ["users/%u/#", "clients/%c/#"]}.\n'
+                 '{deny, all, subscribe, ["users/#", "clients/#"]}.\n')
+        with _acl_broker(tmp_path, rules) as b:
+            s = _raw_session(b.mqtt_port, "dev-9", username="carol")
+            assert _suback_codes(s, 1, [("users/carol/x", 0), ("users/dave/x", 0),
+                                        ("clients/dev-9/#", 0), ("clients/dev-8/#", 0)]) == \
+                [0, 0x80, 0, 0x80]
+            anon = _raw_session(b.mqtt_port, "anon-1")
+            assert _suback_codes(anon, 1, [("users/%u/x", 0)]) == [0x80]
+            s.close()
+            anon.close()
+
+    def test_ipaddr_cidr_and_client_rules(self, tmp_path):
+        rules = ('{deny, {client, "blocked"}, subscribe, ["#"]}.\n'
+                 '{allow, {ipaddr, "127.0.0.0/8"}, subscribe, ["local/#"]}.\n'
+                 '{allow, {ipaddr, "10.0.0.0/8"}, subscribe, ["remote/#"]}.\n'
+                 '{deny, all}.\n')
+        with _acl_broker(tmp_path, rules) as b:
+            s = _raw_session(b.mqtt_port, "someone")
+            assert _suback_codes(s, 1, [("local/a", 0), ("remote/a", 0)]) == [0, 0x80]
+            blocked = _raw_session(b.mqtt_port, "blocked")
+            assert _suback_codes(blocked, 1, [("local/a", 0)]) == [0x80]
+            s.close()
+            blocked.close()
+
+    def test_nomatch_deny_and_first_match_wins(self, tmp_path):
+        rules = ('{allow, all, subscribe, ["a/#"]}.\n'
+                 '{deny, all, subscribe, ["a/b"]}.\n')
+        with _acl_broker(tmp_path, rules, acl_nomatch="deny") as b:
+            s = _raw_session(b.mqtt_port, "order")
+            assert _suback_codes(s, 1, [("a/b", 0), ("z", 0)]) == [0, 0x80]
+            s.close()
+
+    def test_default_acl_lets_localhost_do_everything(self, broker):
+        s = _raw_session(broker.mqtt_port, "local")
+        assert _suback_codes(s, 1, [("#", 0), ("$SYS/#", 0)]) == [0, 0]
+        s.close()
+
+    def test_bad_acl_file_stops_startup_with_its_line(self, tmp_path):
+        path = tmp_path / "acl.conf"
+        path.write_text('{allow, all}.\n{allow, {user, "x"}, fly, ["t"]}.\n')
+        with pytest.raises(emqx_lite.ConfigError, match=r"acl\.conf:2: expected publish"):
+            emqx_lite.Broker("127.0.0.1", 0, None, acl_file=str(path))
+
+
+###############################################################################
+# Slow consumers
+###############################################################################
+
+class TestSlowConsumer:
+
+    def test_stalled_subscriber_does_not_block_others(self, make_broker):
+        """A raw subscriber that never reads, a paho subscriber that keeps up
+        and a raw QoS 0 publisher of 20,000 x 1 KiB (max_outbuf=64 KiB): the
+        fast subscriber gets everything in order, the publisher's writes never
+        stall, and the stalled client's surplus is dropped (messages/dropped).
+
+        The publisher sends 50 messages (< max_outbuf) at a time and lets the
+        paho subscriber catch up: a consumer that keeps up is never dropped."""
+        N, BATCH = 20000, 50
+        b = make_broker(max_outbuf=64 * 1024)
+        slow = RawClient(b.mqtt_port)
+        fast = PahoClient(b.mqtt_port, "fast")
+        pub = RawClient(b.mqtt_port)
+        try:
+            slow.connect("slow")
+            assert slow.subscribe([("slow/t", 0)]) == [0]
+            assert fast.subscribe("slow/t", 0) == [0]
+            pub.connect("pub")
+            pad = b"x" * 1019
+            got = []
+            worst_send = 0.0
+            t0 = time.monotonic()
+            for start in range(0, N, BATCH):
+                data = b"".join(gen_publish("slow/t", pad + b"%05d" % i)
+                                for i in range(start, start + BATCH))
+                ts = time.monotonic()
+                pub.send(data)
+                worst_send = max(worst_send, time.monotonic() - ts)
+                while len(got) < start + BATCH:
+                    got.append(fast.get().payload[-5:])
+            elapsed = time.monotonic() - t0
+            ts = time.monotonic()
+            pub.send(gen_pingreq())
+            assert pub.read_packet(timeout=2) == (PINGRESP, 0, b"")
+            assert time.monotonic() - ts < 1.0
+            assert got == [b"%05d" % i for i in range(N)]
+            assert worst_send < 1.0, worst_send
+            assert elapsed < 30, elapsed
+            dropped = b.metrics()["messages/dropped"]
+            assert dropped > 0
+            slow_info = [s for s in b.sessions() if s["client_id"] == "slow"][0]
+            assert slow_info["deliver_msg"] + dropped == N
+            assert b.is_connected("slow")
+        finally:
+            fast.disconnect()
+            slow.close()
+            pub.close()
+
+    def test_stalled_qos1_subscriber_queues(self, make_broker):
+        """QoS 1 messages for a subscriber that never acks wait in its session
+        queue behind a full inflight window; none are dropped."""
+        b = make_broker(max_inflight=4)
+        slow = RawClient(b.mqtt_port)
+        try:
+            slow.connect("slow1")
+            slow.subscribe([("s1", 1)])
+            for i in range(50):
+                b.publish("s1", b"%d" % i, qos=1)
+            info = b.sessions()[0]
+            assert (info["inflight_len"], info["mqueue_len"]) == (4, 46)
+            assert b.metrics()["messages/dropped"] == 0
+            got = []
+            while len(got) < 50:
+                m = slow.read_publish()
+                got.append(m["payload"])
+                slow.send(gen_puback(m["pid"]))
+            assert got == [b"%d" % i for i in range(50)]
+        finally:
+            slow.close()
+
+    def test_send_timeout_closes_stalled_client(self, make_broker):
+        """send_timeout: a client whose socket stays full is disconnected."""
+        b = make_broker(max_outbuf=16 * 1024, send_timeout=0.5)
+        slow = socket.create_connection((HOST, b.mqtt_port))
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        try:
+            slow.sendall(gen_connect("stall") + gen_subscribe(1, [("st", 0)]))
+            assert wait_until(lambda: b.subscriptions("stall"))
+            pad = b"z" * 4096
+            deadline = time.monotonic() + 5
+            while b.is_connected("stall") and time.monotonic() < deadline:
+                for _ in range(50):
+                    b.publish("st", pad)
+                time.sleep(0.02)
+            assert not b.is_connected("stall")
+        finally:
+            slow.close()
+
+
+###############################################################################
+# Publisher flow control
+###############################################################################
+
+class TestFlowControl:
+    """A QoS 1/2 subscriber that consumes slower than publishers publish loses
+    nothing: while its queue is over the mark (half of max_mqueue_len, at most
+    2 x max_inflight or 64), the publishers' acks are held, in order, so their
+    own windows pace them (lossless while those windows fit in the rest of the
+    queue). A subscriber that stalls holds nobody back for longer than
+    flow_control_timeout."""
+
+    def test_slow_consumer_paces_the_publisher_and_loses_nothing(self, make_broker):
+        b = make_broker(max_inflight=4, max_mqueue_len=100, flow_control_timeout=5)
+        sub = RawClient(b.mqtt_port)
+        sub.connect("fc-sub")
+        sub.subscribe([("fc/t", 1)])
+        pub = RawClient(b.mqtt_port)
+        pub.connect("fc-pub")
+        total, window = 400, 20
+        sent = acked = 0
+        got = []
+        deadline = time.monotonic() + 30
+        while len(got) < total:
+            assert time.monotonic() < deadline, (sent, acked, len(got))
+            while sent < total and sent - acked < window:   # a publisher with a window
+                sent += 1
+                pub.send(gen_publish("fc/t", b"%d" % sent, qos=1, pid=sent))
+            while True:   # take every ack there is: the publisher is the faster side
+                try:
+                    ptype, _, body = pub.read_packet(timeout=0.002)
+                except socket.timeout:
+                    break
+                assert ptype == PUBACK and int.from_bytes(body, "big") == acked + 1  # in order
+                acked += 1
+            try:
+                m = sub.read_publish(timeout=0.01)   # a consumer that takes its time
+            except socket.timeout:
+                continue
+            got.append(int(m["payload"]))
+            sub.send(gen_puback(m["pid"]))
+        assert got == list(range(1, total + 1))
+        assert acked == total
+        info = [s for s in b.sessions() if s["client_id"] == "fc-sub"][0]
+        assert info["mqueue_dropped"] == 0
+        assert b.metrics()["messages/dropped"] == 0
+
+    def test_stalled_consumer_holds_publishers_back_only_briefly(self, make_broker):
+        b = make_broker(max_inflight=2, max_mqueue_len=8, flow_control_timeout=0.3)
+        stalled = RawClient(b.mqtt_port)
+        stalled.connect("fc-stalled")
+        stalled.subscribe([("fc/s", 1)])   # reads, never acks
+        pub = RawClient(b.mqtt_port)
+        pub.connect("fc-pub2")
+        for i in range(1, 41):
+            pub.send(gen_publish("fc/s", b"%d" % i, qos=1, pid=i))
+        acks = [pub.read_packet(timeout=5) for _ in range(40)]   # all come, in order
+        assert acks == [(PUBACK, 0, i.to_bytes(2, "big")) for i in range(1, 41)]
+        info = [s for s in b.sessions() if s["client_id"] == "fc-stalled"][0]
+        assert info["inflight_len"] == 2 and info["mqueue_len"] == 8
+        assert info["mqueue_dropped"] == 30   # the stalled client's own queue overflowed
+
+    def test_flow_control_off(self, make_broker):
+        b = make_broker(max_inflight=1, max_mqueue_len=4, flow_control_timeout=0)
+        sub = RawClient(b.mqtt_port)
+        sub.connect("fc-off-sub")
+        sub.subscribe([("fc/o", 1)])
+        pub = RawClient(b.mqtt_port)
+        pub.connect("fc-off-pub")
+        for i in range(1, 11):
+            pub.send(gen_publish("fc/o", b"%d" % i, qos=1, pid=i))
+        assert [pub.read_packet()[0] for _ in range(10)] == [PUBACK] * 10   # at once
+        info = [s for s in b.sessions() if s["client_id"] == "fc-off-sub"][0]
+        assert info["mqueue_len"] == 4 and info["mqueue_dropped"] == 5
+
+
+###############################################################################
+# Races
+###############################################################################
+
+class TestRaces:
+    def test_messages_accepted_before_a_protocol_error_are_still_routed(self, make_broker):
+        """A PUBLISH that got its PUBACK is routed even when the next packet in
+        the same read is malformed and closes the connection."""
+        b = make_broker()
+        sub = RawClient(b.mqtt_port)
+        sub.connect("race-sub")
+        sub.subscribe([("race/t", 1)])
+        pub = RawClient(b.mqtt_port)
+        pub.connect("race-pub")
+        pub.send(gen_publish("race/t", b"kept", qos=1, pid=1) + b"\x00\x00")   # then type 0
+        m = sub.read_publish()
+        assert (m["topic"], m["payload"]) == ("race/t", b"kept")
+        assert pub.expect_closed(strict=False)
+
+    def test_a_discarded_session_cannot_subscribe_again(self, make_broker):
+        """After a clean-session takeover the old connection's late SUBSCRIBE
+        must not leave a subscription nobody reads (it would take messages)."""
+        b = make_broker()
+        old = RawClient(b.mqtt_port)
+        old.connect("ghost")
+        old_session = b.core.sessions["ghost"]
+        new = RawClient(b.mqtt_port)
+        new.connect("ghost")
+        new.subscribe([("g/#", 0)])
+        codes, retained = b.core.subscribe(old_session, [("g/t", 1)])
+        assert (codes, retained) == ([0x80], [])
+        b.publish("g/t", b"for the new one", qos=1)
+        m = new.read_publish()
+        assert m["payload"] == b"for the new one" and m["qos"] == 0
+
+###############################################################################
 # Embedding hygiene
 ###############################################################################
 
@@ -2700,103 +3887,8 @@ class TestEmbedding:
 
 
 ###############################################################################
-# Slow consumers
-###############################################################################
-
-class TestSlowConsumer:
-
-    def test_stalled_subscriber_does_not_block_others(self, make_broker):
-        """A raw subscriber that never reads, a paho subscriber that keeps up
-        and a raw QoS 0 publisher of 20,000 x 1 KiB (max_outbuf=64 KiB): the
-        fast subscriber gets everything in order, the publisher's writes never
-        stall, and the stalled client's surplus is dropped (messages/dropped).
-
-        The publisher sends 50 messages (< max_outbuf) at a time and lets the
-        paho subscriber catch up: a consumer that keeps up is never dropped."""
-        N, BATCH = 20000, 50
-        b = make_broker(max_outbuf=64 * 1024)
-        slow = RawClient(b.mqtt_port)
-        fast = PahoClient(b.mqtt_port, "fast")
-        pub = RawClient(b.mqtt_port)
-        try:
-            slow.connect("slow")
-            assert slow.subscribe([("slow/t", 0)]) == [0]
-            assert fast.subscribe("slow/t", 0) == [0]
-            pub.connect("pub")
-            pad = b"x" * 1019
-            got = []
-            worst_send = 0.0
-            t0 = time.monotonic()
-            for start in range(0, N, BATCH):
-                data = b"".join(gen_publish("slow/t", pad + b"%05d" % i)
-                                for i in range(start, start + BATCH))
-                ts = time.monotonic()
-                pub.send(data)
-                worst_send = max(worst_send, time.monotonic() - ts)
-                while len(got) < start + BATCH:
-                    got.append(fast.get().payload[-5:])
-            elapsed = time.monotonic() - t0
-            ts = time.monotonic()
-            pub.send(gen_pingreq())
-            assert pub.read_packet(timeout=2) == (PINGRESP, 0, b"")
-            assert time.monotonic() - ts < 1.0
-            assert got == [b"%05d" % i for i in range(N)]
-            assert worst_send < 1.0, worst_send
-            assert elapsed < 30, elapsed
-            dropped = b.metrics()["messages/dropped"]
-            assert dropped > 0
-            slow_info = [s for s in b.sessions() if s["client_id"] == "slow"][0]
-            assert slow_info["deliver_msg"] + dropped == N
-            assert b.is_connected("slow")
-        finally:
-            fast.disconnect()
-            slow.close()
-            pub.close()
-
-    def test_stalled_qos1_subscriber_queues(self, make_broker):
-        """QoS 1 messages for a subscriber that never acks wait in its session
-        queue behind a full inflight window; none are dropped."""
-        b = make_broker(max_inflight=4)
-        slow = RawClient(b.mqtt_port)
-        try:
-            slow.connect("slow1")
-            slow.subscribe([("s1", 1)])
-            for i in range(50):
-                b.publish("s1", b"%d" % i, qos=1)
-            info = b.sessions()[0]
-            assert (info["inflight_len"], info["mqueue_len"]) == (4, 46)
-            assert b.metrics()["messages/dropped"] == 0
-            got = []
-            while len(got) < 50:
-                m = slow.read_publish()
-                got.append(m["payload"])
-                slow.send(gen_puback(m["pid"]))
-            assert got == [b"%d" % i for i in range(50)]
-        finally:
-            slow.close()
-
-    def test_send_timeout_closes_stalled_client(self, make_broker):
-        """send_timeout: a client whose socket stays full is disconnected."""
-        b = make_broker(max_outbuf=16 * 1024, send_timeout=0.5)
-        slow = socket.create_connection((HOST, b.mqtt_port))
-        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        try:
-            slow.sendall(gen_connect("stall") + gen_subscribe(1, [("st", 0)]))
-            assert wait_until(lambda: b.subscriptions("stall"))
-            pad = b"z" * 4096
-            deadline = time.monotonic() + 5
-            while b.is_connected("stall") and time.monotonic() < deadline:
-                for _ in range(50):
-                    b.publish("st", pad)
-                time.sleep(0.02)
-            assert not b.is_connected("stall")
-        finally:
-            slow.close()
-
-
-# =============================================================================
 # Listeners: TLS, WebSocket, secure WebSocket, max_clients
-# =============================================================================
+###############################################################################
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
@@ -2989,125 +4081,9 @@ class TestListeners:
                 _close(a, c)
 
 
-
-# =============================================================================
-# ACL through real clients, and the command line with configuration files
-# =============================================================================
-
-def _acl_broker(tmp_path, rules, **kw):
-    path = tmp_path / "acl.conf"
-    path.write_text(rules)
-    return emqx_lite.Broker("127.0.0.1", 0, None, acl_file=str(path), **kw)
-
-
-def _raw_session(port, client_id, username=None):
-    """A raw socket that has CONNECTed (gen_connect from the helpers above)."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=5)
-    s.sendall(gen_connect(client_id, username=username))
-    assert _recv_exact(s, 4) == b"\x20\x02\x00\x00"
-    return s
-
-
-def _recv_exact(s, n):
-    data = b""
-    while len(data) < n:
-        chunk = s.recv(n - len(data))
-        if not chunk:
-            raise ConnectionError("closed after %r" % data)
-        data += chunk
-    return data
-
-
-def _suback_codes(s, pid, filters):
-    s.sendall(gen_subscribe(pid, filters))
-    head = _recv_exact(s, 2)
-    assert head[0] == 0x90
-    body = _recv_exact(s, head[1])
-    assert body[:2] == pid.to_bytes(2, "big")
-    return list(body[2:])
-
-
-class TestAcl:
-    def test_denied_subscribe_gets_0x80_alongside_granted_filters(self, tmp_path):
-        """[MQTT-3.9.3-2]: 0x80 for the denied filter, the others are granted."""
-        rules = '{deny, all, subscribe, ["$SYS/#", {eq, "#"}]}.\n{allow, all}.\n'
-        with _acl_broker(tmp_path, rules) as b:
-            s = _raw_session(b.mqtt_port, "acl-sub")
-            assert _suback_codes(s, 1, [("#", 1), ("a/+", 1), ("$SYS/#", 0), ("a/#", 2)]) == \
-                [0x80, 1, 0x80, 2]
-            assert sorted(x["topic"] for x in b.subscriptions("acl-sub")) == ["a/#", "a/+"]
-            s.close()
-
-    def test_eq_matches_only_the_literal_filter(self, tmp_path):
-        rules = '{deny, all, subscribe, [{eq, "a/+"}]}.\n'
-        with _acl_broker(tmp_path, rules) as b:
-            s = _raw_session(b.mqtt_port, "acl-eq")
-            assert _suback_codes(s, 1, [("a/+", 0), ("a/b", 0), ("a/#", 0)]) == [0x80, 0, 0]
-            s.close()
-
-    def test_denied_publish_is_acknowledged_and_dropped(self, tmp_path):
-        """[MQTT-3.3.5-2]: a PUBLISH the ACL refuses gets its PUBACK and goes nowhere."""
-        rules = '{deny, {user, "bob"}, publish, ["secret/#"]}.\n{allow, all}.\n'
-        with _acl_broker(tmp_path, rules) as b:
-            sub = _raw_session(b.mqtt_port, "acl-watch")
-            assert _suback_codes(sub, 1, [("secret/#", 0)]) == [0]
-            bob = _raw_session(b.mqtt_port, "bob-1", username="bob")
-            alice = _raw_session(b.mqtt_port, "alice-1", username="alice")
-            dropped = b.metrics()["messages/dropped"]
-            bob.sendall(gen_publish("secret/x", b"from bob", qos=1, pid=7))
-            assert _recv_exact(bob, 4) == b"\x40\x02\x00\x07"
-            alice.sendall(gen_publish("secret/x", b"from alice"))
-            assert _recv_exact(sub, len(gen_publish("secret/x", b"from alice"))) == \
-                gen_publish("secret/x", b"from alice")
-            assert b.metrics()["messages/dropped"] == dropped + 1
-            for s in (sub, bob, alice):
-                s.close()
-
-    def test_username_and_client_id_placeholders(self, tmp_path):
-        rules = ('{allow, all, subscribe, ["users/%u/#", "clients/%c/#"]}.\n'
-                 '{deny, all, subscribe, ["users/#", "clients/#"]}.\n')
-        with _acl_broker(tmp_path, rules) as b:
-            s = _raw_session(b.mqtt_port, "dev-9", username="carol")
-            assert _suback_codes(s, 1, [("users/carol/x", 0), ("users/dave/x", 0),
-                                        ("clients/dev-9/#", 0), ("clients/dev-8/#", 0)]) == \
-                [0, 0x80, 0, 0x80]
-            anon = _raw_session(b.mqtt_port, "anon-1")
-            assert _suback_codes(anon, 1, [("users/%u/x", 0)]) == [0x80]
-            s.close()
-            anon.close()
-
-    def test_ipaddr_cidr_and_client_rules(self, tmp_path):
-        rules = ('{deny, {client, "blocked"}, subscribe, ["#"]}.\n'
-                 '{allow, {ipaddr, "127.0.0.0/8"}, subscribe, ["local/#"]}.\n'
-                 '{allow, {ipaddr, "10.0.0.0/8"}, subscribe, ["remote/#"]}.\n'
-                 '{deny, all}.\n')
-        with _acl_broker(tmp_path, rules) as b:
-            s = _raw_session(b.mqtt_port, "someone")
-            assert _suback_codes(s, 1, [("local/a", 0), ("remote/a", 0)]) == [0, 0x80]
-            blocked = _raw_session(b.mqtt_port, "blocked")
-            assert _suback_codes(blocked, 1, [("local/a", 0)]) == [0x80]
-            s.close()
-            blocked.close()
-
-    def test_nomatch_deny_and_first_match_wins(self, tmp_path):
-        rules = ('{allow, all, subscribe, ["a/#"]}.\n'
-                 '{deny, all, subscribe, ["a/b"]}.\n')
-        with _acl_broker(tmp_path, rules, acl_nomatch="deny") as b:
-            s = _raw_session(b.mqtt_port, "order")
-            assert _suback_codes(s, 1, [("a/b", 0), ("z", 0)]) == [0, 0x80]
-            s.close()
-
-    def test_default_acl_lets_localhost_do_everything(self, broker):
-        s = _raw_session(broker.mqtt_port, "local")
-        assert _suback_codes(s, 1, [("#", 0), ("$SYS/#", 0)]) == [0, 0]
-        s.close()
-
-    def test_bad_acl_file_stops_startup_with_its_line(self, tmp_path):
-        path = tmp_path / "acl.conf"
-        path.write_text('{allow, all}.\n{allow, {user, "x"}, fly, ["t"]}.\n')
-        with pytest.raises(emqx_lite.ConfigError, match=r"acl\.conf:2: expected publish"):
-            emqx_lite.Broker("127.0.0.1", 0, None, acl_file=str(path))
-
+###############################################################################
+# Command line and configuration files
+###############################################################################
 
 def _run_cli(*args, env=None, timeout=10):
     import subprocess
@@ -3230,10 +4206,9 @@ class TestCommandLine:
         assert settings["max_packet_size"] == 64 * 1024
 
 
-
-# =============================================================================
+###############################################################################
 # REST API (EMQ X 2.x api/v2) — every request goes over real HTTP to waitress
-# =============================================================================
+###############################################################################
 
 API_METRIC_NAMES = {
     "packets/disconnect", "messages/dropped", "messages/qos2/received", "packets/suback",
@@ -3668,32 +4643,10 @@ class TestRestUsers:
             {"code": 103, "message": "User not found"}
 
 
-class TestEmqxModules:
-    def test_presence_auto_subscribe_and_rewrite(self):
-        with emqx_lite.Broker("127.0.0.1", 0, None, module_subscription=[("$client/%c", 1)],
-                              module_rewrite=[("x/#", r"^x/y/(.+)$", "z/y/$1")]) as b:
-            inbox = queue.Queue()
-            c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="mod-1")
-            c.on_message = lambda cl, u, m: inbox.put((m.topic, m.payload))
-            c.connect("127.0.0.1", b.mqtt_port)
-            c.loop_start()
-            try:
-                assert wait_until(lambda: b.subscriptions("mod-1"))
-                assert b.subscriptions("mod-1") == [{"client_id": "mod-1", "topic": "$client/mod-1", "qos": 1}]
-                b.publish("$client/mod-1", b"direct", qos=1)
-                assert inbox.get(timeout=5) == ("$client/mod-1", b"direct")
-                b.subscribe("mod-1", "z/#", 0)
-                b.publish("x/y/abc", b"rewritten")
-                assert inbox.get(timeout=5) == ("z/y/abc", b"rewritten")
-            finally:
-                c.disconnect()
-                c.loop_stop()
-
-
-# =============================================================================
+###############################################################################
 # The REST API under load and abuse: descriptors, idle and slow connections,
 # body limits, cross-site requests, credentials, throttling, TLS
-# =============================================================================
+###############################################################################
 
 def _basic(user, password):
     return "Basic " + base64.b64encode(("%s:%s" % (user, password)).encode()).decode()
@@ -4181,699 +5134,9 @@ class TestApiHardening:
             assert ("without TLS" in caplog.text) == warned, kw
 
 
-# =============================================================================
-# Configuration and ACL parsers (pure functions)
-# =============================================================================
-
-def settings_of(text, filename="emqx_lite.conf"):
-    return config_settings(parse_conf(text, filename), filename)
-
-
-def config_error(text):
-    with pytest.raises(ConfigError) as info:
-        settings_of(text)
-    return str(info.value)
-
-
-# --- parse_conf ---------------------------------------------------------------
-
-def test_parse_conf_lines_comments_and_whitespace():
-    text = ("## header\n\n   # indented comment\nnode.name = a@b\n"
-            "  mqtt.max_packet_size=64KB  \r\nmodule.subscription.1.topic = $client/%c # not a comment\n")
-    assert parse_conf(text) == [(4, "node.name", "a@b"), (5, "mqtt.max_packet_size", "64KB"),
-                                (6, "module.subscription.1.topic", "$client/%c # not a comment")]
-
-
-def test_parse_conf_value_may_contain_equals_and_be_empty():
-    assert parse_conf("auth.username.bob = a=b\nx =") == [(1, "auth.username.bob", "a=b"), (2, "x", "")]
-
-
-@pytest.mark.parametrize("line", ["node.name", "= value", "node name = x", "just words here"])
-def test_parse_conf_malformed_line(line):
-    with pytest.raises(ConfigError, match=r"^emq\.conf:2: expected 'key = value'"):
-        parse_conf("node.name = a@b\n" + line, "emq.conf")
-
-
-def test_config_error_is_value_error():
-    assert issubclass(ConfigError, ValueError)
-
-
-# --- values -------------------------------------------------------------------
-
-@pytest.mark.parametrize("text, seconds", [
-    ("20s", 20.0), ("5m", 300.0), ("2h", 7200.0), ("1d", 86400.0), ("1w", 604800.0),
-    ("500ms", 0.5), ("30", 30.0), ("1.5s", 1.5), ("0", 0.0)])
-def test_parse_duration(text, seconds):
-    assert parse_duration(text) == seconds
-    assert isinstance(parse_duration(text), float)
-
-
-@pytest.mark.parametrize("text", ["", "s", "20 s", "-1s", "1y", "20S", "1.s", "abc"])
-def test_parse_duration_rejects(text):
-    with pytest.raises(ValueError, match="expected a duration like 20s"):
-        parse_duration(text)
-
-
-@pytest.mark.parametrize("text, size", [
-    ("64KB", 65536), ("1MB", 1048576), ("1GB", 1073741824), ("512B", 512), ("100", 100),
-    ("64kb", 65536), ("0", 0)])
-def test_parse_bytesize(text, size):
-    assert parse_bytesize(text) == size
-
-
-@pytest.mark.parametrize("text", ["", "KB", "1.5MB", "1TB", "-1", "64 KB"])
-def test_parse_bytesize_rejects(text):
-    with pytest.raises(ValueError, match="expected a size like 64KB"):
-        parse_bytesize(text)
-
-
-@pytest.mark.parametrize("text, value", [("on", True), ("true", True), ("TRUE", True),
-                                         ("off", False), ("false", False), ("Off", False)])
-def test_parse_bool(text, value):
-    assert parse_bool(text) is value
-
-
-@pytest.mark.parametrize("text", ["yes", "1", "", "enabled"])
-def test_parse_bool_rejects(text):
-    with pytest.raises(ValueError):
-        parse_bool(text)
-
-
-def test_parse_int():
-    assert parse_int("1024") == 1024
-    for bad in ("", "-1", "1.0", "1e3", "\u0661"):   # \u0661: ARABIC-INDIC DIGIT ONE
-        with pytest.raises(ValueError, match="expected an integer"):
-            parse_int(bad)
-
-
-@pytest.mark.parametrize("text, address", [
-    ("0.0.0.0:1883", ("0.0.0.0", 1883)), ("1883", ("0.0.0.0", 1883)),
-    ("127.0.0.1:11883", ("127.0.0.1", 11883)), ("[::1]:1883", ("::1", 1883)),
-    ("::1:1883", ("::1", 1883)), ("localhost:8080", ("localhost", 8080)), ("0", ("0.0.0.0", 0))])
-def test_parse_address(text, address):
-    assert parse_address(text) == address
-
-
-@pytest.mark.parametrize("text", ["", "abc", "1.2.3.4", "1.2.3.4:", ":1883", "1.2.3.4:70000",
-                                  "999.0.0.1:1883", "[::1]1883", "[::1]:", "bad host:1883"])
-def test_parse_address_rejects(text):
-    with pytest.raises(ValueError, match="expected an address like 0.0.0.0:1883"):
-        parse_address(text)
-
-
-# --- config_settings ----------------------------------------------------------
-
-SIMPLE_CASES = [
-    ("node.name", "emqx@10.0.0.1", "node", "emqx@10.0.0.1"),
-    ("mqtt.allow_anonymous", "false", "allow_anonymous", False),
-    ("mqtt.acl_nomatch", "deny", "acl_nomatch", "deny"),
-    ("mqtt.acl_file", "etc/acl.conf", "acl_file", "etc/acl.conf"),
-    ("mqtt.max_clientid_len", "512", "max_clientid_len", 512),
-    ("mqtt.max_packet_size", "64KB", "max_packet_size", 65536),
-    ("mqtt.keepalive_backoff", "0.75", "keepalive_backoff", 1.5),
-    ("mqtt.client.idle_timeout", "30s", "connect_timeout", 30.0),
-    ("mqtt.session.max_inflight", "16", "max_inflight", 16),
-    ("mqtt.session.retry_interval", "20s", "retry_interval", 20.0),
-    ("mqtt.session.max_awaiting_rel", "100", "max_awaiting_rel", 100),
-    ("mqtt.session.await_rel_timeout", "1m", "await_rel_timeout", 60.0),
-    ("mqtt.session.expiry_interval", "2h", "session_expiry_interval", 7200.0),
-    ("mqtt.mqueue.max_length", "0", "max_mqueue_len", 0),
-    ("mqtt.mqueue.store_qos0", "off", "mqueue_store_qos0", False),
-    ("mqtt.broker.sys_interval", "60", "sys_interval", 60.0),
-    ("mqtt.max_topic_length", "100", "max_topic_length", 100),
-    ("mqtt.max_topic_levels", "8", "max_topic_levels", 8),
-    ("mqtt.max_subscriptions", "10", "max_subscriptions", 10),
-    ("mqtt.max_keepalive", "300", "max_keepalive", 300),
-    ("mqtt.client.max_outbuf", "64KB", "max_outbuf", 65536),
-    ("mqtt.client.send_timeout", "5s", "send_timeout", 5.0),
-    ("listener.api.mgmt.max_clients", "2048", "api_max_clients", 2048),
-    ("listener.api.mgmt.idle_timeout", "10s", "api_idle_timeout", 10.0),
-    ("listener.api.mgmt.cors_origins", "https://Ops.example.com, http://[::1]:3000",
-     "api_cors_origins", ("https://ops.example.com", "http://[::1]:3000")),
-    ("listener.api.mgmt.max_auth_failures", "5", "api_max_auth_failures", 5),
-    ("listener.api.mgmt.auth_failure_window", "5m", "api_auth_failure_window", 300.0),
-    ("listener.api.mgmt.certfile", "etc/certs/api.pem", "api_certfile", "etc/certs/api.pem"),
-    ("listener.api.mgmt.keyfile", "etc/certs/api.key", "api_keyfile", "etc/certs/api.key"),
-    ("listener.api.mgmt.cacertfile", "etc/certs/ca.pem", "api_cacertfile", "etc/certs/ca.pem"),
-    ("listener.api.mgmt.verify", "verify_peer", "api_verify", "verify_peer"),
-    ("listener.api.mgmt.fail_if_no_peer_cert", "true", "api_fail_if_no_peer_cert", True),
-    ("dashboard.password_iterations", "900000", "api_password_iterations", 900000),
-]
-
-
-def test_simple_cases_cover_every_setting_key():
-    assert sorted(key for key, _, _, _ in SIMPLE_CASES) == sorted(SETTING_KEYS)
-
-
-@pytest.mark.parametrize("key, text, name, value", SIMPLE_CASES)
-def test_simple_key(key, text, name, value):
-    assert settings_of("%s = %s" % (key, text)) == {name: value}
-
-
-def test_only_set_keys_are_returned_and_later_lines_win():
-    assert settings_of("") == {}
-    assert settings_of("node.name = a@h\nnode.name = b@h") == {"node": "b@h"}
-
-
-def test_error_names_file_line_and_key():
-    msg = config_error("node.name = a@b\n\nmqtt.max_packet_size = abc\n")
-    assert msg == "emqx_lite.conf:3: mqtt.max_packet_size: expected a size like 64KB, got 'abc'"
-
-
-@pytest.mark.parametrize("line, fragment", [
-    ("mqtt.unknown = 1", "mqtt.unknown: unknown key"),
-    ("mqtt.acl_nomatch = maybe", "expected allow or deny, got 'maybe'"),
-    ("mqtt.keepalive_backoff = 0.4", "expected a number >= 0.5"),
-    ("mqtt.session.max_inflight = -1", "expected an integer"),
-    ("mqtt.session.retry_interval = soon", "expected a duration like 20s"),
-    ("mqtt.allow_anonymous = yes", "expected on, off, true or false"),
-    ("node.name =", "node.name: expected a value"),
-    ("mqtt.max_packet_size = 64KB # comment", "got '64KB # comment'"),
-])
-def test_bad_values(line, fragment):
-    msg = config_error(line)
-    assert msg.startswith("emqx_lite.conf:1: ") and fragment in msg
-
-
-def test_auth_tables():
-    s = settings_of("auth.username.admin = public\nauth.username.john.doe = pw=1\n"
-                    "auth.client.dev-1 = secret\n"
-                    "auth.client.1.clientid = dev:2\nauth.client.1.password = pw2\n")
-    assert s == {"auth_username": {"admin": "public", "john.doe": "pw=1"},
-                 "auth_clientid": {"dev-1": "secret", "dev:2": "pw2"}}
-
-
-def test_auth_errors():
-    assert "auth.username.: unknown key" in config_error("auth.username. = x")
-    assert "expected a value" in config_error("auth.username.bob =")
-    msg = config_error("auth.client.3.clientid = c")
-    assert msg == "emqx_lite.conf:1: auth.client.3.clientid: auth.client.3 needs .clientid and .password"
-
-
-def test_dashboard_default_user():
-    assert settings_of("dashboard.default_user.login = root\ndashboard.default_user.password = pw") \
-        == {"users": {"root": "pw"}}
-    assert settings_of("dashboard.default_user.password = pw") == {"users": {"admin": "pw"}}
-    assert settings_of("dashboard.default_user.login = root") == {"users": {"root": "public"}}
-
-
-def test_module_subscription_sorted_by_number():
-    s = settings_of("module.subscription.10.topic = c\nmodule.subscription.2.qos = 2\n"
-                    "module.subscription.2.topic = $user/%u\nmodule.subscription.1.topic = $client/%c\n"
-                    "module.subscription.1.qos = 0\n")
-    assert s == {"module_subscription": [("$client/%c", 0), ("$user/%u", 2), ("c", 1)]}
-
-
-def test_module_subscription_errors():
-    assert "expected 0, 1 or 2, got '3'" in config_error(
-        "module.subscription.1.topic = t\nmodule.subscription.1.qos = 3")
-    msg = config_error("module.subscription.1.topic = t\nmodule.subscription.2.qos = 1")
-    assert msg == "emqx_lite.conf:2: module.subscription.2.qos: module.subscription.2 has no .topic"
-    assert "unknown key" in config_error("module.subscription.x.topic = t")
-
-
-def test_module_rewrite():
-    s = settings_of('module.rewrite.rule.2 = y/+/z/# ^y/(.+)/z/(.+)$ y/z/$2\n'
-                    'module.rewrite.rule.1 = "x/# ^x/y/(.+)$ z/y/$1"\n')
-    assert s == {"module_rewrite": [("x/#", "^x/y/(.+)$", "z/y/$1"),
-                                    ("y/+/z/#", "^y/(.+)/z/(.+)$", "y/z/$2")]}
-
-
-def test_module_rewrite_errors():
-    assert "expected '<filter> <regex> <destination>'" in config_error("module.rewrite.rule.1 = x/# ^x")
-    assert "bad regex '^x/(('" in config_error("module.rewrite.rule.1 = x/# ^x/(( y")
-
-
-def test_listeners():
-    s = settings_of("""
-listener.tcp.external = 0.0.0.0:1883
-listener.tcp.external.acceptors = 16
-listener.tcp.external.max_clients = 1024
-listener.tcp.internal = 127.0.0.1:11883
-listener.ssl.external.keyfile = etc/certs/key.pem
-listener.ssl.external = 8883
-listener.ssl.external.certfile = etc/certs/cert.pem
-listener.ssl.external.cacertfile = etc/certs/cacert.pem
-listener.ssl.external.verify = verify_peer
-listener.ssl.external.fail_if_no_peer_cert = true
-listener.ssl.external.peer_cert_as_username = cn
-listener.ws.external = 8083
-listener.wss.external = [::]:8084
-listener.wss.external.mqtt_path = /ws
-listener.api.mgmt = 127.0.0.1:8080
-""")
-    base = dict(LISTENER_DEFAULTS)
-    assert base == {"acceptors": 1, "max_clients": 102400, "keyfile": None, "certfile": None,
-                    "cacertfile": None, "verify": None, "fail_if_no_peer_cert": None,
-                    "peer_cert_as_username": None, "mqtt_path": None}
-    assert s["http_bind"] == "127.0.0.1" and s["http_port"] == 8080
-    assert s["listeners"] == [
-        dict(base, type="tcp", name="external", host="0.0.0.0", port=1883, acceptors=16, max_clients=1024),
-        dict(base, type="tcp", name="internal", host="127.0.0.1", port=11883),
-        dict(base, type="ssl", name="external", host="0.0.0.0", port=8883, keyfile="etc/certs/key.pem",
-             certfile="etc/certs/cert.pem", cacertfile="etc/certs/cacert.pem", verify="verify_peer",
-             fail_if_no_peer_cert=True, peer_cert_as_username="cn"),
-        dict(base, type="ws", name="external", host="0.0.0.0", port=8083, mqtt_path="/mqtt"),
-        dict(base, type="wss", name="external", host="::", port=8084, mqtt_path="/ws"),
-    ]
-
-
-@pytest.mark.parametrize("text, message", [
-    ("listener.tcp.x = 1883\nlistener.tcp.y.acceptors = 4",
-     "emqx_lite.conf:2: listener.tcp.y.acceptors: listener.tcp.y has no address line"),
-    ("listener.tcp.x = 1883\nlistener.tcp.x.keyfile = k.pem",
-     "emqx_lite.conf:2: listener.tcp.x.keyfile: not an option of tcp listeners"),
-    ("listener.ssl.x = 8883\nlistener.ssl.x.mqtt_path = /mqtt",
-     "emqx_lite.conf:2: listener.ssl.x.mqtt_path: not an option of ssl listeners"),
-    ("listener.tcp.x = 1883\nlistener.tcp.x.access.1 = allow all",
-     "emqx_lite.conf:2: listener.tcp.x.access.1: unknown listener option 'access.1'"),
-    ("listener.ssl.x = 8883\nlistener.ssl.x.verify = sometimes",
-     "emqx_lite.conf:2: listener.ssl.x.verify: expected verify_peer or verify_none, got 'sometimes'"),
-    ("listener.ws.x = 8083\nlistener.ws.x.mqtt_path = mqtt",
-     "emqx_lite.conf:2: listener.ws.x.mqtt_path: expected a path like /mqtt, got 'mqtt'"),
-    ("listener.tcp.x = 0.0.0.0", "emqx_lite.conf:1: listener.tcp.x: expected an address like"),
-    ("listener.udp.x = 1883", "emqx_lite.conf:1: listener.udp.x: unknown key"),
-    ("listener.api.mgmt = nope", "emqx_lite.conf:1: listener.api.mgmt: expected an address like"),
-])
-def test_listener_errors(text, message):
-    assert config_error(text).startswith(message)
-
-
-# --- environment --------------------------------------------------------------
-
-def test_env_overrides_rule():
-    environ = {"EMQX_LITE_MQTT__MAX_PACKET_SIZE": "64KB", "PATH": "/bin",
-               "EMQX_LITE_LISTENER__TCP__EXTERNAL": "0.0.0.0:1884",
-               "EMQX_LITE_MQTT__SESSION__MAX_INFLIGHT": "8"}
-    assert env_overrides(environ) == [
-        ("$EMQX_LITE_LISTENER__TCP__EXTERNAL", "listener.tcp.external", "0.0.0.0:1884"),
-        ("$EMQX_LITE_MQTT__MAX_PACKET_SIZE", "mqtt.max_packet_size", "64KB"),
-        ("$EMQX_LITE_MQTT__SESSION__MAX_INFLIGHT", "mqtt.session.max_inflight", "8")]
-
-
-def test_env_overrides_win_over_the_file_and_can_complete_a_listener():
-    entries = parse_conf("mqtt.max_packet_size = 1MB\nlistener.tcp.external = 1883\n", "emq.conf")
-    entries += env_overrides({"EMQX_LITE_MQTT__MAX_PACKET_SIZE": "64KB",
-                              "EMQX_LITE_LISTENER__TCP__EXTERNAL__ACCEPTORS": "4"})
-    s = config_settings(entries, "emq.conf")
-    assert s["max_packet_size"] == 65536
-    assert s["listeners"][0]["acceptors"] == 4 and s["listeners"][0]["port"] == 1883
-
-
-def test_env_errors_name_the_variable():
-    entries = env_overrides({"EMQX_LITE_MQTT__MAX_PACKET_SIZE": "huge"})
-    with pytest.raises(ConfigError) as info:
-        config_settings(entries, "emq.conf")
-    assert str(info.value) == ("$EMQX_LITE_MQTT__MAX_PACKET_SIZE: mqtt.max_packet_size: "
-                               "expected a size like 64KB, got 'huge'")
-    for bad in ("EMQX_LITE_", "EMQX_LITE_MQTT____X", "EMQX_LITE_MQTT__"):
-        with pytest.raises(ConfigError, match=r"^\$%s: expected" % bad):
-            env_overrides({bad: "1"})
-
-
-# --- render_config ------------------------------------------------------------
-
-FULL_CONF = """
-node.name = emqx@10.0.0.1
-mqtt.allow_anonymous = false
-mqtt.acl_nomatch = deny
-mqtt.acl_file = /etc/emqx/acl.conf
-mqtt.max_clientid_len = 512
-mqtt.max_packet_size = 1000
-mqtt.keepalive_backoff = 0.8
-mqtt.client.idle_timeout = 1500ms
-mqtt.session.max_inflight = 16
-mqtt.session.retry_interval = 90s
-mqtt.session.max_awaiting_rel = 7
-mqtt.session.await_rel_timeout = 1.1s
-mqtt.session.expiry_interval = 1w
-mqtt.mqueue.max_length = 0
-mqtt.mqueue.store_qos0 = off
-mqtt.broker.sys_interval = 0
-mqtt.max_topic_length = 100
-mqtt.max_topic_levels = 8
-mqtt.max_subscriptions = 10
-mqtt.max_keepalive = 300
-mqtt.client.max_outbuf = 1KB
-mqtt.client.send_timeout = 2s
-auth.username.john.doe = pw=1
-auth.client.1.clientid = 7.password
-auth.client.1.password = x
-auth.client.dev = y
-dashboard.default_user.login = root
-dashboard.default_user.password = secret
-module.subscription.1.topic = $client/%c
-module.subscription.1.qos = 2
-module.rewrite.rule.1 = x/# ^x/y/(.+)$ z/y/$1
-listener.api.mgmt = [::1]:8080
-listener.api.mgmt.max_clients = 100
-listener.api.mgmt.idle_timeout = 30s
-listener.api.mgmt.cors_origins = https://a.example, http://b.example:8080
-listener.api.mgmt.max_auth_failures = 3
-listener.api.mgmt.auth_failure_window = 2m
-listener.api.mgmt.certfile = api.pem
-listener.api.mgmt.keyfile = api.key
-listener.api.mgmt.cacertfile = ca.pem
-listener.api.mgmt.verify = verify_none
-listener.api.mgmt.fail_if_no_peer_cert = false
-dashboard.password_iterations = 700000
-listener.tcp.external = 1883
-listener.ssl.external = 127.0.0.1:8883
-listener.ssl.external.certfile = cert.pem
-listener.ssl.external.fail_if_no_peer_cert = false
-listener.wss.external = ::1:8084
-listener.wss.external.max_clients = 64
-"""
-
-
-def test_render_round_trip():
-    settings = settings_of(FULL_CONF)
-    assert len(settings) == len(SETTING_KEYS) + 8
-    text = render_config(settings)
-    assert config_settings(parse_conf(text)) == settings
-
-
-def test_render_format():
-    text = render_config({"node": "n@h", "max_packet_size": 65536, "session_expiry_interval": 7200.0,
-                          "retry_interval": 0.5, "keepalive_backoff": 1.5, "allow_anonymous": True,
-                          "acl_file": None, "acceptors": 4, "module_rewrite": [("a/#", "^a/(.+)$", "b/$1")]})
-    lines = text.splitlines()
-    assert lines[0].startswith("## ")
-    for line in ("node.name = n@h", "mqtt.max_packet_size = 64KB", "mqtt.session.expiry_interval = 2h",
-                 "mqtt.session.retry_interval = 0.5s", "mqtt.keepalive_backoff = 0.75",
-                 "mqtt.allow_anonymous = true", "## mqtt.acl_file is not set",
-                 'module.rewrite.rule.1 = "a/# ^a/(.+)$ b/$1"', "##   acceptors = 4"):
-        assert line in lines
-    assert config_settings(parse_conf(text)) == {
-        "node": "n@h", "max_packet_size": 65536, "session_expiry_interval": 7200.0,
-        "retry_interval": 0.5, "keepalive_backoff": 1.5, "allow_anonymous": True,
-        "module_rewrite": [("a/#", "^a/(.+)$", "b/$1")]}
-
-
-def test_render_defaults_like_dict():
-    defaults = {"node": "emqx_lite@127.0.0.1", "max_packet_size": 1024 * 1024, "max_clientid_len": 1024,
-                "connect_timeout": 15.0, "keepalive_backoff": 1.5, "max_inflight": 32,
-                "retry_interval": 20.0, "max_awaiting_rel": 100, "await_rel_timeout": 20.0,
-                "max_mqueue_len": 1000, "mqueue_store_qos0": True, "session_expiry_interval": 7200.0,
-                "max_outbuf": 1024 * 1024, "send_timeout": 15.0, "sys_interval": 60.0,
-                "max_clients": 102400, "acceptors": 1, "allow_anonymous": True, "auth_username": {},
-                "auth_clientid": {}, "module_subscription": (), "module_rewrite": ()}
-    back = config_settings(parse_conf(render_config(defaults)))
-    assert back == {k: v for k, v in defaults.items()
-                    if k not in ("max_clients", "acceptors",
-                                 "auth_username", "auth_clientid", "module_subscription",
-                                 "module_rewrite")}
-
-
-def test_render_several_users_is_a_comment():
-    text = render_config({"users": {"a": "1", "b": "2"}})
-    assert config_settings(parse_conf(text)) == {}
-
-
-# --- ACL parsing --------------------------------------------------------------
-
-def test_parse_default_acl():
-    assert parse_acl(DEFAULT_ACL) == [
-        ("allow", ("user", "dashboard"), "subscribe", [("filter", "$SYS/#")]),
-        ("allow", ("ipaddr", ipaddress.ip_network("127.0.0.1/32")), "pubsub",
-         [("filter", "$SYS/#"), ("filter", "#")]),
-        ("deny", ("all",), "subscribe", [("filter", "$SYS/#"), ("eq", "#")]),
-        ("allow", ("all",), "pubsub", None),
-    ]
-
-
-def test_parse_acl_forms_whitespace_and_comments():
-    text = ('%% comment\n{deny,\n  {client, "c1"} ,publish,[ "a/#" ] } . % trailing\n'
-            "{allow, {'and', [{user, \"u\"}, {ipaddr, \"10.0.0.0/8\"}]}, pubsub, []}.\n"
-            '{allow, {or, [{user, all}, {client, "x"}]}, subscribe, ["q\\"\\\\\\n"]}.\n'
-            "{'deny', all}.")
-    assert parse_acl(text) == [
-        ("deny", ("client", "c1"), "publish", [("filter", "a/#")]),
-        ("allow", ("and", [("user", "u"), ("ipaddr", ipaddress.ip_network("10.0.0.0/8"))]), "pubsub", []),
-        ("allow", ("or", [("all",), ("client", "x")]), "subscribe", [("filter", 'q"\\\n')]),
-        ("deny", ("all",), "pubsub", None),
-    ]
-
-
-def test_parse_acl_empty():
-    assert parse_acl("") == [] and parse_acl("% nothing\n\n") == []
-
-
-@pytest.mark.parametrize("text, message", [
-    ('{allow, all}.\n{allow, all}', "acl.conf:2: expected ., got end of file"),
-    ('{allow, all}.\n\n{allow, all', "acl.conf:3: expected , or }, got end of file"),
-    ('{allow,\n "unterminated}.', "acl.conf:2: unterminated quote"),
-    ('{allow, All}.', "acl.conf:1: unexpected 'A'"),
-    ('{allow, 1}.', "acl.conf:1: unexpected '1'"),
-    ('\n{allow, all}\n{deny, all}.', "acl.conf:3: expected ., got '{'"),
-    ('{allow, , all}.', "acl.conf:1: expected atom or string or { or [, got ','"),
-    ('\n\n{permit, all}.', "acl.conf:3: expected {allow|deny, all} or {allow|deny, Who, Action, Topics}"),
-    ('{allow, "all"}.', "acl.conf:1: expected {allow, all}"),
-    ('{allow, all, pubsub}.', "acl.conf:1: expected {allow|deny, all}"),
-    ('{"allow", all}.', "acl.conf:1: expected {allow|deny, all}"),
-    ('{allow, {user, "u"}, write, ["#"]}.', "acl.conf:1: expected publish, subscribe or pubsub"),
-    ('{allow, {user, "u"}, publish, "#"}.', "acl.conf:1: expected a list of topics"),
-    ('{allow, {user, "u"}, publish, [{eq, x}]}.', "acl.conf:1: expected a topic string or {eq, Topic}"),
-    ('{allow, {user, "u"}, publish, [t]}.', "acl.conf:1: expected a topic string"),
-    ('{allow, {user, u}, publish, ["#"]}.', "acl.conf:1: expected all, {user, U}"),
-    ('{allow, {group, "g"}, publish, ["#"]}.', "acl.conf:1: expected all, {user, U}"),
-    ('{allow, {ipaddr, "10.0.0.300"}, publish, ["#"]}.', "acl.conf:1: bad address '10.0.0.300'"),
-])
-def test_parse_acl_errors(text, message):
-    with pytest.raises(ConfigError) as info:
-        parse_acl(text, "acl.conf")
-    assert str(info.value).startswith(message)
-
-
-# --- ACL checks ---------------------------------------------------------------
-
-def acl(text, nomatch="allow"):
-    return Acl(parse_acl(text), nomatch)
-
-
-def test_default_acl():
-    a = acl(DEFAULT_ACL)
-    # dashboard user may subscribe to $SYS from anywhere
-    assert a.check("subscribe", "$SYS/brokers/+/uptime", "c", "dashboard", "10.1.1.1")
-    # others may not, except from 127.0.0.1
-    assert not a.check("subscribe", "$SYS/#", "c", "bob", "10.1.1.1")
-    assert a.check("subscribe", "$SYS/#", "c", "bob", "127.0.0.1")
-    # exactly "#" is denied, other wildcards are not
-    assert not a.check("subscribe", "#", "c", None, "10.1.1.1")
-    assert a.check("subscribe", "a/#", "c", None, "10.1.1.1")
-    assert a.check("subscribe", "+/b", "c", None, "10.1.1.1")
-    assert a.check("subscribe", "#", "c", None, "127.0.0.1")
-    # publishing anything is allowed ({allow, all})
-    assert a.check("publish", "$SYS/x", "c", None, "10.1.1.1")
-
-
-def test_user_and_client_rules():
-    a = acl('{allow, {user, "u"}, publish, ["a"]}.\n{allow, {client, "c"}, publish, ["b"]}.\n'
-            '{deny, all}.')
-    assert a.check("publish", "a", "x", "u", None)
-    assert not a.check("publish", "a", "u", None, None)       # client id is not a username
-    assert a.check("publish", "b", "c", None, None)
-    assert not a.check("publish", "b", "x", "c", None)
-
-
-def test_user_all_and_client_all_match_everyone():
-    a = acl('{deny, {user, all}, publish, ["a"]}.\n{deny, {client, all}, publish, ["b"]}.')
-    assert not a.check("publish", "a", "c", None, None)
-    assert not a.check("publish", "b", "c", "u", None)
-    assert a.check("publish", "z", "c", "u", None)
-
-
-def test_ipaddr_and_cidr():
-    a = acl('{deny, {ipaddr, "192.168.0.0/24"}, pubsub, ["#"]}.\n'
-            '{deny, {ipaddr, "2001:db8::/32"}, pubsub, ["#"]}.', "allow")
-    assert not a.check("publish", "t", "c", None, "192.168.0.77")
-    assert not a.check("publish", "t", "c", None, "::ffff:192.168.0.1")   # IPv4-mapped
-    assert a.check("publish", "t", "c", None, "192.168.1.1")
-    assert not a.check("publish", "t", "c", None, "2001:db8::1")
-    assert a.check("publish", "t", "c", None, "2001:db9::1")
-    assert a.check("publish", "t", "c", None, None)               # unknown peer never matches
-    assert a.check("publish", "t", "c", None, "not an ip")
-
-
-def test_ipaddr_single_address_is_a_host():
-    a = acl('{deny, {ipaddr, "127.0.0.1"}, publish, ["#"]}.')
-    assert not a.check("publish", "t", "c", None, "127.0.0.1")
-    assert a.check("publish", "t", "c", None, "127.0.0.2")
-
-
-def test_and_or():
-    a = acl('{allow, {and, [{user, "u"}, {ipaddr, "10.0.0.0/8"}]}, publish, ["and"]}.\n'
-            '{allow, {or, [{user, "u"}, {client, "c"}]}, publish, ["or"]}.\n{deny, all}.')
-    assert a.check("publish", "and", "x", "u", "10.2.3.4")
-    assert not a.check("publish", "and", "x", "u", "11.2.3.4")
-    assert a.check("publish", "or", "c", None, None)
-    assert a.check("publish", "or", "x", "u", None)
-    assert not a.check("publish", "or", "x", "v", None)
-
-
-def test_actions():
-    a = acl('{deny, all, publish, ["p"]}.\n{deny, all, subscribe, ["s"]}.\n{deny, all, pubsub, ["ps"]}.')
-    assert not a.check("publish", "p", "c", None, None) and a.check("subscribe", "p", "c", None, None)
-    assert not a.check("subscribe", "s", "c", None, None) and a.check("publish", "s", "c", None, None)
-    assert not a.check("publish", "ps", "c", None, None)
-    assert not a.check("subscribe", "ps", "c", None, None)
-    with pytest.raises(ValueError):
-        a.check("pubsub", "p", "c", None, None)
-
-
-def test_publish_topic_matching():
-    a = acl('{allow, all, publish, ["a/+/c", "d/#", "+/x"]}.', "deny")
-    assert a.check("publish", "a/b/c", "c", None, None)
-    assert not a.check("publish", "a/b/c/d", "c", None, None)
-    assert a.check("publish", "d", "c", None, None)               # "d/#" matches its parent
-    assert a.check("publish", "d/e/f", "c", None, None)
-    assert a.check("publish", "q/x", "c", None, None)
-    assert not a.check("publish", "$q/x", "c", None, None)       # first-level wildcard vs $-topic
-
-
-def test_subscribe_treats_the_filter_as_a_name():
-    a = acl('{allow, all, subscribe, ["#", "a/b"]}.', "deny")
-    assert a.check("subscribe", "a/+", "c", None, None)          # "#" matches the string "a/+"
-    assert not a.check("subscribe", "$SYS/#", "c", None, None)
-    b = acl('{allow, all, subscribe, ["a/b", "x/+"]}.', "deny")
-    assert not b.check("subscribe", "a/+", "c", None, None)      # "a/b" does not cover "a/+"
-    assert b.check("subscribe", "x/#", "c", None, None)          # "+" matches the level "#"
-
-
-def test_eq_is_exact():
-    a = acl('{deny, all, pubsub, [{eq, "a/#"}, {eq, "t/%u"}]}.')
-    assert not a.check("subscribe", "a/#", "c", None, None)
-    assert a.check("subscribe", "a/b", "c", None, None)
-    assert a.check("subscribe", "a/+", "c", None, None)
-    assert not a.check("publish", "t/%u", "c", "bob", None)       # no placeholder in eq
-    assert a.check("publish", "t/bob", "c", "bob", None)
-
-
-def test_placeholders():
-    a = acl('{allow, all, pubsub, ["users/%u/#", "clients/%c", "x/%c/%u"]}.', "deny")
-    assert a.check("publish", "users/bob/inbox", "c1", "bob", None)
-    assert not a.check("publish", "users/alice/inbox", "c1", "bob", None)
-    assert not a.check("publish", "users/%u/inbox", "c1", None, None)   # no username: never
-    assert a.check("subscribe", "clients/c1", "c1", None, None)
-    assert not a.check("subscribe", "clients/c2", "c1", None, None)
-    assert a.check("publish", "x/c1/bob", "c1", "bob", None)
-    assert not a.check("publish", "x/c1/bob", "c1", None, None)
-
-
-def test_placeholder_value_is_one_literal_level():
-    a = acl('{allow, all, subscribe, ["users/%u/#"]}.', "deny")
-    assert not a.check("subscribe", "users/bob/x", "c", "#", None)      # username "#" is no wildcard
-    assert not a.check("subscribe", "users/a/b/x", "c", "a/b", None)
-    assert not a.check("subscribe", "users/x/y", "c", "+", None)
-
-
-def test_first_match_wins():
-    text = '{deny, {user, "u"}, publish, ["t"]}.\n{allow, {user, "u"}, publish, ["t"]}.'
-    assert not acl(text).check("publish", "t", "c", "u", None)
-    swapped = "\n".join(reversed(text.splitlines()))
-    assert acl(swapped, "deny").check("publish", "t", "c", "u", None)
-
-
-def test_nomatch():
-    assert acl("").check("publish", "t", "c", None, None)
-    assert not acl("", "deny").check("publish", "t", "c", None, None)
-    assert not acl('{allow, all, publish, ["other"]}.', "deny").check("publish", "t", "c", None, None)
-    with pytest.raises(ValueError):
-        Acl([], "ignore")
-
-# =============================================================================
-# Hardening: property-based codec tests, live fuzzing, limits, soak
-# =============================================================================
-#
-# Quick by default; EMQX_LITE_FUZZ_EXAMPLES / EMQX_LITE_FUZZ_PACKETS /
-# EMQX_LITE_SOAK_SECONDS make the runs longer (README: "Longer runs").
-
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
-
-FUZZ_EXAMPLES = int(os.environ.get("EMQX_LITE_FUZZ_EXAMPLES", "200"))
-FUZZ_PACKETS = int(os.environ.get("EMQX_LITE_FUZZ_PACKETS", "600"))
-SOAK_SECONDS = float(os.environ.get("EMQX_LITE_SOAK_SECONDS", "3"))
-
-_text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
-                max_size=30)
-_name = _text.filter(lambda t: t and "+" not in t and "#" not in t)
-_pid = st.integers(1, 65535)
-
-
-@st.composite
-def _packets(draw):
-    """(packet type, packet object) for every one of the 14 packet types."""
-    kind = draw(st.sampled_from(sorted(emqx_lite.ENCODERS)))
-    if kind == emqx_lite.CONNECT:
-        level = draw(st.sampled_from([3, 4]))
-        will = draw(st.none() | st.builds(emqx_lite.Will, _name, st.binary(max_size=40),
-                                          st.integers(0, 2), st.booleans()))
-        username = draw(st.none() | _text)
-        password = draw(st.none() | st.binary(max_size=20)) if username is not None else None
-        pkt = emqx_lite.Connect(emqx_lite.PROTOCOL_NAMES[level], level, draw(st.booleans()),
-                                draw(st.integers(0, 65535)), draw(_text), will, username, password)
-    elif kind == emqx_lite.CONNACK:
-        pkt = emqx_lite.Connack(draw(st.booleans()), draw(st.integers(0, 5)))
-    elif kind == emqx_lite.PUBLISH:
-        qos = draw(st.integers(0, 2))
-        pkt = emqx_lite.Publish(draw(_name), draw(st.binary(max_size=100)), qos,
-                                draw(st.booleans()), draw(st.booleans()) if qos else False,
-                                draw(_pid) if qos else None)
-    elif kind == emqx_lite.SUBSCRIBE:
-        pkt = emqx_lite.Subscribe(draw(_pid), draw(st.lists(st.tuples(_text, st.integers(0, 2)),
-                                                            min_size=1, max_size=5)))
-    elif kind == emqx_lite.SUBACK:
-        pkt = emqx_lite.Suback(draw(_pid), draw(st.lists(st.sampled_from([0, 1, 2, 0x80]),
-                                                         min_size=1, max_size=5)))
-    elif kind == emqx_lite.UNSUBSCRIBE:
-        pkt = emqx_lite.Unsubscribe(draw(_pid), draw(st.lists(_text, min_size=1, max_size=5)))
-    elif kind in (emqx_lite.PINGREQ, emqx_lite.PINGRESP, emqx_lite.DISCONNECT):
-        pkt = emqx_lite.EMPTY
-    else:
-        pkt = emqx_lite.Ack(draw(_pid))
-    return kind, pkt
-
-
-class TestCodecProperties:
-    @hsettings(max_examples=FUZZ_EXAMPLES * 3, deadline=None)
-    @given(_packets())
-    def test_decode_of_encode_is_identity_for_every_packet_type(self, typed):
-        kind, pkt = typed
-        data = emqx_lite.encode_packet(kind, pkt)
-        first, body, size = emqx_lite.split_packet(data + b"\x00trailing")
-        assert size == len(data) and first >> 4 == kind
-        assert emqx_lite.decode_packet(first, body, accept=emqx_lite.DECODERS) == pkt
-
-    @hsettings(max_examples=FUZZ_EXAMPLES * 5, deadline=None,
-               suppress_health_check=[HealthCheck.too_slow])
-    @given(st.integers(0, 255), st.binary(max_size=200))
-    def test_arbitrary_bytes_raise_only_the_codecs_own_error(self, first, body):
-        try:
-            emqx_lite.decode_packet(first, body, accept=emqx_lite.DECODERS)
-        except emqx_lite.MQTTError:
-            pass
-
-    @hsettings(max_examples=FUZZ_EXAMPLES, deadline=None)
-    @given(_packets(), st.data())
-    def test_mutated_packets_raise_only_the_codecs_own_error(self, typed, data):
-        raw = bytearray(emqx_lite.encode_packet(*typed))
-        for _ in range(data.draw(st.integers(1, 4))):
-            raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
-        try:
-            framed = emqx_lite.split_packet(bytes(raw))
-            if framed:
-                emqx_lite.decode_packet(framed[0], framed[1], accept=emqx_lite.DECODERS)
-        except emqx_lite.MQTTError:
-            pass
-
-    @hsettings(max_examples=FUZZ_EXAMPLES, deadline=None)
-    @given(st.integers(0, emqx_lite.MAX_REMAINING_LENGTH))
-    def test_remaining_length_round_trip(self, n):
-        """2.2.3: one to four bytes, up to 268,435,455."""
-        encoded = emqx_lite.encode_varint(n)
-        assert len(encoded) <= 4
-        assert emqx_lite.decode_varint(encoded, 0) == (n, len(encoded))
-
+###############################################################################
+# Long runs: live fuzzing, REST fuzzing, soak (quick by default, see the knobs)
+###############################################################################
 
 def _random_packet(rng):
     """A random or mutated packet, the kind a broken or hostile client sends."""
@@ -4936,92 +5199,6 @@ class TestLiveFuzz:
             assert wait_until(lambda: not b.core.sockets, timeout=10)
             assert wait_until(lambda: {t for t in threading.enumerate()} <= threads_before)
             assert b.stats()["clients/count"] == 0
-
-
-class TestLimits:
-    def test_topic_length_and_levels(self, make_broker):
-        """max_topic_length / max_topic_levels: a PUBLISH over them closes its
-        connection; a SUBSCRIBE filter over them gets 0x80 [MQTT-3.9.3-2]."""
-        b = make_broker(max_topic_length=20, max_topic_levels=4)
-        r = RawClient(b.mqtt_port)
-        r.connect("lim-sub")
-        r.send(gen_subscribe(1, [("a/b/c/d", 0), ("a/b/c/d/e", 0), ("x" * 21, 0), ("ok", 0)]))
-        assert r.read_packet() == (SUBACK, 0, b"\x00\x01\x00\x80\x80\x00")
-        for topic in ("a/b/c/d/e", "y" * 21):
-            p = RawClient(b.mqtt_port)
-            p.connect("lim-pub")
-            p.send(gen_publish(topic, b"x"))
-            assert p.expect_closed()
-            p.close()
-        r.close()
-
-    def test_max_subscriptions(self, make_broker):
-        b = make_broker(max_subscriptions=2)
-        r = RawClient(b.mqtt_port)
-        r.connect("lim-subs")
-        r.send(gen_subscribe(1, [("a", 0), ("b", 1), ("c", 0)]))
-        assert r.read_packet() == (SUBACK, 0, b"\x00\x01\x00\x01\x80")
-        r.send(gen_subscribe(2, [("a", 2)]))   # replacing an existing one is fine
-        assert r.read_packet() == (SUBACK, 0, b"\x00\x02\x02")
-        r.close()
-
-    def test_max_keepalive_applies_to_clients_asking_for_none(self, make_broker):
-        """A client with keepalive 0 would otherwise hold its socket forever."""
-        b = make_broker(max_keepalive=1)
-        r = RawClient(b.mqtt_port)
-        r.connect("lim-ka", keepalive=0)
-        assert b.clients()[0]["keepalive"] == 1
-        assert r.expect_closed(timeout=5)
-        assert wait_until(lambda: b.listener_infos()[0]["shutdown_count"] == {"keepalive_timeout": 1})
-
-    def test_offline_session_memory_is_bounded_by_queue_and_expiry(self, make_broker):
-        """A persistent session whose client never returns holds at most
-        max_mqueue_len messages, and is dropped after session_expiry_interval."""
-        b = make_broker(max_mqueue_len=10, session_expiry_interval=0.5)
-        r = RawClient(b.mqtt_port)
-        r.connect("gone", clean=False)
-        r.subscribe([("mem/t", 1)])
-        r.close()
-        assert wait_until(lambda: not b.is_connected("gone"))
-        for i in range(50):
-            b.publish("mem/t", b"%d" % i, qos=1)
-        (info,) = [s for s in b.sessions() if s["client_id"] == "gone"]
-        assert info["mqueue_len"] == 10 and info["mqueue_dropped"] == 40
-        assert wait_until(lambda: not any(s["client_id"] == "gone" for s in b.sessions()))
-        assert "mem/t" not in b.routes()
-
-
-class TestSecurity:
-    def test_clients_cannot_inject_sys_topics(self, make_broker):
-        b = make_broker()
-        s = RawClient(b.mqtt_port)
-        s.connect("sys-watch")
-        s.subscribe([("$SYS/brokers/fake", 0)])
-        p = RawClient(b.mqtt_port)
-        p.connect("sys-inject")
-        p.send(gen_publish("$SYS/brokers/fake", b"spoof", qos=1, pid=5))
-        assert p.read_packet() == (PUBACK, 0, b"\x00\x05")
-        s.expect_nothing(0.3)
-        s.close()
-        p.close()
-
-    def test_default_admin_password_is_warned_about(self, caplog):
-        with caplog.at_level("WARNING", logger="emqx_lite"):
-            with emqx_lite.Broker("127.0.0.1", 0, 0):
-                pass
-            assert "default password" in caplog.text
-            caplog.clear()
-            with emqx_lite.Broker("127.0.0.1", 0, 0, users={"admin": "s3cret"}):
-                pass
-            assert "default password" not in caplog.text
-
-    def test_passwords_are_not_kept_in_plain_text(self):
-        with emqx_lite.Broker("127.0.0.1", 0, None, users={"admin": "hunter2"},
-                              auth_username={"u": "pw-u"}, auth_clientid={"c": "pw-c"}) as b:
-            everything = repr(vars(b)) + repr(b.settings) + repr(b.users._users) \
-                + repr(b._auth_username._users) + repr(b._auth_clientid._users)
-            for secret in ("hunter2", "pw-u", "pw-c"):
-                assert secret not in everything
 
 
 class TestRestFuzz:
@@ -5215,157 +5392,3 @@ class TestSoak:
             assert wait_until(lambda: set(threading.enumerate()) <= threads_before)
             assert wait_until(lambda: len(os.listdir("/proc/self/fd")) <= fds_before)
 
-
-class TestFlowControl:
-    """A QoS 1/2 subscriber that consumes slower than publishers publish loses
-    nothing: while its queue is over the mark (half of max_mqueue_len, at most
-    2 x max_inflight or 64), the publishers' acks are held, in order, so their
-    own windows pace them (lossless while those windows fit in the rest of the
-    queue). A subscriber that stalls holds nobody back for longer than
-    flow_control_timeout."""
-
-    def test_slow_consumer_paces_the_publisher_and_loses_nothing(self, make_broker):
-        b = make_broker(max_inflight=4, max_mqueue_len=100, flow_control_timeout=5)
-        sub = RawClient(b.mqtt_port)
-        sub.connect("fc-sub")
-        sub.subscribe([("fc/t", 1)])
-        pub = RawClient(b.mqtt_port)
-        pub.connect("fc-pub")
-        total, window = 400, 20
-        sent = acked = 0
-        got = []
-        deadline = time.monotonic() + 30
-        while len(got) < total:
-            assert time.monotonic() < deadline, (sent, acked, len(got))
-            while sent < total and sent - acked < window:   # a publisher with a window
-                sent += 1
-                pub.send(gen_publish("fc/t", b"%d" % sent, qos=1, pid=sent))
-            while True:   # take every ack there is: the publisher is the faster side
-                try:
-                    ptype, _, body = pub.read_packet(timeout=0.002)
-                except socket.timeout:
-                    break
-                assert ptype == PUBACK and int.from_bytes(body, "big") == acked + 1  # in order
-                acked += 1
-            try:
-                m = sub.read_publish(timeout=0.01)   # a consumer that takes its time
-            except socket.timeout:
-                continue
-            got.append(int(m["payload"]))
-            sub.send(gen_puback(m["pid"]))
-        assert got == list(range(1, total + 1))
-        assert acked == total
-        info = [s for s in b.sessions() if s["client_id"] == "fc-sub"][0]
-        assert info["mqueue_dropped"] == 0
-        assert b.metrics()["messages/dropped"] == 0
-
-    def test_stalled_consumer_holds_publishers_back_only_briefly(self, make_broker):
-        b = make_broker(max_inflight=2, max_mqueue_len=8, flow_control_timeout=0.3)
-        stalled = RawClient(b.mqtt_port)
-        stalled.connect("fc-stalled")
-        stalled.subscribe([("fc/s", 1)])   # reads, never acks
-        pub = RawClient(b.mqtt_port)
-        pub.connect("fc-pub2")
-        for i in range(1, 41):
-            pub.send(gen_publish("fc/s", b"%d" % i, qos=1, pid=i))
-        acks = [pub.read_packet(timeout=5) for _ in range(40)]   # all come, in order
-        assert acks == [(PUBACK, 0, i.to_bytes(2, "big")) for i in range(1, 41)]
-        info = [s for s in b.sessions() if s["client_id"] == "fc-stalled"][0]
-        assert info["inflight_len"] == 2 and info["mqueue_len"] == 8
-        assert info["mqueue_dropped"] == 30   # the stalled client's own queue overflowed
-
-    def test_flow_control_off(self, make_broker):
-        b = make_broker(max_inflight=1, max_mqueue_len=4, flow_control_timeout=0)
-        sub = RawClient(b.mqtt_port)
-        sub.connect("fc-off-sub")
-        sub.subscribe([("fc/o", 1)])
-        pub = RawClient(b.mqtt_port)
-        pub.connect("fc-off-pub")
-        for i in range(1, 11):
-            pub.send(gen_publish("fc/o", b"%d" % i, qos=1, pid=i))
-        assert [pub.read_packet()[0] for _ in range(10)] == [PUBACK] * 10   # at once
-        info = [s for s in b.sessions() if s["client_id"] == "fc-off-sub"][0]
-        assert info["mqueue_len"] == 4 and info["mqueue_dropped"] == 5
-
-
-class TestAuthPlugins:
-    """allow_anonymous and the emqx_auth_username / emqx_auth_clientid tables,
-    through real CONNECTs (return codes per [MQTT-3.2.2-5] and table 3.1)."""
-
-    @staticmethod
-    def _connack(port, client_id, username=None, password=None):
-        r = RawClient(port)
-        try:
-            return r.connect(client_id, username=username, password=password)[1]
-        finally:
-            r.close()
-
-    def test_anonymous_refused_when_not_allowed(self, make_broker):
-        b = make_broker(allow_anonymous=False, auth_username={"alice": "pw"})
-        assert self._connack(b.mqtt_port, "anon") == 5
-        b.set_plugin("emqx_auth_username", True)
-        assert self._connack(b.mqtt_port, "a1", "alice", b"pw") == 0
-        assert self._connack(b.mqtt_port, "a2", "alice", b"bad") == 4
-        assert self._connack(b.mqtt_port, "a3", "mallory", b"pw") == 5   # nobody vouches
-
-    def test_clientid_plugin(self, make_broker):
-        b = make_broker(auth_clientid={"sensor-1": "s3"})
-        b.set_plugin("emqx_auth_clientid", True)
-        assert self._connack(b.mqtt_port, "sensor-1", "any", b"s3") == 0
-        assert self._connack(b.mqtt_port, "sensor-1", "any", b"no") == 4
-        assert self._connack(b.mqtt_port, "other") == 0   # anonymous still allowed
-        b.set_plugin("emqx_auth_clientid", False)
-        assert self._connack(b.mqtt_port, "sensor-1", "any", b"no") == 0
-
-    def test_authenticate_hook_runs_first(self, make_broker):
-        seen = []
-
-        def hook(client_id, username, password, ipaddress):
-            seen.append((client_id, username, password, ipaddress))
-            return {"ok": True, "no": 5}.get(client_id)
-
-        b = make_broker(authenticate=hook, allow_anonymous=False)
-        assert self._connack(b.mqtt_port, "ok") == 0
-        assert self._connack(b.mqtt_port, "no") == 5
-        assert self._connack(b.mqtt_port, "pass", "u", b"p") == 5   # hook passes, no plugin
-        assert seen[2] == ("pass", "u", b"p", "127.0.0.1")
-
-    def test_load_config_reads_file_then_environment(self, tmp_path):
-        conf = tmp_path / "c.conf"
-        conf.write_text("mqtt.session.max_inflight = 7\nmqtt.max_clientid_len = 9\n")
-        kw = emqx_lite.load_config(str(conf), {"EMQX_LITE_MQTT__MAX_CLIENTID_LEN": "11"})
-        assert kw == {"max_inflight": 7, "max_clientid_len": 11}
-        with emqx_lite.Broker("127.0.0.1", 0, None, **kw) as b:
-            assert self._connack(b.mqtt_port, "x" * 12) == 2
-
-
-class TestRaces:
-    def test_messages_accepted_before_a_protocol_error_are_still_routed(self, make_broker):
-        """A PUBLISH that got its PUBACK is routed even when the next packet in
-        the same read is malformed and closes the connection."""
-        b = make_broker()
-        sub = RawClient(b.mqtt_port)
-        sub.connect("race-sub")
-        sub.subscribe([("race/t", 1)])
-        pub = RawClient(b.mqtt_port)
-        pub.connect("race-pub")
-        pub.send(gen_publish("race/t", b"kept", qos=1, pid=1) + b"\x00\x00")   # then type 0
-        m = sub.read_publish()
-        assert (m["topic"], m["payload"]) == ("race/t", b"kept")
-        assert pub.expect_closed(strict=False)
-
-    def test_a_discarded_session_cannot_subscribe_again(self, make_broker):
-        """After a clean-session takeover the old connection's late SUBSCRIBE
-        must not leave a subscription nobody reads (it would take messages)."""
-        b = make_broker()
-        old = RawClient(b.mqtt_port)
-        old.connect("ghost")
-        old_session = b.core.sessions["ghost"]
-        new = RawClient(b.mqtt_port)
-        new.connect("ghost")
-        new.subscribe([("g/#", 0)])
-        codes, retained = b.core.subscribe(old_session, [("g/t", 1)])
-        assert (codes, retained) == ([0x80], [])
-        b.publish("g/t", b"for the new one", qos=1)
-        m = new.read_publish()
-        assert m["payload"] == b"for the new one" and m["qos"] == 0
