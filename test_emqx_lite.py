@@ -162,7 +162,7 @@ def parse_publish(flags, body):
 
 
 ###############################################################################
-# Helpers
+# Test clients: one raw-socket client, one paho client, one HTTP client
 ###############################################################################
 
 def wait_until(pred, timeout=TIMEOUT, interval=0.01):
@@ -177,12 +177,19 @@ def wait_until(pred, timeout=TIMEOUT, interval=0.01):
 
 
 class RawClient:
-    """A bare TCP MQTT client driven byte by byte."""
+    """A bare TCP MQTT client driven byte by byte: for byte-exact and malformed input."""
 
     def __init__(self, port, timeout=TIMEOUT):
         self.sock = socket.create_connection((HOST, port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = b""
+
+    @classmethod
+    def connected(cls, port, client_id, **connect_kw):
+        """A RawClient whose CONNECT got CONNACK 0 (session present 0)."""
+        r = cls(port)
+        assert r.connect(client_id, **connect_kw) == (0, 0)
+        return r
 
     def send(self, data):
         self.sock.sendall(data)
@@ -193,6 +200,12 @@ class RawClient:
             if not data:
                 raise ConnectionError("closed by broker")
             self.buf += data
+
+    def read_bytes(self, n):
+        """Exactly the next n bytes of the stream, as sent."""
+        self._fill(n)
+        data, self.buf = self.buf[:n], self.buf[n:]
+        return data
 
     def read_packet(self, timeout=None):
         """-> (type, flags, body)."""
@@ -224,7 +237,7 @@ class RawClient:
         return parse_publish(flags, body)
 
     def expect_nothing(self, timeout=0.3):
-        """Assert no packet arrives within timeout."""
+        """Assert no packet arrives within timeout (a check of silence, not a wait)."""
         self.sock.settimeout(timeout)
         try:
             if self.buf:
@@ -286,12 +299,18 @@ class RawClient:
 
 
 class PahoClient:
-    """paho client whose callbacks feed queues."""
+    """A connected paho client whose callbacks feed queues.
+
+    transport="websockets" and ca/cert/key (TLS) reach the other listeners;
+    subscribe= a filter, a (filter, qos) pair or a list of pairs, subscribed
+    (SUBACK awaited) once connected."""
 
     def __init__(self, port, client_id="", proto=4, clean_session=True, will=None,
                  keepalive=60, connect=True, username=None, password=None,
-                 max_inflight=None):
+                 max_inflight=None, transport="tcp", ca=None, cert=None, key=None,
+                 subscribe=None):
         self.port = port
+        self.client_id = client_id
         self.messages = queue.Queue()
         self.connacks = queue.Queue()
         self.subacks = queue.Queue()
@@ -303,13 +322,15 @@ class PahoClient:
         if protocol != paho.MQTTv5:
             kw["clean_session"] = clean_session
         self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
-                                  protocol=protocol, **kw)
+                                  protocol=protocol, transport=transport, **kw)
         self.client.on_connect = lambda c, u, f, rc, p: self.connacks.put((f.session_present, str(rc)))
         self.client.on_message = lambda c, u, m: self.messages.put(m)
         self.client.on_subscribe = lambda c, u, mid, rcs, p: self.subacks.put((mid, rcs))
         self.client.on_unsubscribe = lambda c, u, mid, rcs, p: self.unsubacks.put(mid)
         self.client.on_publish = lambda c, u, mid, rc, p: self.published.put(mid)
         self.client.on_disconnect = lambda c, u, f, rc, p: self.disconnects.put(str(rc))
+        if ca is not None:
+            self.client.tls_set(ca_certs=ca, certfile=cert, keyfile=key)
         if will is not None:
             topic, payload, qos, retain = will
             self.client.will_set(topic, payload, qos, retain)
@@ -322,14 +343,17 @@ class PahoClient:
         self.keepalive = keepalive
         self.session_present = None
         if connect:
-            self.connect()
+            rc = self.connect()
+            assert rc == "Success", rc
+            if subscribe is not None:
+                self.subscribe(*subscribe) if isinstance(subscribe, tuple) else self.subscribe(subscribe)
 
     def connect(self):
+        """CONNECT and wait for the CONNACK; returns its return code as paho names it."""
         self.client.connect(HOST, self.port, keepalive=self.keepalive)
         self.client.loop_start()
         self.session_present, rc = self.connacks.get(timeout=TIMEOUT)
-        assert rc == "Success", rc
-        return self.session_present
+        return rc
 
     def subscribe(self, topic, qos=0):
         """topic may be a list of (topic, qos); waits for SUBACK, returns codes."""
@@ -356,6 +380,7 @@ class PahoClient:
         return self.messages.get(timeout=timeout)
 
     def expect_nothing(self, timeout=0.3):
+        """Assert no message arrives within timeout (a check of silence, not a wait)."""
         try:
             msg = self.messages.get(timeout=timeout)
         except queue.Empty:
@@ -376,15 +401,129 @@ class PahoClient:
         finally:
             self.client.loop_stop()
 
+    close = disconnect
 
-def roundtrip(broker, client_factory, topic="health/check"):
-    """A paho subscriber + publisher pair still works on this broker."""
-    sub = client_factory(client_id="health-sub-%d" % random.randrange(1 << 30))
-    sub.subscribe(topic, 1)
-    pub = client_factory(client_id="health-pub-%d" % random.randrange(1 << 30))
-    pub.publish(topic, b"alive", qos=1)
-    msg = sub.get()
-    assert (msg.topic, msg.payload) == (topic, b"alive")
+
+def fields(msg):
+    """(topic, payload, qos, retain) of a message a PahoClient received."""
+    return msg.topic, msg.payload, msg.qos, msg.retain
+
+
+def roundtrip(port, n=50):
+    """A paho pair exchanges n QoS 1 messages; returns how many arrived."""
+    sub = PahoClient(port, "rt-sub-%d" % random.randrange(10 ** 9))
+    pub = PahoClient(port, "rt-pub-%d" % random.randrange(10 ** 9))
+    try:
+        sub.subscribe("rt/t", 1)
+        for i in range(n):
+            pub.publish("rt/t", str(i), qos=1, wait=False)
+        got = []
+        try:
+            while len(got) < n:
+                got.append(sub.get())
+        except queue.Empty:
+            pass
+        return len(got)
+    finally:
+        sub.disconnect()
+        pub.disconnect()
+
+
+class Clients:
+    """A fixture's factory: clients of ``cls`` on ``port`` (unless port= says
+    otherwise), all closed at teardown."""
+
+    def __init__(self, cls, port):
+        self.cls, self.port, self.made = cls, port, []
+
+    def __call__(self, *args, port=None, **kw):
+        c = self.cls(port or self.port, *args, **kw)
+        self.made.append(c)
+        return c
+
+    def close(self):
+        for c in self.made:
+            try:
+                c.close()
+            except Exception:
+                pass
+
+
+class Api:
+    """A tiny HTTP client for the REST API (http.client, one request each)."""
+
+    def __init__(self, port, user="admin", password="public"):
+        self.port, self.user, self.password = port, user, password
+
+    def request(self, method, path, body=None, auth=True, headers=None, raw_body=None):
+        import http.client
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        hdrs = dict(headers or {})
+        if auth is True:
+            token = base64.b64encode(("%s:%s" % (self.user, self.password)).encode()).decode()
+            hdrs["Authorization"] = "Basic " + token
+        elif isinstance(auth, str):
+            hdrs["Authorization"] = auth
+        data = raw_body if raw_body is not None else (
+            json.dumps(body).encode() if body is not None else None)
+        try:
+            conn.request(method, path if path.startswith("/") else "/api/v2/" + path,
+                         body=data, headers=hdrs)
+            resp = conn.getresponse()
+            content = resp.read()
+            return resp.status, resp.headers, content
+        finally:
+            conn.close()
+
+    def json(self, method, path, body=None, **kw):
+        status, headers, content = self.request(method, path, body, **kw)
+        assert status == 200, (status, content)
+        assert headers["Content-Type"].startswith("application/json")
+        return json.loads(content)
+
+    def get(self, path):
+        return self.json("GET", path)
+
+    def result(self, method, path, body=None):
+        reply = self.json(method, path, body)
+        assert reply["code"] == 0, reply
+        return reply["result"]
+
+
+def _run_cli(*args, env=None, timeout=10):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, emqx_lite.__file__, *args], capture_output=True,
+                          text=True, timeout=timeout, env=dict(os.environ, **(env or {})))
+
+
+class _CliBroker:
+    """``python emqx_lite.py ...`` in a subprocess; ports read from its log lines."""
+
+    def __init__(self, *args, env=None):
+        import subprocess
+        import sys
+        self.proc = subprocess.Popen(
+            [sys.executable, emqx_lite.__file__, "--log-level", "info", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=dict(os.environ, **(env or {})))
+        self.ports, self.lines = {}, []
+        while "mqtt:tcp" not in self.ports or "api" not in self.ports:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise AssertionError("broker exited: %s" % "".join(self.lines))
+            self.lines.append(line)
+            m = re.search(r"Listening for MQTT \((mqtt:\w+)\) on [\d.]+:(\d+)", line)
+            if m:
+                self.ports[m.group(1)] = int(m.group(2))
+            m = re.search(r"REST API \(waitress\) on http://[\d.]+:(\d+)/", line)
+            if m:
+                self.ports["api"] = int(m.group(1))
+
+    def stop(self, sig=signal.SIGTERM):
+        self.proc.send_signal(sig)
+        out, _ = self.proc.communicate(timeout=10)
+        return self.proc.returncode, "".join(self.lines) + out
 
 
 ###############################################################################
@@ -413,35 +552,18 @@ def broker(make_broker):
 
 @pytest.fixture
 def client(broker):
-    """client(client_id=..., proto=4, clean_session=True, will=None, port=None)."""
-    made = []
-
-    def factory(client_id="", port=None, **kw):
-        c = PahoClient(port or broker.mqtt_port, client_id, **kw)
-        made.append(c)
-        return c
-
-    yield factory
-    for c in made:
-        try:
-            c.disconnect()
-        except Exception:
-            pass
+    """client(client_id=..., proto=4, clean_session=True, will=None, port=None) -> PahoClient."""
+    clients = Clients(PahoClient, broker.mqtt_port)
+    yield clients
+    clients.close()
 
 
 @pytest.fixture
 def raw(broker):
     """raw(port=None) -> RawClient."""
-    made = []
-
-    def factory(port=None):
-        r = RawClient(port or broker.mqtt_port)
-        made.append(r)
-        return r
-
-    yield factory
-    for r in made:
-        r.close()
+    clients = Clients(RawClient, broker.mqtt_port)
+    yield clients
+    clients.close()
 
 
 @pytest.fixture
@@ -463,6 +585,47 @@ def health(broker, client):
     h = Health()
     h.check()
     return h
+
+
+#: A cheap password hash keeps REST tests fast; TestApiCredentials checks the real cost.
+FAST_HASH = {"api_password_iterations": 1000}
+
+
+@pytest.fixture
+def api_broker():
+    with emqx_lite.Broker("127.0.0.1", mqtt_port=0, http_port=0, **FAST_HASH) as b:
+        yield b
+
+
+@pytest.fixture
+def api(api_broker):
+    return Api(api_broker.http_port)
+
+
+@pytest.fixture
+def api_mqtt(api_broker):
+    """api_mqtt(client_id, ..., subscribe=None) -> PahoClient on the REST test broker."""
+    clients = Clients(PahoClient, api_broker.mqtt_port)
+    yield clients
+    clients.close()
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    d = tmp_path_factory.mktemp("pki")
+    files = {name: str(d / name) for name in ("ca.pem", "server.pem", "server.key",
+                                               "client.pem", "client.key")}
+    ca.cert_pem.write_to_path(files["ca.pem"])
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    server.cert_chain_pems[0].write_to_path(files["server.pem"])
+    server.private_key_pem.write_to_path(files["server.key"])
+    client = ca.issue_cert("client-7", common_name="client-7")
+    client.cert_chain_pems[0].write_to_path(files["client.pem"])
+    client.private_key_pem.write_to_path(files["client.key"])
+    return files
 
 
 ###############################################################################
@@ -3394,22 +3557,17 @@ class TestEmqxModules:
     def test_presence_auto_subscribe_and_rewrite(self):
         with emqx_lite.Broker("127.0.0.1", 0, None, module_subscription=[("$client/%c", 1)],
                               module_rewrite=[("x/#", r"^x/y/(.+)$", "z/y/$1")]) as b:
-            inbox = queue.Queue()
-            c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="mod-1")
-            c.on_message = lambda cl, u, m: inbox.put((m.topic, m.payload))
-            c.connect("127.0.0.1", b.mqtt_port)
-            c.loop_start()
+            c = PahoClient(b.mqtt_port, "mod-1")
             try:
                 assert wait_until(lambda: b.subscriptions("mod-1"))
                 assert b.subscriptions("mod-1") == [{"client_id": "mod-1", "topic": "$client/mod-1", "qos": 1}]
                 b.publish("$client/mod-1", b"direct", qos=1)
-                assert inbox.get(timeout=5) == ("$client/mod-1", b"direct")
+                assert fields(c.get())[:2] == ("$client/mod-1", b"direct")
                 b.subscribe("mod-1", "z/#", 0)
                 b.publish("x/y/abc", b"rewritten")
-                assert inbox.get(timeout=5) == ("z/y/abc", b"rewritten")
+                assert fields(c.get())[:2] == ("z/y/abc", b"rewritten")
             finally:
                 c.disconnect()
-                c.loop_stop()
 
 
 ###############################################################################
@@ -3422,40 +3580,13 @@ def _acl_broker(tmp_path, rules, **kw):
     return emqx_lite.Broker("127.0.0.1", 0, None, acl_file=str(path), **kw)
 
 
-def _raw_session(port, client_id, username=None):
-    """A raw socket that has CONNECTed (gen_connect from the helpers above)."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=5)
-    s.sendall(gen_connect(client_id, username=username))
-    assert _recv_exact(s, 4) == b"\x20\x02\x00\x00"
-    return s
-
-
-def _recv_exact(s, n):
-    data = b""
-    while len(data) < n:
-        chunk = s.recv(n - len(data))
-        if not chunk:
-            raise ConnectionError("closed after %r" % data)
-        data += chunk
-    return data
-
-
-def _suback_codes(s, pid, filters):
-    s.sendall(gen_subscribe(pid, filters))
-    head = _recv_exact(s, 2)
-    assert head[0] == 0x90
-    body = _recv_exact(s, head[1])
-    assert body[:2] == pid.to_bytes(2, "big")
-    return list(body[2:])
-
-
 class TestAcl:
     def test_denied_subscribe_gets_0x80_alongside_granted_filters(self, tmp_path):
         """[MQTT-3.9.3-2]: 0x80 for the denied filter, the others are granted."""
         rules = '{deny, all, subscribe, ["$SYS/#", {eq, "#"}]}.\n{allow, all}.\n'
         with _acl_broker(tmp_path, rules) as b:
-            s = _raw_session(b.mqtt_port, "acl-sub")
-            assert _suback_codes(s, 1, [("#", 1), ("a/+", 1), ("$SYS/#", 0), ("a/#", 2)]) == \
+            s = RawClient.connected(b.mqtt_port, "acl-sub")
+            assert s.subscribe([("#", 1), ("a/+", 1), ("$SYS/#", 0), ("a/#", 2)]) == \
                 [0x80, 1, 0x80, 2]
             assert sorted(x["topic"] for x in b.subscriptions("acl-sub")) == ["a/#", "a/+"]
             s.close()
@@ -3463,23 +3594,23 @@ class TestAcl:
     def test_eq_matches_only_the_literal_filter(self, tmp_path):
         rules = '{deny, all, subscribe, [{eq, "a/+"}]}.\n'
         with _acl_broker(tmp_path, rules) as b:
-            s = _raw_session(b.mqtt_port, "acl-eq")
-            assert _suback_codes(s, 1, [("a/+", 0), ("a/b", 0), ("a/#", 0)]) == [0x80, 0, 0]
+            s = RawClient.connected(b.mqtt_port, "acl-eq")
+            assert s.subscribe([("a/+", 0), ("a/b", 0), ("a/#", 0)]) == [0x80, 0, 0]
             s.close()
 
     def test_denied_publish_is_acknowledged_and_dropped(self, tmp_path):
         """[MQTT-3.3.5-2]: a PUBLISH the ACL refuses gets its PUBACK and goes nowhere."""
         rules = '{deny, {user, "bob"}, publish, ["secret/#"]}.\n{allow, all}.\n'
         with _acl_broker(tmp_path, rules) as b:
-            sub = _raw_session(b.mqtt_port, "acl-watch")
-            assert _suback_codes(sub, 1, [("secret/#", 0)]) == [0]
-            bob = _raw_session(b.mqtt_port, "bob-1", username="bob")
-            alice = _raw_session(b.mqtt_port, "alice-1", username="alice")
+            sub = RawClient.connected(b.mqtt_port, "acl-watch")
+            assert sub.subscribe([("secret/#", 0)]) == [0]
+            bob = RawClient.connected(b.mqtt_port, "bob-1", username="bob")
+            alice = RawClient.connected(b.mqtt_port, "alice-1", username="alice")
             dropped = b.metrics()["messages/dropped"]
-            bob.sendall(gen_publish("secret/x", b"from bob", qos=1, pid=7))
-            assert _recv_exact(bob, 4) == b"\x40\x02\x00\x07"
-            alice.sendall(gen_publish("secret/x", b"from alice"))
-            assert _recv_exact(sub, len(gen_publish("secret/x", b"from alice"))) == \
+            bob.send(gen_publish("secret/x", b"from bob", qos=1, pid=7))
+            assert bob.read_bytes(4) == b"\x40\x02\x00\x07"
+            alice.send(gen_publish("secret/x", b"from alice"))
+            assert sub.read_bytes(len(gen_publish("secret/x", b"from alice"))) == \
                 gen_publish("secret/x", b"from alice")
             assert b.metrics()["messages/dropped"] == dropped + 1
             for s in (sub, bob, alice):
@@ -3489,12 +3620,12 @@ class TestAcl:
         rules = ('{allow, all, subscribe, ["users/%u/#", "clients/%c/#"]}.\n'
                  '{deny, all, subscribe, ["users/#", "clients/#"]}.\n')
         with _acl_broker(tmp_path, rules) as b:
-            s = _raw_session(b.mqtt_port, "dev-9", username="carol")
-            assert _suback_codes(s, 1, [("users/carol/x", 0), ("users/dave/x", 0),
+            s = RawClient.connected(b.mqtt_port, "dev-9", username="carol")
+            assert s.subscribe([("users/carol/x", 0), ("users/dave/x", 0),
                                         ("clients/dev-9/#", 0), ("clients/dev-8/#", 0)]) == \
                 [0, 0x80, 0, 0x80]
-            anon = _raw_session(b.mqtt_port, "anon-1")
-            assert _suback_codes(anon, 1, [("users/%u/x", 0)]) == [0x80]
+            anon = RawClient.connected(b.mqtt_port, "anon-1")
+            assert anon.subscribe([("users/%u/x", 0)]) == [0x80]
             s.close()
             anon.close()
 
@@ -3504,10 +3635,10 @@ class TestAcl:
                  '{allow, {ipaddr, "10.0.0.0/8"}, subscribe, ["remote/#"]}.\n'
                  '{deny, all}.\n')
         with _acl_broker(tmp_path, rules) as b:
-            s = _raw_session(b.mqtt_port, "someone")
-            assert _suback_codes(s, 1, [("local/a", 0), ("remote/a", 0)]) == [0, 0x80]
-            blocked = _raw_session(b.mqtt_port, "blocked")
-            assert _suback_codes(blocked, 1, [("local/a", 0)]) == [0x80]
+            s = RawClient.connected(b.mqtt_port, "someone")
+            assert s.subscribe([("local/a", 0), ("remote/a", 0)]) == [0, 0x80]
+            blocked = RawClient.connected(b.mqtt_port, "blocked")
+            assert blocked.subscribe([("local/a", 0)]) == [0x80]
             s.close()
             blocked.close()
 
@@ -3515,13 +3646,13 @@ class TestAcl:
         rules = ('{allow, all, subscribe, ["a/#"]}.\n'
                  '{deny, all, subscribe, ["a/b"]}.\n')
         with _acl_broker(tmp_path, rules, acl_nomatch="deny") as b:
-            s = _raw_session(b.mqtt_port, "order")
-            assert _suback_codes(s, 1, [("a/b", 0), ("z", 0)]) == [0, 0x80]
+            s = RawClient.connected(b.mqtt_port, "order")
+            assert s.subscribe([("a/b", 0), ("z", 0)]) == [0, 0x80]
             s.close()
 
     def test_default_acl_lets_localhost_do_everything(self, broker):
-        s = _raw_session(broker.mqtt_port, "local")
-        assert _suback_codes(s, 1, [("#", 0), ("$SYS/#", 0)]) == [0, 0]
+        s = RawClient.connected(broker.mqtt_port, "local")
+        assert s.subscribe([("#", 0), ("$SYS/#", 0)]) == [0, 0]
         s.close()
 
     def test_bad_acl_file_stops_startup_with_its_line(self, tmp_path):
@@ -3610,10 +3741,10 @@ class TestSlowConsumer:
     def test_send_timeout_closes_stalled_client(self, make_broker):
         """send_timeout: a client whose socket stays full is disconnected."""
         b = make_broker(max_outbuf=16 * 1024, send_timeout=0.5)
-        slow = socket.create_connection((HOST, b.mqtt_port))
-        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow = RawClient(b.mqtt_port)
+        slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         try:
-            slow.sendall(gen_connect("stall") + gen_subscribe(1, [("st", 0)]))
+            slow.send(gen_connect("stall") + gen_subscribe(1, [("st", 0)]))
             assert wait_until(lambda: b.subscriptions("stall"))
             pad = b"z" * 4096
             deadline = time.monotonic() + 5
@@ -3890,74 +4021,34 @@ class TestEmbedding:
 # Listeners: TLS, WebSocket, secure WebSocket, max_clients
 ###############################################################################
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate."""
-    trustme = pytest.importorskip("trustme")
-    ca = trustme.CA()
-    d = tmp_path_factory.mktemp("pki")
-    files = {name: str(d / name) for name in ("ca.pem", "server.pem", "server.key",
-                                               "client.pem", "client.key")}
-    ca.cert_pem.write_to_path(files["ca.pem"])
-    server = ca.issue_cert("127.0.0.1", "localhost")
-    server.cert_chain_pems[0].write_to_path(files["server.pem"])
-    server.private_key_pem.write_to_path(files["server.key"])
-    client = ca.issue_cert("client-7", common_name="client-7")
-    client.cert_chain_pems[0].write_to_path(files["client.pem"])
-    client.private_key_pem.write_to_path(files["client.key"])
-    return files
-
-
 def _tls_broker(pki, **kw):
     return emqx_lite.Broker("127.0.0.1", 0, None, ssl_port=0, ws_port=0, wss_port=0,
                             certfile=pki["server.pem"], keyfile=pki["server.key"],
                             cacertfile=pki["ca.pem"], **kw)
 
 
-def _paho(cid, port, transport="tcp", ca=None, cert=None, key=None):
-    """A connected paho client whose messages land in ``client.inbox``."""
-    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=cid, transport=transport)
-    if ca:
-        c.tls_set(ca_certs=ca, certfile=cert, keyfile=key)
-    c.inbox = queue.Queue()
-    connected, subscribed = threading.Event(), threading.Event()
-    c.on_connect = lambda *a: connected.set()
-    c.on_subscribe = lambda *a: subscribed.set()
-    c.on_message = lambda cl, u, m: c.inbox.put((m.topic, m.payload, m.qos))
-    c.connect("127.0.0.1", port)
-    c.loop_start()
-    assert connected.wait(5), cid
-    c.subscribed = subscribed
-    return c
-
-
-def _close(*clients):
-    for c in clients:
-        c.disconnect()
-        c.loop_stop()
-
-
 class TestListeners:
     def test_every_listener_type_carries_the_same_mqtt(self, pki):
         """tcp, ssl, ws and wss clients publish to and receive from each other."""
         with _tls_broker(pki) as b:
-            clients = [_paho("tcp", b.mqtt_port), _paho("ssl", b.ssl_port, ca=pki["ca.pem"]),
-                       _paho("ws", b.ws_port, "websockets"),
-                       _paho("wss", b.wss_port, "websockets", ca=pki["ca.pem"])]
+            clients = [PahoClient(b.mqtt_port, "tcp"),
+                       PahoClient(b.ssl_port, "ssl", ca=pki["ca.pem"]),
+                       PahoClient(b.ws_port, "ws", transport="websockets"),
+                       PahoClient(b.wss_port, "wss", transport="websockets", ca=pki["ca.pem"])]
             try:
                 for c in clients:
                     c.subscribe("mix/#", 1)
-                    assert c.subscribed.wait(5)
                 big = bytes(range(256)) * 1000   # spans many TLS records and WebSocket frames
                 for c in clients:
-                    c.publish("mix/" + c._client_id.decode(), big, qos=1).wait_for_publish(5)
+                    c.publish("mix/" + c.client_id, big, qos=1)
                 for c in clients:
-                    got = sorted(c.inbox.get(timeout=5)[0] for _ in clients)
+                    got = sorted(c.get().topic for _ in clients)
                     assert got == ["mix/ssl", "mix/tcp", "mix/ws", "mix/wss"]
                 protocols = [(l["protocol"], l["current_clients"]) for l in b.listener_infos()]
                 assert protocols == [("mqtt:tcp", 1), ("mqtt:ssl", 1), ("mqtt:ws", 1), ("mqtt:wss", 1)]
             finally:
-                _close(*clients)
+                for c in clients:
+                    c.disconnect()
 
     def test_tls_client_certificate_required(self, pki):
         """fail_if_no_peer_cert: a client without a certificate cannot connect;
@@ -3975,39 +4066,37 @@ class TestListeners:
                         tls.sendall(gen_connect("nocert"))
                         if not tls.recv(4):
                             raise ConnectionError("closed")
-            c = _paho("withcert", b.ssl_port, ca=pki["ca.pem"], cert=pki["client.pem"],
-                      key=pki["client.key"])
+            c = PahoClient(b.ssl_port, "withcert", ca=pki["ca.pem"], cert=pki["client.pem"],
+                           key=pki["client.key"])
             try:
                 assert b.clients()[0]["username"] == "client-7"
             finally:
-                _close(c)
+                c.disconnect()
 
     def test_tls_optional_client_certificate(self, pki):
         """verify without fail_if_no_peer_cert: clients with or without a certificate connect."""
         with _tls_broker(pki, verify=True) as b:
-            a = _paho("a", b.ssl_port, ca=pki["ca.pem"])
-            c = _paho("c", b.ssl_port, ca=pki["ca.pem"], cert=pki["client.pem"], key=pki["client.key"])
-            _close(a, c)
+            a = PahoClient(b.ssl_port, "a", ca=pki["ca.pem"])
+            c = PahoClient(b.ssl_port, "c", ca=pki["ca.pem"], cert=pki["client.pem"],
+                           key=pki["client.key"])
+            a.disconnect()
+            c.disconnect()
 
     def test_tls_garbage_closes_only_that_connection(self, pki):
         with _tls_broker(pki) as b:
-            healthy = _paho("healthy", b.mqtt_port)
+            healthy = PahoClient(b.mqtt_port, "healthy")
             try:
-                s = socket.create_connection(("127.0.0.1", b.ssl_port), timeout=5)
-                s.sendall(b"\x16\x03\x01\x00\x05hello-not-tls" * 10)
-                try:   # the broker may answer with a TLS alert, then closes
-                    while s.recv(4096):
-                        pass
-                except ConnectionError:
-                    pass
-                s.close()
+                r = RawClient(b.ssl_port)
+                r.send(b"\x16\x03\x01\x00\x05hello-not-tls" * 10)
+                # the broker may answer with a TLS alert, then closes
+                assert r.expect_closed(strict=False)
+                r.close()
                 assert wait_until(lambda: b.listener_infos()[1]["current_clients"] == 0)
                 healthy.subscribe("h/#", 0)
-                assert healthy.subscribed.wait(5)
                 b.publish("h/1", b"still here")
-                assert healthy.inbox.get(timeout=5)[:2] == ("h/1", b"still here")
+                assert fields(healthy.get())[:2] == ("h/1", b"still here")
             finally:
-                _close(healthy)
+                healthy.disconnect()
 
     def test_websocket_frames_split_and_joined(self):
         """[MQTT-6.0.0-2] a packet split over frames and [MQTT-6.0.0-3] several
@@ -4066,60 +4155,22 @@ class TestListeners:
 
     def test_max_clients_refuses_cleanly(self):
         with emqx_lite.Broker("127.0.0.1", 0, None, max_clients=2) as b:
-            a, c = _paho("mc-a", b.mqtt_port), _paho("mc-b", b.mqtt_port)
+            a, c = PahoClient(b.mqtt_port, "mc-a"), PahoClient(b.mqtt_port, "mc-b")
             try:
-                s = socket.create_connection(("127.0.0.1", b.mqtt_port), timeout=5)
-                s.sendall(gen_connect("mc-c"))
-                try:
-                    assert s.recv(4) == b""
-                except ConnectionError:
-                    pass
-                s.close()
+                r = RawClient(b.mqtt_port)
+                r.send(gen_connect("mc-c"))
+                assert r.expect_closed()
+                r.close()
                 assert b.listener_infos()[0]["shutdown_count"] == {"max_clients": 1}
                 assert len(b.clients()) == 2
             finally:
-                _close(a, c)
+                a.disconnect()
+                c.disconnect()
 
 
 ###############################################################################
 # Command line and configuration files
 ###############################################################################
-
-def _run_cli(*args, env=None, timeout=10):
-    import subprocess
-    import sys
-    return subprocess.run([sys.executable, emqx_lite.__file__, *args], capture_output=True,
-                          text=True, timeout=timeout, env=dict(os.environ, **(env or {})))
-
-
-class _CliBroker:
-    """``python emqx_lite.py ...`` in a subprocess; ports read from its log lines."""
-
-    def __init__(self, *args, env=None):
-        import subprocess
-        import sys
-        self.proc = subprocess.Popen(
-            [sys.executable, emqx_lite.__file__, "--log-level", "info", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env=dict(os.environ, **(env or {})))
-        self.ports, self.lines = {}, []
-        while "mqtt:tcp" not in self.ports or "api" not in self.ports:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise AssertionError("broker exited: %s" % "".join(self.lines))
-            self.lines.append(line)
-            m = re.search(r"Listening for MQTT \((mqtt:\w+)\) on [\d.]+:(\d+)", line)
-            if m:
-                self.ports[m.group(1)] = int(m.group(2))
-            m = re.search(r"REST API \(waitress\) on http://[\d.]+:(\d+)/", line)
-            if m:
-                self.ports["api"] = int(m.group(1))
-
-    def stop(self, sig=signal.SIGTERM):
-        self.proc.send_signal(sig)
-        out, _ = self.proc.communicate(timeout=10)
-        return self.proc.returncode, "".join(self.lines) + out
-
 
 class TestCommandLine:
     def test_help_lists_the_flags(self):
@@ -4142,15 +4193,12 @@ class TestCommandLine:
             status = urllib.request.urlopen("http://127.0.0.1:%d/status" % broker.ports["api"],
                                             timeout=5).read()
             assert status.startswith(b"Node fromflag@host is started")
-            ok = _raw_session(broker.ports["mqtt:tcp"], "small")
-            ok.sendall(gen_pingreq())
-            assert _recv_exact(ok, 2) == b"\xd0\x00"
-            big = _raw_session(broker.ports["mqtt:tcp"], "big")
-            big.sendall(gen_publish("t", b"x" * 2000))   # over the environment's 1KB
-            try:
-                assert big.recv(10) == b""
-            except ConnectionError:
-                pass
+            ok = RawClient.connected(broker.ports["mqtt:tcp"], "small")
+            ok.send(gen_pingreq())
+            assert ok.read_bytes(2) == b"\xd0\x00"
+            big = RawClient.connected(broker.ports["mqtt:tcp"], "big")
+            big.send(gen_publish("t", b"x" * 2000))   # over the environment's 1KB
+            assert big.expect_closed()
             ok.close()
             big.close()
         finally:
@@ -4160,10 +4208,10 @@ class TestCommandLine:
 
     def test_sigint_stops_cleanly(self):
         broker = _CliBroker("--bind", "127.0.0.1", "--mqtt-port", "0", "--http-port", "0")
-        s = _raw_session(broker.ports["mqtt:tcp"], "held")
+        s = RawClient.connected(broker.ports["mqtt:tcp"], "held")
         code, log = broker.stop(signal.SIGINT)
         assert code == 0, log
-        assert s.recv(10) == b""   # the connection was closed by the broker
+        assert s.sock.recv(10) == b""   # the connection was closed by the broker
         s.close()
 
     @pytest.mark.parametrize("text,message", [
@@ -4229,95 +4277,6 @@ API_STAT_NAMES = {n + s for n in ("clients", "retained", "routes", "sessions", "
 NODE = "emqx_lite@127.0.0.1"
 
 
-class Api:
-    """A tiny HTTP client for the REST API (http.client, one request each)."""
-
-    def __init__(self, port, user="admin", password="public"):
-        self.port, self.user, self.password = port, user, password
-
-    def request(self, method, path, body=None, auth=True, headers=None, raw_body=None):
-        import http.client
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        hdrs = dict(headers or {})
-        if auth is True:
-            token = base64.b64encode(("%s:%s" % (self.user, self.password)).encode()).decode()
-            hdrs["Authorization"] = "Basic " + token
-        elif isinstance(auth, str):
-            hdrs["Authorization"] = auth
-        data = raw_body if raw_body is not None else (
-            json.dumps(body).encode() if body is not None else None)
-        try:
-            conn.request(method, path if path.startswith("/") else "/api/v2/" + path,
-                         body=data, headers=hdrs)
-            resp = conn.getresponse()
-            content = resp.read()
-            return resp.status, resp.headers, content
-        finally:
-            conn.close()
-
-    def json(self, method, path, body=None, **kw):
-        status, headers, content = self.request(method, path, body, **kw)
-        assert status == 200, (status, content)
-        assert headers["Content-Type"].startswith("application/json")
-        return json.loads(content)
-
-    def get(self, path):
-        return self.json("GET", path)
-
-    def result(self, method, path, body=None):
-        reply = self.json(method, path, body)
-        assert reply["code"] == 0, reply
-        return reply["result"]
-
-
-#: A cheap password hash keeps REST tests fast; TestApiCredentials checks the real cost.
-FAST_HASH = {"api_password_iterations": 1000}
-
-
-@pytest.fixture
-def api_broker():
-    with emqx_lite.Broker("127.0.0.1", mqtt_port=0, http_port=0, **FAST_HASH) as b:
-        yield b
-
-
-@pytest.fixture
-def api(api_broker):
-    return Api(api_broker.http_port)
-
-
-@pytest.fixture
-def api_mqtt(api_broker):
-    """Factory of connected paho clients (MQTT 3.1.1) on the REST test broker."""
-    made = []
-
-    def make(client_id, clean_session=True, keepalive=60, username=None, will=None,
-             subscribe=None):
-        inbox = queue.Queue()
-        connected = threading.Event()
-        c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
-                        clean_session=clean_session, protocol=paho.MQTTv311)
-        c.inbox = inbox
-        if username:
-            c.username_pw_set(username, "pw")
-        if will:
-            c.will_set(*will)
-        c.on_message = lambda cl, u, m: inbox.put((m.topic, m.payload, m.qos, m.retain))
-        c.on_connect = lambda cl, u, f, rc, p: connected.set()
-        subscribed = threading.Event()
-        c.on_subscribe = lambda *a: subscribed.set()
-        c.connect("127.0.0.1", api_broker.mqtt_port, keepalive=keepalive)
-        c.loop_start()
-        made.append(c)
-        assert connected.wait(5)
-        if subscribe:
-            c.subscribe(subscribe)
-            assert subscribed.wait(5)
-        return c
-
-    yield make
-    for c in made:
-        c.disconnect()
-        c.loop_stop()
 
 
 class TestRestAuth:
@@ -4390,8 +4349,8 @@ class TestRestNodes:
 
 class TestRestClients:
     def test_client_rows_reflect_the_real_connection(self, api, api_mqtt):
-        c = api_mqtt("rest-c1", keepalive=42, username="alice")
-        local_port = c.socket().getsockname()[1]
+        c = api_mqtt("rest-c1", keepalive=42, username="alice", password="pw")
+        local_port = c.client.socket().getsockname()[1]
         page = api.result("GET", "nodes/%s/clients" % NODE)
         assert {k: page[k] for k in ("current_page", "page_size", "total_num", "total_page")} == \
             {"current_page": 1, "page_size": 20, "total_num": 1, "total_page": 1}
@@ -4432,11 +4391,9 @@ class TestRestClients:
     def test_delete_kicks_the_client_and_its_will_is_published(self, api, api_broker, api_mqtt):
         watcher = api_mqtt("watcher", subscribe=("wills/#", 1))
         victim = api_mqtt("victim", will=("wills/victim", b"gone", 1, False))
-        disconnected = threading.Event()
-        victim.on_disconnect = lambda *a: disconnected.set()
         assert api.result("DELETE", "clients/victim") == []
-        assert watcher.inbox.get(timeout=5)[:2] == ("wills/victim", b"gone")
-        assert disconnected.wait(5)
+        assert fields(watcher.get())[:2] == ("wills/victim", b"gone")
+        victim.disconnects.get(timeout=TIMEOUT)
         listeners = api.result("GET", "monitoring/listeners/" + NODE)
         assert listeners[0]["shutdown_count"] == {"kick": 1}
 
@@ -4490,12 +4447,12 @@ class TestRestPublishSubscribe:
         c = api_mqtt("rx", subscribe=("news/#", 2))
         assert api.result("POST", "mqtt/publish",
                           {"topic": "news/1", "payload": "hello", "qos": 1}) == []
-        assert c.inbox.get(timeout=5) == ("news/1", b"hello", 1, False)
+        assert fields(c.get()) == ("news/1", b"hello", 1, False)
         api.result("POST", "mqtt/publish", {"topic": "news/r", "payload": "kept", "qos": 2,
                                             "retain": True, "client_id": "C_1"})
-        assert c.inbox.get(timeout=5) == ("news/r", b"kept", 2, False)
+        assert fields(c.get()) == ("news/r", b"kept", 2, False)
         late = api_mqtt("late", subscribe=("news/r", 1))
-        assert late.inbox.get(timeout=5) == ("news/r", b"kept", 1, True)
+        assert fields(late.get()) == ("news/r", b"kept", 1, True)
         assert api_broker.metrics()["messages/received"] == 0   # REST is not an MQTT client
 
     def test_publish_defaults_and_dropped_metric(self, api, api_broker):
@@ -4519,10 +4476,10 @@ class TestRestPublishSubscribe:
         api.result("POST", "mqtt/publish", {"topic": "t/ret", "payload": "r", "retain": True, "qos": 1})
         c = api_mqtt("behalf")
         assert api.result("POST", "mqtt/subscribe", {"client_id": "behalf", "topic": "t/#", "qos": 1}) == []
-        assert c.inbox.get(timeout=5) == ("t/ret", b"r", 1, True)
+        assert fields(c.get()) == ("t/ret", b"r", 1, True)
         assert {"client_id": "behalf", "topic": "t/#", "qos": 1} in api_broker.subscriptions("behalf")
         api.result("POST", "mqtt/publish", {"topic": "t/x", "payload": "live", "qos": 1})
-        assert c.inbox.get(timeout=5) == ("t/x", b"live", 1, False)
+        assert fields(c.get()) == ("t/x", b"live", 1, False)
         assert api.result("POST", "mqtt/unsubscribe", {"client_id": "behalf", "topic": "t/#"}) == []
         assert "t/#" not in api_broker.routes()
 
@@ -4556,7 +4513,7 @@ class TestRestPluginsMetricsStatsListeners:
         api.result("POST", "mqtt/publish", {"topic": "keep/2", "payload": "b", "retain": True})
         c = api_mqtt("ret-off", subscribe=("keep/#", 0))
         api.result("POST", "mqtt/publish", {"topic": "keep/3", "payload": "c"})
-        assert c.inbox.get(timeout=5)[:2] == ("keep/3", b"c")   # no retained message first
+        assert fields(c.get())[:2] == ("keep/3", b"c")   # no retained message first
         assert api.result("PUT", path, {"active": True}) == []
         assert api.json("PUT", path, {"active": True}) == {"code": 110, "message": "already_started"}
         assert [r["topic"] for r in api_broker.retained() if r["topic"].startswith("keep/")] == ["keep/1"]
@@ -4576,21 +4533,16 @@ class TestRestPluginsMetricsStatsListeners:
             rest.result("PUT", "nodes/%s/plugins/emqx_auth_username" % NODE, {"active": True})
             codes = []
             for password in ("wrong", "secret"):
-                c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="auth-" + password)
-                c.username_pw_set("u1", password)
-                done = threading.Event()
-                c.on_connect = lambda cl, u, f, rc, p: (codes.append(str(rc)), done.set())
-                c.connect("127.0.0.1", b.mqtt_port)
-                c.loop_start()
-                assert done.wait(5)
+                c = PahoClient(b.mqtt_port, "auth-" + password, username="u1", password=password,
+                               connect=False)
+                codes.append(c.connect())
                 c.disconnect()
-                c.loop_stop()
             assert codes == ["Bad user name or password", "Success"]
 
     def test_metrics_and_stats_names_and_values(self, api, api_broker, api_mqtt):
         api_mqtt("m-sub", subscribe=("m/#", 1))
         pub = api_mqtt("m-pub")
-        pub.publish("m/1", b"x", qos=1).wait_for_publish(5)
+        pub.publish("m/1", b"x", qos=1)
         all_metrics = api.result("GET", "monitoring/metrics")
         assert list(all_metrics) == [NODE]
         metrics = all_metrics[NODE]
@@ -4691,26 +4643,6 @@ def _closed_by_peer(sock, timeout):
         return False
 
 
-def _mqtt_roundtrip(port, n=50):
-    """A paho pair exchanges n QoS 1 messages; returns how many arrived."""
-    sub = _paho("rt-sub-%d" % random.randrange(10 ** 9), port)
-    pub = _paho("rt-pub-%d" % random.randrange(10 ** 9), port)
-    try:
-        sub.subscribe("rt/t", 1)
-        assert sub.subscribed.wait(TIMEOUT)
-        for i in range(n):
-            pub.publish("rt/t", str(i), qos=1)
-        got = []
-        try:
-            while len(got) < n:
-                got.append(sub.inbox.get(timeout=TIMEOUT))
-        except queue.Empty:
-            pass
-        return len(got)
-    finally:
-        _close(sub, pub)
-
-
 class TestApiHardening:
     """The management API holds under load and abuse."""
 
@@ -4735,7 +4667,7 @@ class TestApiHardening:
             api = Api(broker.ports["api"])
             assert api.get("monitoring/stats")["code"] == 0
             for i in range(1100):
-                socks.append(_raw_session(broker.ports["mqtt:tcp"], "fd%d" % i))
+                socks.append(RawClient.connected(broker.ports["mqtt:tcp"], "fd%d" % i))
             assert wait_until(lambda: api.get("monitoring/stats")["result"][NODE]
                               ["clients/count"] == 1100, timeout=30)
             nodes = api.get("monitoring/nodes")["result"]
@@ -4886,7 +4818,7 @@ class TestApiHardening:
             s.sendall(body)
             status, _, rest = _http_head(s)
             assert status == 200
-            assert sub.inbox.get(timeout=TIMEOUT)[:2] == ("late/body", b"ok")
+            assert fields(sub.get())[:2] == ("late/body", b"ok")
         finally:
             s.close()
 
@@ -4929,7 +4861,7 @@ class TestApiHardening:
         reply = json.loads(api.request("POST", "mqtt/publish", headers=curl,
                                        raw_body=b'{"topic":"csrf/curl","payload":"y"}')[2])
         assert reply["code"] == 0
-        assert sub.inbox.get(timeout=TIMEOUT)[:2] == ("csrf/curl", b"y")   # the forged one never came
+        assert fields(sub.get())[:2] == ("csrf/curl", b"y")   # the forged one never came
 
     @pytest.mark.parametrize("method,path,body", [
         ("DELETE", "clients/someone", None), ("PUT", "nodes/%s/plugins/emqx_retainer" % NODE,
@@ -5072,7 +5004,7 @@ class TestApiHardening:
             for t in threads:
                 t.start()
             try:
-                assert _mqtt_roundtrip(b.mqtt_port, 200) == 200
+                assert roundtrip(b.mqtt_port, 200) == 200
             finally:
                 stop.set()
                 for t in threads:
@@ -5108,7 +5040,7 @@ class TestApiHardening:
                 assert _closed_by_peer(plain, TIMEOUT)
             finally:
                 plain.close()
-            assert _mqtt_roundtrip(b.mqtt_port, 5) == 5
+            assert roundtrip(b.mqtt_port, 5) == 5
 
     def test_https_api_can_require_a_client_certificate(self, pki):
         with emqx_lite.Broker("127.0.0.1", None, 0, api_certfile=pki["server.pem"],
@@ -5172,11 +5104,11 @@ class TestLiveFuzz:
                 r = random.Random(seed)
                 for _ in range(FUZZ_PACKETS // 12):
                     try:
-                        s = socket.create_connection(("127.0.0.1", b.mqtt_port), timeout=2)
+                        s = RawClient(b.mqtt_port, timeout=2)
                         if r.random() < 0.5:
-                            s.sendall(gen_connect("fz-a%d" % seed))
+                            s.send(gen_connect("fz-a%d" % seed))
                         for _ in range(r.randint(1, 5)):
-                            s.sendall(_random_packet(r))
+                            s.send(_random_packet(r))
                             tried[0] += 1
                         s.close()
                     except OSError:
