@@ -20,6 +20,7 @@ import socket
 import ssl
 import threading
 import time
+import types
 import urllib.error
 import urllib.request
 
@@ -717,8 +718,11 @@ class TestCodecProperties:
 # Pure tests: topic matching
 ###############################################################################
 
+#: (filter, topic, matches): MQTT 3.1.1 section 4.7, plus EMQ X 2.x shared
+#: subscriptions ($queue/<filter>, $share/<group>/<filter>: the group's one
+#: member gets what <filter> matches). The same rows drive the pure tests below
+#: (topic_matches, TopicTree) and the live ones in Test02Subscribe.
 MATCH_TABLE = [
-    # (filter, topic, matches)  -- MQTT 3.1.1 section 4.7
     ("a/b", "a/b", True),
     ("a/b", "A/b", False),
     ("a/b", "a/b/", False),
@@ -759,7 +763,102 @@ MATCH_TABLE = [
     ("a/#", "a/$SYS", True),
     ("caf\u00e9/+", "caf\u00e9/x", True),
     ("caf\u00e9/+", "cafe/x", False),
+    ("$share/g/sport/+", "sport/tennis", True),
+    ("$share/g/sport/+", "sport", False),
+    ("$queue/sport/#", "sport", True),                                  # [MQTT-4.7.1-2]
+    ("$queue/+/b", "a/b", True),
+    ("$share/g/#", "$SYS/monitor/Clients", False),                      # [MQTT-4.7.2-1]
+    ("$queue/+/monitor/Clients", "$SYS/monitor/Clients", False),        # [MQTT-4.7.2-1]
+    ("$share/g/$SYS/#", "$SYS/monitor/Clients", True),
 ]
+
+#: parametrize a test over every row of MATCH_TABLE
+match_table = pytest.mark.parametrize("flt,topic,matches", MATCH_TABLE,
+                                      ids=["%s~%s" % (f, t) for f, t, _ in MATCH_TABLE])
+
+
+def shared_group(topic_filter):
+    """EMQ X 2.x: '$queue/t' -> ('$queue', 't'), '$share/g/t' -> ('g', 't'),
+    a plain filter -> (None, filter)."""
+    if topic_filter.startswith("$queue/"):
+        return "$queue", topic_filter[len("$queue/"):]
+    if topic_filter.startswith("$share/"):
+        group, _, real = topic_filter[len("$share/"):].partition("/")
+        return group, real
+    return None, topic_filter
+
+
+def subscriber(client_id):
+    """What TopicTree stores for a subscriber: anything with a client_id."""
+    return types.SimpleNamespace(client_id=client_id)
+
+
+class TestTopicMatching:
+
+    @match_table
+    def test_topic_matches(self, flt, topic, matches):
+        """topic_matches(filter, topic) for the filter a subscription routes by
+        (a shared subscription's without its prefix): 4.7, the '$' rule
+        [MQTT-4.7.2-1], '#' matching the parent level [MQTT-4.7.1-2]."""
+        assert emqx_lite.topic_matches(shared_group(flt)[1], topic) is matches
+
+    @match_table
+    def test_topic_tree_match(self, flt, topic, matches):
+        """A TopicTree holding one subscription finds it for exactly the topics
+        the filter matches; once removed it finds nothing."""
+        tree = emqx_lite.TopicTree()
+        group, real = shared_group(flt)
+        tree.add(real, group, subscriber("c"), 1)
+        found, shared = tree.match(topic)
+        assert [(s.client_id, qos) for s, qos in found.values()] == ([("c", 1)] if matches else [])
+        assert shared is (matches and group is not None)
+        assert tree.remove(real, group, "c") is True
+        assert tree.match(topic) == ({}, False)
+
+    def test_topic_tree_holds_every_filter_of_the_table_at_once(self):
+        """All the table's filters in one trie, one subscriber each (named after
+        its filter): every row still holds, and removing them all leaves none."""
+        tree = emqx_lite.TopicTree()
+        filters = sorted({f for f, _, _ in MATCH_TABLE})
+        for f in filters:
+            group, real = shared_group(f)
+            tree.add(real, group, subscriber(f), 0)
+        for f, topic, matches in MATCH_TABLE:
+            found, _ = tree.match(topic)
+            assert (f in {s.client_id for s, _ in found.values()}) is matches, (f, topic)
+        for f in filters:
+            group, real = shared_group(f)
+            tree.remove(real, group, f)
+        for _, topic, _ in MATCH_TABLE:
+            assert tree.match(topic) == ({}, False)
+
+    def test_topic_tree_one_entry_per_client_at_the_highest_qos(self):
+        """[MQTT-3.3.5-1] overlapping subscriptions of one client give one
+        delivery, at the maximum QoS of the matching subscriptions."""
+        tree = emqx_lite.TopicTree()
+        s = subscriber("ov")
+        for flt, qos in (("ov/+", 0), ("ov/#", 2), ("ov/x", 1), ("other", 2)):
+            tree.add(flt, None, s, qos)
+        assert tree.match("ov/x") == ({"ov": (s, 2)}, False)
+        assert tree.remove("ov/#", None, "ov") is True
+        assert tree.match("ov/x") == ({"ov": (s, 1)}, False)
+
+    def test_topic_tree_shared_group_members_take_turns(self):
+        """A shared group delivers each message to one member, round robin;
+        a plain subscriber to the same filter gets every message."""
+        tree = emqx_lite.TopicTree()
+        a, b, plain = subscriber("a"), subscriber("b"), subscriber("plain")
+        tree.add("sh/t", "g", a, 1)
+        tree.add("sh/t", "g", b, 1)
+        tree.add("sh/t", None, plain, 0)
+        picks = []
+        for _ in range(4):
+            found, shared = tree.match("sh/t")
+            assert shared is True
+            ids = sorted(s.client_id for s, _ in found.values())
+            assert "plain" in ids and len(ids) == 2
+            picks.append([i for i in ids if i != "plain"][0])
+        assert picks[0] != picks[1] and picks[:2] == picks[2:]
 
 ###############################################################################
 # Pure tests: configuration and ACL parsers
@@ -1648,8 +1747,7 @@ class Test02Subscribe:
         r.send(gen_subscribe(1, [("a", 3)]))
         assert r.expect_closed()
 
-    @pytest.mark.parametrize("flt,topic,matches", MATCH_TABLE,
-                             ids=["%s~%s" % (f, t) for f, t, _ in MATCH_TABLE])
+    @match_table
     def test_wildcard_matching(self, raw, broker, flt, topic, matches):
         """MQTT 3.1.1 section 4.7 matching rules, including the '$' rule
         [MQTT-4.7.2-1] and '#' matching the parent level [MQTT-4.7.1-2].
@@ -1665,12 +1763,12 @@ class Test02Subscribe:
             m = next_of(r, (topic, "zz/sentinel"))
         assert m["topic"] == "zz/sentinel"
 
-    @pytest.mark.parametrize("flt,topic,matches", MATCH_TABLE,
-                             ids=["%s~%s" % (f, t) for f, t, _ in MATCH_TABLE])
+    @match_table
     def test_wildcard_matching_retained(self, raw, broker, flt, topic, matches):
         """The same matching table applied to retained messages sent on
         subscribe [MQTT-3.3.1-6]: a second SUBSCRIBE whose retained sentinel
-        arrives after proves a non-match."""
+        arrives after proves a non-match. A shared subscription gets no retained
+        messages (EMQ X 2.x), so its rows expect none."""
         broker.publish(topic, b"probe", retain=True)
         broker.publish("zz/sentinel", b"end", retain=True)
         r = raw()
@@ -1685,7 +1783,7 @@ class Test02Subscribe:
                     break
                 assert m["retain"] is True
                 topics.append(m["topic"])
-        assert (topic in topics) == matches, topics
+        assert (topic in topics) == (matches and shared_group(flt)[0] is None), topics
 
     @both
     def test_overlapping_subscriptions_one_copy_highest_qos(self, raw, broker, proto):
