@@ -46,6 +46,28 @@ FUZZ_EXAMPLES = int(os.environ.get("EMQX_LITE_FUZZ_EXAMPLES", "200"))
 FUZZ_PACKETS = int(os.environ.get("EMQX_LITE_FUZZ_PACKETS", "600"))
 SOAK_SECONDS = float(os.environ.get("EMQX_LITE_SOAK_SECONDS", "3"))
 
+#: The default node name, in $SYS topics and the REST API.
+NODE = "emqx_lite@127.0.0.1"
+
+#: EMQ X 2.x's metric and stat names, written out here rather than taken from
+#: emqx_lite.METRIC_NAMES / STAT_NAMES: the broker's dicts are built from those.
+EMQX_METRIC_NAMES = {
+    "packets/disconnect", "messages/dropped", "messages/qos2/received", "packets/suback",
+    "packets/pubcomp/received", "packets/unsuback", "packets/pingresp",
+    "packets/puback/missed", "packets/pingreq", "messages/retained", "packets/sent",
+    "messages/qos2/dropped", "packets/unsubscribe", "packets/pubrec/missed",
+    "packets/connack", "messages/received", "packets/pubrec/sent",
+    "packets/publish/received", "packets/pubcomp/sent", "bytes/received",
+    "packets/connect", "packets/puback/received", "messages/sent", "packets/publish/sent",
+    "bytes/sent", "packets/pubrel/missed", "packets/puback/sent", "messages/qos0/received",
+    "packets/subscribe", "packets/pubrel/sent", "messages/forward", "messages/qos2/sent",
+    "packets/received", "packets/pubrel/received", "messages/qos1/received",
+    "messages/qos1/sent", "packets/pubrec/received", "packets/pubcomp/missed",
+    "messages/qos0/sent",
+}
+EMQX_STAT_NAMES = {n + s for n in ("clients", "retained", "routes", "sessions", "subscribers",
+                                   "subscriptions", "topics") for s in ("/count", "/max")}
+
 PROTOS = [pytest.param(3, id="mqtt31"), pytest.param(4, id="mqtt311")]
 #: parametrize a test over MQTT 3.1 (MQIsdp, level 3) and 3.1.1 (MQTT, level 4)
 both = pytest.mark.parametrize("proto", PROTOS)
@@ -2987,9 +3009,6 @@ class Test08Shared:
 # 09 $SYS topics and presence events
 ###############################################################################
 
-NODE = "emqx_lite@127.0.0.1"
-
-
 class Test09Sys:
 
     @pytest.fixture
@@ -3112,10 +3131,10 @@ class Test10Metrics:
 
     def test_all_names_present_and_zero_on_fresh_broker(self, broker):
         metrics = broker.metrics()
-        assert set(metrics) == set(emqx_lite.METRIC_NAMES)
+        assert set(metrics) == EMQX_METRIC_NAMES
         assert all(v == 0 for k, v in metrics.items() if k != "messages/retained")
         stats = broker.stats()
-        assert set(stats) == {n + s for n in emqx_lite.STAT_NAMES for s in ("/count", "/max")}
+        assert set(stats) == EMQX_STAT_NAMES
         assert stats["clients/count"] == 0
 
     def test_exact_counts_after_known_sequence(self, broker):
@@ -4356,23 +4375,6 @@ class TestCommandLine:
 # REST API (EMQ X 2.x api/v2) — every request goes over real HTTP to waitress
 ###############################################################################
 
-API_METRIC_NAMES = {
-    "packets/disconnect", "messages/dropped", "messages/qos2/received", "packets/suback",
-    "packets/pubcomp/received", "packets/unsuback", "packets/pingresp",
-    "packets/puback/missed", "packets/pingreq", "messages/retained", "packets/sent",
-    "messages/qos2/dropped", "packets/unsubscribe", "packets/pubrec/missed",
-    "packets/connack", "messages/received", "packets/pubrec/sent",
-    "packets/publish/received", "packets/pubcomp/sent", "bytes/received",
-    "packets/connect", "packets/puback/received", "messages/sent", "packets/publish/sent",
-    "bytes/sent", "packets/pubrel/missed", "packets/puback/sent", "messages/qos0/received",
-    "packets/subscribe", "packets/pubrel/sent", "messages/forward", "messages/qos2/sent",
-    "packets/received", "packets/pubrel/received", "messages/qos1/received",
-    "messages/qos1/sent", "packets/pubrec/received", "packets/pubcomp/missed",
-    "messages/qos0/sent",
-}
-API_STAT_NAMES = {n + s for n in ("clients", "retained", "routes", "sessions", "subscribers",
-                                  "subscriptions", "topics") for s in ("/count", "/max")}
-NODE = "emqx_lite@127.0.0.1"
 
 
 
@@ -4644,12 +4646,12 @@ class TestRestPluginsMetricsStatsListeners:
         all_metrics = api.result("GET", "monitoring/metrics")
         assert list(all_metrics) == [NODE]
         metrics = all_metrics[NODE]
-        assert set(metrics) == API_METRIC_NAMES
+        assert set(metrics) == EMQX_METRIC_NAMES
         assert all(type(v) is int for v in metrics.values())
         assert metrics["packets/connect"] == 2 and metrics["messages/qos1/received"] == 1
         assert api.result("GET", "monitoring/metrics/" + NODE)["packets/subscribe"] == 1
         stats = api.result("GET", "monitoring/stats")[NODE]
-        assert set(stats) == API_STAT_NAMES and list(stats) == sorted(stats)
+        assert set(stats) == EMQX_STAT_NAMES and list(stats) == sorted(stats)
         assert stats["clients/count"] == 2 and stats["subscriptions/count"] == 1
         assert stats["routes/count"] == stats["topics/count"] == 1
         assert api.result("GET", "monitoring/stats/" + NODE)["sessions/count"] == 2
