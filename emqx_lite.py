@@ -2015,41 +2015,43 @@ class BrokerCore:
     def subscribe(self, session, topics):
         """Subscribe ``session`` to [(filter, qos)]; return (return_codes, retained)
         where retained is [(msg, qos)] to send after the SUBACK [MQTT-3.3.1-6]."""
-        codes, retained = [], []
         if self.rewrite_rules and self.modules_enabled:
             topics = [(self.rewrite(t), q) for t, q in topics]
+        retained = []
         with self.lock:
             if self.sessions.get(session.client_id) is not session:
                 # discarded (clean session ended or taken over): never route to it again
                 return [SUBACK_FAILURE] * len(topics), []
-            limit = self.settings["max_subscriptions"]
-            for topic_filter, qos in topics:
-                if not (validate_topic_filter(topic_filter)
-                        and topic_within_limits(topic_filter, self.settings)):
-                    codes.append(SUBACK_FAILURE)   # [MQTT-3.9.3-2]
-                    continue
-                group, real = parse_share(topic_filter)
-                with session.lock:
-                    is_new = topic_filter not in session.subscriptions
-                    if is_new and limit and len(session.subscriptions) >= limit:
-                        codes.append(SUBACK_FAILURE)
-                        continue
-                    session.subscriptions[topic_filter] = qos
-                self._route_cache.clear()
-                if self.router.add(real, group, session, qos):
-                    self.routes[real] = 0
-                if is_new:
-                    self.routes[real] += 1
-                    self.subscription_count += 1
-                    if real.startswith("$SYS"):
-                        self.sys_subscriptions += 1
-                codes.append(qos)
-                if group is None and self.retainer_enabled:
-                    for msg in self.retained.values():
-                        if topic_matches(real, msg.topic):
-                            retained.append((msg, min(qos, msg.qos)))
+            codes = [self._subscribe_locked(session, topic_filter, qos, retained)
+                     for topic_filter, qos in topics]
             self._update_stats_locked()
         return codes, retained
+
+    def _subscribe_locked(self, session, topic_filter, qos, retained):
+        """One filter of a SUBSCRIBE: the granted QoS or SUBACK_FAILURE; the
+        retained messages it matches are added to ``retained``."""
+        if not (validate_topic_filter(topic_filter)
+                and topic_within_limits(topic_filter, self.settings)):
+            return SUBACK_FAILURE   # [MQTT-3.9.3-2]
+        limit = self.settings["max_subscriptions"]
+        with session.lock:
+            is_new = topic_filter not in session.subscriptions
+            if is_new and limit and len(session.subscriptions) >= limit:
+                return SUBACK_FAILURE
+            session.subscriptions[topic_filter] = qos
+        group, real = parse_share(topic_filter)
+        self._route_cache.clear()
+        if self.router.add(real, group, session, qos):
+            self.routes[real] = 0
+        if is_new:
+            self.routes[real] += 1
+            self.subscription_count += 1
+            if real.startswith("$SYS"):
+                self.sys_subscriptions += 1
+        if group is None and self.retainer_enabled:
+            retained.extend((msg, min(qos, msg.qos)) for msg in self.retained.values()
+                            if topic_matches(real, msg.topic))
+        return qos
 
     def unsubscribe(self, session, filters):
         if self.rewrite_rules and self.modules_enabled:
@@ -2328,7 +2330,7 @@ class Connection:
                  "session", "acl", "connected_at", "opened_at", "last_recv", "close_reason",
                  "thread", "out_lock", "_out", "_wire", "out_bytes", "blocked",
                  "blocked_since", "_closed", "_batch", "_disconnecting", "held",
-                 "held_since", "waiting_on")
+                 "held_since", "waiting_on", "_recv_size")
 
     def __init__(self, hooks, core, sock, peer, listener):
         self.hooks = hooks
@@ -2364,6 +2366,7 @@ class Connection:
         self.held_since = None
         self.waiting_on = set()       # congested sessions the held acks wait for
         self._disconnecting = False
+        self._recv_size = _RECV_MIN   # bytes the next recv asks for (adaptive)
 
     def __repr__(self):
         return "<Connection %s %s:%s>" % (self.client_id, self.peer[0], self.peer[1])
@@ -2398,33 +2401,17 @@ class Connection:
             self.core.retire_counts()
 
     def _read_loop(self):
-        sock, counts = self.sock, self.core.counts()
+        """Read, frame and handle every complete packet of each recv, then
+        run the batch they made (see the module docstring)."""
+        counts = self.core.counts()
         max_size = self.settings["max_packet_size"]
-        transport = self.transport
         buf = b""
-        size = _RECV_MIN   # grows while reads fill it, shrinks when idle (memory per idle client)
         while True:
-            data = sock.recv(size)
-            if not data:
+            data = self._receive(counts)
+            if data is None:
                 return
-            if len(data) == size:
-                size = min(size * 4, _RECV_MAX)
-            elif size > _RECV_MIN and len(data) < size // 16:
-                size //= 4
-            self.last_recv = time.monotonic()
-            counts["bytes/received"] += len(data)
-            if transport is not None:
-                with self.out_lock:
-                    data, reply = transport.feed(data)
-                    if reply and not self._closed:
-                        self._wire += reply
-                        self.out_bytes += len(reply)
-                        if not self.blocked:
-                            self._send_locked()
-                if transport.closed:
-                    return
-                if not data:
-                    continue
+            if not data:
+                continue
             buf = buf + data if buf else data
             pos = 0
             while (framed := split_packet(buf, pos, max_size)) is not None:
@@ -2435,6 +2422,31 @@ class Connection:
                     return
             buf = buf[pos:] if pos else buf
             self._flush_batch()
+
+    def _receive(self, counts):
+        """One recv, through the transport if any: MQTT bytes, b"" when they
+        were all transport bytes, or None once the peer has closed."""
+        data = self.sock.recv(self._recv_size)
+        if not data:
+            return None
+        size = self._recv_size   # grows while reads fill it, shrinks when idle (memory per client)
+        if len(data) == size:
+            self._recv_size = min(size * 4, _RECV_MAX)
+        elif size > _RECV_MIN and len(data) < size // 16:
+            self._recv_size = size // 4
+        self.last_recv = time.monotonic()
+        counts["bytes/received"] += len(data)
+        transport = self.transport
+        if transport is None:
+            return data
+        with self.out_lock:
+            data, reply = transport.feed(data)
+            if reply and not self._closed:
+                self._wire += reply
+                self.out_bytes += len(reply)
+                if not self.blocked:
+                    self._send_locked()
+        return None if transport.closed else data
 
     def _flush_batch(self):
         """End of a batch: one write per touched connection, this one included."""
@@ -3060,11 +3072,9 @@ def create_api_blueprint(broker):
         return value
 
     def client_row(c):
-        return {"client_id": c["client_id"],
-                "username": c["username"] if c["username"] is not None else "undefined",
-                "ipaddress": c["ipaddress"], "port": c["port"], "clean_sess": c["clean_sess"],
-                "proto_ver": c["proto_ver"], "keepalive": c["keepalive"],
-                "connected_at": _strftime(c["connected_at"])}
+        """Connection.info() as EMQ X shows it."""
+        return dict(c, username=c["username"] if c["username"] is not None else "undefined",
+                    connected_at=_strftime(c["connected_at"]))
 
     def session_row(s):
         # Both key sets (decision 2): the page's names and 2.3.11's, all real numbers.
@@ -4118,33 +4128,43 @@ class Broker:
             self._threads.add(conn.thread)
 
     def _tick(self, now):
-        """Keepalive [MQTT-3.1.2-24], connect and send timeouts, retries, expiry."""
-        s, core = self.settings, self.core
+        """The timers, every half second: connections, sessions, expiry."""
+        core = self.core
         self._threads = {t for t in self._threads if t.is_alive()}
         with core.lock:
             conns = list(core.sockets)
             sessions = [x for x in core.sessions.values()
                         if x.inflight or x.awaiting_rel or (x.mqueue and x.conn is not None)]
-        backoff = s["keepalive_backoff"]
         for conn in conns:
-            if conn.session is None:
-                if now - conn.opened_at > s["connect_timeout"]:
-                    conn.shutdown("idle_timeout")
-            elif conn.keepalive and now - conn.last_recv > conn.keepalive * backoff:
-                conn.shutdown("keepalive_timeout")
-            blocked_since = conn.blocked_since
-            if blocked_since is not None and now - blocked_since > s["send_timeout"]:
-                conn.shutdown("send_timeout")
+            self._check_timeouts(conn, now)
             core.flow.expire(conn, now)
         for session in sessions:
-            conn = session.retry(now)
-            if conn is not None:
-                conn.flush()
-            conn = session.conn
-            if session.mqueue and conn is not None and not conn.blocked:
-                session.drain()   # a queue with nothing in flight to drain it
-                conn.flush()
+            self._resend(session, now)
         core.expire_sessions(now)
+
+    def _check_timeouts(self, conn, now):
+        """Connect timeout, keepalive [MQTT-3.1.2-24] and send timeout."""
+        s = self.settings
+        if conn.session is None:
+            if now - conn.opened_at > s["connect_timeout"]:
+                conn.shutdown("idle_timeout")
+        elif conn.keepalive and now - conn.last_recv > conn.keepalive * s["keepalive_backoff"]:
+            conn.shutdown("keepalive_timeout")
+        blocked_since = conn.blocked_since
+        if blocked_since is not None and now - blocked_since > s["send_timeout"]:
+            conn.shutdown("send_timeout")
+
+    @staticmethod
+    def _resend(session, now):
+        """Retries of unacknowledged messages, and a queue with nothing in
+        flight left to drain it."""
+        conn = session.retry(now)
+        if conn is not None:
+            conn.flush()
+        conn = session.conn
+        if session.mqueue and conn is not None and not conn.blocked:
+            session.drain()
+            conn.flush()
 
     # --- $SYS (emqttd_broker, emqttd_stats, emqttd_metrics, emq_mod_presence) -----------------
     def _sys_publish(self, name, payload, retain=False, qos=0):
@@ -4463,12 +4483,6 @@ LISTENER_OPTIONS = {
 }
 LISTENER_DEFAULTS = dict(dict.fromkeys(LISTENER_OPTIONS), acceptors=1, max_clients=102400)
 
-_LISTENER_KEY = re.compile(r"listener\.(tcp|ssl|ws|wss)\.([A-Za-z0-9_-]+)(?:\.(.+))?")
-_CLIENT_PAIR_KEY = re.compile(r"auth\.client\.([0-9]+)\.(clientid|password)")
-_SUBSCRIPTION_KEY = re.compile(r"module\.subscription\.([0-9]+)\.(topic|qos)")
-_REWRITE_KEY = re.compile(r"module\.rewrite\.rule\.([0-9]+)")
-
-
 def parse_conf(text, filename="<string>"):
     """emq.conf text -> [(lineno, key, value)].
 
@@ -4507,6 +4521,110 @@ def env_overrides(environ, prefix="EMQX_LITE_"):
     return entries
 
 
+class _ConfigReader:
+    """What config_settings() collects, entry by entry: one method per kind
+    of key (``_KEY_KINDS``), then ``settings()`` puts the pieces together."""
+
+    def __init__(self):
+        self.values = {}      # Broker setting -> value
+        self.addresses = {}   # (listener type, name) -> (host, port)
+        self.options = []     # (where, key, (type, name), option, value)
+        self.pairs = {}       # n -> {"clientid"|"password": (where, key, value)}
+        self.subs = {}        # n -> {"at": (where, key), "topic": ..., "qos": ...}
+        self.rewrites = {}    # n -> (filter, regex, destination)
+        self.user = {}        # "login"/"password" -> value
+
+    # --- one method per kind of key: (match, value, where) ---------------------------
+    def setting(self, m, value, where):
+        name, parse = SETTING_KEYS[m[0]]
+        self.values[name] = parse(value)
+
+    def api_address(self, m, value, where):
+        self.values["http_bind"], self.values["http_port"] = parse_address(value)
+
+    def listener(self, m, value, where):
+        ltype, lname, option = m.groups()
+        if option is None:
+            self.addresses[ltype, lname] = parse_address(value)
+            return
+        if option not in LISTENER_OPTIONS:
+            raise ValueError("unknown listener option %r" % option)
+        parse, types = LISTENER_OPTIONS[option]
+        if ltype not in types:
+            raise ValueError("not an option of %s listeners" % ltype)
+        self.options.append((where, m[0], (ltype, lname), option, parse(value)))
+
+    def client_pair(self, m, value, where):
+        self.pairs.setdefault(int(m[1]), {})[m[2]] = (where, m[0], _string(value))
+
+    def auth_client(self, m, value, where):
+        self.values.setdefault("auth_clientid", {})[m[1]] = _string(value)
+
+    def auth_username(self, m, value, where):
+        self.values.setdefault("auth_username", {})[m[1]] = _string(value)
+
+    def dashboard_user(self, m, value, where):
+        self.user[m[1]] = _string(value)
+
+    def module_subscription(self, m, value, where):
+        sub = self.subs.setdefault(int(m[1]), {"at": (where, m[0])})
+        sub[m[2]] = _qos(value) if m[2] == "qos" else _string(value)
+
+    def module_rewrite(self, m, value, where):
+        self.rewrites[int(m[1])] = _rewrite_rule(value)
+
+    # --- the pieces together ----------------------------------------------------------
+    def settings(self):
+        settings = self.values
+        for where, key, lst, _, _ in self.options:
+            if lst not in self.addresses:
+                raise ConfigError("%s: %s: listener.%s.%s has no address line"
+                                  % ((where, key) + lst))
+        if self.addresses:
+            settings["listeners"] = [self._listener(t, n, host, port)
+                                     for (t, n), (host, port) in self.addresses.items()]
+        for n, pair in sorted(self.pairs.items()):
+            if len(pair) != 2:
+                where, key, _ = next(iter(pair.values()))
+                raise ConfigError("%s: %s: auth.client.%d needs .clientid and .password"
+                                  % (where, key, n))
+            settings.setdefault("auth_clientid", {})[pair["clientid"][2]] = pair["password"][2]
+        for n, sub in self.subs.items():
+            if "topic" not in sub:
+                raise ConfigError("%s: %s: module.subscription.%d has no .topic"
+                                  % (sub["at"] + (n,)))
+        if self.subs:
+            settings["module_subscription"] = [(s["topic"], s.get("qos", 1))
+                                               for _, s in sorted(self.subs.items())]
+        if self.rewrites:
+            settings["module_rewrite"] = [rule for _, rule in sorted(self.rewrites.items())]
+        if self.user:
+            settings["users"] = {self.user.get("login", "admin"): self.user.get("password", "public")}
+        return settings
+
+    def _listener(self, ltype, lname, host, port):
+        lst = dict(type=ltype, name=lname, host=host, port=port, **LISTENER_DEFAULTS)
+        lst["mqtt_path"] = "/mqtt" if ltype in ("ws", "wss") else None
+        lst.update((opt, v) for _, _, at, opt, v in self.options if at == (ltype, lname))
+        return lst
+
+
+#: emq.conf key pattern -> _ConfigReader method; the first that matches the whole key wins.
+_KEY_KINDS = [
+    (re.compile("|".join(map(re.escape, SETTING_KEYS))), _ConfigReader.setting),
+    (re.compile(r"listener\.api\.mgmt"), _ConfigReader.api_address),
+    (re.compile(r"listener\.(tcp|ssl|ws|wss)\.([A-Za-z0-9_-]+)(?:\.(.+))?"),
+     _ConfigReader.listener),
+    (re.compile(r"auth\.client\.([0-9]+)\.(clientid|password)"), _ConfigReader.client_pair),
+    (re.compile(r"auth\.client\.(.+)"), _ConfigReader.auth_client),
+    (re.compile(r"auth\.username\.(.+)"), _ConfigReader.auth_username),
+    (re.compile(r"dashboard\.default_user\.(login|password)"), _ConfigReader.dashboard_user),
+    (re.compile(r"module\.subscription\.([0-9]+)\.(topic|qos)"),
+     _ConfigReader.module_subscription),
+    (re.compile(r"module\.rewrite\.rule\.([0-9]+)"), _ConfigReader.module_rewrite),
+]
+
+
 def config_settings(entries, filename="<string>"):
     """[(lineno or "$VAR", key, value)] -> Broker keyword arguments (only those set).
 
@@ -4517,70 +4635,83 @@ def config_settings(entries, filename="<string>"):
     login``/``.password`` -> users; ``module.subscription.<n>.topic``/``.qos`` (default
     1); ``module.rewrite.rule.<n> = "<filter> <regex> <dest>"``.
     """
-    settings, addresses, options, pairs, subs, rewrites, user = {}, {}, [], {}, {}, {}, {}
+    reader = _ConfigReader()
     for where, key, value in entries:
-        loc = where if isinstance(where, str) else "%s:%d" % (filename, where)
+        where = where if isinstance(where, str) else "%s:%d" % (filename, where)
         try:
-            if key in SETTING_KEYS:
-                name, parse = SETTING_KEYS[key]
-                settings[name] = parse(value)
-            elif key == "listener.api.mgmt":
-                settings["http_bind"], settings["http_port"] = parse_address(value)
-            elif m := _LISTENER_KEY.fullmatch(key):
-                ltype, lname, option = m.groups()
-                if option is None:
-                    addresses[ltype, lname] = parse_address(value)
-                    continue
-                if option not in LISTENER_OPTIONS:
-                    raise ValueError("unknown listener option %r" % option)
-                parse, types = LISTENER_OPTIONS[option]
-                if ltype not in types:
-                    raise ValueError("not an option of %s listeners" % ltype)
-                options.append((loc, key, (ltype, lname), option, parse(value)))
-            elif m := _CLIENT_PAIR_KEY.fullmatch(key):
-                pairs.setdefault(int(m[1]), {})[m[2]] = (loc, key, _string(value))
-            elif key.startswith("auth.client.") and len(key) > 12:
-                settings.setdefault("auth_clientid", {})[key[12:]] = _string(value)
-            elif key.startswith("auth.username.") and len(key) > 14:
-                settings.setdefault("auth_username", {})[key[14:]] = _string(value)
-            elif key in ("dashboard.default_user.login", "dashboard.default_user.password"):
-                user[key[23:]] = _string(value)
-            elif m := _SUBSCRIPTION_KEY.fullmatch(key):
-                sub = subs.setdefault(int(m[1]), {"at": (loc, key)})
-                sub[m[2]] = _qos(value) if m[2] == "qos" else _string(value)
-            elif m := _REWRITE_KEY.fullmatch(key):
-                rewrites[int(m[1])] = _rewrite_rule(value)
+            for pattern, read in _KEY_KINDS:
+                m = pattern.fullmatch(key)
+                if m:
+                    read(reader, m, value, where)
+                    break
             else:
                 raise ValueError("unknown key")
         except ValueError as exc:
-            raise ConfigError("%s: %s: %s" % (loc, key, exc)) from None
-    for loc, key, lst, _, _ in options:
-        if lst not in addresses:
-            raise ConfigError("%s: %s: listener.%s.%s has no address line" % ((loc, key) + lst))
-    if addresses:
-        settings["listeners"] = []
-        for (t, n), (host, port) in addresses.items():
-            lst = dict(type=t, name=n, host=host, port=port, **LISTENER_DEFAULTS)
-            lst["mqtt_path"] = "/mqtt" if t in ("ws", "wss") else None
-            lst.update((opt, v) for _, _, at, opt, v in options if at == (t, n))
-            settings["listeners"].append(lst)
-    for n, pair in sorted(pairs.items()):
-        if len(pair) != 2:
-            loc, key, _ = next(iter(pair.values()))
-            raise ConfigError("%s: %s: auth.client.%d needs .clientid and .password"
-                              % (loc, key, n))
-        settings.setdefault("auth_clientid", {})[pair["clientid"][2]] = pair["password"][2]
-    for n, sub in subs.items():
-        if "topic" not in sub:
-            raise ConfigError("%s: %s: module.subscription.%d has no .topic" % (sub["at"] + (n,)))
-    if subs:
-        settings["module_subscription"] = [(s["topic"], s.get("qos", 1))
-                                           for _, s in sorted(subs.items())]
-    if rewrites:
-        settings["module_rewrite"] = [rule for _, rule in sorted(rewrites.items())]
-    if user:
-        settings["users"] = {user.get("login", "admin"): user.get("password", "public")}
-    return settings
+            raise ConfigError("%s: %s: %s" % (where, key, exc)) from None
+    return reader.settings()
+
+
+def _render_settings(settings):
+    lines = ["## Broker"]
+    for key, (name, parse) in SETTING_KEYS.items():
+        if name in settings:
+            value = settings[name]
+            lines.append("## %s is not set" % key if value is None or value == ()
+                         else "%s = %s" % (key, _FORMAT.get(parse, str)(value)))
+    return lines
+
+
+def _render_auth(settings):
+    lines = ["## Authentication and dashboard users"]
+    users = settings.get("users") or {}
+    if len(users) == 1:
+        (login, password), = users.items()
+        lines += ["dashboard.default_user.login = " + login,
+                  "dashboard.default_user.password = " + password]
+    elif users:
+        lines.append("## %d dashboard users: only one can be written here" % len(users))
+    lines += ["auth.username.%s = %s" % kv for kv in (settings.get("auth_username") or {}).items()]
+    for n, (client_id, password) in enumerate((settings.get("auth_clientid") or {}).items(), 1):
+        lines += ["auth.client.%d.clientid = %s" % (n, client_id),
+                  "auth.client.%d.password = %s" % (n, password)]
+    return lines
+
+
+def _render_modules(settings):
+    lines = ["## Modules"]
+    for n, (topic, qos) in enumerate(settings.get("module_subscription") or (), 1):
+        lines += ["module.subscription.%d.topic = %s" % (n, topic),
+                  "module.subscription.%d.qos = %d" % (n, qos)]
+    for n, rule in enumerate(settings.get("module_rewrite") or (), 1):
+        lines.append('module.rewrite.rule.%d = "%s"' % (n, " ".join(rule)))
+    return lines
+
+
+def _render_listeners(settings):
+    lines = ["## Listeners"]
+    if settings.get("http_port") is not None:
+        lines.append("listener.api.mgmt = " + _fmt_address(settings.get("http_bind") or "0.0.0.0",
+                                                           settings["http_port"]))
+    for lst in settings.get("listeners") or ():
+        prefix = "listener.%s.%s" % (lst["type"], lst["name"])
+        lines.append("%s = %s" % (prefix, _fmt_address(lst["host"], lst["port"])))
+        lines += ["%s.%s = %s" % (prefix, opt, _FORMAT.get(parse, str)(lst[opt]))
+                  for opt, (parse, _) in LISTENER_OPTIONS.items() if lst.get(opt) is not None]
+    return lines
+
+
+#: Settings that a part above writes besides SETTING_KEYS'.
+_RENDERED = {"listeners", "http_bind", "http_port", "users", "auth_username", "auth_clientid",
+             "module_subscription", "module_rewrite"}
+
+
+def _render_python_only(settings):
+    written = _RENDERED | {name for name, _ in SETTING_KEYS.values()}
+    rest = [name for name in settings if name not in written]
+    if not rest:
+        return []
+    return ["## Settings without an emq.conf key (Python only):"] + [
+        "##   %s = %r" % (name, settings[name]) for name in rest]
 
 
 def render_config(settings):
@@ -4589,47 +4720,10 @@ def render_config(settings):
     config_settings(parse_conf(render_config(s))) == s for what config_settings
     returns; settings without an emq.conf key are listed as comments.
     """
-    out = ["## emqx_lite configuration (EMQ X 2.x emq.conf syntax)", "", "## Broker"]
-    done = {"listeners", "http_bind", "http_port", "users", "auth_username", "auth_clientid",
-            "module_subscription", "module_rewrite"}
-    for key, (name, parse) in SETTING_KEYS.items():
-        if name in settings:
-            done.add(name)
-            value = settings[name]
-            out.append("## %s is not set" % key if value is None or value == ()
-                       else "%s = %s" % (key, _FORMAT.get(parse, str)(value)))
-    out += ["", "## Authentication and dashboard users"]
-    users = settings.get("users") or {}
-    if len(users) == 1:
-        (login, password), = users.items()
-        out += ["dashboard.default_user.login = " + login,
-                "dashboard.default_user.password = " + password]
-    elif users:
-        out.append("## %d dashboard users: only one can be written here" % len(users))
-    out += ["auth.username.%s = %s" % kv for kv in (settings.get("auth_username") or {}).items()]
-    for n, (client_id, password) in enumerate((settings.get("auth_clientid") or {}).items(), 1):
-        out += ["auth.client.%d.clientid = %s" % (n, client_id),
-                "auth.client.%d.password = %s" % (n, password)]
-    out += ["", "## Modules"]
-    for n, (topic, qos) in enumerate(settings.get("module_subscription") or (), 1):
-        out += ["module.subscription.%d.topic = %s" % (n, topic),
-                "module.subscription.%d.qos = %d" % (n, qos)]
-    for n, rule in enumerate(settings.get("module_rewrite") or (), 1):
-        out.append('module.rewrite.rule.%d = "%s"' % (n, " ".join(rule)))
-    out += ["", "## Listeners"]
-    if settings.get("http_port") is not None:
-        out.append("listener.api.mgmt = " + _fmt_address(settings.get("http_bind") or "0.0.0.0",
-                                                         settings["http_port"]))
-    for lst in settings.get("listeners") or ():
-        prefix = "listener.%s.%s" % (lst["type"], lst["name"])
-        out.append("%s = %s" % (prefix, _fmt_address(lst["host"], lst["port"])))
-        out += ["%s.%s = %s" % (prefix, opt, _FORMAT.get(parse, str)(lst[opt]))
-                for opt, (parse, _) in LISTENER_OPTIONS.items() if lst.get(opt) is not None]
-    rest = [name for name in settings if name not in done]
-    if rest:
-        out += ["", "## Settings without an emq.conf key (Python only):"]
-        out += ["##   %s = %r" % (name, settings[name]) for name in rest]
-    return "\n".join(out) + "\n"
+    parts = [["## emqx_lite configuration (EMQ X 2.x emq.conf syntax)"]]
+    parts += [render(settings) for render in (_render_settings, _render_auth, _render_modules,
+                                              _render_listeners, _render_python_only)]
+    return "\n\n".join("\n".join(part) for part in parts if part) + "\n"
 
 
 def load_config(path=None, environ=None):
