@@ -5094,18 +5094,18 @@ class TestApiHardening:
     def test_mqtt_is_unaffected_while_someone_hammers_the_api(self):
         with emqx_lite.Broker("127.0.0.1", 0, 0, api_password_iterations=20000) as b:
             stop = threading.Event()
-            counts = []
+            counts = [0] * 4   # requests made, per hammering thread
 
-            def hammer():
-                api, n = Api(b.http_port, "admin", "guess"), 0
+            def hammer(k):
+                api = Api(b.http_port, "admin", "guess")
                 while not stop.is_set():
                     api.request("GET", "routes")
-                    n += 1
-                counts.append(n)
-            threads = [threading.Thread(target=hammer) for _ in range(4)]
+                    counts[k] += 1
+            threads = [threading.Thread(target=hammer, args=(k,)) for k in range(4)]
             for t in threads:
                 t.start()
             try:
+                assert wait_until(lambda: sum(counts) > 10)   # the hammering is under way
                 assert roundtrip(b.mqtt_port, 200) == 200
             finally:
                 stop.set()
