@@ -1945,6 +1945,28 @@ class BrokerCore:
             return result
 
     # --- connections and sessions --------------------------------------------
+    def connection(self, client_id):
+        """The connected client's Connection, or None."""
+        with self.lock:
+            return self.connections.get(client_id)
+
+    def session(self, client_id):
+        """The client id's Session (online or offline), or None."""
+        with self.lock:
+            return self.sessions.get(client_id)
+
+    def live_connections(self):
+        """Every live Connection, CONNECTed or not (a copy)."""
+        with self.lock:
+            return list(self.sockets)
+
+    def sessions_with_timers(self):
+        """Sessions whose timers have work: messages in flight, ids awaiting
+        PUBREL, or a queue while the client is online."""
+        with self.lock:
+            return [s for s in self.sessions.values()
+                    if s.inflight or s.awaiting_rel or (s.mqueue and s.conn is not None)]
+
     def add_socket(self, conn):
         with self.lock:
             self.sockets.add(conn)
@@ -3111,73 +3133,65 @@ def create_api_blueprint(broker):
         stats = broker.stats()
         return {name: stats[name] for name in sorted(stats)}
 
-    # --- Nodes: management/nodes[/{node}], monitoring/nodes[/{node}] ---------
-    @rule("/management/nodes", strict_slashes=False)
-    def list_brokers():
-        return ok([dict({"name": broker.node}, **broker_info())])
+    # --- Per node: management/nodes, monitoring/{nodes,listeners,metrics,stats} -------
+    def per_node(path, info, every_node):
+        """``<path>``: ``every_node(info())``, the shape the page gives for all
+        nodes; ``<path>/{node}``: ``info()`` for this node."""
+        name = path.rsplit("/", 2)[-2] + "_" + path.rsplit("/", 1)[-1]
 
-    @rule("/management/nodes/<node>", strict_slashes=False)
-    def get_broker(node):
-        check_node(node)
-        return ok(broker_info())
+        def one_node(node):
+            check_node(node)
+            return ok(info())
 
-    @rule("/monitoring/nodes", strict_slashes=False)
-    def list_nodes():
-        return ok([node_info()])
+        bp.add_url_rule(path, "all_" + name, lambda: ok(every_node(info())),
+                        strict_slashes=False)
+        bp.add_url_rule(path + "/<node>", "one_" + name, one_node, strict_slashes=False)
 
-    @rule("/monitoring/nodes/<node>", strict_slashes=False)
-    def get_node(node):
-        check_node(node)
-        return ok(node_info())
+    def keyed(result):
+        return {broker.node: result}
 
-    # --- Listeners, metrics, stats: monitoring/{listeners,metrics,stats}[/{node}] ---
-    @rule("/monitoring/listeners", strict_slashes=False)
-    def list_all_listeners():
-        return ok({broker.node: broker.listener_infos()[::-1]})   # decision 1; EMQ X's order
+    per_node("/management/nodes", broker_info, lambda i: [dict({"name": broker.node}, **i)])
+    per_node("/monitoring/nodes", node_info, lambda i: [i])
+    per_node("/monitoring/listeners", broker.listener_infos,
+             lambda i: keyed(i[::-1]))   # decision 1; EMQ X's order
+    per_node("/monitoring/metrics", broker.metrics, keyed)
+    per_node("/monitoring/stats", sorted_stats, keyed)
 
-    @rule("/monitoring/listeners/<node>", strict_slashes=False)
-    def list_listeners(node):
-        check_node(node)
-        return ok(broker.listener_infos())
+    # --- Clients, sessions, subscriptions: nodes/{node}/<x>[/{id}], <x>/{id} -----------
+    def per_client(name, rows, rows_of, check_paging=False, aliases=()):
+        """The GET routes of a per-client resource: ``nodes/{node}/<name>`` (all
+        rows, paged; also under ``aliases``), ``nodes/{node}/<name>/{id}`` and
+        ``<name>/{id}`` ({"objects": [...]}, [] for an unknown id, spec §7.6)."""
+        def list_all(node):
+            check_node(node)
+            return ok(_page(rows(), request.args))
 
-    @rule("/monitoring/metrics", strict_slashes=False)
-    def list_all_metrics():
-        return ok({broker.node: broker.metrics()})
+        def get_one(client_id):
+            return ok({"objects": rows_of(_unquote(client_id))})
 
-    @rule("/monitoring/metrics/<node>", strict_slashes=False)
-    def list_metrics(node):
-        check_node(node)
-        return ok(broker.metrics())
+        def get_on_node(node, client_id):
+            check_node(node)
+            if check_paging:
+                _page([], request.args)   # bad paging parameters are a 404 here too (spec §6)
+            return get_one(client_id)
 
-    @rule("/monitoring/stats", strict_slashes=False)
-    def list_all_stats():
-        return ok({broker.node: sorted_stats()})
+        for prefix in ("/nodes/<node>/",) + aliases:
+            bp.add_url_rule(prefix + name, "list_" + name, list_all, strict_slashes=False)
+        bp.add_url_rule("/nodes/<node>/%s/<path:client_id>" % name, "get_node_" + name,
+                        get_on_node)
+        bp.add_url_rule("/%s/<path:client_id>" % name, "get_" + name, get_one)
 
-    @rule("/monitoring/stats/<node>", strict_slashes=False)
-    def list_stats(node):
-        check_node(node)
-        return ok(sorted_stats())
+    def by_topic(rows):
+        return sorted(rows, key=lambda r: (r["client_id"], r["topic"]))
 
-    # --- Clients: nodes/{node}/clients[/{id}], clients/{id} (GET, DELETE) ------
-    @rule("/nodes/<node>/clients", strict_slashes=False)
-    def list_clients(node):
-        check_node(node)
-        return ok(_page([client_row(c) for c in broker.clients()], request.args))
-
-    @rule("/nodes/<node>/clients/<path:client_id>")
-    def get_node_client(node, client_id):
-        check_node(node)
-        _page([], request.args)   # bad paging parameters are a 404 here too (spec §6)
-        return get_client(client_id)
-
-    def objects_of(rows, row, client_id):
-        """{"objects": [...]} for one client id, [] when unknown (spec §7.6)."""
-        client_id = _unquote(client_id)
-        return ok({"objects": [row(r) for r in rows if r["client_id"] == client_id]})
-
-    @rule("/clients/<path:client_id>")
-    def get_client(client_id):
-        return objects_of(broker.clients(), client_row, client_id)
+    per_client("clients", lambda: [client_row(c) for c in broker.clients()],
+               lambda cid: [client_row(c) for c in broker.clients() if c["client_id"] == cid],
+               check_paging=True)
+    per_client("sessions", lambda: [session_row(s) for s in broker.sessions()],
+               lambda cid: [session_row(s) for s in broker.sessions() if s["client_id"] == cid],
+               aliases=("/node/<node>/",))
+    per_client("subscriptions", lambda: by_topic(broker.subscriptions()),
+               lambda cid: by_topic(broker.subscriptions(cid)))
 
     @rule("/clients/<path:client_id>", methods=["DELETE"])
     def kick_client(client_id):
@@ -3193,39 +3207,6 @@ def create_api_blueprint(broker):
         if not broker.clean_acl_cache(client_id):
             return _json({"code": 112})
         return ok()
-
-    # --- Sessions: nodes/{node}/sessions[/{id}], node/{node}/sessions, sessions/{id} ---
-    @rule("/nodes/<node>/sessions", strict_slashes=False)
-    @rule("/node/<node>/sessions", strict_slashes=False)
-    def list_sessions(node):
-        check_node(node)
-        return ok(_page([session_row(s) for s in broker.sessions()], request.args))
-
-    @rule("/nodes/<node>/sessions/<path:client_id>")
-    def get_node_session(node, client_id):
-        check_node(node)
-        return get_session(client_id)
-
-    @rule("/sessions/<path:client_id>")
-    def get_session(client_id):
-        return objects_of(broker.sessions(), session_row, client_id)
-
-    # --- Subscriptions: nodes/{node}/subscriptions[/{id}], subscriptions/{id} ---------
-    @rule("/nodes/<node>/subscriptions", strict_slashes=False)
-    def list_subscriptions(node):
-        check_node(node)
-        rows = sorted(broker.subscriptions(), key=lambda r: (r["client_id"], r["topic"]))
-        return ok(_page(rows, request.args))
-
-    @rule("/nodes/<node>/subscriptions/<path:client_id>")
-    def get_node_subscriptions(node, client_id):
-        check_node(node)
-        return get_subscriptions(client_id)
-
-    @rule("/subscriptions/<path:client_id>")
-    def get_subscriptions(client_id):
-        rows = broker.subscriptions(_unquote(client_id))
-        return ok({"objects": sorted(rows, key=lambda r: r["topic"])})
 
     # --- Routes: routes, routes/{topic} -----------------------------------------------
     @rule("/routes")
@@ -3963,8 +3944,7 @@ class Broker:
             self._wake()
             self._service.join()
             self._service = None
-            with self.core.lock:
-                conns = list(self.core.sockets)
+            conns = self.core.live_connections()
             for conn in conns:
                 conn.shutdown("shutdown")
             for thread in self._threads:
@@ -4131,10 +4111,7 @@ class Broker:
         """The timers, every half second: connections, sessions, expiry."""
         core = self.core
         self._threads = {t for t in self._threads if t.is_alive()}
-        with core.lock:
-            conns = list(core.sockets)
-            sessions = [x for x in core.sessions.values()
-                        if x.inflight or x.awaiting_rel or (x.mqueue and x.conn is not None)]
+        conns, sessions = core.live_connections(), core.sessions_with_timers()
         for conn in conns:
             self._check_timeouts(conn, now)
             core.flow.expire(conn, now)
@@ -4250,8 +4227,7 @@ class Broker:
         core = self._require_started()
         if qos not in (0, 1, 2):
             raise ValueError("qos must be 0, 1 or 2")
-        with core.lock:
-            session = core.sessions.get(client_id)
+        session = core.session(client_id)
         if session is None:
             raise KeyError(client_id)
         codes, retained = core.subscribe(session, [(topic, qos)])
@@ -4264,36 +4240,27 @@ class Broker:
 
     def unsubscribe(self, client_id, topic):
         core = self._require_started()
-        with core.lock:
-            session = core.sessions.get(client_id)
+        session = core.session(client_id)
         if session is None:
             raise KeyError(client_id)
         core.unsubscribe(session, [topic])
 
     def clean_acl_cache(self, client_id):
         """Empty a connected client's ACL decision cache; False if not connected."""
-        core = self._require_started()
-        with core.lock:
-            conn = core.connections.get(client_id)
-        if conn is None:
-            return False
-        conn.acl.cache.clear()
-        return True
+        conn = self._require_started().connection(client_id)
+        if conn is not None:
+            conn.acl.cache.clear()
+        return conn is not None
 
     def is_connected(self, client_id):
-        core = self._require_started()
-        with core.lock:
-            return client_id in core.connections
+        return self._require_started().connection(client_id) is not None
 
     def kick(self, client_id):
         """Close a client's connection as EMQ X's kick does (its will is published)."""
-        core = self._require_started()
-        with core.lock:
-            conn = core.connections.get(client_id)
-        if conn is None:
-            return False
-        conn.shutdown("kick")
-        return True
+        conn = self._require_started().connection(client_id)
+        if conn is not None:
+            conn.shutdown("kick")
+        return conn is not None
 
     def clients(self):
         return self._require_started().client_infos()
