@@ -110,6 +110,18 @@ the broker lock before any session is touched, and a session's waiters are
 released after its lock is. No blocking socket I/O happens under any lock:
 the one send made under ``out_lock`` is non-blocking.
 
+Reads without the lock, on purpose (each is of one attribute, atomic in
+CPython, and a stale value only delays work to the next event or tick):
+``Connection.blocked`` and ``out_bytes`` (Batch.run, Session.deliver and the
+timers: a slow-client hint), a session's ``conn``, ``mqueue`` length and
+``last_ack`` in ``FlowControl.congested`` (whether to hold a publisher's ack;
+``send_ack`` asks again under the session's lock before it waits), a
+session's ``waiters`` in ``FlowControl.settle`` (a waiter added after the
+session's last change saw the session as it is and is settled by the next
+change), ``held_since``, ``keepalive``, ``last_recv`` and ``blocked_since`` in
+the service thread's timeouts, and the queue and window lengths that pick
+``BrokerCore.sessions_with_timers``.
+
 Metrics are counted in per-thread dictionaries (each written by one thread
 only) and summed when read, so counting needs no lock on the hot path.
 """
