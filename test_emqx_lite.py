@@ -40,11 +40,21 @@ TIMEOUT = 5.0
 CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 2, 3, 4, 5, 6, 7
 SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK, PINGREQ, PINGRESP, DISCONNECT = 8, 9, 10, 11, 12, 13, 14
 
-# Quick by default; EMQX_LITE_FUZZ_EXAMPLES / EMQX_LITE_FUZZ_PACKETS /
-# EMQX_LITE_SOAK_SECONDS make the runs longer (README: "Longer runs").
-FUZZ_EXAMPLES = int(os.environ.get("EMQX_LITE_FUZZ_EXAMPLES", "200"))
-FUZZ_PACKETS = int(os.environ.get("EMQX_LITE_FUZZ_PACKETS", "600"))
-SOAK_SECONDS = float(os.environ.get("EMQX_LITE_SOAK_SECONDS", "3"))
+#: The suite's knobs and their quick defaults; larger values make the fuzzing
+#: and soak runs longer (README: "Longer runs"). Their prefix is not the
+#: broker's EMQX_LITE_, which it reads as configuration (an unknown key there
+#: stops start-up).
+TEST_KNOBS = {"EMQXLITE_TEST_FUZZ_EXAMPLES": "200", "EMQXLITE_TEST_FUZZ_PACKETS": "600",
+              "EMQXLITE_TEST_SOAK_SECONDS": "3"}
+
+
+def _knob(name, convert):
+    return convert(os.environ.get(name, TEST_KNOBS[name]))
+
+
+FUZZ_EXAMPLES = _knob("EMQXLITE_TEST_FUZZ_EXAMPLES", int)
+FUZZ_PACKETS = _knob("EMQXLITE_TEST_FUZZ_PACKETS", int)
+SOAK_SECONDS = _knob("EMQXLITE_TEST_SOAK_SECONDS", float)
 
 #: The default node name, in $SYS topics and the REST API.
 NODE = "emqx_lite@127.0.0.1"
@@ -4345,6 +4355,15 @@ class TestCommandLine:
         result = _run_cli("--config", str(conf))
         assert result.returncode == 1
         assert re.search(message, result.stderr), result.stderr
+
+    def test_the_suites_knobs_do_not_stop_the_broker(self):
+        """A user who exported the suite's knobs can still start the broker."""
+        longer = {"EMQXLITE_TEST_FUZZ_EXAMPLES": "5000", "EMQXLITE_TEST_FUZZ_PACKETS": "20000",
+                  "EMQXLITE_TEST_SOAK_SECONDS": "60"}
+        assert set(longer) == set(TEST_KNOBS)
+        result = _run_cli("--print-config", env=longer)
+        assert result.returncode == 0, result.stderr
+        assert "\nnode.name = " in result.stdout
 
     def test_bad_environment_value_names_the_variable(self):
         result = _run_cli("--print-config", env={"EMQX_LITE_MQTT__SESSION__MAX_INFLIGHT": "many"})
