@@ -3441,6 +3441,23 @@ class Test13Malformed:
         health.check()
         assert all(m.topic == "health/x" for m in w.drain())
 
+    def test_nul_in_subscribe_filter(self, raw, health):
+        """[MQTT-1.5.3-2] a SUBSCRIBE topic filter containing U+0000 closes the
+        connection: no SUBACK, not even 0x80 for that filter."""
+        r = self.connected(raw)
+        r.send(gen_subscribe(1, [("good", 0), ("a/\u0000", 1)]))
+        assert r.expect_closed()
+        health.check()
+
+    def test_nul_in_unsubscribe_filter(self, raw, health):
+        """[MQTT-1.5.3-2] an UNSUBSCRIBE topic filter containing U+0000 closes
+        the connection: no UNSUBACK."""
+        r = self.connected(raw)
+        assert r.subscribe([("a/b", 0)]) == [0]
+        r.send(gen_unsubscribe(2, ["a/b", "a/\u0000"]))
+        assert r.expect_closed()
+        health.check()
+
     def test_nul_in_client_id(self, raw, health):
         """[MQTT-1.5.3-2]"""
         r = raw()
