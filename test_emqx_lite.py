@@ -5,6 +5,18 @@ Normative statements are cited as [MQTT-x.y.z-n] (MQTT 3.1.1, OASIS standard).
 Wire bytes are produced by the independent builders below (never by emqx_lite's
 own encoder) so that the tests check the broker against the specification and
 not against itself. REST tests go over real HTTP to the broker's waitress server.
+
+Sections (the ##### banners, in order):
+  Independent byte builders; test clients (RawClient, PahoClient, Api); fixtures
+  Pure tests, no sockets: the codec (property-based), topic matching
+      (MATCH_TABLE: topic_matches and TopicTree), configuration and ACL parsers
+  Socket tests, a real broker on port 0, in mosquitto's numbering:
+      01 CONNECT, 02 SUBSCRIBE, 03 PUBLISH, 04 retained, 05 sessions,
+      06 keepalive, 07 will, 08 shared subscriptions, 09 $SYS, 10 metrics,
+      13 malformed input; then limits, authentication, ACL, slow consumers,
+      flow control, races, embedding, listeners, the command line, the REST
+      API and its hardening, and the long runs (live fuzzing, REST fuzzing,
+      soak), which the TEST_KNOBS make longer.
 """
 
 import base64
@@ -804,9 +816,9 @@ MATCH_TABLE = [
     ("$share/g/$SYS/#", "$SYS/monitor/Clients", True),
 ]
 
-#: parametrize a test over every row of MATCH_TABLE
-match_table = pytest.mark.parametrize("flt,topic,matches", MATCH_TABLE,
-                                      ids=["%s~%s" % (f, t) for f, t, _ in MATCH_TABLE])
+#: parametrize a test over every row of MATCH_TABLE, with ids "filter~topic"
+match_table = pytest.mark.parametrize("flt,topic,matches", [
+    pytest.param(f, t, m, id="%s~%s" % (f, t)) for f, t, m in MATCH_TABLE])
 
 
 def shared_group(topic_filter):
@@ -1168,6 +1180,15 @@ listener.api.mgmt = 127.0.0.1:8080
 ])
 def test_listener_errors(text, message):
     assert config_error(text).startswith(message)
+
+
+def test_readme_configuration_example_is_valid():
+    readme = open(os.path.join(os.path.dirname(emqx_lite.__file__), "README.md")).read()
+    start = readme.index("```\nnode.name = ")
+    block = readme[start + 4:readme.index("```", start + 4)]
+    settings = emqx_lite.config_settings(emqx_lite.parse_conf(block, "README"), "README")
+    assert {l["type"] for l in settings["listeners"]} == {"tcp", "ssl", "ws", "wss"}
+    assert settings["max_packet_size"] == 64 * 1024
 
 
 # --- environment --------------------------------------------------------------
@@ -4400,21 +4421,10 @@ class TestCommandLine:
         again.write_text(printed)
         assert _run_cli("--config", str(again), "--print-config").stdout == printed
 
-    def test_readme_configuration_example_is_valid(self):
-        readme = open(os.path.join(os.path.dirname(emqx_lite.__file__), "README.md")).read()
-        start = readme.index("```\nnode.name = ")
-        block = readme[start + 4:readme.index("```", start + 4)]
-        settings = emqx_lite.config_settings(emqx_lite.parse_conf(block, "README"), "README")
-        assert {l["type"] for l in settings["listeners"]} == {"tcp", "ssl", "ws", "wss"}
-        assert settings["max_packet_size"] == 64 * 1024
-
 
 ###############################################################################
 # REST API (EMQ X 2.x api/v2) — every request goes over real HTTP to waitress
 ###############################################################################
-
-
-
 
 
 class TestRestAuth:
