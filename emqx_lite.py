@@ -3522,6 +3522,7 @@ def create_app(broker):
 _API_MAX_HEADER = 32 * 1024        # bytes of request line and headers
 _PUBLIC_BODY_MAX = 64 * 1024       # bytes of body for a path without authentication
 _VERIFIER_THREADS = 2              # password hashes computed at once
+_ACCEPT_BURST = 64                 # connections accepted per turn of the loop
 
 
 def _api_body_max(max_packet_size):
@@ -3796,6 +3797,15 @@ class _ApiServer(WaitressServer):
                 channel.abort()
             elif not channel.requests and channel.held is None and channel.since() < cutoff:
                 channel.will_close = True
+
+    def handle_accept(self):
+        """Accept a burst of connections: waitress takes one per turn of its
+        loop, and every turn walks all the connections it holds."""
+        for _ in range(_ACCEPT_BURST):
+            count = len(self._map)
+            super().handle_accept()
+            if len(self._map) == count or len(self._map) >= self.adj.connection_limit:
+                return
 
     def readable(self):
         if self.accepting and len(self._map) >= self.adj.connection_limit:
