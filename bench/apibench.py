@@ -34,19 +34,18 @@ dead or locked out: the rest would only add timeouts).
 
 The connections that make the load (MQTT clients, held API connections, the
 publish flood) live in a separate process, so that the thread measuring the
-REST latency never waits for them.  Only the Python standard library is used;
-Linux is needed for /proc (broker CPU and open file count).  Only loopback
-targets are accepted (127.0.0.0/8 or ::1).
+REST latency never waits for them.  Only the Python standard library is used,
+and mqttbench.py from this folder for the helpers the two tools share (/proc,
+loopback targets, MQTT encoding, output, command line); Linux is needed for
+/proc (broker CPU and open file count).  Only loopback targets are accepted
+(127.0.0.0/8 or ::1).
 """
 
 import argparse
 import base64
 import collections
 import errno
-import hashlib
 import http.client
-import ipaddress
-import json
 import multiprocessing
 import os
 import re
@@ -59,6 +58,13 @@ import sys
 import tempfile
 import threading
 import time
+
+# Helpers shared with mqttbench.py, next to this file (running bench/apibench.py
+# puts this folder on sys.path).
+from mqttbench import (JsonLinesOutput, _str, _terminate, add_output_options, emqx_lite_version,
+                       encode_connect, encode_subscribe, encode_varint, packet_header, parse_hostport,
+                       percentile, proc_alive, proc_cpu_s, proc_fd_count, raise_nofile_limit,
+                       resolve_loopback, scenario_list)
 
 __version__ = "1.0"
 
@@ -83,55 +89,6 @@ FD_SLACK = 16                         # broker fds above the baseline that count
 # /proc helpers ###############################################################
 ###############################################################################
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def proc_cpu_s(pid):
-    """utime + stime of process ``pid`` in seconds (all its threads), or None."""
-    if not pid:
-        return None
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    fields = data[data.rindex(b")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
-
-
-def proc_fd_count(pid):
-    """Number of open file descriptors of ``pid`` (None if not readable)."""
-    if not pid:
-        return None
-    try:
-        return len(os.listdir("/proc/%d/fd" % pid))
-    except OSError:
-        return None
-
-
-def proc_alive(pid):
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as f:
-            data = f.read()
-        return data[data.rindex(b")") + 2:data.rindex(b")") + 3] != b"Z"
-    except (OSError, TypeError, ValueError):
-        return False
-
-
-def raise_nofile_limit():
-    """Raise the soft RLIMIT_NOFILE to the hard limit (the broker we start inherits it)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        hard = 1 << 20
-    if soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            pass
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
 def cpu_pct(before, after, seconds):
     if before is None or after is None or seconds <= 0:
         return None
@@ -142,38 +99,11 @@ def cpu_pct(before, after, seconds):
 # Loopback targets ############################################################
 ###############################################################################
 
-def resolve_loopback(host, port):
-    """(family, sockaddr) of ``host``; refuses anything that is not loopback.
-
-    Every address the name resolves to must be in 127.0.0.0/8 or be ::1, so a
-    typo or a DNS answer can never point the benchmark at another machine.
-    """
-    try:
-        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise SystemExit("apibench: cannot resolve %r: %s" % (host, exc))
-    for _, _, _, _, sockaddr in infos:
-        if not ipaddress.ip_address(sockaddr[0].split("%")[0]).is_loopback:
-            raise SystemExit("apibench: refusing non-loopback target %s (%s); "
-                             "only 127.x, localhost and ::1 are allowed" % (host, sockaddr[0]))
-    family, _, _, _, sockaddr = infos[0]
-    return family, sockaddr
-
-
-def parse_hostport(s, what):
-    host, _, port = s.rpartition(":")
-    host = host.strip("[]") or "127.0.0.1"
-    try:
-        return host, int(port)
-    except ValueError:
-        raise SystemExit("apibench: %s must be HOST:PORT, got %r" % (what, s))
-
-
 class Endpoint:
     """A loopback address (checked) to connect to."""
 
     def __init__(self, host, port):
-        self.family, self.addr = resolve_loopback(host, port)
+        self.family, self.addr = resolve_loopback(host, port, "apibench")
         self.host, self.port = self.addr[0], self.addr[1]
 
     def __str__(self):
@@ -184,31 +114,6 @@ class Endpoint:
 # MQTT encoding ###############################################################
 ###############################################################################
 
-def encode_varint(n):
-    out = bytearray()
-    while True:
-        digit, n = n % 128, n // 128
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _str(s):
-    b = s.encode() if isinstance(s, str) else s
-    return len(b).to_bytes(2, "big") + b
-
-
-def encode_connect(client_id, keepalive):
-    """CONNECT, MQTT 3.1.1, clean session, no credentials."""
-    body = _str("MQTT") + bytes([4, 0x02]) + keepalive.to_bytes(2, "big") + _str(client_id)
-    return b"\x10" + encode_varint(len(body)) + body
-
-
-def encode_subscribe(topic, qos=0, packet_id=1):
-    body = packet_id.to_bytes(2, "big") + _str(topic) + bytes([qos])
-    return b"\x82" + encode_varint(len(body)) + body
-
-
 def encode_publish(topic, payload):
     """QoS 0 PUBLISH; returns (packet, header length)."""
     body = _str(topic) + payload
@@ -218,20 +123,6 @@ def encode_publish(topic, payload):
 
 def connack_ok(ack):
     return len(ack) == 4 and ack[0] == 0x20 and ack[1] == 0x02 and ack[3] == 0
-
-
-def packet_header(buf, pos, end):
-    """(first byte, header length, total length) of the packet at ``pos``, or
-    None if its fixed header is not complete yet."""
-    rl, mul, i = 0, 1, pos + 1
-    while i < end and i < pos + 5:
-        b = buf[i]
-        rl += (b & 0x7F) * mul
-        mul *= 128
-        i += 1
-        if not b & 0x80:
-            return buf[pos], i - pos, i - pos + rl
-    return None
 
 
 ###############################################################################
@@ -807,14 +698,6 @@ class LoadProc:
 # REST latency ################################################################
 ###############################################################################
 
-def percentile(sorted_vals, p):
-    """Nearest-rank percentile of an ascending list."""
-    if not sorted_vals:
-        return None
-    i = min(len(sorted_vals), max(1, -(-int(p * len(sorted_vals) * 10) // 1000)))
-    return sorted_vals[i - 1]
-
-
 def rest_request(api, path, auth, timeout):
     """One GET on its own connection; returns (ok, ms, error kind or None)."""
     t0 = time.perf_counter()
@@ -1020,11 +903,8 @@ def _parent_death_signal():
 
 def describe_emqx_lite(path):
     try:
-        with open(path, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()[:12]
-        out = subprocess.run([sys.executable, path, "--version"], capture_output=True,
-                             text=True, timeout=30).stdout.strip()
-        return "%s (%s, sha256 %s)" % (out or "emqx_lite", path, digest)
+        out, digest = emqx_lite_version(path)
+        return "%s (%s, sha256 %s)" % (out, path, digest)
     except (OSError, subprocess.SubprocessError):
         return path
 
@@ -1033,7 +913,9 @@ def describe_emqx_lite(path):
 # Scenarios ###################################################################
 ###############################################################################
 
-class Bench:
+class Bench(JsonLinesOutput):
+    PROG = "apibench"
+
     def __init__(self, opts):
         self.opts = opts
         self.records = []
@@ -1044,19 +926,6 @@ class Bench:
         self.json_file = open(opts.json, "a") if opts.json else None
         self.errors = 0
         self.phase_t = 0.0          # broker exceptions logged after this go into the next record
-
-    # --- output ----------------------------------------------------------------
-    def log(self, msg):
-        if not self.opts.quiet:
-            print("apibench: " + msg, file=sys.stderr, flush=True)
-
-    def emit(self, rec):
-        line = json.dumps(rec, separators=(",", ":"))
-        print(line, flush=True)
-        if self.json_file:
-            self.json_file.write(line + "\n")
-            self.json_file.flush()
-        self.records.append(rec)
 
     # --- broker ----------------------------------------------------------------
     def fresh_broker(self):
@@ -1248,8 +1117,8 @@ class Bench:
         if nofile < need:
             self.log("warning: file limit %d is below the %d descriptors mqtt10k needs" % (nofile, need))
         if opts.target_api:
-            self.api = Endpoint(*parse_hostport(opts.target_api, "--target-api"))
-            self.mqtt = Endpoint(*parse_hostport(opts.target_mqtt, "--target-mqtt"))
+            self.api = Endpoint(*parse_hostport(opts.target_api, "--target-api", "apibench"))
+            self.mqtt = Endpoint(*parse_hostport(opts.target_mqtt, "--target-mqtt", "apibench"))
             self.describe = "target API %s, MQTT %s" % (self.api, self.mqtt)
             if not self.api_ready(5):
                 raise SystemExit("apibench: no answer from the API at %s" % self.api)
@@ -1405,15 +1274,9 @@ def parse_args(argv=None):
     g.add_argument("--start-timeout", type=float, default=20.0, help="seconds the broker has to start (default 20)")
     g.add_argument("--stop-timeout", type=float, default=10.0,
                    help="seconds the broker has to exit on SIGTERM before SIGKILL (default 10)")
-    g = p.add_argument_group("output")
-    g.add_argument("--json", metavar="FILE", help="also append every JSON line to FILE")
-    g.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
-    g.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    add_output_options(p, __version__)
     opts = p.parse_args(argv)
-    opts.scenario_list = [s.strip() for s in opts.scenarios.split(",") if s.strip()]
-    bad = [s for s in opts.scenario_list if s not in SCENARIOS]
-    if bad:
-        p.error("unknown scenario(s) %s; choose from %s" % (", ".join(bad), ", ".join(SCENARIOS)))
+    opts.scenario_list = scenario_list(p, opts.scenarios, SCENARIOS)
     if bool(opts.target_api) != bool(opts.target_mqtt):
         p.error("--target-api and --target-mqtt go together")
     if not 1 <= opts.mqtt_publishers <= 10:
@@ -1424,10 +1287,6 @@ def parse_args(argv=None):
         p.error("counts, timeouts and intervals must be positive")
     opts.auth_header = "Basic " + base64.b64encode(("%s:%s" % (opts.user, opts.password)).encode()).decode()
     return opts
-
-
-def _terminate(signum, frame):
-    raise KeyboardInterrupt("signal %d" % signum)
 
 
 def main(argv=None):

@@ -152,6 +152,8 @@ def proc_rss_kb(pid):
 
 def proc_fd_count(pid):
     """Number of open file descriptors of ``pid`` (None if not readable)."""
+    if not pid:
+        return None
     try:
         return len(os.listdir("/proc/%d/fd" % pid))
     except (OSError, TypeError):
@@ -185,22 +187,34 @@ def raise_nofile_limit():
 # Loopback targets ############################################################
 ###############################################################################
 
-def resolve_loopback(host, port):
+def resolve_loopback(host, port, prog="mqttbench"):
     """Resolve ``host`` and return (family, sockaddr); refuse anything not loopback.
 
     Every address the name resolves to must be in 127.0.0.0/8 or be ::1, so a
-    typo or a DNS answer can never turn the benchmark at another machine.
+    typo or a DNS answer can never point the benchmark at another machine.
+    ``prog`` starts the SystemExit messages.
     """
     try:
         infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        raise SystemExit("mqttbench: cannot resolve %r: %s" % (host, exc))
-    for family, _, _, _, sockaddr in infos:
+        raise SystemExit("%s: cannot resolve %r: %s" % (prog, host, exc))
+    for _, _, _, _, sockaddr in infos:
         if not ipaddress.ip_address(sockaddr[0].split("%")[0]).is_loopback:
-            raise SystemExit("mqttbench: refusing non-loopback target %s (%s); "
-                             "only 127.x, localhost and ::1 are allowed" % (host, sockaddr[0]))
+            raise SystemExit("%s: refusing non-loopback target %s (%s); "
+                             "only 127.x, localhost and ::1 are allowed" % (prog, host, sockaddr[0]))
     family, _, _, _, sockaddr = infos[0]
     return family, sockaddr
+
+
+def parse_hostport(s, what="--target", prog="mqttbench"):
+    """(host, port) of the HOST:PORT (or [IPv6]:PORT) given as option ``what``;
+    the host defaults to 127.0.0.1."""
+    host, _, port = s.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        return host, int(port)
+    except ValueError:
+        raise SystemExit("%s: %s must be HOST:PORT, got %r" % (prog, what, s))
 
 
 def free_port(host="127.0.0.1"):
@@ -1431,16 +1445,22 @@ def sleep_until(t):
         time.sleep(min(d, 0.05))
 
 
+def percentile(sorted_vals, p):
+    """Nearest-rank percentile ``p`` (0-100) of an ascending list, or None if it is empty."""
+    if not sorted_vals:
+        return None
+    n = len(sorted_vals)
+    i = min(n, max(1, -(-int(p * n * 10) // 1000)))   # ceil(p/100*n) without float error
+    return sorted_vals[i - 1]
+
+
 def latency_stats(lats):
     """p50/p90/p99/p99.9/max in microseconds, nearest-rank like mqttload.c."""
     vals = sorted(lats)
     n = len(vals)
 
     def pct(p):
-        if not n:
-            return 0.0
-        i = min(n, max(1, -(-int(p * n * 10) // 1000)))   # ceil(p/100*n) without float error
-        return round(vals[i - 1] / 1000.0, 1)
+        return round(percentile(vals, p) / 1000.0, 1) if n else 0.0
 
     return {"lat_n": n, "lat_mean_us": round(sum(vals) / n / 1000.0, 1) if n else 0.0,
             "lat_p50_us": pct(50), "lat_p90_us": pct(90), "lat_p99_us": pct(99),
@@ -1585,11 +1605,7 @@ class ManagedBroker:
         """A short description of what ran: version string (and file hash for emqx_lite)."""
         try:
             if self.name == "emqx_lite":
-                with open(self.opts.emqx_lite, "rb") as f:
-                    digest = hashlib.sha256(f.read()).hexdigest()[:12]
-                out = subprocess.run([sys.executable, self.opts.emqx_lite, "--version"],
-                                     capture_output=True, text=True, timeout=30).stdout.strip()
-                return "%s (sha256 %s)" % (out or "emqx_lite", digest)
+                return "%s (sha256 %s)" % emqx_lite_version(self.opts.emqx_lite)
             if self.name == "mosquitto":
                 argv = self.command(self.port or 1883)[:1] + ["-h"]
                 out = subprocess.run(argv, capture_output=True, text=True, timeout=30)
@@ -1627,6 +1643,16 @@ class ManagedBroker:
             return "\n".join("    " + line for line in lines[-n:])
         except OSError:
             return ""
+
+
+def emqx_lite_version(path):
+    """(what ``path --version`` prints, or "emqx_lite"; the first 12 hex digits of
+    the file's SHA-256); OSError or SubprocessError if either cannot be had."""
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:12]
+    out = subprocess.run([sys.executable, path, "--version"],
+                         capture_output=True, text=True, timeout=30).stdout.strip()
+    return out or "emqx_lite", digest
 
 
 def wait_broker_idle(pid, baseline_fds, timeout):
@@ -1732,6 +1758,23 @@ def machine_info():
 # Command line ################################################################
 ###############################################################################
 
+def add_output_options(p, version):
+    """The "output" option group: --json FILE, --quiet, --version."""
+    g = p.add_argument_group("output")
+    g.add_argument("--json", metavar="FILE", help="also append every JSON line to FILE")
+    g.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+    g.add_argument("--version", action="version", version="%(prog)s " + version)
+
+
+def scenario_list(p, text, scenarios):
+    """The scenario names in the comma-separated ``text``; p.error() on one not in ``scenarios``."""
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in names if s not in scenarios]
+    if bad:
+        p.error("unknown scenario(s) %s; choose from %s" % (", ".join(bad), ", ".join(scenarios)))
+    return names
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="mqttbench",
@@ -1789,15 +1832,9 @@ def parse_args(argv=None):
                         "each recv carries many messages (default 500; 0 = off)")
     g.add_argument("--procs", type=int, default=os.cpu_count() or 1,
                    help="generator processes per role (publishers, subscribers, conn) (default: nproc = %(default)s)")
-    g = p.add_argument_group("output")
-    g.add_argument("--json", metavar="FILE", help="also append every JSON line to FILE")
-    g.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
-    g.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    add_output_options(p, __version__)
     opts = p.parse_args(argv)
-    opts.scenario_list = [s.strip() for s in opts.scenarios.split(",") if s.strip()]
-    bad = [s for s in opts.scenario_list if s not in SCENARIOS]
-    if bad:
-        p.error("unknown scenario(s) %s; choose from %s" % (", ".join(bad), ", ".join(SCENARIOS)))
+    opts.scenario_list = scenario_list(p, opts.scenarios, SCENARIOS)
     if bool(opts.start) == bool(opts.target):
         p.error("give exactly one of --start BROKERS or --target HOST:PORT")
     if opts.latency_clock is None:
@@ -1807,28 +1844,16 @@ def parse_args(argv=None):
     return opts
 
 
-def parse_hostport(s):
-    host, _, port = s.rpartition(":")
-    host = host.strip("[]") or "127.0.0.1"
-    try:
-        return host, int(port)
-    except ValueError:
-        raise SystemExit("mqttbench: --target must be HOST:PORT, got %r" % s)
+class JsonLinesOutput:
+    """Progress messages on stderr (none with --quiet) and one JSON line per
+    record on stdout (also appended to --json FILE).  For a class with
+    ``opts``, ``json_file`` (or None) and ``records``; PROG starts the messages."""
 
-
-class Bench:
-    """Runs every scenario ``repeat`` times against every target and reports."""
-
-    def __init__(self, opts):
-        self.opts = opts
-        self.records = []
-        self.labels = []
-        self.versions = {}
-        self.json_file = open(opts.json, "a") if opts.json else None
+    PROG = "mqttbench"
 
     def log(self, msg):
         if not self.opts.quiet:
-            print("mqttbench: " + msg, file=sys.stderr, flush=True)
+            print(self.PROG + ": " + msg, file=sys.stderr, flush=True)
 
     def emit(self, rec):
         line = json.dumps(rec, separators=(",", ":"))
@@ -1837,6 +1862,17 @@ class Bench:
             self.json_file.write(line + "\n")
             self.json_file.flush()
         self.records.append(rec)
+
+
+class Bench(JsonLinesOutput):
+    """Runs every scenario ``repeat`` times against every target and reports."""
+
+    def __init__(self, opts):
+        self.opts = opts
+        self.records = []
+        self.labels = []
+        self.versions = {}
+        self.json_file = open(opts.json, "a") if opts.json else None
 
     def run_target(self, target, managed=None):
         """All scenarios x repeats against one broker; restarts a managed broker that died."""
