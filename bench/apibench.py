@@ -429,6 +429,17 @@ def load_api_hold(ctl, p):
             s.close()
 
 
+def recv_exact(sock, n, what):
+    """The next ``n`` bytes from blocking ``sock``, the broker's ``what`` (for the error)."""
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("closed by the broker before %s" % what)
+        data += chunk
+    return data
+
+
 def blocking_mqtt_client(ep, client_id, keepalive, timeout=10.0):
     s = socket.socket(ep.family, socket.SOCK_STREAM)
     try:
@@ -436,12 +447,7 @@ def blocking_mqtt_client(ep, client_id, keepalive, timeout=10.0):
         s.connect(ep.addr)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         s.sendall(encode_connect(client_id, keepalive))
-        ack = b""
-        while len(ack) < 4:
-            chunk = s.recv(4 - len(ack))
-            if not chunk:
-                raise ConnectionError("closed by the broker before CONNACK")
-            ack += chunk
+        ack = recv_exact(s, 4, "CONNACK")
         if not connack_ok(ack):
             raise ConnectionError("CONNACK refused: %r" % ack)
         return s
@@ -468,12 +474,7 @@ def load_mqtt_pub(ctl, p):
         sub = blocking_mqtt_client(ep, tag + "sub", p["keepalive"])
         socks.append(sub)
         sub.sendall(encode_subscribe("bench/#", 0))
-        suback = b""
-        while len(suback) < 5:
-            chunk = sub.recv(5 - len(suback))
-            if not chunk:
-                raise ConnectionError("closed by the broker before SUBACK")
-            suback += chunk
+        suback = recv_exact(sub, 5, "SUBACK")
         if suback[0] != 0x90 or suback[4] == 0x80:
             raise ConnectionError("SUBACK refused: %r" % suback)
         pubs = []
