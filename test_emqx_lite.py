@@ -449,6 +449,20 @@ class PahoClient:
     close = disconnect
 
 
+def raw_sub_and_pub(raw, sub_id, topics, pub_id, **pub_connect):
+    """-> (sub, pub): RawClient ``sub_id`` connected and subscribed to ``topics``
+    [(filter, qos), ...], then RawClient ``pub_id`` connected (gen_connect
+    keywords in ``pub_connect``). ``raw`` makes them: the raw fixture, or the
+    MQTT port of a make_broker broker."""
+    new = (lambda: RawClient(raw)) if isinstance(raw, int) else raw
+    sub = new()
+    sub.connect(sub_id)
+    sub.subscribe(topics)
+    pub = new()
+    pub.connect(pub_id, **pub_connect)
+    return sub, pub
+
+
 def fields(msg):
     """(topic, payload, qos, retain) of a message a PahoClient received."""
     return msg.topic, msg.payload, msg.qos, msg.retain
@@ -2013,11 +2027,7 @@ class Test03Publish:
     def test_inbound_qos2_dup_not_redelivered(self, raw, broker):
         """[MQTT-4.3.3-2] a DUP resend of a QoS 2 PUBLISH whose PUBREL has not
         arrived is not delivered a second time; after PUBREL the id is new again."""
-        sub = raw()
-        sub.connect("s")
-        sub.subscribe([("dup/t", 2), ("zz/sentinel", 0)])
-        r = raw()
-        r.connect("p")
+        sub, r = raw_sub_and_pub(raw, "s", [("dup/t", 2), ("zz/sentinel", 0)], "p")
         r.send(gen_publish("dup/t", b"once", qos=2, pid=5))
         assert r.read_packet() == (PUBREC, 0, b"\x00\x05")
         r.send(gen_publish("dup/t", b"once", qos=2, pid=5, dup=True))
@@ -2160,11 +2170,7 @@ class Test03Publish:
         """[MQTT-4.6.0-2] [MQTT-4.6.0-3] 100 pipelined PUBLISHes from one raw
         publisher reach a raw subscriber in order, acks in order too."""
         N = 100   # = max_awaiting_rel, so no QoS 2 message is refused
-        sub = raw()
-        sub.connect("ors")
-        sub.subscribe([("ord/r", 2)])
-        pub = raw()
-        pub.connect("orp")
+        sub, pub = raw_sub_and_pub(raw, "ors", [("ord/r", 2)], "orp")
         pub.send(b"".join(gen_publish("ord/r", b"%d" % i, qos=qos, pid=i + 1) for i in range(N)))
         if qos:
             acks = [pub.read_packet() for _ in range(N)]
@@ -2258,11 +2264,7 @@ class Test03Publish:
     def test_incoming_dup_not_propagated(self, raw):
         """[MQTT-3.3.1-3] the DUP flag of an incoming PUBLISH is not
         propagated to subscribers."""
-        s = raw()
-        s.connect("s")
-        s.subscribe([("dp", 1)])
-        p = raw()
-        p.connect("p")
+        s, p = raw_sub_and_pub(raw, "s", [("dp", 1)], "p")
         p.send(gen_publish("dp", b"x", qos=1, pid=2, dup=True))
         assert p.read_packet() == (PUBACK, 0, b"\x00\x02")
         m = s.read_publish()
@@ -2370,11 +2372,7 @@ class Test04Retain:
     def test_retain_cleared_on_normal_forward(self, raw, broker):
         """[MQTT-3.3.1-9] a retained PUBLISH forwarded to an existing
         subscriber has RETAIN=0."""
-        r = raw()
-        r.connect("fw")
-        r.subscribe([("ret/c", 1)])
-        p = raw()
-        p.connect("fwp")
+        r, p = raw_sub_and_pub(raw, "fw", [("ret/c", 1)], "fwp")
         p.send(gen_publish("ret/c", b"live", qos=1, pid=3, retain=True))
         assert p.read_packet() == (PUBACK, 0, b"\x00\x03")
         m = r.read_publish()
@@ -2559,11 +2557,7 @@ class Test05Session:
         """Session state includes inbound QoS 2 messages not yet released
         (3.1.2.4): a DUP resend after reconnecting with clean session 0 is not
         delivered again [MQTT-4.3.3-2]."""
-        s = raw()
-        s.connect("s")
-        s.subscribe([("x2/t", 2), ("zz/sentinel", 0)])
-        p = raw()
-        p.connect("x2", clean=False)
+        s, p = raw_sub_and_pub(raw, "s", [("x2/t", 2), ("zz/sentinel", 0)], "x2", clean=False)
         p.send(gen_publish("x2/t", b"once", qos=2, pid=11))
         assert p.read_packet() == (PUBREC, 0, b"\x00\x0b")
         p.close()
@@ -2800,11 +2794,7 @@ class Test07Will:
         assert (m.topic, m.payload, m.qos, m.retain) == ("will/t", b"bye", will_qos, False)
 
     def test_will_qos_bounded_by_subscription(self, raw):
-        w = raw()
-        w.connect("w")
-        w.subscribe([("will/q", 1)])
-        r = raw()
-        r.connect("dying", will=("will/q", b"q2", 2, False))
+        w, r = raw_sub_and_pub(raw, "w", [("will/q", 1)], "dying", will=("will/q", b"q2", 2, False))
         r.close()
         m = w.read_publish()
         assert (m["payload"], m["qos"]) == (b"q2", 1)
@@ -3229,11 +3219,7 @@ class Test10Metrics:
         assert (stats["routes/count"], stats["routes/max"]) == (0, 1)
 
     def test_qos2_counters(self, raw, broker):
-        s = raw()
-        s.connect("s")
-        s.subscribe([("q2", 2)])
-        p = raw()
-        p.connect("p")
+        s, p = raw_sub_and_pub(raw, "s", [("q2", 2)], "p")
         p.send(gen_publish("q2", b"x", qos=2, pid=1))
         assert p.read_packet()[0] == PUBREC
         p.send(gen_pubrel(1))
@@ -3313,6 +3299,27 @@ class Test13Malformed:
         assert r.connect(cid) == (0, 0)
         return r
 
+    def assert_closes(self, r, data, health, send_may_fail=False, **expect_closed):
+        """``r`` sends ``data``; the broker closes ``r`` (expect_closed() with
+        ``expect_closed`` as its arguments) and still routes for the healthy
+        pair. ``send_may_fail``: the broker may close ``r`` before it has sent
+        all of ``data``."""
+        try:
+            r.send(data)
+        except OSError:
+            if not send_may_fail:
+                raise
+        assert r.expect_closed(**expect_closed)
+        health.check()
+
+    def assert_publish_closes(self, raw, client, health, data):
+        """assert_closes for a PUBLISH after CONNECT; a subscriber on "#" got
+        nothing from it."""
+        w = client(client_id="w")
+        w.subscribe("#", 0)
+        self.assert_closes(self.connected(raw), data, health)
+        assert all(m.topic == "health/x" for m in w.drain())
+
     def test_truncated_packet_then_close(self, raw, broker, health):
         r = self.connected(raw)
         r.send(b"\x30\x20\x00\x05hel")     # PUBLISH promising 32 bytes, 5 sent
@@ -3330,33 +3337,19 @@ class Test13Malformed:
 
     def test_five_byte_remaining_length(self, raw, health):
         """2.2.3: the remaining length is at most four bytes."""
-        r = self.connected(raw)
-        r.send(b"\x30\xff\xff\xff\xff\x01")
-        assert r.expect_closed()
-        health.check()
+        self.assert_closes(self.connected(raw), b"\x30\xff\xff\xff\xff\x01", health)
 
     def test_five_byte_remaining_length_before_connect(self, raw, health):
-        r = raw()
-        r.send(b"\x10\x80\x80\x80\x80\x01")
-        assert r.expect_closed()
-        health.check()
+        self.assert_closes(raw(), b"\x10\x80\x80\x80\x80\x01", health)
 
     def test_oversize_packet(self, raw, health):
         """A packet above max_packet_size (1024 here) closes the connection."""
         r = self.connected(raw)
-        try:
-            r.send(gen_publish("big", b"x" * 2000))
-        except OSError:
-            pass
-        assert r.expect_closed()
-        health.check()
+        self.assert_closes(r, gen_publish("big", b"x" * 2000), health, send_may_fail=True)
 
     def test_oversize_header_only(self, raw, health):
         """The size is checked from the header, before the body arrives."""
-        r = self.connected(raw)
-        r.send(b"\x30" + enc_varint(10_000_000))
-        assert r.expect_closed()
-        health.check()
+        self.assert_closes(self.connected(raw), b"\x30" + enc_varint(10_000_000), health)
 
     def test_packet_at_limit_is_fine(self, raw, client, health):
         sub = client(client_id="lim")
@@ -3370,18 +3363,12 @@ class Test13Malformed:
     @pytest.mark.parametrize("first", [0x00, 0xF0], ids=["type0", "type15"])
     def test_reserved_packet_types(self, raw, health, first):
         """Packet types 0 and 15 are reserved / forbidden in 3.1.1."""
-        r = self.connected(raw)
-        r.send(bytes((first, 0)))
-        assert r.expect_closed()
-        health.check()
+        self.assert_closes(self.connected(raw), bytes((first, 0)), health)
 
     @pytest.mark.parametrize("ptype", [CONNACK, SUBACK, UNSUBACK, PINGRESP])
     def test_server_to_client_packet_types(self, raw, health, ptype):
-        r = self.connected(raw)
-        r.send(packet(ptype << 4, b"\x00\x01" if ptype in (SUBACK, UNSUBACK) else
-                      (b"\x00\x00" if ptype == CONNACK else b"")))
-        assert r.expect_closed()
-        health.check()
+        body = b"\x00\x01" if ptype in (SUBACK, UNSUBACK) else (b"\x00\x00" if ptype == CONNACK else b"")
+        self.assert_closes(self.connected(raw), packet(ptype << 4, body), health)
 
     @pytest.mark.parametrize("flags", [0x00, 0x01, 0x03, 0x0F])
     def test_bad_pubrel_flags(self, raw, health, flags):
@@ -3389,40 +3376,26 @@ class Test13Malformed:
         r = self.connected(raw)
         r.send(gen_publish("t", b"x", qos=2, pid=1))
         assert r.read_packet() == (PUBREC, 0, b"\x00\x01")
-        r.send(gen_pubrel(1, flags=flags))
-        assert r.expect_closed()
-        health.check()
+        self.assert_closes(r, gen_pubrel(1, flags=flags), health)
 
     @pytest.mark.parametrize("data", [b"\xc1\x00", b"\xe2\x00", b"\x41\x02\x00\x01",
                                       b"\x12" + gen_connect("x")[1:]],
                              ids=["pingreq", "disconnect", "puback", "connect"])
     def test_bad_fixed_header_flags(self, raw, health, data):
         """[MQTT-2.2.2-2] invalid fixed-header flags close the connection."""
-        r = self.connected(raw)
-        r.send(data)
-        assert r.expect_closed()
-        health.check()
+        self.assert_closes(self.connected(raw), data, health)
 
     def test_publish_qos3(self, raw, health):
         """[MQTT-3.3.1-4] a PUBLISH with both QoS bits set is malformed."""
-        r = self.connected(raw)
-        r.send(packet(0x36, enc_str("t") + b"\x00\x01x"))
-        assert r.expect_closed()
-        health.check()
+        self.assert_closes(self.connected(raw), packet(0x36, enc_str("t") + b"\x00\x01x"), health)
 
     def test_publish_packet_id_zero(self, raw, health):
         """[MQTT-2.3.1-1] QoS > 0 packets need a non-zero packet id."""
-        r = self.connected(raw)
-        r.send(gen_publish("t", b"x", qos=1, pid=0))
-        assert r.expect_closed()
-        health.check()
+        self.assert_closes(self.connected(raw), gen_publish("t", b"x", qos=1, pid=0), health)
 
     def test_dup_on_qos0(self, raw, health):
         """[MQTT-3.3.1-2] DUP must be 0 for QoS 0."""
-        r = self.connected(raw)
-        r.send(gen_publish("t", b"x", qos=0, dup=True))
-        assert r.expect_closed()
-        health.check()
+        self.assert_closes(self.connected(raw), gen_publish("t", b"x", qos=0, dup=True), health)
 
     @pytest.mark.parametrize("raw_id", [b"\xc3\x28", b"\xff", b"\xed\xa0\x80", b"\xc0\x80"],
                              ids=["bad-continuation", "ff", "surrogate", "overlong-nul"])
@@ -3438,71 +3411,40 @@ class Test13Malformed:
     @pytest.mark.parametrize("raw_topic", [b"a/\xc3\x28", b"\xff\xfe", b"x/\xed\xbf\xbf"])
     def test_invalid_utf8_topic(self, raw, client, health, raw_topic):
         """[MQTT-1.5.3-1] ill-formed UTF-8 in a PUBLISH topic closes the connection."""
-        w = client(client_id="w")
-        w.subscribe("#", 0)
-        r = self.connected(raw)
-        r.send(packet(0x30, bad_utf8_string(raw_topic) + b"payload"))
-        assert r.expect_closed()
-        health.check()
-        assert all(m.topic == "health/x" for m in w.drain())
+        self.assert_publish_closes(raw, client, health, packet(0x30, bad_utf8_string(raw_topic) + b"payload"))
 
     def test_invalid_utf8_subscribe_filter(self, raw, health):
         r = self.connected(raw)
-        r.send(packet(0x82, b"\x00\x01" + bad_utf8_string(b"a/\xff") + b"\x00"))
-        assert r.expect_closed()
-        health.check()
+        self.assert_closes(r, packet(0x82, b"\x00\x01" + bad_utf8_string(b"a/\xff") + b"\x00"), health)
 
     def test_nul_in_topic(self, raw, client, health):
         """[MQTT-1.5.3-2] U+0000 in a string closes the connection."""
-        w = client(client_id="w")
-        w.subscribe("#", 0)
-        r = self.connected(raw)
-        r.send(gen_publish("a\u0000b", b"x"))
-        assert r.expect_closed()
-        health.check()
-        assert all(m.topic == "health/x" for m in w.drain())
+        self.assert_publish_closes(raw, client, health, gen_publish("a\u0000b", b"x"))
 
     def test_nul_in_subscribe_filter(self, raw, health):
         """[MQTT-1.5.3-2] a SUBSCRIBE topic filter containing U+0000 closes the
         connection: no SUBACK, not even 0x80 for that filter."""
-        r = self.connected(raw)
-        r.send(gen_subscribe(1, [("good", 0), ("a/\u0000", 1)]))
-        assert r.expect_closed()
-        health.check()
+        self.assert_closes(self.connected(raw), gen_subscribe(1, [("good", 0), ("a/\u0000", 1)]), health)
 
     def test_nul_in_unsubscribe_filter(self, raw, health):
         """[MQTT-1.5.3-2] an UNSUBSCRIBE topic filter containing U+0000 closes
         the connection: no UNSUBACK."""
         r = self.connected(raw)
         assert r.subscribe([("a/b", 0)]) == [0]
-        r.send(gen_unsubscribe(2, ["a/b", "a/\u0000"]))
-        assert r.expect_closed()
-        health.check()
+        self.assert_closes(r, gen_unsubscribe(2, ["a/b", "a/\u0000"]), health)
 
     def test_nul_in_client_id(self, raw, health):
         """[MQTT-1.5.3-2]"""
-        r = raw()
-        r.send(gen_connect("a\u0000b"))
-        assert r.expect_closed()
-        health.check()
+        self.assert_closes(raw(), gen_connect("a\u0000b"), health)
 
     def test_empty_topic(self, raw, health):
         """[MQTT-4.7.3-1] a topic name is at least one character long."""
-        r = self.connected(raw)
-        r.send(gen_publish("", b"x", qos=1, pid=1))
-        assert r.expect_closed()
-        health.check()
+        self.assert_closes(self.connected(raw), gen_publish("", b"x", qos=1, pid=1), health)
 
     @pytest.mark.parametrize("topic", ["a/+", "a/#", "+", "#", "a/b+"])
     def test_wildcard_in_publish_topic(self, raw, client, health, topic):
         """[MQTT-3.3.2-2] a PUBLISH topic name must not contain wildcards."""
-        w = client(client_id="w")
-        w.subscribe("#", 0)
-        r = self.connected(raw)
-        r.send(gen_publish(topic, b"x"))
-        assert r.expect_closed()
-        health.check()
-        assert all(m.topic == "health/x" for m in w.drain())
+        self.assert_publish_closes(raw, client, health, gen_publish(topic, b"x"))
 
     @pytest.mark.parametrize("seed", [1, 2, 3])
     def test_random_garbage(self, raw, health, seed):
@@ -3510,44 +3452,23 @@ class Test13Malformed:
         data = bytes(rnd.randrange(256) for _ in range(4096))
         if data[0] >> 4 == CONNECT:
             data = b"\x00" + data[1:]
-        r = raw()
-        try:
-            r.send(data)
-        except OSError:
-            pass
-        assert r.expect_closed(strict=False)
-        health.check()
+        self.assert_closes(raw(), data, health, send_may_fail=True, strict=False)
 
     def test_random_garbage_after_connect(self, raw, health):
         rnd = random.Random(42)
         r = self.connected(raw)
         data = bytes(rnd.randrange(256) for _ in range(4096))
-        try:
-            r.send(b"\xf0" + data)
-        except OSError:
-            pass
-        assert r.expect_closed(strict=False)
-        health.check()
+        self.assert_closes(r, b"\xf0" + data, health, send_may_fail=True, strict=False)
 
     def test_truncated_fields(self, raw, health):
         """A string length pointing past the packet end is malformed."""
-        r = self.connected(raw)
-        r.send(packet(0x30, b"\x00\x10ab"))
-        assert r.expect_closed()
-        health.check()
+        self.assert_closes(self.connected(raw), packet(0x30, b"\x00\x10ab"), health)
 
     def test_pingreq_with_body(self, raw, health):
-        r = self.connected(raw)
-        r.send(b"\xc0\x01\x00")
-        assert r.expect_closed()
-        health.check()
+        self.assert_closes(self.connected(raw), b"\xc0\x01\x00", health)
 
     def test_connect_trailing_bytes(self, raw, health):
-        r = raw()
-        c = gen_connect("trail")
-        r.send(packet(0x10, c[2:] + b"\x00"))
-        assert r.expect_closed()
-        health.check()
+        self.assert_closes(raw(), packet(0x10, gen_connect("trail")[2:] + b"\x00"), health)
 
     def test_connect_timeout(self, raw, health):
         """connect_timeout=0.3: a socket that never sends CONNECT is closed."""
@@ -3558,10 +3479,7 @@ class Test13Malformed:
         health.check()
 
     def test_partial_connect_times_out(self, raw, health):
-        r = raw()
-        r.send(gen_connect("slow")[:5])
-        assert r.expect_closed(timeout=3)
-        health.check()
+        self.assert_closes(raw(), gen_connect("slow")[:5], health, timeout=3)
 
     def test_many_bad_clients_at_once(self, raw, health):
         bad = []
@@ -3634,11 +3552,7 @@ class TestLimits:
 class TestSecurity:
     def test_clients_cannot_inject_sys_topics(self, make_broker):
         b = make_broker()
-        s = RawClient(b.mqtt_port)
-        s.connect("sys-watch")
-        s.subscribe([("$SYS/brokers/fake", 0)])
-        p = RawClient(b.mqtt_port)
-        p.connect("sys-inject")
+        s, p = raw_sub_and_pub(b.mqtt_port, "sys-watch", [("$SYS/brokers/fake", 0)], "sys-inject")
         p.send(gen_publish("$SYS/brokers/fake", b"spoof", qos=1, pid=5))
         assert p.read_packet() == (PUBACK, 0, b"\x00\x05")
         s.expect_nothing(0.3)
@@ -3938,11 +3852,7 @@ class TestFlowControl:
 
     def test_slow_consumer_paces_the_publisher_and_loses_nothing(self, make_broker):
         b = make_broker(max_inflight=4, max_mqueue_len=100, flow_control_timeout=5)
-        sub = RawClient(b.mqtt_port)
-        sub.connect("fc-sub")
-        sub.subscribe([("fc/t", 1)])
-        pub = RawClient(b.mqtt_port)
-        pub.connect("fc-pub")
+        sub, pub = raw_sub_and_pub(b.mqtt_port, "fc-sub", [("fc/t", 1)], "fc-pub")
         total, window = 400, 20
         sent = acked = 0
         got = []
@@ -3973,11 +3883,8 @@ class TestFlowControl:
 
     def test_stalled_consumer_holds_publishers_back_only_briefly(self, make_broker):
         b = make_broker(max_inflight=2, max_mqueue_len=8, flow_control_timeout=0.3)
-        stalled = RawClient(b.mqtt_port)
-        stalled.connect("fc-stalled")
-        stalled.subscribe([("fc/s", 1)])   # reads, never acks
-        pub = RawClient(b.mqtt_port)
-        pub.connect("fc-pub2")
+        # the subscriber reads, never acks
+        stalled, pub = raw_sub_and_pub(b.mqtt_port, "fc-stalled", [("fc/s", 1)], "fc-pub2")
         for i in range(1, 41):
             pub.send(gen_publish("fc/s", b"%d" % i, qos=1, pid=i))
         acks = [pub.read_packet(timeout=5) for _ in range(40)]   # all come, in order
@@ -3988,11 +3895,7 @@ class TestFlowControl:
 
     def test_flow_control_off(self, make_broker):
         b = make_broker(max_inflight=1, max_mqueue_len=4, flow_control_timeout=0)
-        sub = RawClient(b.mqtt_port)
-        sub.connect("fc-off-sub")
-        sub.subscribe([("fc/o", 1)])
-        pub = RawClient(b.mqtt_port)
-        pub.connect("fc-off-pub")
+        sub, pub = raw_sub_and_pub(b.mqtt_port, "fc-off-sub", [("fc/o", 1)], "fc-off-pub")
         for i in range(1, 11):
             pub.send(gen_publish("fc/o", b"%d" % i, qos=1, pid=i))
         assert [pub.read_packet()[0] for _ in range(10)] == [PUBACK] * 10   # at once
@@ -4009,11 +3912,7 @@ class TestRaces:
         """A PUBLISH that got its PUBACK is routed even when the next packet in
         the same read is malformed and closes the connection."""
         b = make_broker()
-        sub = RawClient(b.mqtt_port)
-        sub.connect("race-sub")
-        sub.subscribe([("race/t", 1)])
-        pub = RawClient(b.mqtt_port)
-        pub.connect("race-pub")
+        sub, pub = raw_sub_and_pub(b.mqtt_port, "race-sub", [("race/t", 1)], "race-pub")
         pub.send(gen_publish("race/t", b"kept", qos=1, pid=1) + b"\x00\x00")   # then type 0
         m = sub.read_publish()
         assert (m["topic"], m["payload"]) == ("race/t", b"kept")
