@@ -251,13 +251,13 @@ PACKET_NAMES = {
 FIXED_FLAGS = {
     CONNECT: 0, CONNACK: 0, PUBACK: 0, PUBREC: 0, PUBREL: 2, PUBCOMP: 0,
     SUBSCRIBE: 2, SUBACK: 0, UNSUBSCRIBE: 2, UNSUBACK: 0, PINGREQ: 0,
-    PINGRESP: 0, DISCONNECT: 0,
+    PINGRESP: 0, DISCONNECT: 0, AUTH: 0,
 }
 
 #: Protocol level -> protocol name (3.1.1 section 3.1.2.1/2; 3.1 "MQIsdp").
 PROTOCOL_NAMES = {3: "MQIsdp", 4: "MQTT", 5: "MQTT"}
 MQTT_V31, MQTT_V311, MQTT_V5 = 3, 4, 5
-SUPPORTED_LEVELS = (MQTT_V31, MQTT_V311)
+SUPPORTED_LEVELS = (MQTT_V31, MQTT_V311, MQTT_V5)
 
 # CONNACK return codes (MQTT 3.1.1 table 3.1).
 CONNACK_ACCEPTED = 0x00
@@ -268,6 +268,101 @@ CONNACK_BAD_USERNAME_PASSWORD = 0x04
 CONNACK_NOT_AUTHORIZED = 0x05
 
 SUBACK_FAILURE = 0x80
+
+# MQTT 5.0 reason codes (5.0 section 2.4), the ones the broker sends or reads.
+RC_SUCCESS = 0x00                      # also Normal disconnection, Granted QoS 0
+RC_DISCONNECT_WITH_WILL = 0x04
+RC_NO_MATCHING_SUBSCRIBERS = 0x10
+RC_NO_SUBSCRIPTION_EXISTED = 0x11
+RC_UNSPECIFIED_ERROR = 0x80
+RC_MALFORMED_PACKET = 0x81
+RC_PROTOCOL_ERROR = 0x82
+RC_UNSUPPORTED_PROTOCOL_VERSION = 0x84
+RC_CLIENT_IDENTIFIER_NOT_VALID = 0x85
+RC_BAD_USERNAME_OR_PASSWORD = 0x86
+RC_NOT_AUTHORIZED = 0x87
+RC_SERVER_UNAVAILABLE = 0x88
+RC_SERVER_SHUTTING_DOWN = 0x8B
+RC_BAD_AUTHENTICATION_METHOD = 0x8C
+RC_KEEP_ALIVE_TIMEOUT = 0x8D
+RC_SESSION_TAKEN_OVER = 0x8E
+RC_TOPIC_FILTER_INVALID = 0x8F
+RC_PACKET_IDENTIFIER_NOT_FOUND = 0x92
+RC_RECEIVE_MAXIMUM_EXCEEDED = 0x93
+RC_TOPIC_ALIAS_INVALID = 0x94
+RC_PACKET_TOO_LARGE = 0x95
+RC_QUOTA_EXCEEDED = 0x97
+RC_ADMINISTRATIVE_ACTION = 0x98
+RC_SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED = 0xA1
+
+#: A 3.x CONNACK return code -> the MQTT 5.0 reason code for the same refusal.
+CONNACK_V5 = {
+    CONNACK_UNACCEPTABLE_PROTOCOL: RC_UNSUPPORTED_PROTOCOL_VERSION,
+    CONNACK_IDENTIFIER_REJECTED: RC_CLIENT_IDENTIFIER_NOT_VALID,
+    CONNACK_SERVER_UNAVAILABLE: RC_SERVER_UNAVAILABLE,
+    CONNACK_BAD_USERNAME_PASSWORD: RC_BAD_USERNAME_OR_PASSWORD,
+    CONNACK_NOT_AUTHORIZED: RC_NOT_AUTHORIZED,
+}
+
+#: Why the broker closed a connection (the per-listener shutdown reasons) ->
+#: the reason code of the DISCONNECT a 5.0 client gets first (5.0 section 3.14.2.1).
+DISCONNECT_REASONS = {
+    "conflict": RC_SESSION_TAKEN_OVER, "keepalive_timeout": RC_KEEP_ALIVE_TIMEOUT,
+    "kick": RC_ADMINISTRATIVE_ACTION, "shutdown": RC_SERVER_SHUTTING_DOWN,
+    "parser_error": RC_MALFORMED_PACKET, "protocol_error": RC_PROTOCOL_ERROR,
+    "frame_too_large": RC_PACKET_TOO_LARGE, "receive_maximum": RC_RECEIVE_MAXIMUM_EXCEEDED,
+    "topic_alias_invalid": RC_TOPIC_ALIAS_INVALID,
+    "subscription_ids": RC_SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED,
+}
+
+# MQTT 5.0 properties (section 2.2.2.2): identifier -> (name, type, where it may
+# stand). WILL stands for a CONNECT's Will Properties.
+WILL = 16
+_BYTE, _U16, _U32, _VARINT, _UTF8, _BINARY, _PAIR = range(7)
+_ACKS = (PUBACK, PUBREC, PUBREL, PUBCOMP)
+PROPERTIES = {
+    0x01: ("payload_format_indicator", _BYTE, (PUBLISH, WILL)),
+    0x02: ("message_expiry_interval", _U32, (PUBLISH, WILL)),
+    0x03: ("content_type", _UTF8, (PUBLISH, WILL)),
+    0x08: ("response_topic", _UTF8, (PUBLISH, WILL)),
+    0x09: ("correlation_data", _BINARY, (PUBLISH, WILL)),
+    0x0B: ("subscription_identifier", _VARINT, (PUBLISH, SUBSCRIBE)),
+    0x11: ("session_expiry_interval", _U32, (CONNECT, CONNACK, DISCONNECT)),
+    0x12: ("assigned_client_identifier", _UTF8, (CONNACK,)),
+    0x13: ("server_keep_alive", _U16, (CONNACK,)),
+    0x15: ("authentication_method", _UTF8, (CONNECT, CONNACK, AUTH)),
+    0x16: ("authentication_data", _BINARY, (CONNECT, CONNACK, AUTH)),
+    0x17: ("request_problem_information", _BYTE, (CONNECT,)),
+    0x18: ("will_delay_interval", _U32, (WILL,)),
+    0x19: ("request_response_information", _BYTE, (CONNECT,)),
+    0x1A: ("response_information", _UTF8, (CONNACK,)),
+    0x1C: ("server_reference", _UTF8, (CONNACK, DISCONNECT)),
+    0x1F: ("reason_string", _UTF8, (CONNACK, SUBACK, UNSUBACK, DISCONNECT, AUTH) + _ACKS),
+    0x21: ("receive_maximum", _U16, (CONNECT, CONNACK)),
+    0x22: ("topic_alias_maximum", _U16, (CONNECT, CONNACK)),
+    0x23: ("topic_alias", _U16, (PUBLISH,)),
+    0x24: ("maximum_qos", _BYTE, (CONNACK,)),
+    0x25: ("retain_available", _BYTE, (CONNACK,)),
+    0x26: ("user_property", _PAIR, (CONNECT, CONNACK, PUBLISH, WILL, SUBSCRIBE, SUBACK,
+                                   UNSUBSCRIBE, UNSUBACK, DISCONNECT, AUTH) + _ACKS),
+    0x27: ("maximum_packet_size", _U32, (CONNECT, CONNACK)),
+    0x28: ("wildcard_subscription_available", _BYTE, (CONNACK,)),
+    0x29: ("subscription_identifier_available", _BYTE, (CONNACK,)),
+    0x2A: ("shared_subscription_available", _BYTE, (CONNACK,)),
+}
+PROPERTY_IDS = {name: pid for pid, (name, _, _) in PROPERTIES.items()}
+#: Properties that may appear more than once; their value is a list.
+MULTI_PROPERTIES = frozenset(("user_property", "subscription_identifier"))
+#: Property values the spec restricts [MQTT-3.1.2-*, 3.3.2.3.2, 3.2.2.3.*]: name -> allowed.
+_PROPERTY_RANGES = {
+    "payload_format_indicator": (0, 1), "request_problem_information": (0, 1),
+    "request_response_information": (0, 1), "maximum_qos": (0, 1), "retain_available": (0, 1),
+    "wildcard_subscription_available": (0, 1), "subscription_identifier_available": (0, 1),
+    "shared_subscription_available": (0, 1),
+}
+#: PUBLISH properties a broker forwards unchanged to 5.0 subscribers [MQTT-3.3.2-*].
+FORWARDED_PROPERTIES = ("payload_format_indicator", "message_expiry_interval", "content_type",
+                        "response_topic", "correlation_data", "user_property")
 
 MAX_REMAINING_LENGTH = 268_435_455   # 2.2.3: four varint bytes
 MAX_PACKET_ID = 65535
@@ -547,6 +642,95 @@ def _fixed_header(packet_type, flags, remaining):
     return bytes((packet_type << 4 | flags,)) + encode_varint(remaining)
 
 
+def _decode_u32(body, pos):
+    if pos + 4 > len(body):
+        raise MalformedPacket("truncated four-byte integer")
+    return int.from_bytes(body[pos:pos + 4], "big"), pos + 4
+
+
+def _decode_byte(body, pos):
+    if pos >= len(body):
+        raise MalformedPacket("truncated byte")
+    return body[pos], pos + 1
+
+
+def _decode_varint_field(body, pos):
+    value, end = decode_varint(body, pos)
+    if value is None:
+        raise MalformedPacket("truncated variable byte integer")
+    return value, end
+
+
+def _decode_pair(body, pos):
+    key, pos = _decode_string(body, pos)
+    value, pos = _decode_string(body, pos)
+    return (key, value), pos
+
+
+def _decode_bytes(body, pos):
+    value, pos = _decode_binary(body, pos)
+    return bytes(value), pos
+
+
+#: Property type -> (decode(body, pos) -> (value, pos), encode(value) -> bytes).
+_PROPERTY_CODECS = {
+    _BYTE: (_decode_byte, lambda v: bytes((v,))),
+    _U16: (_decode_u16, lambda v: v.to_bytes(2, "big")),
+    _U32: (_decode_u32, lambda v: v.to_bytes(4, "big")),
+    _VARINT: (_decode_varint_field, encode_varint),
+    _UTF8: (_decode_string, encode_string),
+    _BINARY: (_decode_bytes, encode_binary),
+    _PAIR: (_decode_pair, lambda kv: encode_string(kv[0]) + encode_string(kv[1])),
+}
+
+
+def decode_properties(body, pos, where):
+    """MQTT 5.0 properties at ``body[pos:]`` of a packet of type ``where``
+    (or WILL): ({name: value}, next_pos). User Properties and Subscription
+    Identifiers are lists, in order. An unknown identifier is a Malformed
+    Packet; a property out of place, repeated or out of range is a Protocol
+    Error [MQTT-2.2.2-2]."""
+    length, start = _decode_varint_field(body, pos)
+    end = start + length
+    if end > len(body):
+        raise MalformedPacket("properties run past the packet")
+    view, pos, props = body[:end], start, {}
+    while pos < end:
+        pid, pos = _decode_varint_field(view, pos)
+        spec = PROPERTIES.get(pid)
+        if spec is None:
+            raise MalformedPacket("unknown property 0x%02x" % pid)
+        name, kind, allowed = spec
+        if where not in allowed:
+            raise ProtocolError("property %s is not allowed in %s" % (
+                name, "Will Properties" if where == WILL else PACKET_NAMES[where]))
+        value, pos = _PROPERTY_CODECS[kind][0](view, pos)
+        if name in MULTI_PROPERTIES:
+            props.setdefault(name, []).append(value)
+        elif name in props:
+            raise ProtocolError("property %s appears twice [MQTT-2.2.2-2]" % name)
+        else:
+            props[name] = value
+        allowed_values = _PROPERTY_RANGES.get(name)
+        if allowed_values is not None and value not in allowed_values:
+            raise ProtocolError("property %s = %r is not allowed" % (name, value))
+    return props, end
+
+
+def encode_properties(props):
+    """{name: value} -> the property length and properties (b"\\x00" for none)."""
+    if not props:
+        return b"\x00"
+    out = []
+    for name, value in props.items():
+        pid = PROPERTY_IDS[name]
+        encode = _PROPERTY_CODECS[PROPERTIES[pid][1]][1]
+        for item in (value if name in MULTI_PROPERTIES else (value,)):
+            out.append(encode_varint(pid) + encode(item))
+    data = b"".join(out)
+    return encode_varint(len(data)) + data
+
+
 ###############################################################################
 # Codec: packets ##############################################################
 ###############################################################################
@@ -565,11 +749,12 @@ class _Packet:
 
 
 class Will(_Packet):
-    """The will message of a CONNECT (3.1.2.5)."""
-    __slots__ = ("topic", "payload", "qos", "retain")
+    """The will message of a CONNECT (3.1.2.5); 5.0 adds Will Properties."""
+    __slots__ = ("topic", "payload", "qos", "retain", "properties")
 
-    def __init__(self, topic, payload, qos, retain):
+    def __init__(self, topic, payload, qos, retain, properties=None):
         self.topic, self.payload, self.qos, self.retain = topic, payload, qos, retain
+        self.properties = properties
 
 
 class Connect(_Packet):
@@ -631,6 +816,24 @@ class Ack(_Packet):
         self.packet_id, self.reason_code, self.properties = packet_id, reason_code, properties
 
 
+class Unsuback(Suback):
+    """UNSUBACK in 5.0: a reason code per filter (3.1.1's is an Ack)."""
+    __slots__ = ()
+
+
+class Disconnect(_Packet):
+    """DISCONNECT in 5.0, and AUTH: a reason code and properties (3.1.1's
+    DISCONNECT is Empty)."""
+    __slots__ = ("reason_code", "properties")
+
+    def __init__(self, reason_code=0, properties=None):
+        self.reason_code, self.properties = reason_code, properties
+
+
+class Auth(Disconnect):
+    __slots__ = ()
+
+
 class Empty(_Packet):
     """PINGREQ, PINGRESP and DISCONNECT (3.1.1: no variable header, no payload)."""
     __slots__ = ()
@@ -656,6 +859,9 @@ def decode_connect(flags, body, version=None):
     cflags = body[pos]
     keepalive = (body[pos + 1] << 8) | body[pos + 2]
     pos += 3
+    properties = None
+    if level == MQTT_V5:
+        properties, pos = decode_properties(body, pos, CONNECT)
     if cflags & 0x01:
         raise MalformedPacket("CONNECT reserved flag set [MQTT-3.1.2-3]")
     will_flag, will_qos, will_retain = cflags & 0x04, (cflags >> 3) & 0x03, bool(cflags & 0x20)
@@ -669,10 +875,13 @@ def decode_connect(flags, body, version=None):
     client_id, pos = _decode_string(body, pos)
     will = None
     if will_flag:
+        will_properties = None
+        if level == MQTT_V5:
+            will_properties, pos = decode_properties(body, pos, WILL)
         will_topic, pos = _decode_string(body, pos)
         will_payload, pos = _decode_binary(body, pos)
         validate_topic_name(will_topic)
-        will = Will(will_topic, bytes(will_payload), will_qos, will_retain)
+        will = Will(will_topic, bytes(will_payload), will_qos, will_retain, will_properties)
     username = password = None
     if has_user:
         username, pos = _decode_string(body, pos)
@@ -682,7 +891,7 @@ def decode_connect(flags, body, version=None):
     if pos != len(body):
         raise MalformedPacket("trailing bytes after CONNECT payload")
     return Connect(name, level, bool(cflags & 0x02), keepalive, client_id, will,
-                   username, password)
+                   username, password, properties)
 
 
 # Encoders: ``encode_<type>(pkt, version) -> bytes``, one per packet type. The
@@ -691,10 +900,13 @@ def decode_connect(flags, body, version=None):
 
 def encode_connect(pkt, version):
     """Client side."""
+    v5 = pkt.proto_ver == MQTT_V5
     flags = 0x02 if pkt.clean_session else 0
     payload = encode_string(pkt.client_id)
     if pkt.will:
         flags |= 0x04 | pkt.will.qos << 3 | (0x20 if pkt.will.retain else 0)
+        if v5:
+            payload += encode_properties(pkt.will.properties)
         payload += encode_string(pkt.will.topic) + encode_binary(pkt.will.payload)
     if pkt.username is not None:
         flags |= 0x80
@@ -703,20 +915,26 @@ def encode_connect(pkt, version):
         flags |= 0x40
         payload += encode_binary(pkt.password)
     body = (encode_string(pkt.proto_name) + bytes((pkt.proto_ver, flags))
-            + pkt.keepalive.to_bytes(2, "big") + payload)
+            + pkt.keepalive.to_bytes(2, "big")
+            + (encode_properties(pkt.properties) if v5 else b"") + payload)
     return _fixed_header(CONNECT, 0, len(body)) + body
 
 
 def encode_connack(pkt, version):
     # MQTT 3.1 has no Session Present flag: that byte is reserved there.
     present = 1 if pkt.session_present and version != MQTT_V31 else 0
-    return bytes((CONNACK << 4, 2, present, pkt.return_code))
+    if version != MQTT_V5:
+        return bytes((CONNACK << 4, 2, present, pkt.return_code))
+    body = bytes((present, pkt.return_code)) + encode_properties(pkt.properties)
+    return _fixed_header(CONNACK, 0, len(body)) + body
 
 
 def decode_connack(flags, body, version=None):
-    if len(body) != 2 or body[0] & 0xFE:
+    """Client side."""
+    if len(body) < 2 or body[0] & 0xFE or (version != MQTT_V5 and len(body) != 2):
         raise MalformedPacket("CONNACK body must be 2 bytes, flags 0 or 1 [MQTT-3.2.2-1]")
-    return Connack(bool(body[0]), body[1])
+    properties = decode_properties(body, 2, CONNACK)[0] if version == MQTT_V5 else None
+    return Connack(bool(body[0]), body[1], properties)
 
 
 def decode_publish(flags, body, version=None):
@@ -727,32 +945,43 @@ def decode_publish(flags, body, version=None):
     if dup and not qos:
         raise MalformedPacket("DUP set on a QoS 0 PUBLISH [MQTT-3.3.1-2]")
     topic, pos = _decode_string(body, 0)
-    validate_topic_name(topic)
+    if topic or version != MQTT_V5:   # 5.0: empty when a Topic Alias stands for it
+        validate_topic_name(topic)
     packet_id = None
     if qos:
         packet_id, pos = _decode_u16(body, pos)
         if not packet_id:
             raise MalformedPacket("packet identifier 0 [MQTT-2.3.1-1]")
-    return Publish(topic, body[pos:], qos, bool(flags & 0x01), dup, packet_id)
+    properties = None
+    if version == MQTT_V5:
+        properties, pos = decode_properties(body, pos, PUBLISH)
+    return Publish(topic, body[pos:], qos, bool(flags & 0x01), dup, packet_id, properties)
 
 
 def encode_publish(pkt, version):
     topic = encode_string(pkt.topic)
     pid = pkt.packet_id.to_bytes(2, "big") if pkt.qos else b""
+    if version == MQTT_V5:
+        pid += encode_properties(pkt.properties)
     flags = (0x08 if pkt.dup else 0) | pkt.qos << 1 | (0x01 if pkt.retain else 0)
     return _fixed_header(PUBLISH, flags, len(topic) + len(pid) + len(pkt.payload)) + topic + pid + pkt.payload
 
 
 def _decode_ack(flags, body, version=None):
-    if len(body) != 2:
+    """PUBACK, PUBREC, PUBREL, PUBCOMP; and UNSUBACK before 5.0. In 5.0 the
+    reason code and the properties may follow [MQTT-3.4.2-1]."""
+    if len(body) != 2 and (version != MQTT_V5 or len(body) < 2):
         raise MalformedPacket("acknowledgement body must be 2 bytes")
     packet_id = (body[0] << 8) | body[1]
     if not packet_id:
         raise MalformedPacket("packet identifier 0 [MQTT-2.3.1-1]")
-    return Ack(packet_id)
+    if len(body) == 2:
+        return Ack(packet_id)
+    properties = decode_properties(body, 3, PUBACK)[0] if len(body) > 3 else None
+    return Ack(packet_id, body[2], properties)
 
 
-decode_puback = decode_pubrec = decode_pubrel = decode_pubcomp = decode_unsuback = _decode_ack
+decode_puback = decode_pubrec = decode_pubrel = decode_pubcomp = _decode_ack
 
 
 def _ack_encoder(packet_type):
@@ -760,21 +989,32 @@ def _ack_encoder(packet_type):
     first = packet_type << 4 | FIXED_FLAGS[packet_type]
 
     def encode(pkt, version):
+        if version == MQTT_V5 and (pkt.reason_code or pkt.properties):
+            body = (pkt.packet_id.to_bytes(2, "big") + bytes((pkt.reason_code,))
+                    + (encode_properties(pkt.properties) if pkt.properties else b""))
+            return bytes((first,)) + encode_varint(len(body)) + body
         return bytes((first, 2, pkt.packet_id >> 8, pkt.packet_id & 0xFF))
     encode.__name__ = "encode_" + PACKET_NAMES[packet_type].lower()
     return encode
 
 
-encode_puback, encode_pubrec, encode_pubrel, encode_pubcomp, encode_unsuback = map(
-    _ack_encoder, (PUBACK, PUBREC, PUBREL, PUBCOMP, UNSUBACK))
+encode_puback, encode_pubrec, encode_pubrel, encode_pubcomp = map(
+    _ack_encoder, (PUBACK, PUBREC, PUBREL, PUBCOMP))
+_encode_unsuback_v3 = _ack_encoder(UNSUBACK)
 
 
-def _decode_filters(body, with_qos):
-    """SUBSCRIBE's and UNSUBSCRIBE's body: (packet_id, [filter] or [(filter, qos)]).
-    A filter is a UTF-8 string like any other [MQTT-1.5.3-1, -2]."""
+def _decode_filters(body, with_qos, version):
+    """SUBSCRIBE's and UNSUBSCRIBE's body: (packet_id, [filter] or [(filter,
+    options)], properties). A filter is a UTF-8 string like any other
+    [MQTT-1.5.3-1, -2]. The options byte is the requested QoS before 5.0; 5.0
+    adds No Local (bit 2), Retain As Published (3) and Retain Handling (4-5)."""
     packet_id, pos = _decode_u16(body, 0)
     if not packet_id:
         raise MalformedPacket("packet identifier 0 [MQTT-2.3.1-1]")
+    properties = None
+    if version == MQTT_V5:
+        properties, pos = decode_properties(body, pos, SUBSCRIBE if with_qos else UNSUBSCRIBE)
+    reserved = 0xC0 if version == MQTT_V5 else 0xFC
     topics = []
     while pos < len(body):
         topic_filter, pos = _decode_string(body, pos)
@@ -785,50 +1025,78 @@ def _decode_filters(body, with_qos):
             raise MalformedPacket("SUBSCRIBE topic without QoS byte")
         options = body[pos]
         pos += 1
-        if options & 0xFC or options & 0x03 == 3:
+        if options & reserved or options & 0x03 == 3:
             raise MalformedPacket("SUBSCRIBE requested QoS byte invalid [MQTT-3.8.3-4]")
-        topics.append((topic_filter, options & 0x03))
-    return packet_id, topics
+        if options & 0x30 == 0x30:
+            raise ProtocolError("Retain Handling 3 [MQTT-3.8.3-5]")
+        topics.append((topic_filter, options))
+    return packet_id, topics, properties
 
 
 def decode_subscribe(flags, body, version=None):
-    packet_id, topics = _decode_filters(body, with_qos=True)
+    packet_id, topics, properties = _decode_filters(body, True, version)
     if not topics:
         raise ProtocolError("SUBSCRIBE without topic filters [MQTT-3.8.3-3]")
-    return Subscribe(packet_id, topics)
+    return Subscribe(packet_id, topics, properties)
 
 
 def encode_subscribe(pkt, version):
     """Client side."""
-    body = pkt.packet_id.to_bytes(2, "big") + b"".join(
+    body = pkt.packet_id.to_bytes(2, "big") + (
+        encode_properties(pkt.properties) if version == MQTT_V5 else b"") + b"".join(
         encode_string(t) + bytes((q,)) for t, q in pkt.topics)
     return _fixed_header(SUBSCRIBE, 2, len(body)) + body
 
 
 def encode_suback(pkt, version):
-    body = pkt.packet_id.to_bytes(2, "big") + bytes(pkt.return_codes)
+    body = pkt.packet_id.to_bytes(2, "big") + (
+        encode_properties(pkt.properties) if version == MQTT_V5 else b"") + bytes(pkt.return_codes)
     return _fixed_header(SUBACK, 0, len(body)) + body
 
 
-def decode_suback(flags, body, version=None):
+def encode_unsuback(pkt, version):
+    """5.0: a reason code per filter (an Unsuback); before: the packet id only."""
+    if version != MQTT_V5:
+        return _encode_unsuback_v3(pkt, version)
+    body = (pkt.packet_id.to_bytes(2, "big") + encode_properties(pkt.properties)
+            + bytes(pkt.return_codes))
+    return _fixed_header(UNSUBACK, 0, len(body)) + body
+
+
+def decode_unsuback(flags, body, version=None):
+    """Client side."""
+    if version != MQTT_V5:
+        return _decode_ack(flags, body)
     packet_id, pos = _decode_u16(body, 0)
+    properties, pos = decode_properties(body, pos, UNSUBACK)
+    return Unsuback(packet_id, list(body[pos:]), properties)
+
+
+def decode_suback(flags, body, version=None):
+    """Client side."""
+    packet_id, pos = _decode_u16(body, 0)
+    properties = None
+    if version == MQTT_V5:
+        properties, pos = decode_properties(body, pos, SUBACK)
     codes = list(body[pos:])
-    if not codes or any(c not in (0, 1, 2, SUBACK_FAILURE) for c in codes):
+    if not codes or (version != MQTT_V5 and any(c not in (0, 1, 2, SUBACK_FAILURE) for c in codes)):
         raise MalformedPacket("SUBACK return codes must be 0, 1, 2 or 0x80 [MQTT-3.9.3-2]")
-    return Suback(packet_id, codes)
+    return Suback(packet_id, codes, properties)
 
 
 def encode_unsubscribe(pkt, version):
     """Client side."""
-    body = pkt.packet_id.to_bytes(2, "big") + b"".join(encode_string(t) for t in pkt.topics)
+    body = pkt.packet_id.to_bytes(2, "big") + (
+        encode_properties(pkt.properties) if version == MQTT_V5 else b"") + b"".join(
+        encode_string(t) for t in pkt.topics)
     return _fixed_header(UNSUBSCRIBE, 2, len(body)) + body
 
 
 def decode_unsubscribe(flags, body, version=None):
-    packet_id, topics = _decode_filters(body, with_qos=False)
+    packet_id, topics, properties = _decode_filters(body, False, version)
     if not topics:
         raise ProtocolError("UNSUBSCRIBE without topic filters [MQTT-3.10.3-2]")
-    return Unsubscribe(packet_id, topics)
+    return Unsubscribe(packet_id, topics, properties)
 
 
 def decode_empty(flags, body, version=None):
@@ -847,8 +1115,44 @@ def _empty_encoder(packet_type):
     return encode
 
 
-encode_pingreq, encode_pingresp, encode_disconnect = map(
-    _empty_encoder, (PINGREQ, PINGRESP, DISCONNECT))   # PINGREQ, DISCONNECT: client side
+encode_pingreq, encode_pingresp = map(_empty_encoder, (PINGREQ, PINGRESP))   # PINGREQ: client side
+_encode_disconnect_v3 = _empty_encoder(DISCONNECT)
+
+
+def _decode_reason(packet_type, packet_class):
+    """The decoder of 5.0's DISCONNECT or AUTH: a reason code (absent: 0) and
+    properties; DISCONNECT before 5.0 has no body."""
+    def decode(flags, body, version=None):
+        if version != MQTT_V5:
+            if packet_type == AUTH:
+                raise ProtocolError("AUTH is a 5.0 packet")
+            return decode_empty(flags, body)
+        if not body:
+            return packet_class()
+        properties = decode_properties(body, 1, packet_type)[0] if len(body) > 1 else None
+        return packet_class(body[0], properties)
+    return decode
+
+
+decode_disconnect = _decode_reason(DISCONNECT, Disconnect)
+decode_auth = _decode_reason(AUTH, Auth)
+
+
+def _reason_encoder(packet_type):
+    """The encoder of 5.0's DISCONNECT or AUTH (before 5.0: DISCONNECT's fixed header)."""
+    def encode(pkt, version):
+        if version != MQTT_V5:
+            return _encode_disconnect_v3(pkt, version)
+        if not (pkt.reason_code or pkt.properties):
+            return bytes((packet_type << 4, 0))
+        body = bytes((pkt.reason_code,)) + (
+            encode_properties(pkt.properties) if pkt.properties else b"")
+        return _fixed_header(packet_type, 0, len(body)) + body
+    encode.__name__ = "encode_" + PACKET_NAMES[packet_type].lower()
+    return encode
+
+
+encode_disconnect, encode_auth = map(_reason_encoder, (DISCONNECT, AUTH))
 
 
 #: Decoders for all 14 packet types (3.1.1 section 3), by packet type.
@@ -857,7 +1161,7 @@ DECODERS = {
     PUBACK: decode_puback, PUBREC: decode_pubrec, PUBREL: decode_pubrel,
     PUBCOMP: decode_pubcomp, SUBSCRIBE: decode_subscribe, SUBACK: decode_suback,
     UNSUBSCRIBE: decode_unsubscribe, UNSUBACK: decode_unsuback, PINGREQ: decode_empty,
-    PINGRESP: decode_empty, DISCONNECT: decode_empty,
+    PINGRESP: decode_empty, DISCONNECT: decode_disconnect, AUTH: decode_auth,
 }
 
 #: Encoders for all 14 packet types: encode(packet object, version) -> bytes.
@@ -866,12 +1170,12 @@ ENCODERS = {
     PUBACK: encode_puback, PUBREC: encode_pubrec, PUBREL: encode_pubrel,
     PUBCOMP: encode_pubcomp, SUBSCRIBE: encode_subscribe, SUBACK: encode_suback,
     UNSUBSCRIBE: encode_unsubscribe, UNSUBACK: encode_unsuback, PINGREQ: encode_pingreq,
-    PINGRESP: encode_pingresp, DISCONNECT: encode_disconnect,
+    PINGRESP: encode_pingresp, DISCONNECT: encode_disconnect, AUTH: encode_auth,
 }
 
 #: The packet types a server accepts from a client.
 CLIENT_PACKETS = frozenset((CONNECT, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP,
-                            SUBSCRIBE, UNSUBSCRIBE, PINGREQ, DISCONNECT))
+                            SUBSCRIBE, UNSUBSCRIBE, PINGREQ, DISCONNECT, AUTH))
 
 
 def encode_packet(packet_type, pkt, version=MQTT_V311):

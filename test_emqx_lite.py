@@ -700,7 +700,7 @@ _pid = st.integers(1, 65535)
 @st.composite
 def _packets(draw):
     """(packet type, packet object) for every one of the 14 packet types."""
-    kind = draw(st.sampled_from(sorted(emqx_lite.ENCODERS)))
+    kind = draw(st.sampled_from(sorted(set(emqx_lite.ENCODERS) - {emqx_lite.AUTH})))   # 3.1.1's 14
     if kind == emqx_lite.CONNECT:
         level = draw(st.sampled_from([3, 4]))
         will = draw(st.none() | st.builds(emqx_lite.Will, _name, st.binary(max_size=40),
@@ -1592,7 +1592,7 @@ class Test01Connect:
         r.send(gen_connect("bad", proto=4, proto_name="MQTX"))
         assert r.expect_closed()
 
-    @pytest.mark.parametrize("level", [0, 1, 2, 5, 6, 255])
+    @pytest.mark.parametrize("level", [0, 1, 2, 6, 255])
     def test_unsupported_level_gets_connack_1(self, raw, broker, level):
         """[MQTT-3.1.2-2] an unsupported protocol level gets CONNACK 0x01 and
         the connection is closed."""
