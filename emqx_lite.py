@@ -412,6 +412,7 @@ _QOS_RECEIVED = ("messages/qos0/received", "messages/qos1/received", "messages/q
 _QOS_SENT = ("messages/qos0/sent", "messages/qos1/sent", "messages/qos2/sent")
 
 _ROUTE_CACHE_SIZE = 10000   # topics whose match result is cached
+_NO_LOCAL, _RETAIN_AS_PUBLISHED = 0x04, 0x08   # SUBSCRIBE option bits kept in the router
 _RECV_MIN, _RECV_MAX = 1024, 65536   # bytes one recv asks for, adaptively
 
 #: Default settings; every one can be given to Broker() as a keyword.
@@ -435,6 +436,7 @@ DEFAULTS = {
     "max_outbuf": 1024 * 1024,         # bytes buffered for one client before it counts as slow
     "send_timeout": 15.0,              # seconds a blocked write may take before the client is closed
     "flow_control_timeout": 1.0,       # seconds a QoS 1/2 publisher's ack may be held (0 = off)
+    "max_topic_alias": 256,            # MQTT 5.0 Topic Alias Maximum we give clients (0 = none)
     "sys_interval": 60.0,              # seconds between $SYS broker/stats/metrics publishes
     "max_clients": 102400,             # connections per listener
     "acceptors": 1,                    # reported by the REST API (one accept loop)
@@ -493,6 +495,21 @@ class PacketTooLarge(MalformedPacket):
 
 class ConfigError(ValueError):
     """A configuration or ACL file is wrong; the message names file, line and key."""
+
+
+class ReceiveMaximumExceeded(ProtocolError):
+    """More QoS 2 PUBLISHes awaiting PUBREL than the Receive Maximum we gave (0x93)."""
+    reason = "receive_maximum"
+
+
+class TopicAliasInvalid(ProtocolError):
+    """A Topic Alias of 0 or above the Topic Alias Maximum we gave (0x94)."""
+    reason = "topic_alias_invalid"
+
+
+class SubscriptionIdsNotSupported(ProtocolError):
+    """A SUBSCRIBE with a Subscription Identifier, which we said we lack (0xA1)."""
+    reason = "subscription_ids"
 
 
 class ConnectRefused(MQTTError):
@@ -1049,8 +1066,12 @@ def encode_subscribe(pkt, version):
 
 
 def encode_suback(pkt, version):
-    body = pkt.packet_id.to_bytes(2, "big") + (
-        encode_properties(pkt.properties) if version == MQTT_V5 else b"") + bytes(pkt.return_codes)
+    """Before 5.0 every failure reason is 0x80 [MQTT-3.9.3-2]."""
+    if version == MQTT_V5:
+        codes = encode_properties(pkt.properties) + bytes(pkt.return_codes)
+    else:
+        codes = bytes(c if c < 0x80 else SUBACK_FAILURE for c in pkt.return_codes)
+    body = pkt.packet_id.to_bytes(2, "big") + codes
     return _fixed_header(SUBACK, 0, len(body)) + body
 
 
@@ -1248,7 +1269,9 @@ class TopicTree:
         return node
 
     def add(self, topic_filter, group, session, qos):
-        """Add or replace a subscription; return True if the filter had no subscriber before."""
+        """Add or replace a subscription; return True if the filter had no subscriber before.
+        ``qos`` is the granted QoS, with 5.0's No Local and Retain As Published
+        bits above it as in SUBSCRIBE's options byte."""
         node = self._node(topic_filter, True)
         was_empty = not node.subs and not node.shared
         if group is None:
@@ -1320,7 +1343,7 @@ class TopicTree:
         for node in matched:
             for client_id, entry in node.subs.items():
                 prev = result.get(client_id)
-                if prev is None or entry[1] > prev[1]:
+                if prev is None or entry[1] & 0x03 > prev[1] & 0x03:
                     result[client_id] = entry
             for group, members in node.shared.items():
                 shared = True
@@ -1339,28 +1362,54 @@ class TopicTree:
 class Message:
     """An application message on its way through the broker.
 
-    The encoded PUBLISH header is cached per first byte, so a message sent to
-    many subscribers is encoded once (only the packet id differs per client).
+    The encoded PUBLISH header is cached per first byte and protocol, so a
+    message sent to many subscribers is encoded once (only the packet id
+    differs per client). ``properties`` are the 5.0 properties a broker
+    forwards [MQTT-3.3.2-*]; 3.x subscribers never see them.
     """
-    __slots__ = ("topic", "payload", "qos", "retain", "sender", "sys", "_heads")
+    __slots__ = ("topic", "payload", "qos", "retain", "sender", "sys", "properties",
+                 "_heads", "_encoded_properties")
 
-    def __init__(self, topic, payload, qos=0, retain=False, sender=None, sys=False):
+    def __init__(self, topic, payload, qos=0, retain=False, sender=None, sys=False,
+                 properties=None):
         self.topic, self.payload, self.qos, self.retain = topic, payload, qos, retain
         self.sender, self.sys = sender, sys
+        self.properties = properties or None
         self._heads = {}
+        self._encoded_properties = None
 
-    def chunks(self, qos, retain=False, dup=False, packet_id=None):
+    def chunks(self, qos, retain=False, dup=False, packet_id=None, v5=False):
         """The PUBLISH packet for one subscriber, as a tuple of bytes to join."""
         first = 0x30 | (0x08 if dup else 0) | qos << 1 | (0x01 if retain else 0)
-        head = self._heads.get(first)
+        key = first | 0x100 if v5 else first
+        head = self._heads.get(key)
         if head is None:
             topic = self.topic.encode("utf-8")
             remaining = 2 + len(topic) + (2 if qos else 0) + len(self.payload)
-            head = self._heads[first] = (bytes((first,)) + encode_varint(remaining)
-                                         + len(topic).to_bytes(2, "big") + topic)
+            if v5:
+                remaining += len(self.encoded_properties())
+            head = self._heads[key] = (bytes((first,)) + encode_varint(remaining)
+                                       + len(topic).to_bytes(2, "big") + topic)
+        if v5:
+            if qos:
+                return head, packet_id.to_bytes(2, "big"), self._encoded_properties, self.payload
+            return head, self._encoded_properties, self.payload
         if qos:
             return head, packet_id.to_bytes(2, "big"), self.payload
         return head, self.payload
+
+    def encoded_properties(self):
+        """The 5.0 property length and properties, encoded once."""
+        if self._encoded_properties is None:
+            self._encoded_properties = encode_properties(self.properties)
+        return self._encoded_properties
+
+    def size(self, qos, v5):
+        """The size of this message's PUBLISH packet, fixed header included."""
+        remaining = 2 + len(self.topic.encode("utf-8")) + (2 if qos else 0) + len(self.payload)
+        if v5:
+            remaining += len(self.encoded_properties())
+        return 1 + len(encode_varint(remaining)) + remaining
 
 
 class FlowControl:
@@ -1512,7 +1561,7 @@ class Session:
     __slots__ = ("core", "client_id", "clean_session", "lock", "conn", "subscriptions",
                  "inflight", "awaiting_rel", "mqueue", "mqueue_dropped", "deliver_msg",
                  "enqueue_msg", "_next_id", "created_at", "disconnected_at", "last_ack",
-                 "waiters")
+                 "waiters", "expiry_interval", "v5", "window", "max_packet")
 
     def __init__(self, core, client_id, clean_session):
         self.core = core
@@ -1533,6 +1582,11 @@ class Session:
         self.disconnected_at = None      # set while a persistent session is offline
         self.last_ack = time.monotonic() # when the client last acknowledged anything
         self.waiters = None              # publishers whose acks wait for this queue (FlowControl)
+        self.expiry_interval = None      # 5.0 Session Expiry Interval; None: 3.x rules
+        # What the connected client allows, set by attach():
+        self.v5 = False                  # it speaks 5.0 (PUBLISH carries properties)
+        self.window = core.settings["max_inflight"]   # QoS 1/2 in flight: min(ours, its Receive Maximum)
+        self.max_packet = 0              # its Maximum Packet Size (0: no limit)
 
     # --- delivery (called by any thread routing a message) -----------------
     def deliver(self, items, touched):
@@ -1540,14 +1594,15 @@ class Session:
         one lock round trip. A connection written to is added to ``touched``
         for the caller to flush. A slow client (its buffer over max_outbuf)
         has QoS 0 dropped and QoS 1/2 queued; so has a full inflight window."""
-        s = self.core.settings
-        max_outbuf, max_inflight = s["max_outbuf"], s["max_inflight"]
+        max_outbuf = self.core.settings["max_outbuf"]
         chunks = []
         with self.lock:
-            conn = self.conn
+            conn, max_inflight = self.conn, self.window
             for msg, qos, retain in items:
                 if conn is None:
                     self._enqueue_locked(msg, qos, retain)
+                elif self.max_packet and msg.size(qos, self.v5) > self.max_packet:
+                    self.core.counts()["messages/dropped"] += 1   # too large for it [MQTT-3.1.2-25]
                 elif conn.out_bytes >= max_outbuf:
                     if qos:
                         self._enqueue_locked(msg, qos, retain)
@@ -1585,7 +1640,7 @@ class Session:
             counts = self.core.counts()
             counts["packets/publish/sent"] += 1
             counts[_QOS_SENT[qos]] += 1
-        return msg.chunks(qos, retain, dup, packet_id)
+        return msg.chunks(qos, retain, dup, packet_id, self.v5)
 
     def _send_publish_locked(self, conn, msg, qos, retain, dup=False, packet_id=None):
         """Append one PUBLISH to ``conn``'s buffer (the caller flushes)."""
@@ -1603,13 +1658,16 @@ class Session:
         conn = self.conn
         if conn is None or not self.mqueue:
             return None
-        s = self.core.settings
+        max_outbuf = self.core.settings["max_outbuf"]
         sent = False
-        while self.mqueue and conn.out_bytes < s["max_outbuf"]:
+        while self.mqueue and conn.out_bytes < max_outbuf:
             msg, qos, retain = self.mqueue[0]
-            if qos and len(self.inflight) >= s["max_inflight"]:
+            if qos and len(self.inflight) >= self.window:
                 break
             self.mqueue.popleft()
+            if self.max_packet and msg.size(qos, self.v5) > self.max_packet:
+                self.core.counts()["messages/dropped"] += 1
+                continue
             self._send_publish_locked(conn, msg, qos, retain)
             sent = True
         return conn if sent else None
@@ -1628,6 +1686,9 @@ class Session:
         with self.lock:
             self.conn = conn
             self.disconnected_at = None
+            self.v5 = conn.proto_ver == MQTT_V5
+            self.window = min(self.core.settings["max_inflight"], conn.receive_maximum)
+            self.max_packet = conn.max_packet_out
             now = time.monotonic()
             for packet_id, entry in self.inflight.items():
                 msg, qos, state, _ = entry
@@ -1663,17 +1724,19 @@ class Session:
             self.last_ack = entry[3]
             return True
 
-    def pubcomp(self, packet_id):
-        """PUBCOMP for a QoS 2 message that had its PUBREC (4.3.3)."""
-        return self._complete(packet_id, 2, "packets/pubcomp/missed")
+    def pubcomp(self, packet_id, refused=False):
+        """PUBCOMP for a QoS 2 message that had its PUBREC (4.3.3); or, with
+        ``refused``, a 5.0 PUBREC with an error code, which ends it too."""
+        return self._complete(packet_id, 2, "packets/pubcomp/missed", refused)
 
-    def _complete(self, packet_id, qos, missed):
+    def _complete(self, packet_id, qos, missed, refused=False):
         """The last ack of an outbound QoS ``qos`` message: free its slot in
         the window, then send what the queue holds. Returns a Connection to
         flush or None."""
         with self.lock:
             entry = self.inflight.get(packet_id)
-            if entry is None or entry[1] != qos or (qos == 2 and entry[2] != WAIT_COMP):
+            if entry is None or entry[1] != qos or (qos == 2 and entry[2] != WAIT_COMP
+                                                    and not refused):
                 self.core.counts()[missed] += 1
                 return None
             del self.inflight[packet_id]
@@ -1681,6 +1744,16 @@ class Session:
             conn = self._drain_locked()
         self.core.flow.settle(self)
         return conn
+
+    def change_expiry(self, expiry_interval):
+        """5.0 DISCONNECT's new Session Expiry Interval; False if the session
+        had 0, which may not change [MQTT-3.14.2-2]."""
+        with self.lock:
+            if self.expiry_interval == 0 and expiry_interval:
+                return False
+            self.expiry_interval = expiry_interval
+            self.clean_session = expiry_interval == 0
+            return True
 
     # --- inbound QoS 2 (the client publishes) -------------------------------
     def await_rel(self, packet_id):
@@ -1734,7 +1807,7 @@ class Session:
                 "clean_sess": self.clean_session,
                 "connected": self.conn is not None,
                 "subscriptions": len(self.subscriptions),
-                "max_inflight": self.core.settings["max_inflight"],
+                "max_inflight": self.window,
                 "inflight_len": len(self.inflight),
                 "mqueue_len": len(self.mqueue),
                 "mqueue_dropped": self.mqueue_dropped,
@@ -2287,23 +2360,30 @@ class BrokerCore:
         with self.lock:
             self.sockets.add(conn)
 
-    def connect(self, conn, clean_session):
+    def connect(self, conn, clean_start, ends_with_connection, expiry_interval):
         """Register a CONNECTed client; returns (session, session_present, old_conn).
 
         An existing connection with the same id is returned as ``old_conn``
-        for the caller to close [MQTT-3.1.4-2]. A clean session, or a new id,
-        gets a new Session; otherwise the stored one is resumed [MQTT-3.2.2-2].
+        for the caller to close [MQTT-3.1.4-2]. Clean Start (3.x: clean
+        session), or a new id, gets a new Session; otherwise the stored one is
+        resumed [MQTT-3.2.2-2]. The session ends with its connection if
+        ``ends_with_connection``; otherwise ``expiry_interval`` seconds after
+        (5.0), or session_expiry_interval after (3.x: None).
         """
         client_id = conn.client_id
         with self.lock:
             old_conn = self.connections.get(client_id)
             session = self.sessions.get(client_id)
-            if session is not None and (clean_session or session.clean_session):
+            if session is not None and (clean_start or session.clean_session):
                 self._discard_session_locked(session)
                 session = None
             present = session is not None
             if session is None:
-                session = self.sessions[client_id] = Session(self, client_id, clean_session)
+                session = self.sessions[client_id] = Session(self, client_id,
+                                                             ends_with_connection)
+            with session.lock:
+                session.clean_session = ends_with_connection
+                session.expiry_interval = expiry_interval
             self.connections[client_id] = conn
             self._update_stats_locked()
         return session, present, old_conn
@@ -2338,20 +2418,24 @@ class BrokerCore:
             self._unsubscribe_locked(session, topic_filter)
 
     def expire_sessions(self, now):
-        """Drop offline persistent sessions older than session_expiry_interval."""
-        limit = self.settings["session_expiry_interval"]
-        if not limit:
-            return
+        """Drop offline persistent sessions once their expiry interval has
+        passed: the client's (5.0) or session_expiry_interval (3.x). 0 (3.x)
+        and 0xFFFFFFFF (5.0) mean never [MQTT-3.1.2-*]."""
+        default = self.settings["session_expiry_interval"]
         with self.lock:
-            expired = [s for s in self.sessions.values()
-                       if s.disconnected_at is not None and now - s.disconnected_at >= limit
-                       and s.client_id not in self.connections]
+            expired = []
+            for s in self.sessions.values():
+                limit = default if s.expiry_interval is None else s.expiry_interval
+                if (s.disconnected_at is not None and limit and limit < 0xFFFFFFFF
+                        and now - s.disconnected_at >= limit
+                        and s.client_id not in self.connections):
+                    expired.append(s)
             for session in expired:
                 self._discard_session_locked(session)
 
     # --- subscriptions -------------------------------------------------------
     def subscribe(self, session, topics):
-        """Subscribe ``session`` to [(filter, qos)]; return (return_codes, retained)
+        """Subscribe ``session`` to [(filter, options)]; return (return_codes, retained)
         where retained is [(msg, qos)] to send after the SUBACK [MQTT-3.3.1-6]."""
         if self.rewrite_rules and self.modules_enabled:
             topics = [(self.rewrite(t), q) for t, q in topics]
@@ -2365,41 +2449,51 @@ class BrokerCore:
             self._update_stats_locked()
         return codes, retained
 
-    def _subscribe_locked(self, session, topic_filter, qos, retained):
-        """One filter of a SUBSCRIBE: the granted QoS or SUBACK_FAILURE; the
-        retained messages it matches are added to ``retained``."""
+    def _subscribe_locked(self, session, topic_filter, options, retained):
+        """One filter of a SUBSCRIBE: the granted QoS or a failure reason code
+        (the codec sends 0x80 for each before 5.0); the retained messages it
+        matches are added to ``retained``. ``options`` is SUBSCRIBE's options
+        byte: the QoS, and in 5.0 No Local, Retain As Published and Retain
+        Handling (3.8.3.1)."""
         if not (validate_topic_filter(topic_filter)
                 and topic_within_limits(topic_filter, self.settings)):
-            return SUBACK_FAILURE   # [MQTT-3.9.3-2]
+            return RC_TOPIC_FILTER_INVALID   # [MQTT-3.9.3-2]
         limit = self.settings["max_subscriptions"]
+        qos, retain_handling = options & 0x03, options >> 4 & 0x03
+        route = options & 0x0F   # what delivery needs: QoS, No Local, Retain As Published
         with session.lock:
             is_new = topic_filter not in session.subscriptions
             if is_new and limit and len(session.subscriptions) >= limit:
-                return SUBACK_FAILURE
-            session.subscriptions[topic_filter] = qos
+                return RC_QUOTA_EXCEEDED
+            session.subscriptions[topic_filter] = route
         group, real = parse_share(topic_filter)
         self._route_cache.clear()
-        if self.router.add(real, group, session, qos):
+        if self.router.add(real, group, session, route):
             self.routes[real] = 0
         if is_new:
             self.routes[real] += 1
             self.subscription_count += 1
             if real.startswith("$SYS"):
                 self.sys_subscriptions += 1
-        if group is None and self.retainer_enabled:
+        if group is None and self.retainer_enabled and (
+                retain_handling == 0 or (retain_handling == 1 and is_new)):
             retained.extend((msg, min(qos, msg.qos)) for msg in self.retained.values()
                             if topic_matches(real, msg.topic))
         return qos
 
     def unsubscribe(self, session, filters):
+        """Unsubscribe; returns, per filter, whether the session had it."""
         if self.rewrite_rules and self.modules_enabled:
             filters = [self.rewrite(t) for t in filters]
+        found = []
         with self.lock:
             for topic_filter in filters:
                 with session.lock:
                     known = session.subscriptions.pop(topic_filter, None) is not None
                 if known:
                     self._unsubscribe_locked(session, topic_filter)
+                found.append(known)
+        return found
 
     def _unsubscribe_locked(self, session, topic_filter):
         group, real = parse_share(topic_filter)
@@ -2433,7 +2527,7 @@ class BrokerCore:
         added to ``batch`` for the caller to run.
 
         This is the one routing path for MQTT PUBLISH, wills, $SYS, REST and
-        the Python API. Match results are cached per topic until the next
+        the Python API. Returns whether any subscription matched. Match results are cached per topic until the next
         subscription change; the cache is read without the lock (a message
         racing an UNSUBSCRIBE may still be delivered [MQTT-3.10.4-3]).
         """
@@ -2460,10 +2554,15 @@ class BrokerCore:
         if not targets:
             if not msg.sys:
                 self.counts()["messages/dropped"] += 1
-            return
-        qos = msg.qos
-        for session, granted in targets:
-            batch.add(session, msg, qos if qos < granted else granted)
+            return False
+        qos, sender = msg.qos, msg.sender
+        for session, route in targets:
+            if route & _NO_LOCAL and session.client_id == sender:
+                continue   # [MQTT-3.8.3-3]
+            granted = route & 0x03
+            batch.add(session, msg, qos if qos < granted else granted,
+                      msg.retain and route & _RETAIN_AS_PUBLISHED)   # [MQTT-3.3.1-12, -13]
+        return True
 
     # --- snapshots for the REST and Python APIs --------------------------------
     def client_infos(self):
@@ -2485,7 +2584,8 @@ class BrokerCore:
                 continue
             with session.lock:
                 subs = list(session.subscriptions.items())
-            result.extend({"client_id": session.client_id, "topic": t, "qos": q} for t, q in subs)
+            result.extend({"client_id": session.client_id, "topic": t, "qos": q & 0x03}
+                          for t, q in subs)
         return result
 
     def route_list(self):
@@ -2668,7 +2768,8 @@ class Connection:
                  "session", "acl", "connected_at", "opened_at", "last_recv", "close_reason",
                  "thread", "out_lock", "_out", "_wire", "out_bytes", "blocked",
                  "blocked_since", "_closed", "_batch", "_disconnecting", "held",
-                 "held_since", "waiting_on", "_recv_size")
+                 "held_since", "waiting_on", "_recv_size", "receive_maximum",
+                 "max_packet_out", "topic_aliases")
 
     def __init__(self, hooks, core, sock, peer, listener):
         self.hooks = hooks
@@ -2705,6 +2806,10 @@ class Connection:
         self.waiting_on = set()       # congested sessions the held acks wait for
         self._disconnecting = False
         self._recv_size = _RECV_MIN   # bytes the next recv asks for (adaptive)
+        # MQTT 5.0, from CONNECT (3.x: no limits, no aliases):
+        self.receive_maximum = 65535  # QoS 1/2 PUBLISHes it takes unacknowledged
+        self.max_packet_out = 0       # largest packet it takes (0: no limit)
+        self.topic_aliases = None     # alias -> topic it set [MQTT-3.3.2-12]
 
     def __repr__(self):
         return "<Connection %s %s:%s>" % (self.client_id, self.peer[0], self.peer[1])
@@ -2717,14 +2822,17 @@ class Connection:
             reason = "normal" if self._disconnecting else "closed"
         except ConnectRefused as exc:
             _log.info("Refused CONNECT from %s:%s: %s", self.peer[0], self.peer[1], exc)
-            self._send_bytes(encode_connack(Connack(False, exc.return_code), self.proto_ver),
-                             CONNACK)
+            code = exc.return_code
+            if self.proto_ver == MQTT_V5:
+                code = CONNACK_V5.get(code, code)
+            self._send_bytes(encode_connack(Connack(False, code), self.proto_ver), CONNACK)
             self.flush()
             reason = exc.reason
         except MQTTError as exc:
             _log.info("Closing %s:%s (%s): %s", self.peer[0], self.peer[1],
                       self.client_id, exc)
             reason = exc.reason
+            self.send_disconnect(reason)
         except OSError as exc:
             reason = "closed" if isinstance(exc, ConnectionError) else "socket_error"
         except Exception:
@@ -2810,12 +2918,22 @@ class Connection:
         ceiling = s["max_keepalive"]
         if ceiling and not 0 < pkt.keepalive <= ceiling:
             self.keepalive = ceiling   # a silent client is dropped even if it asked for 0
+        props = pkt.properties or {}
+        v5 = pkt.proto_ver == MQTT_V5
+        if "authentication_method" in props:
+            raise ConnectRefused(RC_BAD_AUTHENTICATION_METHOD,
+                                 "no enhanced authentication [MQTT-4.12.0-1]")
+        if props.get("receive_maximum") == 0 or props.get("maximum_packet_size") == 0:
+            raise ProtocolError("Receive Maximum or Maximum Packet Size of 0 [MQTT-3.1.2-*]")
+        self.receive_maximum = props.get("receive_maximum", 65535)
+        self.max_packet_out = props.get("maximum_packet_size", 0)
         client_id = pkt.client_id
+        assigned = None
         if not client_id:
-            if pkt.proto_ver == MQTT_V31 or not pkt.clean_session:
+            if pkt.proto_ver == MQTT_V31 or (not pkt.clean_session and not v5):
                 raise ConnectRefused(CONNACK_IDENTIFIER_REJECTED,
                                      "empty client id needs clean session [MQTT-3.1.3-8]")
-            client_id = "emqx_lite_" + secrets.token_hex(8)   # [MQTT-3.1.3-6]
+            client_id = assigned = "emqx_lite_" + secrets.token_hex(8)   # [MQTT-3.1.3-6]
         if len(client_id) > s["max_clientid_len"]:
             raise ConnectRefused(CONNACK_IDENTIFIER_REJECTED,
                                  "client id longer than max_clientid_len")
@@ -2832,80 +2950,160 @@ class Connection:
         self.clean_session, self.will = pkt.clean_session, pkt.will
         self.acl = self.core.acl.for_client(client_id, username, self.peer[0])
         self.connected_at = time.time()
-        session, present, old_conn = self.core.connect(self, pkt.clean_session)
+        if v5:   # the session lasts Session Expiry Interval seconds after the connection
+            expiry = props.get("session_expiry_interval", 0)
+            session, present, old_conn = self.core.connect(self, pkt.clean_session,
+                                                           expiry == 0, expiry)
+            self.topic_aliases = {}
+        else:
+            session, present, old_conn = self.core.connect(self, pkt.clean_session,
+                                                           pkt.clean_session, None)
         self.session = session
         if old_conn is not None:
             old_conn.shutdown("conflict")   # takeover [MQTT-3.1.4-2]
         _log.debug("Received CONNECT from %s (p%d, c%d, k%d)", client_id,
                    pkt.proto_ver, pkt.clean_session, pkt.keepalive)
-        self._send_bytes(encode_connack(Connack(present, CONNACK_ACCEPTED), self.proto_ver),
-                         CONNACK)
+        connack = Connack(present, CONNACK_ACCEPTED)
+        if v5:
+            connack.properties = self._connack_properties(assigned, self.keepalive != pkt.keepalive)
+        self._send_bytes(encode_connack(connack, self.proto_ver), CONNACK)
         self.core.attach(session, self)   # writes to this connection, flushed after the batch
         self.hooks.connected(self)
+
+    def _connack_properties(self, assigned_client_id, keepalive_changed):
+        """What a 5.0 client learns in CONNACK about this server (3.2.2.3)."""
+        s = self.settings
+        props = {"receive_maximum": s["max_awaiting_rel"] or 65535,
+                 "topic_alias_maximum": s["max_topic_alias"],
+                 "retain_available": 1 if self.core.retainer_enabled else 0,
+                 "wildcard_subscription_available": 1,
+                 "subscription_identifier_available": 0,
+                 "shared_subscription_available": 1}
+        if assigned_client_id is not None:
+            props["assigned_client_identifier"] = assigned_client_id
+        if keepalive_changed:
+            props["server_keep_alive"] = self.keepalive
+        return props
 
     def handle_publish(self, pkt, counts):
         qos = pkt.qos
         counts[_QOS_RECEIVED[qos]] += 1
-        if not topic_within_limits(pkt.topic, self.settings):
+        topic, properties = pkt.topic, None
+        if pkt.properties:
+            topic = self._resolve_alias(pkt)
+            properties = {k: v for k, v in pkt.properties.items() if k in FORWARDED_PROPERTIES}
+        elif not topic:
+            raise ProtocolError("empty topic without a Topic Alias [MQTT-3.3.2-8]")
+        if not topic_within_limits(topic, self.settings):
             raise MalformedPacket("topic exceeds max_topic_length or max_topic_levels")
-        if pkt.topic.startswith("$SYS/"):
+        reason = RC_SUCCESS
+        if topic.startswith("$SYS/"):
             # Clients may not inject $SYS messages: acknowledged, not routed.
-            _log.info("Dropped PUBLISH to %r from %s", pkt.topic, self.client_id)
-        elif not self.acl.check("publish", pkt.topic):
+            _log.info("Dropped PUBLISH to %r from %s", topic, self.client_id)
+            reason = RC_NOT_AUTHORIZED
+        elif not self.acl.check("publish", topic):
             # Denied: acknowledged as usual and dropped [MQTT-3.3.5-2].
-            _log.info("ACL denied PUBLISH to %r from %s", pkt.topic, self.client_id)
+            _log.info("ACL denied PUBLISH to %r from %s", topic, self.client_id)
             counts["messages/dropped"] += 1
+            reason = RC_NOT_AUTHORIZED
         elif qos == 2:
             state = self.session.await_rel(pkt.packet_id)
             if state == "full":
+                if self.proto_ver == MQTT_V5:
+                    raise ReceiveMaximumExceeded("more QoS 2 PUBLISHes than Receive Maximum "
+                                                 "[MQTT-3.3.4-9]")
                 counts["messages/qos2/dropped"] += 1
                 return  # no PUBREC: the client resends later
-            if state == "new":
-                self.core.publish(Message(pkt.topic, pkt.payload, 2, pkt.retain,
-                                          self.client_id), self._batch)
-        else:
-            self.core.publish(Message(pkt.topic, pkt.payload, qos, pkt.retain,
-                                      self.client_id), self._batch)
+            if state == "new" and not self.core.publish(
+                    Message(topic, pkt.payload, 2, pkt.retain, self.client_id, False, properties),
+                    self._batch):
+                reason = RC_NO_MATCHING_SUBSCRIBERS
+        elif not self.core.publish(Message(topic, pkt.payload, qos, pkt.retain, self.client_id,
+                                           False, properties), self._batch):
+            reason = RC_NO_MATCHING_SUBSCRIBERS
         if qos:
-            self.send_publish_ack(PUBACK if qos == 1 else PUBREC, pkt.packet_id)
+            self.send_publish_ack(PUBACK if qos == 1 else PUBREC, pkt.packet_id, reason)
+
+    def _resolve_alias(self, pkt):
+        """The topic of a 5.0 PUBLISH, through its Topic Alias if it has one."""
+        props = pkt.properties
+        if "subscription_identifier" in props:
+            raise ProtocolError("PUBLISH from a client with a Subscription Identifier "
+                                "[MQTT-3.3.4-6]")
+        alias = props.get("topic_alias")
+        if alias is None:
+            if not pkt.topic:
+                raise ProtocolError("empty topic without a Topic Alias [MQTT-3.3.2-8]")
+            return pkt.topic
+        if not 0 < alias <= self.settings["max_topic_alias"]:
+            raise TopicAliasInvalid("Topic Alias %d outside 1..%d [MQTT-3.3.2-9, -10]"
+                                    % (alias, self.settings["max_topic_alias"]))
+        if pkt.topic:
+            self.topic_aliases[alias] = pkt.topic
+            return pkt.topic
+        topic = self.topic_aliases.get(alias)
+        if topic is None:
+            raise ProtocolError("Topic Alias %d was never set [MQTT-3.3.2-*]" % alias)
+        return topic
 
     def handle_puback(self, pkt, counts):
         self.session.puback(pkt.packet_id)   # may send queued messages to this client
 
     def handle_pubrec(self, pkt, counts):
-        if self.session.pubrec(pkt.packet_id):
+        if pkt.reason_code >= 0x80:   # 5.0: the client refused the message; it is done
+            self.session.pubcomp(pkt.packet_id, refused=True)
+        elif self.session.pubrec(pkt.packet_id):
             self.send_ack(PUBREL, pkt.packet_id)
+        elif self.proto_ver == MQTT_V5:
+            self.send_ack(PUBREL, pkt.packet_id, RC_PACKET_IDENTIFIER_NOT_FOUND)
 
     def handle_pubrel(self, pkt, counts):
+        reason = RC_SUCCESS
         if not self.session.release(pkt.packet_id):
             counts["packets/pubrel/missed"] += 1
-        self.send_ack(PUBCOMP, pkt.packet_id)   # always answered [MQTT-4.3.3-1]
+            reason = RC_PACKET_IDENTIFIER_NOT_FOUND
+        self.send_ack(PUBCOMP, pkt.packet_id, reason)   # always answered [MQTT-4.3.3-1]
 
     def handle_pubcomp(self, pkt, counts):
         self.session.pubcomp(pkt.packet_id)
 
     def handle_subscribe(self, pkt, counts):
+        if pkt.properties and "subscription_identifier" in pkt.properties:
+            raise SubscriptionIdsNotSupported("Subscription Identifiers are not available "
+                                              "[MQTT-3.8.2-*]")
         check = self.acl.check
         allowed = [(f, q) for f, q in pkt.topics if check("subscribe", parse_share(f)[1])]
         codes, retained = self.core.subscribe(self.session, allowed)
-        if len(allowed) < len(pkt.topics):   # a denied filter gets 0x80 [MQTT-3.9.3-2]
+        if len(allowed) < len(pkt.topics):   # a denied filter gets 0x87/0x80 [MQTT-3.9.3-2]
             granted = iter(codes)
-            codes = [next(granted) if check("subscribe", parse_share(f)[1]) else SUBACK_FAILURE
-                     for f, _ in pkt.topics]
+            codes = [next(granted) if check("subscribe", parse_share(f)[1])
+                     else RC_NOT_AUTHORIZED for f, _ in pkt.topics]
         self._send_bytes(encode_suback(Suback(pkt.packet_id, codes), self.proto_ver), SUBACK)
         for msg, qos in retained:
             self._batch.add(self.session, msg, qos, retain=True)
 
     def handle_unsubscribe(self, pkt, counts):
-        self.core.unsubscribe(self.session, pkt.topics)
-        self.send_ack(UNSUBACK, pkt.packet_id)   # [MQTT-3.10.4-4, -5]
+        found = self.core.unsubscribe(self.session, pkt.topics)
+        codes = [RC_SUCCESS if known else RC_NO_SUBSCRIPTION_EXISTED for known in found]
+        self._send_bytes(encode_unsuback(Unsuback(pkt.packet_id, codes), self.proto_ver),
+                         UNSUBACK)   # [MQTT-3.10.4-4, -5]
 
     def handle_pingreq(self, pkt, counts):
         self._send_bytes(encode_pingresp(pkt, self.proto_ver), PINGRESP)   # [MQTT-3.12.4-1]
 
     def handle_disconnect(self, pkt, counts):
+        if isinstance(pkt, Disconnect):   # 5.0
+            expiry = (pkt.properties or {}).get("session_expiry_interval")
+            if expiry is not None and not self.session.change_expiry(expiry):
+                raise ProtocolError("Session Expiry Interval set after 0 [MQTT-3.14.2-2]")
+            if pkt.reason_code == RC_DISCONNECT_WITH_WILL:
+                self._disconnecting = True
+                return
         self.will = None   # [MQTT-3.14.4-3]
         self._disconnecting = True
+
+    def handle_auth(self, pkt, counts):
+        raise ProtocolError("AUTH without an Authentication Method in CONNECT [MQTT-4.12.0-1]")
 
     # --- sending (any thread) -----------------------------------------------------
     def _send_bytes(self, data, packet_type):
@@ -2914,15 +3112,18 @@ class Connection:
                 return
             self._out.append(data)
             self.out_bytes += len(data)
-        self.core.counts()[_SENT_METRIC[packet_type]] += 1
+        name = _SENT_METRIC.get(packet_type)
+        if name is not None:
+            self.core.counts()[name] += 1
 
-    def send_ack(self, packet_type, packet_id):
-        self._send_bytes(ENCODERS[packet_type](Ack(packet_id), self.proto_ver), packet_type)
+    def send_ack(self, packet_type, packet_id, reason=RC_SUCCESS):
+        self._send_bytes(ENCODERS[packet_type](Ack(packet_id, reason), self.proto_ver),
+                         packet_type)
 
-    def send_publish_ack(self, packet_type, packet_id):
+    def send_publish_ack(self, packet_type, packet_id, reason=RC_SUCCESS):
         """PUBACK or PUBREC for a PUBLISH this client sent; FlowControl holds
         it while a session its messages went to is congested."""
-        data = ENCODERS[packet_type](Ack(packet_id), self.proto_ver)
+        data = ENCODERS[packet_type](Ack(packet_id, reason), self.proto_ver)
         self.core.flow.send_ack(self, data, self._batch.congested)
         self.core.counts()[_SENT_METRIC[packet_type]] += 1
 
@@ -3002,10 +3203,19 @@ class Connection:
                 conn.flush()
 
     # --- closing --------------------------------------------------------------------
+    def send_disconnect(self, reason):
+        """5.0: tell the client why the server closes its connection
+        [MQTT-4.13.2-1]; it is sent with what is buffered, without blocking."""
+        code = DISCONNECT_REASONS.get(reason)
+        if self.proto_ver == MQTT_V5 and self.session is not None and code is not None:
+            self._send_bytes(encode_disconnect(Disconnect(code), MQTT_V5), DISCONNECT)
+            self.flush()
+
     def shutdown(self, reason):
         """Ask the reader thread to close this connection (any thread)."""
         if self.close_reason is None:
             self.close_reason = reason
+            self.send_disconnect(reason)
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -3035,8 +3245,10 @@ class Connection:
             will = self.will
             self.will = None
             batch = Batch()
+            properties = {k: v for k, v in (will.properties or {}).items()
+                          if k in FORWARDED_PROPERTIES}
             self.core.publish(Message(will.topic, will.payload, will.qos, will.retain,
-                                      self.client_id), batch)
+                                      self.client_id, False, properties), batch)
             batch.run()
         self.core.disconnect(self)
         self.session.detach(self)
@@ -3056,6 +3268,7 @@ _HANDLERS = {
     PUBREL: Connection.handle_pubrel, PUBCOMP: Connection.handle_pubcomp,
     SUBSCRIBE: Connection.handle_subscribe, UNSUBSCRIBE: Connection.handle_unsubscribe,
     PINGREQ: Connection.handle_pingreq, DISCONNECT: Connection.handle_disconnect,
+    AUTH: Connection.handle_auth,
 }
 
 
@@ -4557,7 +4770,7 @@ class Broker:
         if session is None:
             raise KeyError(client_id)
         codes, retained = core.subscribe(session, [(topic, qos)])
-        if codes[0] == SUBACK_FAILURE:
+        if codes[0] >= SUBACK_FAILURE:
             raise ValueError("invalid topic filter %r" % topic)
         batch = Batch()
         for msg, q in retained:
