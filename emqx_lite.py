@@ -148,6 +148,7 @@ import ipaddress
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -1368,15 +1369,21 @@ class Message:
     forwards [MQTT-3.3.2-*]; 3.x subscribers never see them.
     """
     __slots__ = ("topic", "payload", "qos", "retain", "sender", "sys", "properties",
-                 "_heads", "_encoded_properties")
+                 "expires_at", "_heads", "_encoded_properties")
 
     def __init__(self, topic, payload, qos=0, retain=False, sender=None, sys=False,
                  properties=None):
         self.topic, self.payload, self.qos, self.retain = topic, payload, qos, retain
         self.sender, self.sys = sender, sys
         self.properties = properties or None
+        expiry = properties.get("message_expiry_interval") if properties else None
+        #: monotonic time after which the message is never delivered [MQTT-3.3.2-5]
+        self.expires_at = None if expiry is None else time.monotonic() + expiry
         self._heads = {}
         self._encoded_properties = None
+
+    def expired(self, now):
+        return self.expires_at is not None and now >= self.expires_at
 
     def chunks(self, qos, retain=False, dup=False, packet_id=None, v5=False):
         """The PUBLISH packet for one subscriber, as a tuple of bytes to join."""
@@ -1391,9 +1398,13 @@ class Message:
             head = self._heads[key] = (bytes((first,)) + encode_varint(remaining)
                                        + len(topic).to_bytes(2, "big") + topic)
         if v5:
+            props = self._encoded_properties
+            if self.expires_at is not None:   # the time left, in the same four bytes [MQTT-3.3.2-6]
+                left = max(1, math.ceil(self.expires_at - time.monotonic()))
+                props = encode_properties(dict(self.properties, message_expiry_interval=left))
             if qos:
-                return head, packet_id.to_bytes(2, "big"), self._encoded_properties, self.payload
-            return head, self._encoded_properties, self.payload
+                return head, packet_id.to_bytes(2, "big"), props, self.payload
+            return head, props, self.payload
         if qos:
             return head, packet_id.to_bytes(2, "big"), self.payload
         return head, self.payload
@@ -1599,7 +1610,9 @@ class Session:
         with self.lock:
             conn, max_inflight = self.conn, self.window
             for msg, qos, retain in items:
-                if conn is None:
+                if msg.expires_at is not None and msg.expired(time.monotonic()):
+                    self.core.counts()["messages/dropped"] += 1
+                elif conn is None:
                     self._enqueue_locked(msg, qos, retain)
                 elif self.max_packet and msg.size(qos, self.v5) > self.max_packet:
                     self.core.counts()["messages/dropped"] += 1   # too large for it [MQTT-3.1.2-25]
@@ -1665,7 +1678,8 @@ class Session:
             if qos and len(self.inflight) >= self.window:
                 break
             self.mqueue.popleft()
-            if self.max_packet and msg.size(qos, self.v5) > self.max_packet:
+            if msg.expired(time.monotonic()) or (
+                    self.max_packet and msg.size(qos, self.v5) > self.max_packet):
                 self.core.counts()["messages/dropped"] += 1
                 continue
             self._send_publish_locked(conn, msg, qos, retain)
@@ -1817,6 +1831,8 @@ class Session:
                 "deliver_msg": self.deliver_msg,
                 "enqueue_msg": self.enqueue_msg,
                 "created_at": self.created_at,
+                "expiry_interval": (self.core.settings["session_expiry_interval"]
+                                    if self.expiry_interval is None else self.expiry_interval),
             }
 
 
@@ -2262,6 +2278,7 @@ class BrokerCore:
         self.stats_max = dict.fromkeys(STAT_NAMES, 0)
         self._route_cache = {}   # topic -> ((session, qos), ...); cleared on any subscription change
         self.flow = FlowControl(settings)
+        self.delayed_wills = {}  # client id -> (due, will Message): 5.0 Will Delay Interval
         self.retainer_enabled = True   # the emqx_retainer plugin
         self.modules_enabled = True    # the emqx_modules plugin (presence, rewrite, subscription)
         self.rewrite_rules = [(f, re.compile(r), d)
@@ -2344,6 +2361,20 @@ class BrokerCore:
         with self.lock:
             return self.sessions.get(client_id)
 
+    def delay_will(self, client_id, msg, delay):
+        """Keep a will until ``delay`` seconds have passed or the session ends."""
+        with self.lock:
+            session = self.sessions.get(client_id)
+            if session is not None and session.expiry_interval is not None:
+                delay = min(delay, session.expiry_interval)
+            self.delayed_wills[client_id] = (time.monotonic() + delay, msg)
+
+    def due_wills(self, now):
+        """The delayed wills whose time has come (removed)."""
+        with self.lock:
+            due = [cid for cid, (at, _) in self.delayed_wills.items() if at <= now]
+            return [self.delayed_wills.pop(cid)[1] for cid in due]
+
     def live_connections(self):
         """Every live Connection, CONNECTed or not (a copy)."""
         with self.lock:
@@ -2373,6 +2404,7 @@ class BrokerCore:
         client_id = conn.client_id
         with self.lock:
             old_conn = self.connections.get(client_id)
+            self.delayed_wills.pop(client_id, None)   # back in time: no will [MQTT-3.1.3-9]
             session = self.sessions.get(client_id)
             if session is not None and (clean_start or session.clean_session):
                 self._discard_session_locked(session)
@@ -2430,8 +2462,13 @@ class BrokerCore:
                         and now - s.disconnected_at >= limit
                         and s.client_id not in self.connections):
                     expired.append(s)
+            wills = []
             for session in expired:
                 self._discard_session_locked(session)
+                will = self.delayed_wills.pop(session.client_id, None)
+                if will is not None:
+                    wills.append(will[1])
+        return wills   # the session ended first: its delayed will is due
 
     # --- subscriptions -------------------------------------------------------
     def subscribe(self, session, topics):
@@ -2477,8 +2514,9 @@ class BrokerCore:
                 self.sys_subscriptions += 1
         if group is None and self.retainer_enabled and (
                 retain_handling == 0 or (retain_handling == 1 and is_new)):
+            now = time.monotonic()
             retained.extend((msg, min(qos, msg.qos)) for msg in self.retained.values()
-                            if topic_matches(real, msg.topic))
+                            if topic_matches(real, msg.topic) and not msg.expired(now))
         return qos
 
     def unsubscribe(self, session, filters):
@@ -3242,17 +3280,29 @@ class Connection:
             return
         _log.debug("Client %s disconnected (%s)", self.client_id, reason)
         if self.will is not None and reason != "shutdown":
-            will = self.will
-            self.will = None
-            batch = Batch()
-            properties = {k: v for k, v in (will.properties or {}).items()
-                          if k in FORWARDED_PROPERTIES}
-            self.core.publish(Message(will.topic, will.payload, will.qos, will.retain,
-                                      self.client_id, False, properties), batch)
-            batch.run()
+            self._publish_will(reason)
         self.core.disconnect(self)
         self.session.detach(self)
         self.hooks.disconnected(self, reason)
+
+    def _publish_will(self, reason):
+        """Publish the will now, or (5.0, Will Delay Interval) when the delay
+        or the session ends, whichever is first, unless the client comes
+        back before [MQTT-3.1.3-9]."""
+        will, self.will = self.will, None
+        will_props = will.properties or {}
+        properties = {k: v for k, v in will_props.items() if k in FORWARDED_PROPERTIES}
+        msg = Message(will.topic, will.payload, will.qos, will.retain, self.client_id, False,
+                      properties)
+        delay = will_props.get("will_delay_interval", 0)
+        session = self.session
+        if delay and not session.clean_session:
+            if reason != "conflict":   # taken over: the session goes on, no will
+                self.core.delay_will(self.client_id, msg, delay)
+            return
+        batch = Batch()
+        self.core.publish(msg, batch)
+        batch.run()
 
     def info(self):
         return {"client_id": self.client_id, "username": self.username,
@@ -3407,7 +3457,10 @@ API_PATHS = [
     "api/v2/nodes/{node}/plugins", "api/v2/users", "api/v2/auth",
 ]
 
-_PARAM_TYPES = {str: "string", bool: "bool", int: "int"}
+#: mqtt/publish ``properties`` (EMQX 5's names) -> JSON type.
+_REST_PROPERTIES = {"payload_format_indicator": int, "message_expiry_interval": int,
+                    "content_type": str, "response_topic": str, "correlation_data": str,
+                    "user_properties": dict}
 
 
 class ApiError(Exception):
@@ -3637,6 +3690,7 @@ def create_api_blueprint(broker):
                 "inflight_queue": s["inflight_len"], "message_queue": s["mqueue_len"],
                 "message_dropped": s["mqueue_dropped"], "awaiting_rel": s["awaiting_rel_len"],
                 "awaiting_ack": s["awaiting_ack"], "awaiting_comp": s["awaiting_comp"],
+                "expiry_interval": s["expiry_interval"],
                 "created_at": _strftime(s["created_at"])}
 
     def broker_info():
@@ -3759,11 +3813,35 @@ def create_api_blueprint(broker):
         client_id = optional(body, "client_id", str, "http")
         if qos not in (0, 1, 2):
             raise ApiError(108, "params type error")
+        properties = publish_properties(optional(body, "properties", dict, {}))
         try:
-            broker.publish(body["topic"], payload.encode("utf-8"), qos, retain, client_id)
-        except ValueError:
+            validate_topic_name(body["topic"])
+        except MalformedPacket:
             raise ApiError(102, "validate topic: %s fail" % body["topic"]) from None
+        broker.publish(body["topic"], payload.encode("utf-8"), qos, retain, client_id,
+                       properties)
         return ok()
+
+    def publish_properties(given):
+        """mqtt/publish's optional ``properties``, by EMQX 5's names, as the
+        MQTT 5.0 properties 5.0 subscribers get."""
+        props = {}
+        for key, value in given.items():
+            kind = _REST_PROPERTIES.get(key)
+            if kind is None or not isinstance(value, kind) or isinstance(value, bool):
+                raise ApiError(108, "params type error")
+            if key == "user_properties":
+                if not all(isinstance(v, str) for v in value.values()):
+                    raise ApiError(108, "params type error")
+                props["user_property"] = list(value.items())
+            elif key == "correlation_data":
+                props[key] = value.encode("utf-8")
+            else:
+                props[key] = value
+        if props.get("payload_format_indicator", 0) not in (0, 1) or not (
+                0 <= props.get("message_expiry_interval", 0) <= 0xFFFFFFFF):
+            raise ApiError(108, "params type error")
+        return props
 
     @rule("/mqtt/subscribe", methods=["POST"])
     def subscribe():
@@ -4656,7 +4734,12 @@ class Broker:
             core.flow.expire(conn, now)
         for session in sessions:
             self._resend(session, now)
-        core.expire_sessions(now)
+        wills = core.expire_sessions(now) + core.due_wills(now)
+        if wills:
+            batch = Batch()
+            for msg in wills:
+                core.publish(msg, batch)
+            batch.run()
 
     def _check_timeouts(self, conn, now):
         """Connect timeout, keepalive [MQTT-3.1.2-24] and send timeout."""
@@ -4745,9 +4828,22 @@ class Broker:
             raise RuntimeError("broker is not running")
         return self.core
 
-    def publish(self, topic, payload=b"", qos=0, retain=False, client_id="python"):
-        """Publish a message as if a client had sent it (same routing path)."""
+    def publish(self, topic, payload=b"", qos=0, retain=False, client_id="python",
+                properties=None):
+        """Publish a message as if a client had sent it (same routing path).
+        ``properties``: the 5.0 PUBLISH properties 5.0 subscribers get, by the
+        names of PROPERTIES (``{"response_topic": "r", "user_property":
+        [("k", "v")], "message_expiry_interval": 60}``)."""
         core = self._require_started()
+        properties = dict(properties or {})
+        unknown = set(properties) - set(FORWARDED_PROPERTIES)
+        if unknown:
+            raise ValueError("not a PUBLISH property a broker forwards: %s"
+                             % ", ".join(sorted(unknown)))
+        try:
+            encode_properties(properties)
+        except (TypeError, ValueError, AttributeError, OverflowError) as exc:
+            raise ValueError("bad PUBLISH property value: %s" % exc) from None
         if isinstance(payload, str):
             payload = payload.encode("utf-8")
         if qos not in (0, 1, 2):
@@ -4757,7 +4853,8 @@ class Broker:
         except MalformedPacket as exc:
             raise ValueError(str(exc)) from None
         batch = Batch()
-        core.publish(Message(topic, bytes(payload), qos, bool(retain), client_id), batch)
+        core.publish(Message(topic, bytes(payload), qos, bool(retain), client_id, False,
+                             properties), batch)
         batch.run()
 
     def subscribe(self, client_id, topic, qos=0):
