@@ -294,7 +294,6 @@ RC_TOPIC_ALIAS_INVALID = 0x94
 RC_PACKET_TOO_LARGE = 0x95
 RC_QUOTA_EXCEEDED = 0x97
 RC_ADMINISTRATIVE_ACTION = 0x98
-RC_SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED = 0xA1
 
 #: A 3.x CONNACK return code -> the MQTT 5.0 reason code for the same refusal.
 CONNACK_V5 = {
@@ -313,7 +312,6 @@ DISCONNECT_REASONS = {
     "parser_error": RC_MALFORMED_PACKET, "protocol_error": RC_PROTOCOL_ERROR,
     "frame_too_large": RC_PACKET_TOO_LARGE, "receive_maximum": RC_RECEIVE_MAXIMUM_EXCEEDED,
     "topic_alias_invalid": RC_TOPIC_ALIAS_INVALID,
-    "subscription_ids": RC_SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED,
 }
 
 # MQTT 5.0 properties (section 2.2.2.2): identifier -> (name, type, where it may
@@ -506,11 +504,6 @@ class ReceiveMaximumExceeded(ProtocolError):
 class TopicAliasInvalid(ProtocolError):
     """A Topic Alias of 0 or above the Topic Alias Maximum we gave (0x94)."""
     reason = "topic_alias_invalid"
-
-
-class SubscriptionIdsNotSupported(ProtocolError):
-    """A SUBSCRIBE with a Subscription Identifier, which we said we lack (0xA1)."""
-    reason = "subscription_ids"
 
 
 class ConnectRefused(MQTTError):
@@ -1249,6 +1242,26 @@ class _TrieNode:
         self.rr = {}         # group -> next round-robin index
 
 
+class _Route(int):
+    """A subscription's route (see TopicTree.add) merged from several
+    overlapping subscriptions, with all their Subscription Identifiers
+    (``ids``; an int subclass cannot have slots)."""
+
+
+def _subscription_ids(route):
+    """The Subscription Identifiers behind a route: () if none."""
+    return getattr(route, "ids", None) or ((route >> 4,) if route > 0x0F else ())
+
+
+def _merge_routes(a, b):
+    """One delivery for two overlapping subscriptions of one client: the
+    higher QoS's options, every Subscription Identifier of both."""
+    high = b if b[1] & 0x03 > a[1] & 0x03 else a
+    route = _Route(high[1] & 0x0F | 1 << 4)   # above 0x0F: it has identifiers
+    route.ids = tuple(sorted(set(_subscription_ids(a[1]) + _subscription_ids(b[1]))))
+    return high[0], route
+
+
 class TopicTree:
     """A trie of topic filters (paho-testing's matcher shape).
 
@@ -1272,7 +1285,8 @@ class TopicTree:
     def add(self, topic_filter, group, session, qos):
         """Add or replace a subscription; return True if the filter had no subscriber before.
         ``qos`` is the granted QoS, with 5.0's No Local and Retain As Published
-        bits above it as in SUBSCRIBE's options byte."""
+        bits above it as in SUBSCRIBE's options byte, and its Subscription
+        Identifier from bit 4 up."""
         node = self._node(topic_filter, True)
         was_empty = not node.subs and not node.shared
         if group is None:
@@ -1344,7 +1358,11 @@ class TopicTree:
         for node in matched:
             for client_id, entry in node.subs.items():
                 prev = result.get(client_id)
-                if prev is None or entry[1] & 0x03 > prev[1] & 0x03:
+                if prev is None:
+                    result[client_id] = entry
+                elif entry[1] > 0x0F or prev[1] > 0x0F:   # Subscription Identifiers: keep all
+                    result[client_id] = _merge_routes(prev, entry)
+                elif entry[1] & 0x03 > prev[1] & 0x03:
                     result[client_id] = entry
             for group, members in node.shared.items():
                 shared = True
@@ -1384,6 +1402,15 @@ class Message:
 
     def expired(self, now):
         return self.expires_at is not None and now >= self.expires_at
+
+    def with_subscription_ids(self, ids):
+        """This message for one subscriber whose matching subscriptions have
+        these Subscription Identifiers [MQTT-3.3.4-3, -4]: a copy that shares
+        everything but its 5.0 properties."""
+        copy = Message(self.topic, self.payload, self.qos, self.retain, self.sender, self.sys)
+        copy.properties = dict(self.properties or {}, subscription_identifier=list(ids))
+        copy.expires_at = self.expires_at
+        return copy
 
     def chunks(self, qos, retain=False, dup=False, packet_id=None, v5=False):
         """The PUBLISH packet for one subscriber, as a tuple of bytes to join."""
@@ -2471,8 +2498,9 @@ class BrokerCore:
         return wills   # the session ended first: its delayed will is due
 
     # --- subscriptions -------------------------------------------------------
-    def subscribe(self, session, topics):
-        """Subscribe ``session`` to [(filter, options)]; return (return_codes, retained)
+    def subscribe(self, session, topics, subscription_id=0):
+        """Subscribe ``session`` to [(filter, options)] (with a 5.0 Subscription
+        Identifier if not 0); return (return_codes, retained)
         where retained is [(msg, qos)] to send after the SUBACK [MQTT-3.3.1-6]."""
         if self.rewrite_rules and self.modules_enabled:
             topics = [(self.rewrite(t), q) for t, q in topics]
@@ -2481,12 +2509,13 @@ class BrokerCore:
             if self.sessions.get(session.client_id) is not session:
                 # discarded (clean session ended or taken over): never route to it again
                 return [SUBACK_FAILURE] * len(topics), []
-            codes = [self._subscribe_locked(session, topic_filter, qos, retained)
+            codes = [self._subscribe_locked(session, topic_filter, qos, retained,
+                                            subscription_id)
                      for topic_filter, qos in topics]
             self._update_stats_locked()
         return codes, retained
 
-    def _subscribe_locked(self, session, topic_filter, options, retained):
+    def _subscribe_locked(self, session, topic_filter, options, retained, subscription_id=0):
         """One filter of a SUBSCRIBE: the granted QoS or a failure reason code
         (the codec sends 0x80 for each before 5.0); the retained messages it
         matches are added to ``retained``. ``options`` is SUBSCRIBE's options
@@ -2497,7 +2526,8 @@ class BrokerCore:
             return RC_TOPIC_FILTER_INVALID   # [MQTT-3.9.3-2]
         limit = self.settings["max_subscriptions"]
         qos, retain_handling = options & 0x03, options >> 4 & 0x03
-        route = options & 0x0F   # what delivery needs: QoS, No Local, Retain As Published
+        # What delivery needs: QoS, No Local, Retain As Published, Subscription Identifier.
+        route = options & 0x0F | subscription_id << 4
         with session.lock:
             is_new = topic_filter not in session.subscriptions
             if is_new and limit and len(session.subscriptions) >= limit:
@@ -2515,7 +2545,8 @@ class BrokerCore:
         if group is None and self.retainer_enabled and (
                 retain_handling == 0 or (retain_handling == 1 and is_new)):
             now = time.monotonic()
-            retained.extend((msg, min(qos, msg.qos)) for msg in self.retained.values()
+            retained.extend((msg.with_subscription_ids((subscription_id,)) if subscription_id
+                             else msg, min(qos, msg.qos)) for msg in self.retained.values()
                             if topic_matches(real, msg.topic) and not msg.expired(now))
         return qos
 
@@ -2598,7 +2629,9 @@ class BrokerCore:
             if route & _NO_LOCAL and session.client_id == sender:
                 continue   # [MQTT-3.8.3-3]
             granted = route & 0x03
-            batch.add(session, msg, qos if qos < granted else granted,
+            batch.add(session, msg if route <= 0x0F else
+                      msg.with_subscription_ids(_subscription_ids(route)),
+                      qos if qos < granted else granted,
                       msg.retain and route & _RETAIN_AS_PUBLISHED)   # [MQTT-3.3.1-12, -13]
         return True
 
@@ -3015,7 +3048,7 @@ class Connection:
                  "topic_alias_maximum": s["max_topic_alias"],
                  "retain_available": 1 if self.core.retainer_enabled else 0,
                  "wildcard_subscription_available": 1,
-                 "subscription_identifier_available": 0,
+                 "subscription_identifier_available": 1,
                  "shared_subscription_available": 1}
         if assigned_client_id is not None:
             props["assigned_client_identifier"] = assigned_client_id
@@ -3106,12 +3139,13 @@ class Connection:
         self.session.pubcomp(pkt.packet_id)
 
     def handle_subscribe(self, pkt, counts):
-        if pkt.properties and "subscription_identifier" in pkt.properties:
-            raise SubscriptionIdsNotSupported("Subscription Identifiers are not available "
-                                              "[MQTT-3.8.2-*]")
+        subscription_ids = (pkt.properties or {}).get("subscription_identifier", [0])
+        if len(subscription_ids) > 1 or not subscription_ids[0] and pkt.properties \
+                and "subscription_identifier" in pkt.properties:
+            raise ProtocolError("Subscription Identifier 0 or twice [MQTT-3.8.2-*]")
         check = self.acl.check
         allowed = [(f, q) for f, q in pkt.topics if check("subscribe", parse_share(f)[1])]
-        codes, retained = self.core.subscribe(self.session, allowed)
+        codes, retained = self.core.subscribe(self.session, allowed, subscription_ids[0])
         if len(allowed) < len(pkt.topics):   # a denied filter gets 0x87/0x80 [MQTT-3.9.3-2]
             granted = iter(codes)
             codes = [next(granted) if check("subscribe", parse_share(f)[1])
