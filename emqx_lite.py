@@ -311,7 +311,7 @@ DISCONNECT_REASONS = {
     "kick": RC_ADMINISTRATIVE_ACTION, "shutdown": RC_SERVER_SHUTTING_DOWN,
     "parser_error": RC_MALFORMED_PACKET, "protocol_error": RC_PROTOCOL_ERROR,
     "frame_too_large": RC_PACKET_TOO_LARGE, "receive_maximum": RC_RECEIVE_MAXIMUM_EXCEEDED,
-    "topic_alias_invalid": RC_TOPIC_ALIAS_INVALID,
+    "topic_alias_invalid": RC_TOPIC_ALIAS_INVALID, "not_authorized": RC_NOT_AUTHORIZED,
 }
 
 # MQTT 5.0 properties (section 2.2.2.2): identifier -> (name, type, where it may
@@ -504,6 +504,11 @@ class ReceiveMaximumExceeded(ProtocolError):
 class TopicAliasInvalid(ProtocolError):
     """A Topic Alias of 0 or above the Topic Alias Maximum we gave (0x94)."""
     reason = "topic_alias_invalid"
+
+
+class AuthenticationFailed(MQTTError):
+    """A 5.0 re-authentication failed (DISCONNECT 0x87)."""
+    reason = "not_authorized"
 
 
 class ConnectRefused(MQTTError):
@@ -828,8 +833,8 @@ class Ack(_Packet):
 
 
 class Unsuback(Suback):
-    """UNSUBACK in 5.0: a reason code per filter (3.1.1's is an Ack)."""
-    __slots__ = ()
+    """UNSUBACK in 5.0: a reason code per filter (3.1.1's is an Ack). (No
+    ``__slots__`` of its own: its fields are Suback's.)"""
 
 
 class Disconnect(_Packet):
@@ -842,7 +847,7 @@ class Disconnect(_Packet):
 
 
 class Auth(Disconnect):
-    __slots__ = ()
+    """AUTH (5.0 only): a reason code and properties, as DISCONNECT."""
 
 
 class Empty(_Packet):
@@ -2285,10 +2290,13 @@ class BrokerCore:
     never while calling a Session method (lock order: core -> session).
     """
 
-    def __init__(self, settings, authenticate=None, acl=None):
+    def __init__(self, settings, authenticate=None, acl=None, auth_methods=None):
         self.settings = settings
         #: f(client_id, username, password, ip) -> CONNACK return code (0 = accepted)
         self.authenticate = authenticate
+        #: 5.0 enhanced authentication: method name -> f(client_id, username, ip) -> an
+        #: exchange whose step(data) answers ("continue"|"success", data) or a reason code
+        self.auth_methods = auth_methods or {}
         self.acl = acl if acl is not None else Acl([], "allow")
         self.node = settings["node"]
         self.started_at = time.time()
@@ -2840,7 +2848,7 @@ class Connection:
                  "thread", "out_lock", "_out", "_wire", "out_bytes", "blocked",
                  "blocked_since", "_closed", "_batch", "_disconnecting", "held",
                  "held_since", "waiting_on", "_recv_size", "receive_maximum",
-                 "max_packet_out", "topic_aliases")
+                 "max_packet_out", "topic_aliases", "auth", "_pending")
 
     def __init__(self, hooks, core, sock, peer, listener):
         self.hooks = hooks
@@ -2881,6 +2889,8 @@ class Connection:
         self.receive_maximum = 65535  # QoS 1/2 PUBLISHes it takes unacknowledged
         self.max_packet_out = 0       # largest packet it takes (0: no limit)
         self.topic_aliases = None     # alias -> topic it set [MQTT-3.3.2-12]
+        self.auth = None              # its enhanced-authentication exchange (5.0)
+        self._pending = None          # (CONNECT, assigned id) while that exchange runs
 
     def __repr__(self):
         return "<Connection %s %s:%s>" % (self.client_id, self.peer[0], self.peer[1])
@@ -2972,7 +2982,8 @@ class Connection:
 
     def handle_packet(self, first_byte, body, counts):
         packet_type = first_byte >> 4
-        if self.session is None and packet_type != CONNECT:
+        if self.session is None and packet_type != CONNECT and (
+                packet_type != AUTH or self._pending is None):
             raise ProtocolError("first packet must be CONNECT [MQTT-3.1.0-1]")
         name = _RECEIVED_METRIC.get(packet_type)
         if name is not None:
@@ -2982,7 +2993,7 @@ class Connection:
 
     # --- handlers, one per packet type ------------------------------------------
     def handle_connect(self, pkt, counts):
-        if self.session is not None:
+        if self.session is not None or self._pending is not None:
             raise ProtocolError("second CONNECT [MQTT-3.1.0-2]")
         s = self.settings
         self.proto_ver, self.keepalive = pkt.proto_ver, pkt.keepalive
@@ -2991,9 +3002,6 @@ class Connection:
             self.keepalive = ceiling   # a silent client is dropped even if it asked for 0
         props = pkt.properties or {}
         v5 = pkt.proto_ver == MQTT_V5
-        if "authentication_method" in props:
-            raise ConnectRefused(RC_BAD_AUTHENTICATION_METHOD,
-                                 "no enhanced authentication [MQTT-4.12.0-1]")
         if props.get("receive_maximum") == 0 or props.get("maximum_packet_size") == 0:
             raise ProtocolError("Receive Maximum or Maximum Packet Size of 0 [MQTT-3.1.2-*]")
         self.receive_maximum = props.get("receive_maximum", 65535)
@@ -3012,12 +3020,24 @@ class Connection:
         if self.listener.peer_cert_as_username == "cn" and self.transport is not None \
                 and self.transport.peer_cn:
             username = self.transport.peer_cn   # EMQ X's peer_cert_as_username = cn
+        self.client_id, self.username = client_id, username
+        method = props.get("authentication_method")
+        if method is not None:   # 5.0 enhanced authentication (4.12)
+            self.auth = (method, self._start_auth(method))
+            self._pending = (pkt, assigned)
+            self._auth_step(self.auth[1].step(props.get("authentication_data", b"")))
+            return
         auth = self.core.authenticate
         if auth is not None:
             code = auth(client_id, username, pkt.password, self.peer[0])
             if code:
                 raise ConnectRefused(code, "authentication failed for %r" % client_id)
-        self.client_id, self.username = client_id, username
+        self._accept(pkt, assigned)
+
+    def _accept(self, pkt, assigned, auth_properties=None):
+        """The client is who it says: register it, CONNACK, resume its session."""
+        client_id, username, v5 = self.client_id, self.username, pkt.proto_ver == MQTT_V5
+        props = pkt.properties or {}
         self.clean_session, self.will = pkt.clean_session, pkt.will
         self.acl = self.core.acl.for_client(client_id, username, self.peer[0])
         self.connected_at = time.time()
@@ -3037,6 +3057,7 @@ class Connection:
         connack = Connack(present, CONNACK_ACCEPTED)
         if v5:
             connack.properties = self._connack_properties(assigned, self.keepalive != pkt.keepalive)
+            connack.properties.update(auth_properties or {})
         self._send_bytes(encode_connack(connack, self.proto_ver), CONNACK)
         self.core.attach(session, self)   # writes to this connection, flushed after the batch
         self.hooks.connected(self)
@@ -3174,8 +3195,50 @@ class Connection:
         self.will = None   # [MQTT-3.14.4-3]
         self._disconnecting = True
 
+    # --- 5.0 enhanced authentication: AUTH exchanges (4.12) ----------------------
+    def _start_auth(self, method):
+        """A new exchange for ``method``, from the Broker's ``auth_methods``."""
+        factory = self.core.auth_methods.get(method)
+        if factory is None:
+            raise ConnectRefused(RC_BAD_AUTHENTICATION_METHOD,
+                                 "authentication method %r not supported [MQTT-4.12.0-1]"
+                                 % method)
+        return factory(self.client_id, self.username, self.peer[0])
+
+    def _auth_step(self, answer):
+        """Act on an exchange's answer: ("continue", data) sends AUTH 0x18 with
+        the challenge; ("success", data) completes the CONNECT (CONNACK) or the
+        re-authentication (AUTH 0x00); a reason code refuses."""
+        status, data = answer if isinstance(answer, tuple) else (answer, b"")
+        props = {"authentication_method": self.auth[0]}
+        if data:
+            props["authentication_data"] = data
+        pending = self._pending
+        if status == "continue":
+            self._send_bytes(encode_auth(Auth(0x18, props), MQTT_V5), AUTH)
+        elif status == "success":
+            self._pending = None
+            if pending is not None:
+                self._accept(pending[0], pending[1], props)
+            else:
+                self._send_bytes(encode_auth(Auth(RC_SUCCESS, props), MQTT_V5), AUTH)
+        elif pending is not None:
+            raise ConnectRefused(status or RC_NOT_AUTHORIZED, "enhanced authentication failed")
+        else:
+            raise AuthenticationFailed("re-authentication failed")
+
     def handle_auth(self, pkt, counts):
-        raise ProtocolError("AUTH without an Authentication Method in CONNECT [MQTT-4.12.0-1]")
+        props = pkt.properties or {}
+        if self.auth is None or props.get("authentication_method") != self.auth[0]:
+            raise ProtocolError("AUTH without the CONNECT's Authentication Method "
+                                "[MQTT-4.12.0-1, MQTT-4.12.0-5]")
+        method, exchange = self.auth
+        if pkt.reason_code == 0x19 and self._pending is None:   # re-authenticate
+            self.auth = (method, self._start_auth(method))
+            exchange = self.auth[1]
+        elif pkt.reason_code != 0x18:
+            raise ProtocolError("AUTH reason 0x%02x from a client" % pkt.reason_code)
+        self._auth_step(exchange.step(props.get("authentication_data", b"")))
 
     # --- sending (any thread) -----------------------------------------------------
     def _send_bytes(self, data, packet_type):
@@ -4482,7 +4545,7 @@ class Broker:
                  http_bind=None, ssl_port=None, ws_port=None, wss_port=None,
                  certfile=None, keyfile=None, cacertfile=None, verify=False,
                  fail_if_no_peer_cert=False, listeners=None, users=None,
-                 authenticate=None, **settings):
+                 authenticate=None, auth_methods=None, **settings):
         unknown = set(settings) - set(DEFAULTS)
         if unknown:
             raise TypeError("unknown broker setting(s): %s" % ", ".join(sorted(unknown)))
@@ -4512,6 +4575,8 @@ class Broker:
                                   self.settings["api_auth_failure_window"])
         self._default_admin = users is None
         self.authenticate = authenticate
+        #: MQTT 5.0 enhanced authentication (see BrokerCore.auth_methods)
+        self.auth_methods = dict(auth_methods or {})
         acl_file = self.settings["acl_file"]
         if acl_file is None:
             self.acl = Acl(parse_acl(DEFAULT_ACL, "<default acl.conf>"), self.settings["acl_nomatch"])
@@ -4557,7 +4622,7 @@ class Broker:
                 raise RuntimeError("emqx_lite needs non-blocking sends (MSG_DONTWAIT): "
                                    "it runs on Linux and macOS")
             self._stopping = False
-            self.core = BrokerCore(self.settings, self._authenticate, self.acl)
+            self.core = BrokerCore(self.settings, self._authenticate, self.acl, self.auth_methods)
             self._apply_plugins()
             self.listeners = []
             try:
