@@ -2396,9 +2396,13 @@ class BrokerCore:
         with self.lock:
             return self.sessions.get(client_id)
 
-    def delay_will(self, client_id, msg, delay):
-        """Keep a will until ``delay`` seconds have passed or the session ends."""
+    def delay_will(self, conn, msg, delay):
+        """Keep ``conn``'s will until ``delay`` seconds have passed or the
+        session ends; nothing if a newer connection already has the session."""
+        client_id = conn.client_id
         with self.lock:
+            if self.connections.get(client_id) not in (None, conn):
+                return   # the client is back [MQTT-3.1.3-9]
             session = self.sessions.get(client_id)
             if session is not None and session.expiry_interval is not None:
                 delay = min(delay, session.expiry_interval)
@@ -3342,9 +3346,15 @@ class Connection:
         """5.0: tell the client why the server closes its connection
         [MQTT-4.13.2-1]; it is sent with what is buffered, without blocking."""
         code = DISCONNECT_REASONS.get(reason)
-        if self.proto_ver == MQTT_V5 and self.session is not None and code is not None:
+        if self.proto_ver != MQTT_V5 or code is None:
+            return
+        if self.session is not None:
             self._send_bytes(encode_disconnect(Disconnect(code), MQTT_V5), DISCONNECT)
-            self.flush()
+        elif self._pending is not None:   # during an AUTH exchange: CONNACK says it
+            self._send_bytes(encode_connack(Connack(False, code), MQTT_V5), CONNACK)
+        else:
+            return
+        self.flush()
 
     def shutdown(self, reason):
         """Ask the reader thread to close this connection (any thread)."""
@@ -3395,7 +3405,7 @@ class Connection:
         session = self.session
         if delay and not session.clean_session:
             if reason != "conflict":   # taken over: the session goes on, no will
-                self.core.delay_will(self.client_id, msg, delay)
+                self.core.delay_will(self, msg, delay)
             return
         batch = Batch()
         self.core.publish(msg, batch)
@@ -5156,6 +5166,7 @@ SETTING_KEYS = {
     "mqtt.max_keepalive": ("max_keepalive", parse_int),
     "mqtt.client.max_outbuf": ("max_outbuf", parse_bytesize),
     "mqtt.client.send_timeout": ("send_timeout", parse_duration),
+    "mqtt.max_topic_alias": ("max_topic_alias", parse_int),
     # The REST API's listener (EMQ X 2.x names max_clients; the rest are emqx_lite's):
     "listener.api.mgmt.max_clients": ("api_max_clients", parse_int),
     "listener.api.mgmt.idle_timeout": ("api_idle_timeout", parse_duration),

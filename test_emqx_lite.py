@@ -1,7 +1,8 @@
 """pytest suite for emqx_lite: the MQTT 3.1 / 3.1.1 broker, its listeners,
 configuration and ACL, and its EMQ X 2.x REST API.
 
-Normative statements are cited as [MQTT-x.y.z-n] (MQTT 3.1.1, OASIS standard).
+Normative statements are cited as [MQTT-x.y.z-n] (MQTT 3.1.1, OASIS standard;
+in the MQTT 5.0 classes 14-20, MQTT 5.0, OASIS standard, 7 March 2019).
 Wire bytes are produced by the independent builders below (never by emqx_lite's
 own encoder) so that the tests check the broker against the specification and
 not against itself. REST tests go over real HTTP to the broker's waitress server.
@@ -13,7 +14,9 @@ Sections (the ##### banners, in order):
   Socket tests, a real broker on port 0, in mosquitto's numbering:
       01 CONNECT, 02 SUBSCRIBE, 03 PUBLISH, 04 retained, 05 sessions,
       06 keepalive, 07 will, 08 shared subscriptions, 09 $SYS, 10 metrics,
-      13 malformed input; then limits, authentication, ACL, slow consumers,
+      13 malformed input; 14-20 MQTT 5.0 (CONNECT, PUBLISH, SUBSCRIBE, sessions,
+      DISCONNECT, 3.1.1 interoperation, paho in 5.0 mode, with their own
+      v5 builders and RawClient5); then limits, authentication, ACL, slow consumers,
       flow control, races, embedding, listeners, the command line, the REST
       API and its hardening, and the long runs (live fuzzing, REST fuzzing,
       soak), which the TEST_KNOBS make longer.
@@ -38,6 +41,9 @@ import urllib.request
 
 import pytest
 import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
 import emqx_lite
@@ -204,6 +210,304 @@ def parse_publish(flags, body):
         pos += 2
     return {"topic": topic, "payload": bytes(body[pos:]), "qos": qos,
             "retain": bool(flags & 1), "dup": bool(flags & 8), "pid": pid}
+
+
+# --- MQTT 5.0 (OASIS standard, 7 March 2019) ----------------------------------------------
+# Written out from the 5.0 specification, independently of emqx_lite's tables.
+
+#: Property name -> (identifier, data type) (5.0 section 2.2.2.2, table 2-4).
+V5_PROPERTIES = {
+    "payload_format_indicator": (0x01, "byte"),
+    "message_expiry_interval": (0x02, "u32"),
+    "content_type": (0x03, "str"),
+    "response_topic": (0x08, "str"),
+    "correlation_data": (0x09, "bin"),
+    "subscription_identifier": (0x0B, "varint"),
+    "session_expiry_interval": (0x11, "u32"),
+    "assigned_client_identifier": (0x12, "str"),
+    "server_keep_alive": (0x13, "u16"),
+    "authentication_method": (0x15, "str"),
+    "authentication_data": (0x16, "bin"),
+    "request_problem_information": (0x17, "byte"),
+    "will_delay_interval": (0x18, "u32"),
+    "request_response_information": (0x19, "byte"),
+    "response_information": (0x1A, "str"),
+    "server_reference": (0x1C, "str"),
+    "reason_string": (0x1F, "str"),
+    "receive_maximum": (0x21, "u16"),
+    "topic_alias_maximum": (0x22, "u16"),
+    "topic_alias": (0x23, "u16"),
+    "maximum_qos": (0x24, "byte"),
+    "retain_available": (0x25, "byte"),
+    "user_property": (0x26, "pair"),
+    "maximum_packet_size": (0x27, "u32"),
+    "wildcard_subscription_available": (0x28, "byte"),
+    "subscription_identifier_available": (0x29, "byte"),
+    "shared_subscription_available": (0x2A, "byte"),
+}
+V5_PROPERTY_BY_ID = {pid: (name, kind) for name, (pid, kind) in V5_PROPERTIES.items()}
+#: Properties that may appear more than once: parse_props gives them as lists, in order.
+V5_MULTI = ("user_property", "subscription_identifier")
+AUTH = 15   # packet type 15 (5.0 section 2.1.2)
+
+_V5_ENCODE = {
+    "byte": lambda v: bytes((v,)),
+    "u16": lambda v: v.to_bytes(2, "big"),
+    "u32": lambda v: v.to_bytes(4, "big"),
+    "varint": enc_varint,
+    "str": enc_str,
+    "bin": enc_bytes,
+    "pair": lambda kv: enc_str(kv[0]) + enc_str(kv[1]),
+}
+
+
+def dec_varint(data, pos):
+    """-> (value, position after it) of a variable byte integer (5.0 section 1.5.5)."""
+    value, mult = 0, 1
+    while True:
+        byte = data[pos]
+        pos += 1
+        value += (byte & 0x7F) * mult
+        if not byte & 0x80:
+            return value, pos
+        mult *= 128
+
+
+def _dec_bin(data, pos):
+    n = int.from_bytes(data[pos:pos + 2], "big")
+    assert pos + 2 + n <= len(data), "binary field runs past the packet"
+    return bytes(data[pos + 2:pos + 2 + n]), pos + 2 + n
+
+
+def _dec_str(data, pos):
+    raw, pos = _dec_bin(data, pos)
+    return raw.decode("utf-8"), pos
+
+
+def _dec_pair(data, pos):
+    key, pos = _dec_str(data, pos)
+    value, pos = _dec_str(data, pos)
+    return (key, value), pos
+
+
+_V5_DECODE = {
+    "byte": lambda d, p: (d[p], p + 1),
+    "u16": lambda d, p: (int.from_bytes(d[p:p + 2], "big"), p + 2),
+    "u32": lambda d, p: (int.from_bytes(d[p:p + 4], "big"), p + 4),
+    "varint": dec_varint,
+    "str": _dec_str,
+    "bin": _dec_bin,
+    "pair": _dec_pair,
+}
+
+
+def gen_props(props=None):
+    """MQTT 5.0 properties (5.0 section 2.2.2): Property Length (variable byte
+    integer), then each property's identifier and value. ``props`` is a dict
+    or a list of (name, value) pairs, sent in that order; a user_property
+    value is a (key, value) pair or a list of them (in order, duplicates
+    kept). Bytes are sent as the properties themselves (malformed input)."""
+    if isinstance(props, (bytes, bytearray)):
+        return enc_varint(len(props)) + bytes(props)
+    items = props.items() if isinstance(props, dict) else (props or ())
+    out = b""
+    for name, value in items:
+        pid, kind = V5_PROPERTIES[name]
+        for v in (value if name in V5_MULTI and isinstance(value, list) else [value]):
+            out += enc_varint(pid) + _V5_ENCODE[kind](v)
+    return enc_varint(len(out)) + out
+
+
+def parse_props(data, pos=0):
+    """-> ({name: value}, position after the properties). user_property is a
+    list of (key, value) pairs in wire order, subscription_identifier a list;
+    a single-valued property seen twice fails the test."""
+    length, pos = dec_varint(data, pos)
+    end = pos + length
+    assert end <= len(data), "properties run past the packet"
+    props = {}
+    while pos < end:
+        pid, pos = dec_varint(data, pos)
+        assert pid in V5_PROPERTY_BY_ID, "unknown property identifier 0x%02x" % pid
+        name, kind = V5_PROPERTY_BY_ID[pid]
+        value, pos = _V5_DECODE[kind](data, pos)
+        if name in V5_MULTI:
+            props.setdefault(name, []).append(value)
+        else:
+            assert name not in props, "property %s twice [MQTT-2.2.2-2]" % name
+            props[name] = value
+    assert pos == end, "a property runs past the Property Length"
+    return props, end
+
+
+def sub_opts(qos=0, nl=False, rap=False, rh=0):
+    """A SUBSCRIBE options byte (5.0 section 3.8.3.1): QoS bits 0-1, No Local
+    bit 2, Retain As Published bit 3, Retain Handling bits 4-5."""
+    return qos | (0x04 if nl else 0) | (0x08 if rap else 0) | (rh << 4)
+
+
+def gen_connect_v5(client_id="raw5", clean_start=True, keepalive=60, properties=None,
+                   will=None, username=None, password=None, extra_flags=0):
+    """CONNECT with protocol level 5 (5.0 section 3.1). will = (topic, payload,
+    qos, retain) or (topic, payload, qos, retain, will_properties)."""
+    flags = (0x02 if clean_start else 0) | extra_flags
+    payload = enc_str(client_id)
+    if will is not None:
+        wtopic, wpayload, wqos, wretain, *wprops = will
+        flags |= 0x04 | (wqos << 3) | (0x20 if wretain else 0)
+        payload += gen_props(wprops[0] if wprops else None) + enc_str(wtopic) + enc_bytes(wpayload)
+    if username is not None:
+        flags |= 0x80
+        payload += enc_str(username)
+    if password is not None:
+        flags |= 0x40
+        payload += enc_bytes(password)
+    body = (enc_str("MQTT") + bytes((5, flags)) + keepalive.to_bytes(2, "big")
+            + gen_props(properties) + payload)
+    return packet(0x10, body)
+
+
+def gen_publish_v5(topic, payload=b"", qos=0, pid=None, retain=False, dup=False, properties=None):
+    """PUBLISH (5.0 section 3.3): topic, packet id (QoS > 0), properties, payload."""
+    if isinstance(payload, str):
+        payload = payload.encode()
+    first = 0x30 | (0x08 if dup else 0) | (qos << 1) | (0x01 if retain else 0)
+    body = enc_str(topic)
+    if qos:
+        body += (pid if pid is not None else 1).to_bytes(2, "big")
+    return packet(first, body + gen_props(properties) + payload)
+
+
+def gen_subscribe_v5(pid, topics, properties=None):
+    """SUBSCRIBE (5.0 section 3.8); topics: [(filter, options byte)] (sub_opts)."""
+    body = pid.to_bytes(2, "big") + gen_props(properties)
+    body += b"".join(enc_str(t) + bytes((o,)) for t, o in topics)
+    return packet(0x82, body)
+
+
+def gen_unsubscribe_v5(pid, topics, properties=None):
+    """UNSUBSCRIBE (5.0 section 3.10)."""
+    body = pid.to_bytes(2, "big") + gen_props(properties) + b"".join(enc_str(t) for t in topics)
+    return packet(0xA2, body)
+
+
+def gen_ack_v5(ptype, pid, reason=None, properties=None, flags=0):
+    """PUBACK/PUBREC/PUBREL/PUBCOMP (5.0 sections 3.4-3.7): reason None is the
+    two-byte form (Success, no properties); properties None omits the
+    Property Length."""
+    body = pid.to_bytes(2, "big")
+    if reason is not None:
+        body += bytes((reason,))
+        if properties is not None:
+            body += gen_props(properties)
+    return packet(ptype << 4 | flags, body)
+
+
+def gen_puback_v5(pid, reason=None, properties=None):
+    return gen_ack_v5(PUBACK, pid, reason, properties)
+
+
+def gen_pubrec_v5(pid, reason=None, properties=None):
+    return gen_ack_v5(PUBREC, pid, reason, properties)
+
+
+def gen_pubrel_v5(pid, reason=None, properties=None):
+    return gen_ack_v5(PUBREL, pid, reason, properties, flags=0x02)
+
+
+def gen_pubcomp_v5(pid, reason=None, properties=None):
+    return gen_ack_v5(PUBCOMP, pid, reason, properties)
+
+
+def gen_disconnect_v5(reason=None, properties=None):
+    """DISCONNECT (5.0 section 3.14): reason None is the empty form (0x00,
+    Normal disconnection); properties None omits the Property Length."""
+    if reason is None:
+        return b"\xe0\x00"
+    body = bytes((reason,))
+    if properties is not None:
+        body += gen_props(properties)
+    return packet(0xE0, body)
+
+
+def gen_auth_v5(reason=None, properties=None):
+    """AUTH (5.0 section 3.15), in the same short forms as DISCONNECT."""
+    if reason is None:
+        return b"\xf0\x00"
+    body = bytes((reason,))
+    if properties is not None:
+        body += gen_props(properties)
+    return packet(AUTH << 4, body)
+
+
+def parse_connack_v5(body):
+    """-> dict(session_present, reason, props) (5.0 section 3.2)."""
+    assert len(body) >= 3, "not a 5.0 CONNACK (no Property Length): %r" % bytes(body)
+    props, end = parse_props(body, 2)
+    assert end == len(body), "bytes after the CONNACK properties"
+    return {"session_present": body[0], "reason": body[1], "props": props}
+
+
+def parse_publish_v5(flags, body):
+    """-> dict(topic, payload, qos, retain, dup, pid, props) (5.0 section 3.3)."""
+    topic, pos = _dec_str(body, 0)
+    qos = (flags >> 1) & 3
+    pid = None
+    if qos:
+        pid = int.from_bytes(body[pos:pos + 2], "big")
+        pos += 2
+    props, pos = parse_props(body, pos)
+    return {"topic": topic, "payload": bytes(body[pos:]), "qos": qos,
+            "retain": bool(flags & 1), "dup": bool(flags & 8), "pid": pid, "props": props}
+
+
+def parse_ack_v5(body):
+    """PUBACK/PUBREC/PUBREL/PUBCOMP -> (pid, reason, props); the two-byte form
+    is Success with no properties (5.0 section 3.4.2.1)."""
+    pid = int.from_bytes(body[:2], "big")
+    if len(body) == 2:
+        return pid, 0x00, {}
+    if len(body) == 3:
+        return pid, body[2], {}
+    props, end = parse_props(body, 3)
+    assert end == len(body)
+    return pid, body[2], props
+
+
+def parse_suback_v5(body):
+    """SUBACK/UNSUBACK -> (pid, props, [reason code per filter]) (5.0 sections 3.9, 3.11)."""
+    props, pos = parse_props(body, 2)
+    return int.from_bytes(body[:2], "big"), props, list(body[pos:])
+
+
+def parse_disconnect_v5(body):
+    """DISCONNECT -> (reason, props); an empty body is 0x00 (5.0 section 3.14.2.1)."""
+    if not body:
+        return 0x00, {}
+    if len(body) == 1:
+        return body[0], {}
+    props, end = parse_props(body, 1)
+    assert end == len(body)
+    return body[0], props
+
+
+# Reason codes (5.0 section 2.4) the tests expect, written out independently.
+RC_SUCCESS, RC_DISCONNECT_WITH_WILL, RC_NO_MATCHING_SUBSCRIBERS = 0x00, 0x04, 0x10
+RC_NO_SUBSCRIPTION_EXISTED = 0x11
+RC_MALFORMED_PACKET, RC_PROTOCOL_ERROR = 0x81, 0x82
+RC_CLIENT_ID_NOT_VALID, RC_BAD_USERNAME_OR_PASSWORD, RC_NOT_AUTHORIZED = 0x85, 0x86, 0x87
+RC_SERVER_SHUTTING_DOWN, RC_BAD_AUTHENTICATION_METHOD = 0x8B, 0x8C
+RC_KEEP_ALIVE_TIMEOUT, RC_SESSION_TAKEN_OVER, RC_TOPIC_FILTER_INVALID = 0x8D, 0x8E, 0x8F
+RC_PACKET_ID_NOT_FOUND, RC_RECEIVE_MAXIMUM_EXCEEDED, RC_TOPIC_ALIAS_INVALID = 0x92, 0x93, 0x94
+RC_PACKET_TOO_LARGE, RC_QUOTA_EXCEEDED, RC_ADMINISTRATIVE_ACTION = 0x95, 0x97, 0x98
+
+#: The CONNACK properties of a broker with default settings (phase-1 contract):
+#: Maximum QoS absent (2), no Assigned Client Identifier, no Server Keep Alive.
+V5_CONNACK_DEFAULTS = {
+    "receive_maximum": 100, "topic_alias_maximum": 256, "retain_available": 1,
+    "wildcard_subscription_available": 1, "subscription_identifier_available": 1,
+    "shared_subscription_available": 1,
+}
 
 
 ###############################################################################
@@ -449,6 +753,211 @@ class PahoClient:
     close = disconnect
 
 
+class RawClient5(RawClient):
+    """A RawClient speaking MQTT 5.0 with the v5 builders above: CONNACK,
+    PUBLISH, acks, SUBACK/UNSUBACK and DISCONNECT come back parsed, with
+    their reason codes and properties."""
+
+    def __init__(self, port, timeout=TIMEOUT):
+        super().__init__(port, timeout)
+        #: PUBLISHes that arrived while an ack was awaited; read_packet gives them first
+        self.backlog = []
+
+    @classmethod
+    def connected(cls, port, client_id, **connect_kw):
+        """A RawClient5 whose CONNECT got CONNACK 0x00 (Success)."""
+        r = cls(port)
+        ack = r.connect(client_id, **connect_kw)
+        assert ack["reason"] == 0x00, ack
+        return r
+
+    def connect(self, client_id="raw5", **kw):
+        """Send a v5 CONNECT (gen_connect_v5 keywords); -> parse_connack_v5 of the reply."""
+        self.send(gen_connect_v5(client_id, **kw))
+        return self.read_connack()
+
+    def read_connack(self):
+        ptype, flags, body = self.read_packet()
+        assert (ptype, flags) == (CONNACK, 0), (ptype, flags, body)
+        return parse_connack_v5(body)
+
+    def subscribe(self, topics, pid=1, properties=None):
+        """topics: [(filter, options byte)]; -> the SUBACK's reason codes."""
+        self.send(gen_subscribe_v5(pid, topics, properties))
+        return self._read_codes(SUBACK, pid)
+
+    def unsubscribe(self, topics, pid=1, properties=None):
+        """-> the UNSUBACK's reason codes."""
+        self.send(gen_unsubscribe_v5(pid, topics, properties))
+        return self._read_codes(UNSUBACK, pid)
+
+    def read_packet(self, timeout=None):
+        if self.backlog:
+            return self.backlog.pop(0)
+        return super().read_packet(timeout)
+
+    def _read_reply(self, timeout=None):
+        """The next packet from the socket that is not a PUBLISH (those go to
+        the backlog: a subscriber's own message may come before its PUBACK)."""
+        while True:
+            ptype, flags, body = RawClient.read_packet(self, timeout)
+            if ptype != PUBLISH:
+                return ptype, flags, body
+            self.backlog.append((ptype, flags, body))
+
+    def _read_codes(self, kind, pid):
+        ptype, flags, body = self._read_reply()
+        assert (ptype, flags) == (kind, 0), (ptype, flags, body)
+        got_pid, _, codes = parse_suback_v5(body)
+        assert got_pid == pid, (got_pid, pid)   # [MQTT-2.2.1-6]
+        return codes
+
+    def publish(self, topic, payload=b"", qos=0, pid=1, **kw):
+        """Send a PUBLISH (gen_publish_v5 keywords) and complete its flow: for
+        QoS 1 -> the PUBACK's reason code; for QoS 2 the PUBREC's, then (if
+        below 0x80) PUBREL and a PUBCOMP 0x00."""
+        self.send(gen_publish_v5(topic, payload, qos, pid if qos else None, **kw))
+        if not qos:
+            return None
+        got_pid, reason, _ = self.read_ack(PUBACK if qos == 1 else PUBREC)
+        assert got_pid == pid, (got_pid, pid)
+        if qos == 2 and reason < 0x80:
+            self.send(gen_pubrel_v5(pid))
+            assert self.read_ack(PUBCOMP)[:2] == (pid, RC_SUCCESS)
+        return reason
+
+    def read_publish(self, timeout=None):
+        ptype, flags, body = self.read_packet(timeout)
+        assert ptype == PUBLISH, (ptype, flags, body)
+        return parse_publish_v5(flags, body)
+
+    def ack(self, m):
+        """Acknowledge a received PUBLISH (parsed): PUBACK for QoS 1; PUBREC,
+        the broker's PUBREL, then PUBCOMP for QoS 2."""
+        if m["qos"] == 1:
+            self.send(gen_puback_v5(m["pid"]))
+        elif m["qos"] == 2:
+            self.send(gen_pubrec_v5(m["pid"]))
+            assert self.read_ack(PUBREL)[:2] == (m["pid"], RC_SUCCESS)
+            self.send(gen_pubcomp_v5(m["pid"]))
+
+    def read_ack(self, kind, timeout=None):
+        """The next packet other than a PUBLISH must be a ``kind`` (PUBACK,
+        PUBREC, PUBREL or PUBCOMP): -> (pid, reason, props)."""
+        ptype, flags, body = self._read_reply(timeout)
+        assert (ptype, flags) == (kind, 0x02 if kind == PUBREL else 0), (ptype, flags, body)
+        return parse_ack_v5(body)
+
+    def until_pingresp(self):
+        """Send PINGREQ; -> the packets (type, flags, body) that arrive before
+        its PINGRESP. The broker handles one connection's packets in order, so
+        this shows everything an earlier packet made it send, and (after a
+        Broker.publish has returned) everything that publish sent here."""
+        self.send(gen_pingreq())
+        got = []
+        while True:
+            ptype, flags, body = self.read_packet()
+            if ptype == PINGRESP:
+                return got
+            got.append((ptype, flags, body))
+
+    def pending_publishes(self):
+        """until_pingresp(), every packet a PUBLISH: -> them, parsed."""
+        got = self.until_pingresp()
+        assert all(p[0] == PUBLISH for p in got), got
+        return [parse_publish_v5(flags, body) for _, flags, body in got]
+
+    def read_disconnect(self, timeout=None):
+        ptype, flags, body = self.read_packet(timeout)
+        assert (ptype, flags) == (DISCONNECT, 0), (ptype, flags, body)
+        return parse_disconnect_v5(body)
+
+    def expect_disconnect(self, timeout=TIMEOUT):
+        """The broker sends DISCONNECT and closes the connection
+        [MQTT-3.14.4-1] [MQTT-3.14.4-2]: -> its reason code."""
+        reason, props = self.read_disconnect(timeout)
+        assert "session_expiry_interval" not in props   # [MQTT-3.14.2-2]
+        assert self.expect_closed(), "still open after DISCONNECT 0x%02x" % reason
+        return reason
+
+    def expect_refused(self):
+        """An error in CONNECT: the broker either sends a CONNACK with a
+        failure reason code and closes, or just closes [MQTT-3.2.2-7] (it
+        never sends DISCONNECT before a successful CONNACK [MQTT-3.14.0-1]).
+        -> the CONNACK's reason code, or None for a bare close."""
+        try:
+            ptype, flags, body = self.read_packet()
+        except (ConnectionError, OSError):
+            return None
+        assert (ptype, flags) == (CONNACK, 0), (ptype, flags, body)
+        ack = parse_connack_v5(body)
+        assert ack["reason"] >= 0x80 and ack["session_present"] == 0, ack   # [MQTT-3.2.2-6]
+        assert self.expect_closed()
+        return ack["reason"]
+
+
+class PahoClient5:
+    """A connected paho client in MQTT 5.0 mode whose callbacks feed queues.
+
+    connect_props: paho Properties for the CONNECT. After the CONNACK:
+    session_present, reason (paho's ReasonCode) and connack_props."""
+
+    def __init__(self, port, client_id="", clean_start=True, connect_props=None,
+                 keepalive=60, username=None, password=None, will=None):
+        self.messages = queue.Queue()
+        self.connacks = queue.Queue()
+        self.subacks = queue.Queue()
+        self.unsubacks = queue.Queue()
+        self.published = queue.Queue()
+        self.disconnects = queue.Queue()
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
+                                  protocol=paho.MQTTv5, reconnect_on_failure=False)
+        c = self.client
+        c.on_connect = lambda c, u, f, rc, p: self.connacks.put((f.session_present, rc, p))
+        c.on_message = lambda c, u, m: self.messages.put(m)
+        c.on_subscribe = lambda c, u, mid, rcs, p: self.subacks.put((mid, rcs))
+        c.on_unsubscribe = lambda c, u, mid, rcs, p: self.unsubacks.put((mid, rcs))
+        c.on_publish = lambda c, u, mid, rc, p: self.published.put((mid, rc))
+        c.on_disconnect = lambda c, u, f, rc, p: self.disconnects.put(rc)
+        if username is not None:
+            c.username_pw_set(username, password)
+        if will is not None:
+            topic, payload, qos, retain, props = will
+            c.will_set(topic, payload, qos, retain, properties=props)
+        c.connect(HOST, port, keepalive, clean_start=clean_start, properties=connect_props)
+        c.loop_start()
+        self.session_present, self.reason, self.connack_props = self.connacks.get(timeout=TIMEOUT)
+
+    def subscribe(self, topics):
+        """topics: [(filter, paho SubscribeOptions)]; -> the SUBACK's reason codes as ints."""
+        _, mid = self.client.subscribe(topics)
+        got_mid, rcs = self.subacks.get(timeout=TIMEOUT)
+        assert got_mid == mid
+        return rcs
+
+    def unsubscribe(self, topics):
+        _, mid = self.client.unsubscribe(topics)
+        got_mid, rcs = self.unsubacks.get(timeout=TIMEOUT)
+        assert got_mid == mid
+        return rcs
+
+    def publish(self, topic, payload=b"", qos=0, retain=False, properties=None):
+        """-> the reason code paho reports in on_publish (the PUBACK's for QoS 1)."""
+        info = self.client.publish(topic, payload, qos, retain, properties=properties)
+        mid, rc = self.published.get(timeout=TIMEOUT)
+        assert mid == info.mid
+        return rc
+
+    def get(self, timeout=TIMEOUT):
+        return self.messages.get(timeout=timeout)
+
+    def close(self):
+        try:
+            self.client.disconnect()
+        finally:
+            self.client.loop_stop()
+
+
 def raw_sub_and_pub(raw, sub_id, topics, pub_id, **pub_connect):
     """-> (sub, pub): RawClient ``sub_id`` connected and subscribed to ``topics``
     [(filter, qos), ...], then RawClient ``pub_id`` connected (gen_connect
@@ -626,6 +1135,22 @@ def raw(broker):
 
 
 @pytest.fixture
+def raw5(broker):
+    """raw5(port=None) -> RawClient5 (MQTT 5.0)."""
+    clients = Clients(RawClient5, broker.mqtt_port)
+    yield clients
+    clients.close()
+
+
+@pytest.fixture
+def paho5(broker):
+    """paho5(client_id, ..., port=None) -> PahoClient5 (paho in MQTT 5.0 mode)."""
+    clients = Clients(PahoClient5, broker.mqtt_port)
+    yield clients
+    clients.close()
+
+
+@pytest.fixture
 def health(broker, client):
     """A healthy paho pair connected before a bad client shows up; check() proves
     the broker still routes for it afterwards."""
@@ -770,6 +1295,198 @@ class TestCodecProperties:
         encoded = emqx_lite.encode_varint(n)
         assert len(encoded) <= 4
         assert emqx_lite.decode_varint(encoded, 0) == (n, len(encoded))
+
+# --- MQTT 5.0: the property table and round trips ------------------------------
+
+#: The spec's property table (MQTT 5.0 section 2.2.2.2), transcribed independently:
+#: identifier -> (name, type, the packets that may carry it; "Will" for Will Properties).
+SPEC_PROPERTIES = {
+    0x01: ("Payload Format Indicator", "Byte", {"PUBLISH", "Will"}),
+    0x02: ("Message Expiry Interval", "Four Byte Integer", {"PUBLISH", "Will"}),
+    0x03: ("Content Type", "UTF-8 Encoded String", {"PUBLISH", "Will"}),
+    0x08: ("Response Topic", "UTF-8 Encoded String", {"PUBLISH", "Will"}),
+    0x09: ("Correlation Data", "Binary Data", {"PUBLISH", "Will"}),
+    0x0B: ("Subscription Identifier", "Variable Byte Integer", {"PUBLISH", "SUBSCRIBE"}),
+    0x11: ("Session Expiry Interval", "Four Byte Integer", {"CONNECT", "CONNACK", "DISCONNECT"}),
+    0x12: ("Assigned Client Identifier", "UTF-8 Encoded String", {"CONNACK"}),
+    0x13: ("Server Keep Alive", "Two Byte Integer", {"CONNACK"}),
+    0x15: ("Authentication Method", "UTF-8 Encoded String", {"CONNECT", "CONNACK", "AUTH"}),
+    0x16: ("Authentication Data", "Binary Data", {"CONNECT", "CONNACK", "AUTH"}),
+    0x17: ("Request Problem Information", "Byte", {"CONNECT"}),
+    0x18: ("Will Delay Interval", "Four Byte Integer", {"Will"}),
+    0x19: ("Request Response Information", "Byte", {"CONNECT"}),
+    0x1A: ("Response Information", "UTF-8 Encoded String", {"CONNACK"}),
+    0x1C: ("Server Reference", "UTF-8 Encoded String", {"CONNACK", "DISCONNECT"}),
+    0x1F: ("Reason String", "UTF-8 Encoded String",
+           {"CONNACK", "PUBACK", "PUBREC", "PUBREL", "PUBCOMP", "SUBACK", "UNSUBACK",
+            "DISCONNECT", "AUTH"}),
+    0x21: ("Receive Maximum", "Two Byte Integer", {"CONNECT", "CONNACK"}),
+    0x22: ("Topic Alias Maximum", "Two Byte Integer", {"CONNECT", "CONNACK"}),
+    0x23: ("Topic Alias", "Two Byte Integer", {"PUBLISH"}),
+    0x24: ("Maximum QoS", "Byte", {"CONNACK"}),
+    0x25: ("Retain Available", "Byte", {"CONNACK"}),
+    0x26: ("User Property", "UTF-8 String Pair",
+           {"CONNECT", "CONNACK", "PUBLISH", "Will", "PUBACK", "PUBREC", "PUBREL", "PUBCOMP",
+            "SUBSCRIBE", "SUBACK", "UNSUBSCRIBE", "UNSUBACK", "DISCONNECT", "AUTH"}),
+    0x27: ("Maximum Packet Size", "Four Byte Integer", {"CONNECT", "CONNACK"}),
+    0x28: ("Wildcard Subscription Available", "Byte", {"CONNACK"}),
+    0x29: ("Subscription Identifier Available", "Byte", {"CONNACK"}),
+    0x2A: ("Shared Subscription Available", "Byte", {"CONNACK"}),
+}
+_SPEC_TYPE_BYTES = {"Byte": b"\x01", "Two Byte Integer": b"\x00\x01",
+                    "Four Byte Integer": b"\x00\x00\x00\x01", "Variable Byte Integer": b"\x01",
+                    "UTF-8 Encoded String": b"\x00\x01a", "Binary Data": b"\x00\x01a",
+                    "UTF-8 String Pair": b"\x00\x01a\x00\x01b"}
+
+
+def _where(name):
+    return emqx_lite.WILL if name == "Will" else getattr(emqx_lite, name)
+
+
+class TestV5PropertyTable:
+    def test_every_property_of_the_spec_and_no_other(self):
+        assert sorted(emqx_lite.PROPERTIES) == sorted(SPEC_PROPERTIES)
+
+    @pytest.mark.parametrize("pid", sorted(SPEC_PROPERTIES), ids=lambda p: "0x%02X" % p)
+    def test_name_and_places_match_the_spec(self, pid):
+        name, _, places = SPEC_PROPERTIES[pid]
+        ours, _, allowed = emqx_lite.PROPERTIES[pid]
+        assert ours == name.lower().replace(" ", "_").replace("-", "_")
+        assert {_where(p) for p in places} == set(allowed)
+
+    @pytest.mark.parametrize("pid", sorted(SPEC_PROPERTIES), ids=lambda p: "0x%02X" % p)
+    def test_type_matches_the_spec(self, pid):
+        """The value bytes of the spec's type decode, and nothing is left over."""
+        _, kind, places = SPEC_PROPERTIES[pid]
+        block = bytes((pid,)) + _SPEC_TYPE_BYTES[kind]
+        props, end = emqx_lite.decode_properties(bytes((len(block),)) + block, 0,
+                                                 _where(sorted(places)[0]))
+        assert end == len(block) + 1 and len(props) == 1
+
+    @pytest.mark.parametrize("pid", sorted(SPEC_PROPERTIES), ids=lambda p: "0x%02X" % p)
+    def test_a_property_out_of_place_is_a_protocol_error(self, pid):
+        """[MQTT-2.2.2-2]: each packet carries only the properties the spec lists for it."""
+        _, kind, places = SPEC_PROPERTIES[pid]
+        elsewhere = [p for p in ("CONNECT", "PUBLISH", "SUBSCRIBE", "UNSUBSCRIBE", "DISCONNECT",
+                                 "Will", "PINGREQ") if p not in places]
+        block = bytes((pid,)) + _SPEC_TYPE_BYTES[kind]
+        with pytest.raises(emqx_lite.ProtocolError):
+            emqx_lite.decode_properties(bytes((len(block),)) + block, 0, _where(elsewhere[0]))
+
+    def test_a_repeated_property_is_a_protocol_error_but_user_property_may_repeat(self):
+        twice = b"\x03\x00\x01a" * 2
+        with pytest.raises(emqx_lite.ProtocolError, match="twice"):
+            emqx_lite.decode_properties(bytes((len(twice),)) + twice, 0, emqx_lite.PUBLISH)
+        pairs = b"\x26\x00\x01k\x00\x01v" * 2
+        props, _ = emqx_lite.decode_properties(bytes((len(pairs),)) + pairs, 0, emqx_lite.PUBLISH)
+        assert props == {"user_property": [("k", "v"), ("k", "v")]}
+
+    def test_an_unknown_property_is_malformed(self):
+        with pytest.raises(emqx_lite.MalformedPacket):
+            emqx_lite.decode_properties(b"\x02\x7f\x00", 0, emqx_lite.PUBLISH)
+
+    @pytest.mark.parametrize("block", [b"\x01\x02", b"\x17\x05", b"\x24\x02"])
+    def test_byte_properties_out_of_range_are_protocol_errors(self, block):
+        where = {0x01: emqx_lite.PUBLISH, 0x17: emqx_lite.CONNECT, 0x24: emqx_lite.CONNACK}
+        with pytest.raises(emqx_lite.ProtocolError):
+            emqx_lite.decode_properties(bytes((len(block),)) + block, 0, where[block[0]])
+
+
+_pair = st.tuples(_text, _text)
+
+
+def _v5_properties(where):
+    """Properties a packet of type ``where`` may carry, drawn."""
+    values = {"payload_format_indicator": st.integers(0, 1),
+              "message_expiry_interval": st.integers(0, 2 ** 32 - 1),
+              "content_type": _text, "response_topic": _name,
+              "correlation_data": st.binary(max_size=20),
+              "session_expiry_interval": st.integers(0, 2 ** 32 - 1),
+              "assigned_client_identifier": _text, "server_keep_alive": st.integers(0, 65535),
+              "authentication_method": _text, "authentication_data": st.binary(max_size=10),
+              "request_problem_information": st.integers(0, 1),
+              "will_delay_interval": st.integers(0, 2 ** 32 - 1),
+              "request_response_information": st.integers(0, 1),
+              "response_information": _text, "server_reference": _text, "reason_string": _text,
+              "receive_maximum": st.integers(1, 65535),
+              "topic_alias_maximum": st.integers(0, 65535), "topic_alias": st.integers(1, 65535),
+              "maximum_qos": st.integers(0, 1), "retain_available": st.integers(0, 1),
+              "user_property": st.lists(_pair, min_size=1, max_size=3),
+              "maximum_packet_size": st.integers(1, 2 ** 32 - 1),
+              "wildcard_subscription_available": st.integers(0, 1),
+              "subscription_identifier_available": st.integers(0, 1),
+              "shared_subscription_available": st.integers(0, 1),
+              "subscription_identifier": st.lists(st.integers(1, 268435455), min_size=1,
+                                                  max_size=2)}
+    names = [n for n, _, places in emqx_lite.PROPERTIES.values() if where in places]
+    return st.fixed_dictionaries({}, optional={n: values[n] for n in names})
+
+
+@st.composite
+def _v5_packets(draw):
+    """(packet type, packet object) for every 5.0 packet type, with properties."""
+    E = emqx_lite
+    kind = draw(st.sampled_from(sorted(E.ENCODERS)))
+    props = draw(_v5_properties(kind))
+    if kind == E.CONNECT:
+        will = draw(st.none() | st.builds(E.Will, _name, st.binary(max_size=40), st.integers(0, 2),
+                                          st.booleans(), _v5_properties(E.WILL)))
+        username = draw(st.none() | _text)
+        password = draw(st.none() | st.binary(max_size=20)) if username is not None else None
+        return kind, E.Connect("MQTT", 5, draw(st.booleans()), draw(st.integers(0, 65535)),
+                               draw(_text), will, username, password, props)
+    if kind == E.CONNACK:
+        return kind, E.Connack(draw(st.booleans()), draw(st.sampled_from([0, 0x80, 0x87])), props)
+    if kind == E.PUBLISH:
+        qos = draw(st.integers(0, 2))
+        return kind, E.Publish(draw(_name), draw(st.binary(max_size=100)), qos, draw(st.booleans()),
+                               draw(st.booleans()) if qos else False, draw(_pid) if qos else None,
+                               props)
+    if kind == E.SUBSCRIBE:
+        options = st.integers(0, 2) | st.sampled_from([0x04, 0x08, 0x1A, 0x21, 0x2E])
+        return kind, E.Subscribe(draw(_pid), draw(st.lists(st.tuples(_text, options), min_size=1,
+                                                           max_size=4)), props)
+    if kind in (E.SUBACK, E.UNSUBACK):
+        cls = E.Suback if kind == E.SUBACK else E.Unsuback
+        return kind, cls(draw(_pid), draw(st.lists(st.sampled_from([0, 1, 2, 0x11, 0x80, 0x87]),
+                                                   min_size=1, max_size=4)), props)
+    if kind == E.UNSUBSCRIBE:
+        return kind, E.Unsubscribe(draw(_pid), draw(st.lists(_text, min_size=1, max_size=4)), props)
+    if kind in (E.DISCONNECT, E.AUTH):
+        cls = E.Disconnect if kind == E.DISCONNECT else E.Auth
+        reason = draw(st.sampled_from([0, 4, 0x18, 0x19, 0x8E]))
+        return kind, (cls(reason, props or None) if reason or props else cls())
+    if kind in (E.PINGREQ, E.PINGRESP):
+        return kind, E.EMPTY
+    reason = draw(st.sampled_from([0, 0x10, 0x87, 0x92]))
+    return kind, (E.Ack(draw(_pid), reason, props or None) if reason or props
+                  else E.Ack(draw(_pid)))
+
+
+class TestV5CodecProperties:
+    @hsettings(max_examples=FUZZ_EXAMPLES * 3, deadline=None,
+               suppress_health_check=[HealthCheck.too_slow])
+    @given(_v5_packets())
+    def test_decode_of_encode_is_identity_for_every_5_0_packet(self, typed):
+        kind, pkt = typed
+        data = emqx_lite.encode_packet(kind, pkt, 5)
+        first, body, size = emqx_lite.split_packet(data + b"\x00trailing")
+        assert size == len(data) and first >> 4 == kind
+        assert emqx_lite.decode_packet(first, body, 5, accept=emqx_lite.DECODERS) == pkt
+
+    @hsettings(max_examples=FUZZ_EXAMPLES, deadline=None,
+               suppress_health_check=[HealthCheck.too_slow])
+    @given(_v5_packets(), st.data())
+    def test_mutated_5_0_packets_raise_only_the_codecs_own_error(self, typed, data):
+        raw = bytearray(emqx_lite.encode_packet(typed[0], typed[1], 5))
+        for _ in range(data.draw(st.integers(1, 4))):
+            raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+        try:
+            framed = emqx_lite.split_packet(bytes(raw))
+            if framed:
+                emqx_lite.decode_packet(framed[0], framed[1], 5, accept=emqx_lite.DECODERS)
+        except emqx_lite.MQTTError:
+            pass
 
 
 ###############################################################################
@@ -1043,6 +1760,7 @@ SIMPLE_CASES = [
     ("mqtt.max_keepalive", "300", "max_keepalive", 300),
     ("mqtt.client.max_outbuf", "64KB", "max_outbuf", 65536),
     ("mqtt.client.send_timeout", "5s", "send_timeout", 5.0),
+    ("mqtt.max_topic_alias", "16", "max_topic_alias", 16),
     ("listener.api.mgmt.max_clients", "2048", "api_max_clients", 2048),
     ("listener.api.mgmt.idle_timeout", "10s", "api_idle_timeout", 10.0),
     ("listener.api.mgmt.cors_origins", "https://Ops.example.com, http://[::1]:3000",
@@ -1262,6 +1980,7 @@ mqtt.max_subscriptions = 10
 mqtt.max_keepalive = 300
 mqtt.client.max_outbuf = 1KB
 mqtt.client.send_timeout = 2s
+mqtt.max_topic_alias = 8
 auth.username.john.doe = pw=1
 auth.client.1.clientid = 7.password
 auth.client.1.password = x
@@ -3490,6 +4209,1357 @@ class Test13Malformed:
         for r in bad:
             assert r.expect_closed()
         health.check()
+
+
+###############################################################################
+# 14-20 MQTT 5.0 (phase 1): CONNECT, PUBLISH, SUBSCRIBE, sessions, DISCONNECT,
+# interoperation with 3.1.1, and paho in 5.0 mode
+###############################################################################
+#
+# Normative statements in these classes are MQTT 5.0's (OASIS standard,
+# 7 March 2019). Packets are built and parsed by the v5 builders at the top
+# (gen_*_v5, parse_*_v5), never by emqx_lite's codec.
+
+#: Every publish property a broker forwards unaltered [MQTT-3.3.2-4]
+#: [MQTT-3.3.2-15] [MQTT-3.3.2-16] [MQTT-3.3.2-17] [MQTT-3.3.2-18] [MQTT-3.3.2-20];
+#: user properties in order, with a duplicate key and a duplicate pair.
+FORWARDED_PROPS = {
+    "payload_format_indicator": 1,
+    "message_expiry_interval": 3600,
+    "content_type": "application/json; charset=utf-8",
+    "response_topic": "reply/to/\u00e9",
+    "correlation_data": b"\x00\x01\xfe\xff",
+    "user_property": [("k", "1"), ("a", "x"), ("k", "2"), ("k", "1"), ("\u00fc", "")],
+}
+
+
+def assert_forwarded(got, sent=FORWARDED_PROPS):
+    """``got`` (a delivered PUBLISH's properties) are ``sent`` unaltered; a
+    Message Expiry Interval may have counted down by a second on the way
+    [MQTT-3.3.2-6] (a message delivered at once keeps, or nearly keeps, its value)."""
+    expiry = sent.get("message_expiry_interval")
+    if expiry is not None:
+        assert expiry - 1 <= got.get("message_expiry_interval", -1) <= expiry, got
+        got = dict(got, message_expiry_interval=expiry)
+    assert got == sent
+
+
+def _connack5(port, client_id, **connect_kw):
+    """A v5 CONNECT on a fresh socket: -> the CONNACK's reason code; a refused
+    connection is closed after its CONNACK [MQTT-3.2.2-7]."""
+    r = RawClient5(port)
+    try:
+        ack = r.connect(client_id, **connect_kw)
+        if ack["reason"] >= 0x80:
+            assert ack["session_present"] == 0   # [MQTT-3.2.2-6]
+            assert r.expect_closed()
+        return ack["reason"]
+    finally:
+        r.close()
+
+
+#: PUBACK/PUBREC reason codes of an accepted publish, where the test is about something else.
+ACCEPTED = (RC_SUCCESS, RC_NO_MATCHING_SUBSCRIBERS)
+
+
+def _session_ids(b):
+    return [s["client_id"] for s in b.sessions()]
+
+
+class Test14V5Connect:
+
+    def test_connack_bytes_and_default_properties(self, raw5):
+        """[MQTT-3.2.2-1] [MQTT-3.2.2-2] CONNACK to a v5 CONNECT: flags 0,
+        reason 0x00 and the phase-1 properties (Receive Maximum 100, Topic
+        Alias Maximum 256, Retain / Wildcard / Shared Subscription Available
+        1, Subscription Identifiers Available 1, no Maximum QoS)."""
+        r = raw5()
+        assert r.connect("c5") == {"session_present": 0, "reason": RC_SUCCESS,
+                                   "props": V5_CONNACK_DEFAULTS}
+
+    def test_v5_client_is_listed_with_level_5(self, raw5, broker):
+        raw5().connect("lvl5", keepalive=30)
+        (info,) = wait_until(lambda: broker.clients())
+        assert (info["client_id"], info["proto_ver"], info["keepalive"]) == ("lvl5", 5, 30)
+
+    def test_connect_properties_are_accepted(self, raw5):
+        """Every CONNECT property of phase 1 is read; none changes the CONNACK."""
+        props = [("session_expiry_interval", 0), ("receive_maximum", 10),
+                 ("maximum_packet_size", 65536), ("topic_alias_maximum", 5),
+                 ("request_problem_information", 1), ("request_response_information", 0),
+                 ("user_property", [("a", "1"), ("a", "1"), ("b", "")])]
+        plain = raw5().connect("plain")
+        ack = raw5().connect("props", properties=props)
+        assert (ack["reason"], ack["props"]) == (RC_SUCCESS, plain["props"])
+
+    @pytest.mark.parametrize("awaiting_rel, expected", [(7, 7), (0, 65535)])
+    def test_receive_maximum_is_max_awaiting_rel(self, make_broker, raw5, awaiting_rel, expected):
+        """CONNACK Receive Maximum: max_awaiting_rel, 65535 when that is 0 (unlimited)."""
+        b = make_broker(max_awaiting_rel=awaiting_rel)
+        assert raw5(port=b.mqtt_port).connect("rm")["props"]["receive_maximum"] == expected
+
+    def test_topic_alias_maximum_is_max_topic_alias(self, make_broker, raw5):
+        b = make_broker(max_topic_alias=5)
+        assert raw5(port=b.mqtt_port).connect("tam")["props"]["topic_alias_maximum"] == 5
+
+    def test_retain_available_0_without_the_retainer(self, broker, raw5):
+        broker.set_plugin("emqx_retainer", False)
+        assert raw5().connect("noret")["props"]["retain_available"] == 0
+
+    @pytest.mark.parametrize("clean_start", [True, False], ids=["clean", "persistent"])
+    def test_empty_client_id_gets_an_assigned_identifier(self, raw5, broker, clean_start):
+        """[MQTT-3.1.3-6] [MQTT-3.1.3-7] [MQTT-3.2.2-16] a zero-length client id
+        is accepted (also with Clean Start 0, unlike 3.1.1) and the CONNACK
+        carries the Assigned Client Identifier, unique and used for the client."""
+        acks = [raw5().connect("", clean_start=clean_start) for _ in range(2)]
+        assert [a["reason"] for a in acks] == [RC_SUCCESS, RC_SUCCESS]
+        ids = [a["props"]["assigned_client_identifier"] for a in acks]
+        assert all(ids) and ids[0] != ids[1]
+        listed = wait_until(lambda: len(broker.clients()) == 2 and broker.clients())
+        assert sorted(c["client_id"] for c in listed) == sorted(ids)
+
+    def test_assigned_identifier_names_the_session(self, raw5, broker):
+        r = raw5()
+        cid = r.connect("")["props"]["assigned_client_identifier"]
+        assert r.subscribe([("assigned/t", sub_opts(1))]) == [1]
+        broker.publish("assigned/t", b"to the assigned id", qos=1)
+        assert r.read_publish()["payload"] == b"to the assigned id"
+        assert broker.subscriptions(cid) == [{"client_id": cid, "topic": "assigned/t", "qos": 1}]
+
+    @pytest.mark.parametrize("asked, server_keep_alive", [(60, 10), (0, 10), (5, None), (10, None)])
+    def test_server_keep_alive(self, make_broker, raw5, asked, server_keep_alive):
+        """[MQTT-3.2.2-21] [MQTT-3.2.2-22] with max_keepalive=10 a client asking
+        for more (or for none) gets Server Keep Alive 10 and that keepalive
+        applies; a client within the ceiling gets no Server Keep Alive."""
+        b = make_broker(max_keepalive=10)
+        ack = raw5(port=b.mqtt_port).connect("ska", keepalive=asked)
+        assert ack["reason"] == RC_SUCCESS
+        assert ack["props"].get("server_keep_alive") == server_keep_alive
+        assert b.clients()[0]["keepalive"] == (server_keep_alive or asked)
+
+    @pytest.mark.parametrize("auth_props", [
+        {"authentication_method": "SCRAM-SHA-1"},
+        {"authentication_method": "SCRAM-SHA-1", "authentication_data": b"client-first"},
+    ], ids=["method", "method+data"])
+    def test_authentication_method_gets_0x8c(self, raw5, broker, auth_props):
+        """[MQTT-4.12.0-1] no enhanced authentication in phase 1: an
+        Authentication Method gets CONNACK 0x8C (Bad authentication method)
+        and the connection is closed [MQTT-3.2.2-7]."""
+        r = raw5()
+        ack = r.connect("enh", properties=auth_props)
+        assert (ack["session_present"], ack["reason"]) == (0, RC_BAD_AUTHENTICATION_METHOD)
+        assert "authentication_method" not in ack["props"]
+        assert r.expect_closed()
+        assert broker.clients() == [] and broker.sessions() == []
+
+    def test_client_id_longer_than_max_clientid_len_gets_0x85(self, make_broker):
+        """[MQTT-3.1.3-8] a rejected client id: CONNACK 0x85 (Client Identifier not valid)."""
+        b = make_broker(max_clientid_len=8)
+        assert _connack5(b.mqtt_port, "123456789") == RC_CLIENT_ID_NOT_VALID
+        assert _connack5(b.mqtt_port, "12345678") == RC_SUCCESS
+
+    def test_auth_refusals_use_v5_reason_codes(self, make_broker):
+        """emqx_auth_username: a wrong password gets 0x86 (Bad User Name or
+        Password); a client nobody vouches for, with allow_anonymous off, 0x87
+        (Not authorized) [MQTT-3.2.2-8]."""
+        b = make_broker(allow_anonymous=False, auth_username={"alice": "pw"})
+        b.set_plugin("emqx_auth_username", True)
+        assert _connack5(b.mqtt_port, "a1", username="alice", password=b"pw") == RC_SUCCESS
+        assert _connack5(b.mqtt_port, "a2", username="alice", password=b"bad") == \
+            RC_BAD_USERNAME_OR_PASSWORD
+        assert _connack5(b.mqtt_port, "a3", username="mallory", password=b"pw") == RC_NOT_AUTHORIZED
+        assert _connack5(b.mqtt_port, "a4") == RC_NOT_AUTHORIZED
+
+    def test_unsupported_level_keeps_the_3x_connack(self, raw5, broker):
+        """[MQTT-3.1.2-2] level 6 in an otherwise v5-shaped CONNECT: the 3.x
+        CONNACK 0x01 (two bytes, no properties) and the close."""
+        r = raw5()
+        data = bytearray(gen_connect_v5("lvl6"))
+        data[2 + 6] = 6   # the protocol level byte, after "\x00\x04MQTT"
+        r.send(bytes(data))
+        assert r.read_packet() == (CONNACK, 0, b"\x00\x01")
+        assert r.expect_closed()
+        assert broker.clients() == []
+
+    @pytest.mark.parametrize("props", [{"receive_maximum": 0}, {"maximum_packet_size": 0}],
+                             ids=["receive-maximum-0", "maximum-packet-size-0"])
+    def test_zero_receive_maximum_or_packet_size_is_a_protocol_error(self, raw5, broker, props):
+        """A Receive Maximum or Maximum Packet Size of 0 is a Protocol Error
+        (5.0 sections 3.1.2.11.3, 3.1.2.11.4): the connection is refused,
+        with CONNACK 0x82 or a bare close, never accepted."""
+        r = raw5()
+        r.send(gen_connect_v5("zero", properties=props))
+        assert r.expect_refused() in (None, RC_PROTOCOL_ERROR)
+        assert broker.clients() == []
+
+    def test_will_properties_are_carried_by_the_will(self, raw5):
+        """[MQTT-3.1.2-8] the will is published when the connection is lost,
+        with its Will Properties as the message's properties (as a PUBLISH's
+        would be [MQTT-3.3.2-4] [MQTT-3.3.2-15..20])."""
+        w = raw5()
+        w.connect("watch")
+        assert w.subscribe([("will5/t", sub_opts(1))]) == [1]
+        dying = raw5()
+        ack = dying.connect("dying5", will=("will5/t", b"bye", 1, False, FORWARDED_PROPS))
+        assert ack["reason"] == RC_SUCCESS
+        dying.close()
+        m = w.read_publish()
+        assert (m["topic"], m["payload"], m["qos"], m["retain"]) == ("will5/t", b"bye", 1, False)
+        assert_forwarded(m["props"])
+
+
+class Test15V5Publish:
+
+    @pytest.mark.parametrize("qos", [0, 1, 2])
+    def test_properties_forwarded_unchanged_to_v5(self, raw5, qos):
+        """[MQTT-3.3.2-4] [MQTT-3.3.2-15] [MQTT-3.3.2-16] [MQTT-3.3.2-17]
+        [MQTT-3.3.2-18] [MQTT-3.3.2-20] Payload Format Indicator, Message
+        Expiry Interval, Content Type, Response Topic, Correlation Data and
+        the User Properties (in order, duplicates kept) reach a v5 subscriber
+        unaltered, and nothing is added (no Topic Alias, no Subscription
+        Identifier)."""
+        sub = raw5()
+        sub.connect("fw-sub")
+        assert sub.subscribe([("fw/#", sub_opts(2))]) == [2]
+        pub = raw5()
+        pub.connect("fw-pub")
+        assert pub.publish("fw/t", b"payload", qos=qos, pid=9, properties=FORWARDED_PROPS) in \
+            (None, RC_SUCCESS)
+        m = sub.read_publish()
+        assert (m["topic"], m["payload"], m["qos"]) == ("fw/t", b"payload", qos)
+        assert_forwarded(m["props"])
+        sub.ack(m)
+
+    def test_many_user_properties_keep_their_order(self, raw5):
+        """[MQTT-3.3.2-17] [MQTT-3.3.2-18]"""
+        pairs = [("key-%d" % (i % 7), "value-%d" % i) for i in range(60)] + [("key-0", "value-0")] * 3
+        sub = raw5()
+        sub.connect("up-sub")
+        sub.subscribe([("up/t", sub_opts(0))])
+        pub = raw5()
+        pub.connect("up-pub")
+        pub.publish("up/t", b"x", properties={"user_property": pairs})
+        assert sub.read_publish()["props"] == {"user_property": pairs}
+
+    def test_no_properties_is_property_length_0(self, raw5, raw):
+        """[MQTT-2.2.2-1] a message without properties (from a 3.1.1 client)
+        reaches a v5 subscriber with a Property Length of 0."""
+        sub = raw5()
+        sub.connect("np-sub")
+        sub.subscribe([("np/t", sub_opts(0))])
+        pub = raw()
+        pub.connect("np-pub")
+        pub.send(gen_publish("np/t", b"plain"))
+        assert sub.read_packet() == (PUBLISH, 0, enc_str("np/t") + b"\x00" + b"plain")
+
+    @pytest.mark.parametrize("qos", [0, 1])
+    def test_v3_subscriber_gets_a_311_publish_without_properties(self, raw5, raw, qos):
+        """A v5 PUBLISH with properties reaches a 3.1.1 subscriber as a valid
+        3.1.1 PUBLISH: topic, packet id, payload, and no properties."""
+        sub = raw()
+        sub.connect("v3-sub")
+        assert sub.subscribe([("mix/t", qos)]) == [qos]
+        pub = raw5()
+        pub.connect("v5-pub")
+        pub.publish("mix/t", b"from v5", qos=qos, pid=3, properties=FORWARDED_PROPS)
+        ptype, flags, body = sub.read_packet()
+        assert (ptype, flags) == (PUBLISH, qos << 1)
+        pid = parse_publish(flags, body)["pid"]
+        assert body == enc_str("mix/t") + (pid.to_bytes(2, "big") if qos else b"") + b"from v5"
+
+    def test_retained_message_keeps_its_properties(self, raw5, raw, broker):
+        """A retained message keeps its properties: a later v5 subscriber gets
+        them with RETAIN 1 [MQTT-3.3.1-9]; a later 3.1.1 subscriber gets none."""
+        props = {k: v for k, v in FORWARDED_PROPS.items() if k != "message_expiry_interval"}
+        pub = raw5()
+        pub.connect("ret-pub")
+        assert pub.publish("ret5/t", b"state", qos=1, retain=True, properties=props) in ACCEPTED
+        assert wait_until(lambda: user_retained(broker))
+        sub = raw5()
+        sub.connect("ret-sub")
+        assert sub.subscribe([("ret5/#", sub_opts(1))]) == [1]
+        m = sub.read_publish()
+        assert (m["topic"], m["payload"], m["qos"], m["retain"]) == ("ret5/t", b"state", 1, True)
+        assert m["props"] == props
+        sub.ack(m)
+        old = raw()
+        old.connect("ret-v3")
+        assert old.subscribe([("ret5/t", 0)]) == [0]
+        assert old.read_packet() == (PUBLISH, 0x01, enc_str("ret5/t") + b"state")
+
+    # --- Topic Alias (client to server) ---------------------------------------------------
+    def test_topic_alias_is_set_and_used(self, raw5, raw):
+        """[MQTT-3.3.2-12] a PUBLISH with a topic and a Topic Alias sets the
+        alias, one with an empty topic uses it, a new topic re-maps it.
+        Subscribers (5.0 and 3.1.1) get the full topic and no alias (the
+        server sends no aliases in phase 1)."""
+        w5 = raw5()
+        w5.connect("ta-w5")
+        w5.subscribe([("ta/#", sub_opts(0))])
+        w3 = raw()
+        w3.connect("ta-w3")
+        w3.subscribe([("ta/#", 0)])
+        pub = raw5()
+        pub.connect("ta-pub")
+        sends = [("ta/one", 1, b"1"), ("", 1, b"2"), ("ta/two", 1, b"3"), ("", 1, b"4"),
+                 ("ta/max", 256, b"5"), ("", 256, b"6"), ("", 1, b"7")]
+        for i, (topic, alias, payload) in enumerate(sends, 1):
+            assert pub.publish(topic, payload, qos=1, pid=i,
+                               properties={"topic_alias": alias}) == RC_SUCCESS
+        expected = [("ta/one", b"1"), ("ta/one", b"2"), ("ta/two", b"3"), ("ta/two", b"4"),
+                    ("ta/max", b"5"), ("ta/max", b"6"), ("ta/two", b"7")]
+        got5 = [w5.read_publish() for _ in expected]
+        assert [(m["topic"], m["payload"]) for m in got5] == expected
+        assert all(m["props"] == {} for m in got5)
+        got3 = [w3.read_publish() for _ in expected]
+        assert [(m["topic"], m["payload"]) for m in got3] == expected
+
+    @pytest.mark.parametrize("topic", ["ta/t", ""], ids=["with-topic", "empty-topic"])
+    @pytest.mark.parametrize("alias", [0, 257, 65535])
+    def test_topic_alias_0_or_above_the_maximum_gets_0x94(self, raw5, broker, alias, topic):
+        """[MQTT-3.3.2-8] [MQTT-3.3.2-9] a Topic Alias of 0 or above the Topic
+        Alias Maximum (256 by default): DISCONNECT 0x94 (Topic Alias invalid)."""
+        r = raw5()
+        r.connect("ta-bad")
+        r.send(gen_publish_v5(topic, b"x", properties={"topic_alias": alias}))
+        assert r.expect_disconnect() == RC_TOPIC_ALIAS_INVALID
+        assert wait_until(lambda: not broker.is_connected("ta-bad"))
+
+    def test_topic_alias_maximum_setting_bounds_the_aliases(self, make_broker, raw5):
+        b = make_broker(max_topic_alias=4)
+        r = raw5(port=b.mqtt_port)
+        assert r.connect("ta-4")["props"]["topic_alias_maximum"] == 4
+        assert r.publish("ta/4", b"ok", qos=1, properties={"topic_alias": 4}) in ACCEPTED
+        r.send(gen_publish_v5("ta/5", b"x", properties={"topic_alias": 5}))
+        assert r.expect_disconnect() == RC_TOPIC_ALIAS_INVALID
+
+    def test_empty_topic_with_an_unknown_alias_is_a_protocol_error(self, raw5):
+        """An empty Topic Name with a Topic Alias that has no mapping is a
+        Protocol Error (5.0 section 3.3.4): DISCONNECT 0x82."""
+        r = raw5()
+        r.connect("ta-unknown")
+        assert r.publish("ta/known", b"x", qos=1, properties={"topic_alias": 1}) in ACCEPTED
+        r.send(gen_publish_v5("", b"x", qos=1, pid=2, properties={"topic_alias": 2}))
+        assert r.expect_disconnect() == RC_PROTOCOL_ERROR
+
+    def test_empty_topic_without_an_alias_is_a_protocol_error(self, raw5):
+        r = raw5()
+        r.connect("ta-none")
+        r.send(gen_publish_v5("", b"x", qos=1, pid=1))
+        assert r.expect_disconnect() == RC_PROTOCOL_ERROR
+
+    def test_topic_aliases_end_with_the_connection(self, raw5):
+        """[MQTT-3.3.2-7] aliases are not carried to a new network connection."""
+        r = raw5()
+        r.connect("ta-conn", clean_start=False, properties={"session_expiry_interval": 60})
+        assert r.publish("ta/c", b"x", qos=1, properties={"topic_alias": 3}) in ACCEPTED
+        r.send(gen_disconnect_v5())
+        assert r.expect_closed()
+        r2 = raw5()
+        assert r2.connect("ta-conn", clean_start=False)["session_present"] == 1
+        r2.send(gen_publish_v5("", b"x", qos=1, pid=1, properties={"topic_alias": 3}))
+        assert r2.expect_disconnect() == RC_PROTOCOL_ERROR
+
+    def test_subscription_identifier_in_publish_is_a_protocol_error(self, raw5, broker):
+        """[MQTT-3.3.4-6] a client PUBLISH must not carry a Subscription
+        Identifier: DISCONNECT 0x82."""
+        w = raw5()
+        w.connect("sid-w")
+        w.subscribe([("sid/#", sub_opts(0))])
+        r = raw5()
+        r.connect("sid-pub")
+        r.send(gen_publish_v5("sid/t", b"x", properties={"subscription_identifier": 1}))
+        assert r.expect_disconnect() == RC_PROTOCOL_ERROR
+        assert w.pending_publishes() == []
+
+    # --- PUBACK / PUBREC reason codes -------------------------------------------------------
+    @pytest.mark.parametrize("qos", [1, 2])
+    def test_ack_0x10_when_nobody_matched(self, raw5, qos):
+        """[MQTT-3.4.2-1] [MQTT-3.5.2-1] PUBACK/PUBREC 0x10 (No matching
+        subscribers); the QoS 2 flow then completes as usual."""
+        r = raw5()
+        r.connect("nms")
+        assert r.publish("nobody/here", b"x", qos=qos, pid=5) == RC_NO_MATCHING_SUBSCRIBERS
+
+    @pytest.mark.parametrize("qos", [1, 2])
+    def test_ack_0x00_when_delivered(self, raw5, qos):
+        s = raw5()
+        s.connect("ok-sub")
+        s.subscribe([("ok/t", sub_opts(0))])
+        r = raw5()
+        r.connect("ok-pub")
+        assert r.publish("ok/t", b"x", qos=qos, pid=6) == RC_SUCCESS
+        assert s.read_publish()["payload"] == b"x"
+
+    @pytest.mark.parametrize("qos", [1, 2])
+    def test_acl_denied_publish_gets_0x87(self, tmp_path, qos):
+        """PUBACK/PUBREC 0x87 (Not authorized) for a publish the ACL denies; it
+        goes nowhere, and the QoS 2 exchange ends with that PUBREC."""
+        rules = '{deny, {user, "bob"}, publish, ["secret/#"]}.\n{allow, all}.\n'
+        with _acl_broker(tmp_path, rules) as b:
+            w = RawClient5.connected(b.mqtt_port, "acl-w")
+            bob = RawClient5.connected(b.mqtt_port, "bob-5", username="bob")
+            try:
+                assert w.subscribe([("secret/#", sub_opts(0))]) == [0]
+                assert bob.publish("secret/x", b"no", qos=qos, pid=4) == RC_NOT_AUTHORIZED
+                assert bob.until_pingresp() == []   # no PUBREL expected, none owed
+                assert w.pending_publishes() == []
+            finally:
+                w.close()
+                bob.close()
+
+    def test_client_publish_to_sys_gets_0x87(self, raw5):
+        w = raw5()
+        w.connect("sys-w")
+        w.subscribe([("$SYS/brokers/fake", sub_opts(0))])
+        r = raw5()
+        r.connect("sys-inject")
+        assert r.publish("$SYS/brokers/fake", b"spoof", qos=1, pid=8) == RC_NOT_AUTHORIZED
+        assert w.pending_publishes() == []
+
+    def test_pubrel_for_an_unknown_id_gets_pubcomp_0x92(self, raw5):
+        """PUBCOMP 0x92 (Packet Identifier not found) for a PUBREL nobody awaits."""
+        r = raw5()
+        r.connect("rel-unknown")
+        r.send(gen_pubrel_v5(77))
+        assert r.read_ack(PUBCOMP) == (77, RC_PACKET_ID_NOT_FOUND, {})
+
+    def test_pubrec_for_an_unknown_id_gets_pubrel_0x92(self, raw5):
+        """PUBREL 0x92 (Packet Identifier not found) for a PUBREC of nothing sent."""
+        r = raw5()
+        r.connect("rec-unknown")
+        r.send(gen_pubrec_v5(78))
+        assert r.read_ack(PUBREL) == (78, RC_PACKET_ID_NOT_FOUND, {})
+
+    # --- Receive Maximum --------------------------------------------------------------------
+    def test_more_qos2_awaiting_pubrel_than_receive_maximum_gets_0x93(self, make_broker, raw5):
+        """The client may have at most our Receive Maximum (max_awaiting_rel)
+        QoS 2 PUBLISHes awaiting PUBREL [MQTT-3.3.4-7]; one more: DISCONNECT
+        0x93 (Receive Maximum exceeded)."""
+        b = make_broker(max_awaiting_rel=2)
+        r = raw5(port=b.mqtt_port)
+        assert r.connect("rm-in")["props"]["receive_maximum"] == 2
+        for pid in (1, 2):
+            r.send(gen_publish_v5("rm/in", b"x", qos=2, pid=pid))
+            got_pid, reason, _ = r.read_ack(PUBREC)
+            assert (got_pid, reason in ACCEPTED) == (pid, True)
+        r.send(gen_publish_v5("rm/in", b"x", qos=2, pid=3))
+        assert r.expect_disconnect() == RC_RECEIVE_MAXIMUM_EXCEEDED
+
+    def test_qos2_within_receive_maximum_after_pubrel(self, make_broker, raw5):
+        """PUBREL frees the slot: max_awaiting_rel QoS 2 messages at a time, any number in all."""
+        b = make_broker(max_awaiting_rel=1)
+        r = raw5(port=b.mqtt_port)
+        r.connect("rm-ok")
+        for pid in range(1, 6):
+            assert r.publish("rm/ok", b"x", qos=2, pid=pid) in ACCEPTED
+
+    def test_client_receive_maximum_limits_unacked_qos1(self, raw5, broker):
+        """[MQTT-3.3.4-9] a subscriber with Receive Maximum 2 gets two QoS 1
+        messages, then the next only when it acks one; the rest wait, in order."""
+        r = raw5()
+        r.connect("rm-sub", properties={"receive_maximum": 2})
+        assert r.subscribe([("rm/t", sub_opts(1))]) == [1]
+        for i in range(5):
+            broker.publish("rm/t", b"%d" % i, qos=1)
+        window = [r.read_publish(), r.read_publish()]
+        assert [m["payload"] for m in window] == [b"0", b"1"]
+        assert r.until_pingresp() == []
+        info = [s for s in broker.sessions() if s["client_id"] == "rm-sub"][0]
+        assert (info["inflight_len"], info["mqueue_len"]) == (2, 3)
+        got = []
+        while window:
+            m = window.pop(0)
+            got.append(m["payload"])
+            r.ack(m)
+            if len(got) + len(window) < 5:
+                window.append(r.read_publish())
+                assert r.until_pingresp() == []   # still two in flight, never three
+        assert got == [b"%d" % i for i in range(5)]
+
+    def test_client_receive_maximum_counts_qos2_until_pubcomp(self, raw5, broker):
+        """[MQTT-3.3.4-9] a QoS 2 PUBLISH counts until its PUBCOMP, not its PUBREC."""
+        r = raw5()
+        r.connect("rm2-sub", properties={"receive_maximum": 1})
+        assert r.subscribe([("rm2/t", sub_opts(2))]) == [2]
+        broker.publish("rm2/t", b"a", qos=2)
+        broker.publish("rm2/t", b"b", qos=2)
+        first = r.read_publish()
+        assert first["payload"] == b"a"
+        r.send(gen_pubrec_v5(first["pid"]))
+        assert r.read_ack(PUBREL)[:2] == (first["pid"], RC_SUCCESS)
+        assert r.until_pingresp() == []
+        r.send(gen_pubcomp_v5(first["pid"]))
+        assert r.read_publish()["payload"] == b"b"
+
+    def test_max_inflight_also_bounds_a_large_receive_maximum(self, make_broker, raw5):
+        b = make_broker(max_inflight=2)
+        r = raw5(port=b.mqtt_port)
+        r.connect("mi-sub", properties={"receive_maximum": 50})
+        r.subscribe([("mi/t", sub_opts(1))])
+        for i in range(4):
+            b.publish("mi/t", b"%d" % i, qos=1)
+        assert [r.read_publish()["payload"] for _ in range(2)] == [b"0", b"1"]
+        assert r.until_pingresp() == []
+
+    # --- the client's Maximum Packet Size ------------------------------------------------
+    def test_message_over_the_clients_maximum_packet_size_is_dropped(self, raw5, broker):
+        """[MQTT-3.1.2-24] [MQTT-3.1.2-25] Maximum Packet Size 64 (the whole
+        packet, 5.0 section 2.1.4): a 64-byte PUBLISH is sent, a 65-byte one
+        is not (counted in messages/dropped) and the connection stays up."""
+        r = raw5()
+        r.connect("mps", properties={"maximum_packet_size": 64})
+        r.subscribe([("mps/t", sub_opts(0))])
+        # fixed header 2 + topic 2+5 + property length 1 = 10 bytes before the payload
+        broker.publish("mps/t", b"a" * 54)
+        m = r.read_publish()
+        assert len(m["payload"]) == 54
+        dropped = broker.metrics()["messages/dropped"]
+        broker.publish("mps/t", b"b" * 55)
+        broker.publish("mps/t", b"small")
+        assert r.read_publish()["payload"] == b"small"
+        assert broker.metrics()["messages/dropped"] == dropped + 1
+        assert broker.is_connected("mps")
+
+    def test_dropped_qos1_message_does_not_hold_a_receive_maximum_slot(self, raw5, broker):
+        """[MQTT-3.1.2-25] the server behaves as if it had sent the message:
+        with Receive Maximum 1 the next QoS 1 message still comes."""
+        r = raw5()
+        r.connect("mps1", properties={"maximum_packet_size": 64, "receive_maximum": 1})
+        r.subscribe([("mps/q", sub_opts(1))])
+        broker.publish("mps/q", b"x" * 200, qos=1)
+        broker.publish("mps/q", b"fits", qos=1)
+        m = r.read_publish()
+        assert (m["payload"], m["qos"]) == (b"fits", 1)
+        r.ack(m)
+        assert r.until_pingresp() == []
+
+
+class Test16V5Subscribe:
+
+    def test_suback_grants_the_requested_qos(self, raw5):
+        """[MQTT-3.8.4-6] [MQTT-3.8.4-7] [MQTT-3.9.3-1] one reason code per
+        filter, in order; options bits beyond the QoS do not change it."""
+        r = raw5()
+        r.connect("grant")
+        assert r.subscribe([("g/0", sub_opts(0)), ("g/1", sub_opts(1, nl=True)),
+                            ("g/2", sub_opts(2, rap=True, rh=2))], pid=0x1234) == [0, 1, 2]
+
+    def test_invalid_filter_gets_0x8f(self, raw5, broker):
+        """SUBACK 0x8F (Topic Filter invalid) for that filter only; the others are granted."""
+        r = raw5()
+        r.connect("bad-flt")
+        assert r.subscribe([("ok/a", sub_opts(1)), ("a/#/b", sub_opts(1)), ("a+/b", sub_opts(0)),
+                            ("ok/b", sub_opts(2))]) == [1, RC_TOPIC_FILTER_INVALID,
+                                                       RC_TOPIC_FILTER_INVALID, 2]
+        assert sorted(s["topic"] for s in broker.subscriptions("bad-flt")) == ["ok/a", "ok/b"]
+
+    def test_acl_denied_filter_gets_0x87(self, tmp_path):
+        rules = '{deny, all, subscribe, ["secret/#"]}.\n{allow, all}.\n'
+        with _acl_broker(tmp_path, rules) as b:
+            r = RawClient5.connected(b.mqtt_port, "acl-sub5")
+            try:
+                assert r.subscribe([("secret/#", sub_opts(1)), ("open/#", sub_opts(1))]) == \
+                    [RC_NOT_AUTHORIZED, 1]
+            finally:
+                r.close()
+
+    def test_over_max_subscriptions_gets_0x97(self, make_broker, raw5):
+        """SUBACK 0x97 (Quota exceeded) past max_subscriptions; replacing an
+        existing subscription is no new one [MQTT-3.8.4-3]."""
+        b = make_broker(max_subscriptions=2)
+        r = raw5(port=b.mqtt_port)
+        r.connect("quota")
+        assert r.subscribe([("a", sub_opts(0)), ("b", sub_opts(1)), ("c", sub_opts(0))]) == \
+            [0, 1, RC_QUOTA_EXCEEDED]
+        assert r.subscribe([("a", sub_opts(2))], pid=2) == [2]
+
+    def test_unsuback_reason_codes(self, raw5, broker):
+        """[MQTT-3.11.3-1] UNSUBACK: 0x00 per removed filter, 0x11 (No
+        subscription existed) for the others, in order."""
+        r = raw5()
+        r.connect("unsub5")
+        r.subscribe([("u/a", sub_opts(0)), ("u/b", sub_opts(1))])
+        assert r.unsubscribe(["u/a", "u/none", "u/b"], pid=7) == \
+            [RC_SUCCESS, RC_NO_SUBSCRIPTION_EXISTED, RC_SUCCESS]
+        assert r.unsubscribe(["u/a"], pid=8) == [RC_NO_SUBSCRIPTION_EXISTED]
+        assert broker.subscriptions("unsub5") == []
+
+    @pytest.mark.parametrize("no_local", [True, False], ids=["nl1", "nl0"])
+    def test_no_local(self, raw5, no_local):
+        """[MQTT-3.8.3-3] No Local 1: the client's own messages are not sent
+        back to it on that subscription; other clients' messages are."""
+        me = raw5()
+        me.connect("nl-me")
+        assert me.subscribe([("nl/t", sub_opts(1, nl=no_local))]) == [1]
+        other = raw5()
+        other.connect("nl-other")
+        assert other.subscribe([("nl/t", sub_opts(1))]) == [1]
+        assert me.publish("nl/t", b"mine", qos=1, pid=1) == RC_SUCCESS
+        other.ack(other.read_publish())
+        assert other.publish("nl/t", b"theirs", qos=1, pid=1) == RC_SUCCESS
+        expected = [b"theirs"] if no_local else [b"mine", b"theirs"]
+        for payload in expected:
+            m = me.read_publish()
+            assert m["payload"] == payload
+            me.ack(m)
+        assert me.pending_publishes() == []
+
+    def test_retain_as_published(self, raw5):
+        """[MQTT-3.3.1-12] Retain As Published 0: live messages go with RETAIN 0;
+        [MQTT-3.3.1-13] 1: with the RETAIN flag they were published with."""
+        s0 = raw5()
+        s0.connect("rap0")
+        s0.subscribe([("rap/t", sub_opts(0, rap=False))])
+        s1 = raw5()
+        s1.connect("rap1")
+        s1.subscribe([("rap/t", sub_opts(0, rap=True))])
+        pub = raw5()
+        pub.connect("rap-pub")
+        pub.publish("rap/t", b"retained", qos=1, retain=True)
+        pub.publish("rap/t", b"plain", qos=1, pid=2)
+        assert [(m["payload"], m["retain"]) for m in (s0.read_publish(), s0.read_publish())] == \
+            [(b"retained", False), (b"plain", False)]
+        assert [(m["payload"], m["retain"]) for m in (s1.read_publish(), s1.read_publish())] == \
+            [(b"retained", True), (b"plain", False)]
+
+    @pytest.mark.parametrize("rh, first, again", [(0, True, True), (1, True, False),
+                                                  (2, False, False)], ids=["rh0", "rh1", "rh2"])
+    @pytest.mark.parametrize("rap", [False, True], ids=["rap0", "rap1"])
+    def test_retain_handling(self, raw5, broker, rh, first, again, rap):
+        """[MQTT-3.3.1-9] Retain Handling 0 sends the retained messages on
+        every SUBSCRIBE, [MQTT-3.3.1-10] 1 only when the subscription is new,
+        [MQTT-3.3.1-11] 2 never [MQTT-3.8.4-4]; they go with RETAIN 1 whatever
+        Retain As Published says (5.0 section 3.3.1.3)."""
+        broker.publish("rh/t", b"kept", qos=1, retain=True)
+        r = raw5()
+        r.connect("rh")
+        expected = [("rh/t", b"kept", True)]
+        assert r.subscribe([("rh/#", sub_opts(0, rap=rap, rh=rh))]) == [0]
+        got = [(m["topic"], m["payload"], m["retain"]) for m in r.pending_publishes()]
+        assert got == (expected if first else [])
+        assert r.subscribe([("rh/#", sub_opts(0, rap=rap, rh=rh))], pid=2) == [0]
+        got = [(m["topic"], m["payload"], m["retain"]) for m in r.pending_publishes()]
+        assert got == (expected if again else [])
+
+    def test_retain_handling_3_is_a_protocol_error(self, raw5, broker):
+        """Retain Handling 3 is a Protocol Error (5.0 section 3.8.3.1): DISCONNECT 0x82."""
+        r = raw5()
+        r.connect("rh3")
+        r.send(gen_subscribe_v5(1, [("rh3/t", sub_opts(0, rh=3))]))
+        assert r.expect_disconnect() == RC_PROTOCOL_ERROR
+        assert broker.subscriptions("rh3") == []
+
+    @pytest.mark.parametrize("bits", [0x40, 0x80, 0xC0])
+    def test_reserved_option_bits_are_malformed(self, raw5, broker, bits):
+        """[MQTT-3.8.3-5] subscription options bits 6-7 must be 0: DISCONNECT 0x81."""
+        r = raw5()
+        r.connect("rsv-opts")
+        r.send(gen_subscribe_v5(1, [("ok/t", sub_opts(0)), ("rsv/t", sub_opts(1) | bits)]))
+        assert r.expect_disconnect() == RC_MALFORMED_PACKET
+        assert broker.subscriptions("rsv-opts") == []
+
+    def test_subscription_identifiers_come_with_every_matching_copy(self, raw5, broker):
+        """[MQTT-3.3.4-3] [MQTT-3.3.4-4] a delivered message carries the
+        Subscription Identifiers of every subscription it matched (one copy
+        for overlapping ones); a retained message sent on subscribe carries
+        that subscription's; a subscription without one adds nothing."""
+        r = raw5()
+        assert r.connect("subid")["props"]["subscription_identifier_available"] == 1
+        broker.publish("sid/t", b"kept", qos=1, retain=True)
+        assert r.subscribe([("sid/#", sub_opts(1))],
+                           properties={"subscription_identifier": 7}) == [1]
+        m = r.read_publish()
+        assert (m["payload"], m["props"]["subscription_identifier"]) == (b"kept", [7])
+        r.ack(m)
+        assert r.subscribe([("sid/t", sub_opts(1))],
+                           properties={"subscription_identifier": 268435455}) == [1]
+        r.ack(r.read_publish())   # its retained copy
+        assert r.subscribe([("sid/+", sub_opts(0))]) == [0]
+        r.ack(r.read_publish())
+        broker.publish("sid/t", b"live", qos=1)
+        m = r.read_publish()
+        assert (m["payload"], sorted(m["props"]["subscription_identifier"])) == (
+            b"live", [7, 268435455])
+        r.ack(m)
+        broker.publish("sid/other", b"one", qos=1)
+        m = r.read_publish()
+        assert m["props"]["subscription_identifier"] == [7]
+
+    def test_subscription_identifier_0_is_a_protocol_error(self, raw5):
+        """An identifier is 1..268,435,455; 0 is a Protocol Error (5.0 section
+        3.8.2.1.2): DISCONNECT 0x82."""
+        r = raw5()
+        r.connect("subid0")
+        r.send(gen_subscribe_v5(1, [("sid/t", sub_opts(1))],
+                                properties={"subscription_identifier": 0}))
+        assert r.expect_disconnect() == RC_PROTOCOL_ERROR
+
+    def test_subscribe_user_properties_are_accepted(self, raw5):
+        r = raw5()
+        r.connect("sub-up")
+        assert r.subscribe([("up/s", sub_opts(1))],
+                           properties={"user_property": [("a", "b"), ("a", "b")]}) == [1]
+        assert r.unsubscribe(["up/s"], properties={"user_property": ("c", "d")}) == [RC_SUCCESS]
+
+    def test_shared_subscription_gets_no_retained_messages(self, raw5, broker):
+        """$share/<group>/<filter>: no retained messages on subscribe (5.0
+        section 3.3.1.3), live ones as usual."""
+        broker.publish("sh5/t", b"kept", retain=True)
+        r = raw5()
+        r.connect("sh5")
+        assert r.subscribe([("$share/g/sh5/t", sub_opts(0))]) == [0]
+        assert r.pending_publishes() == []
+        broker.publish("sh5/t", b"live")
+        m = r.read_publish()
+        assert (m["topic"], m["payload"], m["retain"]) == ("sh5/t", b"live", False)
+
+
+class Test17V5Session:
+
+    def _leave(self, r, broker, client_id):
+        r.send(gen_disconnect_v5())
+        assert r.expect_closed()
+        assert wait_until(lambda: not broker.is_connected(client_id))
+
+    def test_clean_start_discards_the_session(self, raw5, broker):
+        """[MQTT-3.1.2-4] [MQTT-3.2.2-2] Clean Start 1 discards the existing
+        session: Session Present 0, no subscriptions, nothing queued."""
+        r = raw5()
+        r.connect("cs", clean_start=False, properties={"session_expiry_interval": 300})
+        r.subscribe([("cs/t", sub_opts(1))])
+        self._leave(r, broker, "cs")
+        broker.publish("cs/t", b"queued", qos=1)
+        r2 = raw5()
+        assert r2.connect("cs", clean_start=True)["session_present"] == 0
+        assert broker.subscriptions("cs") == []
+        assert r2.until_pingresp() == []
+
+    @pytest.mark.parametrize("how", ["disconnect", "drop"])
+    def test_expiry_0_ends_the_session_at_close(self, raw5, broker, how):
+        """No Session Expiry Interval (0): the session ends when the network
+        connection closes [MQTT-4.1.0-2], even with Clean Start 0."""
+        r = raw5()
+        r.connect("se0", clean_start=False)
+        r.subscribe([("se0/t", sub_opts(1))])
+        if how == "disconnect":
+            r.send(gen_disconnect_v5())
+        r.close()
+        assert wait_until(lambda: "se0" not in _session_ids(broker))
+        r2 = raw5()
+        assert r2.connect("se0", clean_start=False)["session_present"] == 0
+        assert broker.subscriptions("se0") == []
+
+    def test_nonzero_expiry_keeps_the_session_and_its_queue(self, raw5, broker):
+        """[MQTT-3.1.2-23] [MQTT-3.1.2-5] [MQTT-3.2.2-3] Session Expiry 300:
+        the session and the messages queued while offline survive the close;
+        Clean Start 0 resumes it with Session Present 1 and the messages
+        arrive in order, with their properties."""
+        r = raw5()
+        r.connect("se300", clean_start=False, properties={"session_expiry_interval": 300})
+        assert r.subscribe([("se/t", sub_opts(1))]) == [1]
+        self._leave(r, broker, "se300")
+        assert "se300" in _session_ids(broker)
+        for i in range(3):
+            broker.publish("se/t", b"%d" % i, qos=1)
+        pub = raw5()
+        pub.connect("se-pub")
+        assert pub.publish("se/t", b"3", qos=1, properties={"user_property": [("n", "3")]}) in \
+            ACCEPTED
+        r2 = raw5()
+        ack = r2.connect("se300", clean_start=False, properties={"session_expiry_interval": 300})
+        assert (ack["reason"], ack["session_present"]) == (RC_SUCCESS, 1)
+        got = [r2.read_publish() for _ in range(4)]
+        assert [m["payload"] for m in got] == [b"0", b"1", b"2", b"3"]
+        assert got[3]["props"] == {"user_property": [("n", "3")]}
+        for m in got:
+            r2.ack(m)
+        assert broker.subscriptions("se300") == [{"client_id": "se300", "topic": "se/t", "qos": 1}]
+
+    def test_session_expires_after_its_interval(self, raw5, broker):
+        """[MQTT-4.1.0-2] Session Expiry 1: the session is kept, then discarded
+        once 1 second has passed since the close."""
+        r = raw5()
+        r.connect("se1", clean_start=False, properties={"session_expiry_interval": 1})
+        r.subscribe([("se1/t", sub_opts(1))])
+        t0 = time.monotonic()
+        self._leave(r, broker, "se1")
+        assert "se1" in _session_ids(broker)
+        assert wait_until(lambda: "se1" not in _session_ids(broker))
+        assert time.monotonic() - t0 >= 0.95
+        r2 = raw5()
+        assert r2.connect("se1", clean_start=False)["session_present"] == 0
+
+    def test_disconnect_can_set_the_expiry_to_0(self, raw5, broker):
+        """A DISCONNECT's Session Expiry Interval replaces the CONNECT's: 0 ends the session."""
+        r = raw5()
+        r.connect("se-d0", clean_start=False, properties={"session_expiry_interval": 300})
+        r.subscribe([("sed/t", sub_opts(1))])
+        r.send(gen_disconnect_v5(RC_SUCCESS, {"session_expiry_interval": 0}))
+        assert r.expect_closed()
+        assert wait_until(lambda: "se-d0" not in _session_ids(broker))
+
+    def test_disconnect_can_change_a_nonzero_expiry(self, raw5, broker):
+        """A DISCONNECT's non-zero Session Expiry Interval replaces a non-zero one."""
+        r = raw5()
+        r.connect("se-d1", clean_start=False, properties={"session_expiry_interval": 1})
+        r.send(gen_disconnect_v5(RC_SUCCESS, {"session_expiry_interval": 300}))
+        assert r.expect_closed()
+        assert wait_until(lambda: not broker.is_connected("se-d1"))
+        time.sleep(1.5)   # past the CONNECT's 1 s: the behaviour under test is a timeout
+        assert "se-d1" in _session_ids(broker)
+        r2 = raw5()
+        assert r2.connect("se-d1", clean_start=False)["session_present"] == 1
+
+    def test_disconnect_expiry_from_0_to_nonzero_is_a_protocol_error(self, raw5, broker):
+        """A non-zero Session Expiry Interval in DISCONNECT after a CONNECT with
+        0 is a Protocol Error (5.0 section 3.14.2.2.2): DISCONNECT 0x82, and
+        the session still ends at the close."""
+        r = raw5()
+        r.connect("se-bad", clean_start=False)
+        r.send(gen_disconnect_v5(RC_SUCCESS, {"session_expiry_interval": 60}))
+        assert r.expect_disconnect() == RC_PROTOCOL_ERROR
+        assert wait_until(lambda: "se-bad" not in _session_ids(broker))
+
+    def test_takeover_with_clean_start_0_resumes(self, raw5, broker):
+        """[MQTT-3.1.4-3] [MQTT-3.2.2-3] a second connection with Clean Start 0
+        takes the session over: Session Present 1, the subscription stays."""
+        old = raw5()
+        old.connect("tk5", clean_start=False, properties={"session_expiry_interval": 60})
+        old.subscribe([("tk5/t", sub_opts(1))])
+        new = raw5()
+        ack = new.connect("tk5", clean_start=False, properties={"session_expiry_interval": 60})
+        assert (ack["reason"], ack["session_present"]) == (RC_SUCCESS, 1)
+        assert old.expect_disconnect() == RC_SESSION_TAKEN_OVER
+        broker.publish("tk5/t", b"after", qos=1)
+        assert new.read_publish()["payload"] == b"after"
+
+
+class Test18V5Disconnect:
+
+    def _will_setup(self, raw5, cid, will_topic, will_props=None):
+        w = raw5()
+        w.connect(cid + "-watch")
+        assert w.subscribe([(will_topic, sub_opts(1))]) == [1]
+        r = raw5()
+        will = (will_topic, b"will of " + cid.encode(), 1, False) + \
+            ((will_props,) if will_props is not None else ())
+        assert r.connect(cid, will=will)["reason"] == RC_SUCCESS
+        return w, r
+
+    @pytest.mark.parametrize("data", [gen_disconnect_v5(), gen_disconnect_v5(RC_SUCCESS),
+                                      gen_disconnect_v5(RC_SUCCESS, {"user_property": ("a", "b")})],
+                             ids=["empty", "reason", "reason+props"])
+    def test_disconnect_0x00_discards_the_will(self, raw5, broker, data):
+        """[MQTT-3.14.4-3] [MQTT-3.1.2-10] DISCONNECT 0x00 (in each of its
+        forms): the will is not published."""
+        w, r = self._will_setup(raw5, "polite5", "will5/d")
+        r.send(data)
+        assert r.expect_closed()
+        assert wait_until(lambda: not broker.is_connected("polite5"))
+        assert w.pending_publishes() == []
+        broker.publish("will5/d", b"sentinel")
+        assert w.read_publish()["payload"] == b"sentinel"
+
+    def test_disconnect_0x04_publishes_the_will(self, raw5):
+        """DISCONNECT 0x04 (Disconnect with Will Message): the will is
+        published, with its properties."""
+        props = {"content_type": "text/plain", "user_property": [("why", "asked"), ("why", "2")]}
+        w, r = self._will_setup(raw5, "willing5", "will5/w", props)
+        r.send(gen_disconnect_v5(RC_DISCONNECT_WITH_WILL))
+        assert r.expect_closed()
+        m = w.read_publish()
+        assert (m["topic"], m["payload"], m["qos"]) == ("will5/w", b"will of willing5", 1)
+        assert m["props"] == props
+
+    def test_lost_connection_publishes_the_will(self, raw5):
+        """[MQTT-3.1.2-8]"""
+        w, r = self._will_setup(raw5, "lost5", "will5/l")
+        r.close()
+        assert w.read_publish()["payload"] == b"will of lost5"
+
+    # --- DISCONNECT from the server, before every close it decides ---------------------------
+    def test_takeover_0x8e(self, raw5, broker):
+        """[MQTT-3.1.4-3] the existing connection gets DISCONNECT 0x8E (Session
+        taken over) and is closed."""
+        old = raw5()
+        old.connect("dup5")
+        new = raw5()
+        assert new.connect("dup5")["reason"] == RC_SUCCESS
+        assert old.expect_disconnect() == RC_SESSION_TAKEN_OVER
+        new.send(gen_pingreq())
+        assert new.read_packet() == (PINGRESP, 0, b"")
+
+    def test_takeover_by_a_v3_client_still_tells_the_v5_one(self, raw5, raw):
+        old = raw5()
+        old.connect("dup53")
+        new = raw()
+        assert new.connect("dup53") == (0, 0)
+        assert old.expect_disconnect() == RC_SESSION_TAKEN_OVER
+
+    def test_keepalive_timeout_0x8d(self, raw5, broker):
+        """[MQTT-3.1.2-22] no packet for 1.5 x Keep Alive (1 s here): DISCONNECT
+        0x8D (Keep Alive timeout), then the close."""
+        r = raw5()
+        t0 = time.monotonic()
+        r.connect("ka5", keepalive=1)
+        assert r.expect_disconnect(timeout=5) == RC_KEEP_ALIVE_TIMEOUT
+        assert time.monotonic() - t0 >= 1.0
+        assert wait_until(lambda: broker.listener_infos()[0]["shutdown_count"] ==
+                          {"keepalive_timeout": 1})
+
+    @pytest.mark.parametrize("data", [
+        packet(0x36, enc_str("t") + b"\x00\x01" + b"\x00" + b"x"),            # QoS 3 [MQTT-3.3.1-4]
+        gen_publish_v5("t", b"x", properties=b"\x7f\x00"),                   # unknown property 0x7F
+        packet(0x30, enc_str("t") + b"\x05\x01\x01"),                         # properties past the end
+        packet(0x30, bad_utf8_string(b"a/\xff") + b"\x00x"),                   # [MQTT-1.5.4-1]
+        gen_ack_v5(PUBREL, 1, flags=0x00),                                   # [MQTT-3.6.1-1]
+    ], ids=["qos3", "unknown-property", "short-properties", "bad-utf8", "pubrel-flags"])
+    def test_malformed_packet_0x81(self, raw5, data):
+        """A Malformed Packet (5.0 sections 1.5, 2.2.2.2, 4.13): DISCONNECT 0x81, then the close."""
+        r = raw5()
+        r.connect("malformed5")
+        r.send(data)
+        assert r.expect_disconnect() == RC_MALFORMED_PACKET
+
+    @pytest.mark.parametrize("data", [
+        gen_connect_v5("twice"),                                               # [MQTT-3.1.0-2]
+        gen_publish_v5("t", b"x", properties=[("content_type", "a"), ("content_type", "b")]),
+    ], ids=["second-connect", "property-twice"])
+    def test_protocol_error_0x82(self, raw5, data):
+        """A Protocol Error (a second CONNECT [MQTT-3.1.0-2], a property that
+        may appear once, twice (5.0 section 3.3.2.3)): DISCONNECT 0x82."""
+        r = raw5()
+        r.connect("twice")
+        r.send(data)
+        assert r.expect_disconnect() == RC_PROTOCOL_ERROR
+
+    def test_packet_too_large_0x95(self, make_broker, raw5):
+        """A packet above max_packet_size (seen from its fixed header): DISCONNECT
+        0x95 (Packet too large)."""
+        b = make_broker(max_packet_size=1024)
+        r = raw5(port=b.mqtt_port)
+        r.connect("big5")
+        r.send(b"\x30" + enc_varint(10_000))
+        assert r.expect_disconnect() == RC_PACKET_TOO_LARGE
+
+    def test_kick_0x98(self, raw5, broker):
+        """Broker.kick: DISCONNECT 0x98 (Administrative action), then the close."""
+        r = raw5()
+        r.connect("kick5")
+        assert broker.kick("kick5") is True
+        assert r.expect_disconnect() == RC_ADMINISTRATIVE_ACTION
+        assert wait_until(lambda: not broker.is_connected("kick5"))
+
+    def test_rest_kick_0x98(self, api, api_broker):
+        """REST DELETE clients/{id}: DISCONNECT 0x98."""
+        r = RawClient5.connected(api_broker.mqtt_port, "rest-kick5")
+        try:
+            assert api.result("DELETE", "clients/rest-kick5") == []
+            assert r.expect_disconnect() == RC_ADMINISTRATIVE_ACTION
+        finally:
+            r.close()
+
+    def test_broker_stop_0x8b(self, make_broker):
+        """Broker.stop: DISCONNECT 0x8B (Server shutting down) to every v5 client."""
+        b = make_broker()
+        clients = [RawClient5.connected(b.mqtt_port, "stop5-%d" % i) for i in range(3)]
+        try:
+            b.stop()
+            assert [c.expect_disconnect() for c in clients] == [RC_SERVER_SHUTTING_DOWN] * 3
+        finally:
+            for c in clients:
+                c.close()
+
+    def test_v3_clients_get_no_disconnect(self, make_broker):
+        """3.x has no server DISCONNECT: on kick and on stop a 3.1.1 client is
+        just closed, while a 5.0 one beside it gets its DISCONNECT."""
+        b = make_broker()
+        v3, v5 = RawClient.connected(b.mqtt_port, "k3"), RawClient5.connected(b.mqtt_port, "k5")
+        s3, s5 = RawClient.connected(b.mqtt_port, "s3"), RawClient5.connected(b.mqtt_port, "s5")
+        try:
+            assert b.kick("k3") and b.kick("k5")
+            assert v3.expect_closed()
+            assert v5.expect_disconnect() == RC_ADMINISTRATIVE_ACTION
+            b.stop()
+            assert s3.expect_closed()
+            assert s5.expect_disconnect() == RC_SERVER_SHUTTING_DOWN
+        finally:
+            for c in (v3, v5, s3, s5):
+                c.close()
+
+    @pytest.mark.parametrize("data", [
+        gen_auth_v5(),
+        gen_auth_v5(0x19, {"authentication_method": "SCRAM-SHA-1"}),   # Re-authenticate
+        gen_auth_v5(0x18, {"authentication_method": "SCRAM-SHA-1",      # Continue authentication
+                           "authentication_data": b"x"}),
+    ], ids=["bare", "reauthenticate", "continue"])
+    def test_auth_is_a_protocol_error(self, raw5, data):
+        """[MQTT-4.12.0-7] AUTH from a client that gave no Authentication
+        Method: DISCONNECT 0x82."""
+        r = raw5()
+        r.connect("auth5")
+        r.send(data)
+        assert r.expect_disconnect() == RC_PROTOCOL_ERROR
+
+
+class Test19V5Interop:
+
+    def test_v311_and_v5_exchange_messages_both_ways(self, raw, raw5):
+        """One topic, a 3.1.1 and a 5.0 client each subscribed and each
+        publishing: the 3.1.1 client gets plain 3.1.1 PUBLISHes, the 5.0
+        client gets the v5 sender's properties and an empty property set
+        for the 3.1.1 sender's message."""
+        old = raw()
+        old.connect("old311")
+        assert old.subscribe([("chat/room", 1)]) == [1]
+        new = raw5()
+        new.connect("new5")
+        assert new.subscribe([("chat/room", sub_opts(1))]) == [1]
+        props = {"content_type": "text/plain", "user_property": [("from", "v5")]}
+        assert new.publish("chat/room", b"hello from 5", qos=1, pid=1, properties=props) == RC_SUCCESS
+        ptype, flags, body = old.read_packet()
+        pid = parse_publish(flags, body)["pid"]
+        assert (ptype, flags, body) == (PUBLISH, 0x02, enc_str("chat/room") + pid.to_bytes(2, "big")
+                                        + b"hello from 5")
+        old.send(gen_puback(pid))
+        m = new.read_publish()
+        assert (m["payload"], m["props"]) == (b"hello from 5", props)
+        new.ack(m)
+        old.send(gen_publish("chat/room", b"hello from 3.1.1", qos=1, pid=2))
+        own = sorted([old.read_packet(), old.read_packet()])   # its own message and its PUBACK
+        assert [p[0] for p in own] == [PUBLISH, PUBACK]
+        assert own[1] == (PUBACK, 0, b"\x00\x02")
+        assert parse_publish(own[0][1], own[0][2])["payload"] == b"hello from 3.1.1"
+        m = new.read_publish()
+        assert (m["topic"], m["payload"], m["qos"], m["props"]) == \
+            ("chat/room", b"hello from 3.1.1", 1, {})
+        new.ack(m)
+
+    def test_v311_session_resumed_as_v5(self, raw, raw5, broker):
+        """A 3.1.1 persistent session (clean session 0) resumed by a 5.0
+        CONNECT with Clean Start 0: Session Present 1, its subscription and
+        its queued messages carry over."""
+        old = raw()
+        old.connect("migrate", clean=False)
+        assert old.subscribe([("mig/t", 1)]) == [1]
+        old.send(gen_disconnect())
+        assert old.expect_closed()
+        assert wait_until(lambda: not broker.is_connected("migrate"))
+        broker.publish("mig/t", b"queued", qos=1)
+        new = raw5()
+        ack = new.connect("migrate", clean_start=False, properties={"session_expiry_interval": 60})
+        assert (ack["reason"], ack["session_present"]) == (RC_SUCCESS, 1)
+        m = new.read_publish()
+        assert (m["topic"], m["payload"], m["qos"], m["props"]) == ("mig/t", b"queued", 1, {})
+        new.ack(m)
+        assert broker.subscriptions("migrate") == [{"client_id": "migrate", "topic": "mig/t", "qos": 1}]
+
+
+class Test20V5Paho:
+    """paho-mqtt in MQTT 5.0 mode: what a real v5 client library sees."""
+
+    def test_request_response_properties(self, paho5):
+        """Response Topic, Correlation Data and User Properties travel from the
+        requester to the responder and back [MQTT-3.3.2-15] [MQTT-3.3.2-16]
+        [MQTT-3.3.2-17] [MQTT-3.3.2-18]."""
+        responder = paho5("responder")
+        assert responder.subscribe([("svc/req/+", SubscribeOptions(qos=1))]) == [1]
+        requester = paho5("requester")
+        assert requester.subscribe([("svc/resp/requester", SubscribeOptions(qos=1))]) == [1]
+        req_props = Properties(PacketTypes.PUBLISH)
+        req_props.ResponseTopic = "svc/resp/requester"
+        req_props.CorrelationData = b"\x00req-42"
+        req_props.UserProperty = [("trace", "a"), ("trace", "b"), ("op", "sum")]
+        assert requester.publish("svc/req/sum", b"[1, 2]", qos=1, properties=req_props) == 0
+        req = responder.get()
+        assert req.payload == b"[1, 2]"
+        assert req.properties.ResponseTopic == "svc/resp/requester"
+        assert req.properties.CorrelationData == b"\x00req-42"
+        assert req.properties.UserProperty == [("trace", "a"), ("trace", "b"), ("op", "sum")]
+        resp_props = Properties(PacketTypes.PUBLISH)
+        resp_props.CorrelationData = req.properties.CorrelationData
+        resp_props.UserProperty = ("status", "ok")
+        assert responder.publish(req.properties.ResponseTopic, b"3", qos=1,
+                                 properties=resp_props) == 0
+        resp = requester.get()
+        assert (resp.topic, resp.payload) == ("svc/resp/requester", b"3")
+        assert resp.properties.CorrelationData == b"\x00req-42"
+        assert resp.properties.UserProperty == [("status", "ok")]
+
+    def test_connack_as_paho_sees_it(self, paho5):
+        c = paho5("")
+        assert (c.reason.value, c.session_present) == (0, False)
+        assert c.connack_props.ReceiveMaximum == 100
+        assert c.connack_props.TopicAliasMaximum == 256
+        assert c.connack_props.AssignedClientIdentifier
+        assert not hasattr(c.connack_props, "MaximumQoS")
+
+    def test_reason_codes_as_paho_reports_them(self, paho5):
+        c = paho5("codes")
+        # paho itself refuses a filter with misplaced wildcards; "$share/g" has no filter part
+        rcs = c.subscribe([("p/ok", SubscribeOptions(qos=2)), ("$share/g", SubscribeOptions(qos=1))])
+        assert [str(rc) for rc in rcs] == ["Granted QoS 2", "Topic filter invalid"]
+        assert str(c.publish("p/nobody", b"x", qos=1)) == "No matching subscribers"
+        rcs = c.unsubscribe(["p/ok", "p/never"])
+        assert [rc.value for rc in rcs] == [RC_SUCCESS, RC_NO_SUBSCRIPTION_EXISTED]
+        assert [str(rc) for rc in rcs] == ["Success", "No subscription found"]   # paho's name for 0x11
+
+    def test_bad_password_as_paho_reports_it(self, make_broker, paho5):
+        b = make_broker(allow_anonymous=False, auth_username={"alice": "pw"})
+        b.set_plugin("emqx_auth_username", True)
+        c = paho5("bad-pw", port=b.mqtt_port, username="alice", password="nope")
+        assert str(c.reason) == "Bad user name or password"
+        assert c.reason.value == RC_BAD_USERNAME_OR_PASSWORD
+
+    def test_kick_as_paho_reports_it(self, paho5, broker):
+        c = paho5("kicked-paho")
+        assert broker.kick("kicked-paho")
+        rc = c.disconnects.get(timeout=TIMEOUT)
+        assert (rc.value, str(rc)) == (RC_ADMINISTRATIVE_ACTION, "Administrative action")
+
+    def test_session_expiry_with_paho(self, paho5, broker):
+        """Session Expiry Interval 300 and Clean Start 0 through paho: the
+        queued message arrives on the next connection, Session Present 1."""
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 300
+        c = paho5("paho-se", clean_start=False, connect_props=props)
+        assert c.subscribe([("pse/t", SubscribeOptions(qos=1))]) == [1]
+        c.close()
+        assert wait_until(lambda: not broker.is_connected("paho-se"))
+        broker.publish("pse/t", b"while away", qos=1)
+        c2 = paho5("paho-se", clean_start=False, connect_props=props)
+        assert c2.session_present is True
+        m = c2.get()
+        assert (m.topic, m.payload, m.qos) == ("pse/t", b"while away", 1)
+
+
+class Test21V5Expiry:
+    """Message Expiry Interval and Will Delay Interval: the time is the behaviour."""
+
+    def test_an_expired_message_is_never_delivered(self, raw5):
+        """[MQTT-3.3.2-5] a message whose expiry passed while it was queued for
+        an offline session is not delivered."""
+        sub = raw5()
+        sub.connect("exp-sub", clean_start=True, properties={"session_expiry_interval": 60})
+        assert sub.subscribe([("exp/#", sub_opts(1))]) == [1]
+        sub.send(gen_disconnect_v5(RC_SUCCESS))
+        assert sub.expect_closed()
+        pub = raw5()
+        pub.connect("exp-pub")
+        pub.publish("exp/short", b"gone", qos=1, pid=1,
+                    properties={"message_expiry_interval": 1})
+        pub.publish("exp/long", b"kept", qos=1, pid=2,
+                    properties={"message_expiry_interval": 60})
+        time.sleep(1.2)   # the expiry under test: a second must pass
+        back = raw5()
+        assert back.connect("exp-sub", clean_start=False,
+                            properties={"session_expiry_interval": 60})["session_present"] == 1
+        (m,) = back.pending_publishes()
+        assert (m["topic"], m["payload"]) == ("exp/long", b"kept")
+        # [MQTT-3.3.2-6] the property carries what is left of the interval
+        assert 1 <= m["props"]["message_expiry_interval"] <= 59
+
+    def test_an_expired_retained_message_is_not_sent_on_subscribe(self, raw5, broker):
+        broker.publish("exp/ret", b"old", retain=True, properties={"message_expiry_interval": 1})
+        broker.publish("exp/ret2", b"new", retain=True, properties={"message_expiry_interval": 60})
+        time.sleep(1.2)   # the expiry under test
+        r = raw5()
+        r.connect("exp-ret")
+        assert r.subscribe([("exp/+", sub_opts(0))]) == [0]
+        (m,) = r.pending_publishes()
+        assert (m["topic"], m["retain"]) == ("exp/ret2", True)
+        assert m["props"]["message_expiry_interval"] <= 60
+
+    def _dropping_client(self, raw5, will_delay, session_expiry):
+        r = raw5()
+        r.connect("wd", properties={"session_expiry_interval": session_expiry},
+                  will=("wd/will", b"gone", 1, False, {"will_delay_interval": will_delay}))
+        return r
+
+    def test_a_delayed_will_is_published_after_its_delay(self, raw5):
+        """[MQTT-3.1.3-9] the will waits for its Will Delay Interval."""
+        watcher = raw5()
+        watcher.connect("wd-watch")
+        assert watcher.subscribe([("wd/#", sub_opts(1))]) == [1]
+        self._dropping_client(raw5, 1, 60).sock.close()   # no DISCONNECT: the will is due
+        watcher.expect_nothing(0.4)   # not at once
+        m = watcher.read_publish(timeout=5)
+        assert (m["topic"], m["payload"]) == ("wd/will", b"gone")
+
+    def test_a_delayed_will_is_cancelled_when_the_client_returns(self, raw5):
+        """[MQTT-3.1.3-9] a new connection to the session before the delay: no will."""
+        watcher = raw5()
+        watcher.connect("wd-watch2")
+        assert watcher.subscribe([("wd/#", sub_opts(1))]) == [1]
+        self._dropping_client(raw5, 1, 60).sock.close()
+        again = raw5()
+        assert again.connect("wd", clean_start=False,
+                             properties={"session_expiry_interval": 60})["session_present"] == 1
+        watcher.expect_nothing(2.0)   # past the delay and its tick
+
+    def test_a_delayed_will_is_published_when_the_session_ends_first(self, raw5):
+        """The session (expiry 1 s) ends before the will's delay (60 s): the
+        will is published then (5.0 section 3.1.3.2.2)."""
+        watcher = raw5()
+        watcher.connect("wd-watch3")
+        assert watcher.subscribe([("wd/#", sub_opts(1))]) == [1]
+        self._dropping_client(raw5, 60, 1).sock.close()
+        m = watcher.read_publish(timeout=5)
+        assert m["payload"] == b"gone"
+
+
+class Test22V5EnhancedAuth:
+    """Enhanced authentication (5.0 section 4.12) through Broker(auth_methods=...)."""
+
+    class Challenge:
+        """A toy method: the broker sends b"nonce"; the client must answer b"nonce:secret"."""
+
+        def __init__(self, client_id, username, ip):
+            self.sent = False
+
+        def step(self, data):
+            if not self.sent:
+                self.sent = True
+                return "continue", b"nonce"
+            return ("success", b"welcome") if data == b"nonce:secret" else RC_NOT_AUTHORIZED
+
+    @pytest.fixture
+    def port(self, make_broker):
+        return make_broker(auth_methods={"TOY": self.Challenge}).mqtt_port
+
+    def _auth(self, r, reason, data=None):
+        props = {"authentication_method": "TOY"}
+        if data is not None:
+            props["authentication_data"] = data
+        r.send(packet(0xF0, bytes((reason,)) + gen_props(props)))
+
+    def _read_auth(self, r):
+        ptype, flags, body = r.read_packet()
+        assert (ptype, flags) == (15, 0), (ptype, flags, body)
+        reason, props = parse_disconnect_v5(body)
+        return reason, props
+
+    def test_challenge_then_connack_with_the_method(self, port):
+        """[MQTT-4.12.0-2] the server answers with AUTH 0x18 (continue); on
+        success CONNACK carries the same Authentication Method [MQTT-4.12.0-5]."""
+        r = RawClient5(port)
+        try:
+            r.send(gen_connect_v5("ea", properties={"authentication_method": "TOY"}))
+            assert self._read_auth(r) == (0x18, {"authentication_method": "TOY",
+                                                "authentication_data": b"nonce"})
+            self._auth(r, 0x18, b"nonce:secret")
+            ack = r.read_connack()
+            assert ack["reason"] == RC_SUCCESS
+            assert ack["props"]["authentication_method"] == "TOY"
+            assert ack["props"]["authentication_data"] == b"welcome"
+            assert r.subscribe([("ea/t", sub_opts(0))]) == [0]
+        finally:
+            r.close()
+
+    def test_a_wrong_answer_gets_connack_0x87(self, port):
+        r = RawClient5(port)
+        try:
+            r.send(gen_connect_v5("ea2", properties={"authentication_method": "TOY"}))
+            self._read_auth(r)
+            self._auth(r, 0x18, b"guess")
+            assert r.read_connack()["reason"] == RC_NOT_AUTHORIZED
+            assert r.expect_closed()
+        finally:
+            r.close()
+
+    def test_an_unknown_method_gets_connack_0x8c(self, port):
+        """[MQTT-4.12.0-1] a method the server does not support: CONNACK 0x8C."""
+        r = RawClient5(port)
+        try:
+            r.send(gen_connect_v5("ea3", properties={"authentication_method": "OTHER"}))
+            assert r.read_connack()["reason"] == 0x8C
+            assert r.expect_closed()
+        finally:
+            r.close()
+
+    def test_re_authentication(self, port):
+        """[MQTT-4.12.1-1] AUTH 0x19 with the same method starts it again;
+        success ends with AUTH 0x00, failure with DISCONNECT 0x87."""
+        r = RawClient5(port)
+        try:
+            r.send(gen_connect_v5("ea4", properties={"authentication_method": "TOY"}))
+            self._read_auth(r)
+            self._auth(r, 0x18, b"nonce:secret")
+            assert r.read_connack()["reason"] == RC_SUCCESS
+            self._auth(r, 0x19)
+            assert self._read_auth(r)[0] == 0x18
+            self._auth(r, 0x18, b"nonce:secret")
+            assert self._read_auth(r) == (RC_SUCCESS, {"authentication_method": "TOY",
+                                                      "authentication_data": b"welcome"})
+            self._auth(r, 0x19)
+            self._read_auth(r)
+            self._auth(r, 0x18, b"stale")
+            assert r.expect_disconnect() == RC_NOT_AUTHORIZED
+        finally:
+            r.close()
+
+    def test_auth_with_another_method_is_a_protocol_error(self, port):
+        """[MQTT-4.12.0-5] an AUTH must carry the CONNECT's method; before CONNACK
+        the refusal is a CONNACK with reason 0x82."""
+        r = RawClient5(port)
+        try:
+            r.send(gen_connect_v5("ea5", properties={"authentication_method": "TOY"}))
+            self._read_auth(r)
+            r.send(packet(0xF0, b"\x18" + gen_props({"authentication_method": "OTHER"})))
+            assert r.read_connack()["reason"] == RC_PROTOCOL_ERROR   # no CONNACK yet: this is it
+            assert r.expect_closed()
+        finally:
+            r.close()
+
+
+class Test23V5PublishApis:
+    """Properties from the Python API and REST mqtt/publish reach 5.0 subscribers."""
+
+    def test_broker_publish_with_properties(self, raw5, broker):
+        r = raw5()
+        r.connect("api-props")
+        assert r.subscribe([("ap/#", sub_opts(0))]) == [0]
+        broker.publish("ap/1", b"x", properties={
+            "response_topic": "ap/reply", "correlation_data": b"id-1",
+            "user_property": [("k", "v"), ("k", "v2")], "content_type": "text/plain"})
+        (m,) = r.pending_publishes()
+        assert m["props"] == {"response_topic": "ap/reply", "correlation_data": b"id-1",
+                              "user_property": [("k", "v"), ("k", "v2")],
+                              "content_type": "text/plain"}
+        with pytest.raises(ValueError, match="topic_alias"):
+            broker.publish("ap/1", b"x", properties={"topic_alias": 3})
+        with pytest.raises(ValueError):
+            broker.publish("ap/1", b"x", properties={"content_type": 7})
+
+    def test_rest_publish_with_properties(self, api, api_broker):
+        r = RawClient5(api_broker.mqtt_port)
+        try:
+            r.connect("rest-props")
+            assert r.subscribe([("rp/#", sub_opts(0))]) == [0]
+            reply = api.json("POST", "mqtt/publish", {
+                "topic": "rp/1", "payload": "hi", "properties": {
+                    "response_topic": "rp/reply", "correlation_data": "c-9",
+                    "user_properties": {"a": "1", "b": "2"}, "message_expiry_interval": 30,
+                    "payload_format_indicator": 1, "content_type": "text/plain"}})
+            assert reply["code"] == 0
+            (m,) = r.pending_publishes()
+            assert m["props"]["response_topic"] == "rp/reply"
+            assert m["props"]["correlation_data"] == b"c-9"
+            assert m["props"]["user_property"] == [("a", "1"), ("b", "2")]
+            assert m["props"]["payload_format_indicator"] == 1
+            assert 1 <= m["props"]["message_expiry_interval"] <= 30
+            for bad in ({"user_properties": "x"}, {"message_expiry_interval": "10"},
+                        {"topic_alias": 1}, {"payload_format_indicator": 2}):
+                reply = api.json("POST", "mqtt/publish", {"topic": "rp/1", "properties": bad})
+                assert reply["code"] == 108, bad
+        finally:
+            r.close()
+
+    def test_session_rows_carry_the_expiry_interval(self, raw5, broker):
+        raw5().connect("exp-row", properties={"session_expiry_interval": 90})
+        rows = {s["client_id"]: s for s in wait_until(lambda: broker.sessions())}
+        assert rows["exp-row"]["expiry_interval"] == 90
 
 
 ###############################################################################
