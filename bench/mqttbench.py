@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""mqttbench - a self-contained MQTT 3.1.1 benchmark for loopback brokers.
+"""mqttbench - a self-contained MQTT 3.1.1 (or, with --mqtt5, 5.0) benchmark for loopback brokers.
 
 Runs standard load scenarios against emqx_lite or any broker listening on a
 loopback address, optionally starting the brokers itself so that several can
@@ -8,6 +8,14 @@ be compared side by side in one run::
     python3 bench/mqttbench.py --start emqx_lite --scenarios fanin,fanout,qos1,latency,conn2k
     python3 bench/mqttbench.py --start emqx_lite,mosquitto,amqtt
     python3 bench/mqttbench.py --target 127.0.0.1:1883 --broker-pid 1234 --scenarios fanin
+    python3 bench/mqttbench.py --start emqx_lite --scenarios fanin,fanout,qos1,latency --mqtt5
+
+With --mqtt5 every client speaks MQTT 5.0: CONNECT with protocol level 5 and
+an empty property block, PUBLISH and SUBSCRIBE with an empty property block,
+PUBACK in the 2-byte form (Success); CONNACK, SUBACK and PUBLISH properties
+from the broker are parsed, a Receive Maximum below --inflight is obeyed, and
+ack reason codes other than Success, DISCONNECTs etc. from the broker end up
+in the run's "note".  Every JSON line has "mqtt": 4 or 5.
 
 Scenarios (64-byte payloads by default; same definitions and JSON field names
 as the C generator in shared/bench/mqttload.c):
@@ -88,6 +96,7 @@ SEQ_MIN_PAYLOAD = 20            # payload bytes needed for timestamp + seq + pub
 QUIET_S = 0.5                   # drain ends after this long without a delivery
 COALESCE_BYTES = 64 * 1024      # a QoS 0 subscriber process naps after polls that read less
 HS_DEAD = (1 << 64) - 1         # high-water mark of a dead subscriber: never limits anyone
+MQTT_V311, MQTT_V5 = 4, 5       # protocol levels in CONNECT (--mqtt5 selects 5)
 
 # One slot of shared counters per worker process; written by that worker only.
 (C_SENT, C_RECV, C_ACKED, C_GAPS, C_REORDER, C_PENDING, C_INFLIGHT, C_DEAD,
@@ -243,16 +252,99 @@ def _str(s):
     return len(b).to_bytes(2, "big") + b
 
 
-def encode_connect(client_id, keepalive=60):
-    """CONNECT, MQTT 3.1.1, clean session."""
-    body = _str("MQTT") + bytes([4, 0x02]) + keepalive.to_bytes(2, "big") + _str(client_id)
+def encode_connect(client_id, keepalive=60, version=MQTT_V311):
+    """CONNECT, clean session: MQTT 3.1.1 (protocol level 4), or 5.0 with
+    ``version`` 5 (level 5 and an empty property block after the keepalive)."""
+    props = b"\x00" if version == MQTT_V5 else b""
+    body = _str("MQTT") + bytes([version, 0x02]) + keepalive.to_bytes(2, "big") + props + _str(client_id)
     return b"\x10" + encode_varint(len(body)) + body
 
 
-def encode_subscribe(topic, qos, packet_id=1):
-    """SUBSCRIBE with one topic filter."""
-    body = packet_id.to_bytes(2, "big") + _str(topic) + bytes([qos])
+def encode_subscribe(topic, qos, packet_id=1, version=MQTT_V311):
+    """SUBSCRIBE with one topic filter (5.0: an empty property block after the
+    packet id; the options byte is the QoS, No Local etc. off)."""
+    props = b"\x00" if version == MQTT_V5 else b""
+    body = packet_id.to_bytes(2, "big") + props + _str(topic) + bytes([qos])
     return b"\x82" + encode_varint(len(body)) + body
+
+
+def decode_varint(buf, pos, end=None):
+    """(value, position after it) of the variable byte integer at ``pos``;
+    ValueError if it is longer than 4 bytes or runs past ``end``."""
+    end = len(buf) if end is None else end
+    value, mul = 0, 1
+    for i in range(pos, min(end, pos + 4)):
+        b = buf[i]
+        value += (b & 0x7F) * mul
+        mul *= 128
+        if not b & 0x80:
+            return value, i + 1
+    raise ValueError("malformed variable byte integer at %d" % pos)
+
+
+# MQTT 5.0 property identifiers -> value type ("B" byte, "H" two-byte int, "I" four-byte
+# int, "V" varint, "S" string, "D" binary data, "P" string pair), as in 5.0 section 2.2.2.2.
+PROPERTY_TYPES = {
+    0x01: "B", 0x02: "I", 0x03: "S", 0x08: "S", 0x09: "D", 0x0B: "V", 0x11: "I", 0x12: "S",
+    0x13: "H", 0x15: "S", 0x16: "D", 0x17: "B", 0x18: "I", 0x19: "B", 0x1A: "S", 0x1C: "S",
+    0x1F: "S", 0x21: "H", 0x22: "H", 0x23: "H", 0x24: "B", 0x25: "B", 0x26: "P", 0x27: "I",
+    0x28: "B", 0x29: "B", 0x2A: "B",
+}
+PROP_RECEIVE_MAXIMUM, PROP_MAXIMUM_QOS, PROP_REASON_STRING = 0x21, 0x24, 0x1F
+
+
+def decode_properties(buf, pos, end=None):
+    """(dict identifier -> value, position after the block) of the MQTT 5.0
+    property block (length + properties) at ``pos``.  A repeated property
+    (User Property) keeps its last value.  ValueError if it is malformed."""
+    end = len(buf) if end is None else end
+    length, pos = decode_varint(buf, pos, end)
+    stop = pos + length
+    if stop > end:
+        raise ValueError("property block runs past the packet")
+    props = {}
+    while pos < stop:
+        ident, pos = decode_varint(buf, pos, stop)
+        kind = PROPERTY_TYPES.get(ident)
+        if kind is None:
+            raise ValueError("unknown property 0x%02x" % ident)
+        if kind in "BHI":
+            n = {"B": 1, "H": 2, "I": 4}[kind]
+            value, pos = int.from_bytes(buf[pos:pos + n], "big"), pos + n
+        elif kind == "V":
+            value, pos = decode_varint(buf, pos, stop)
+        else:
+            parts = []
+            for _ in range(2 if kind == "P" else 1):
+                n = int.from_bytes(buf[pos:pos + 2], "big")
+                parts.append(bytes(buf[pos + 2:pos + 2 + n]))
+                pos += 2 + n
+            value = tuple(parts) if kind == "P" else parts[0]
+        props[ident] = value
+    if pos != stop:
+        raise ValueError("property block length does not match its properties")
+    return props, stop
+
+
+def check_connack(first, body, version):
+    """The properties of a CONNACK that accepts the connection (empty for
+    3.1.1); ConnectionError for a refusal or a malformed CONNACK."""
+    if first != 0x20 or len(body) < 2:
+        raise ConnectionError("not a CONNACK: %r" % (bytes([first]) + bytes(body)))
+    if version != MQTT_V5:
+        if len(body) != 2 or body[1] != 0:
+            raise ConnectionError("CONNACK refused: %r" % (bytes([first, len(body)]) + bytes(body)))
+        return {}
+    try:
+        props, stop = decode_properties(body, 2)
+    except ValueError as exc:
+        raise ConnectionError("malformed 5.0 CONNACK (%s): %r" % (exc, bytes(body)))
+    if body[1] != 0:
+        why = props.get(PROP_REASON_STRING, b"").decode(errors="replace")
+        raise ConnectionError("CONNACK refused: reason 0x%02x%s" % (body[1], " (%s)" % why if why else ""))
+    if stop != len(body):
+        raise ConnectionError("5.0 CONNACK with %d bytes after its properties" % (len(body) - stop))
+    return props
 
 
 class PublishTemplate:
@@ -263,7 +355,7 @@ class PublishTemplate:
     [8..15] and the publisher number at [16..19].
     """
 
-    def __init__(self, topic, qos, size, pubno):
+    def __init__(self, topic, qos, size, pubno, version=MQTT_V311):
         topic = topic.encode()
         self.qos = qos
         self.size = size
@@ -271,12 +363,13 @@ class PublishTemplate:
         if size >= SEQ_MIN_PAYLOAD:
             payload[0:16] = bytes(16)
             payload[16:20] = pubno.to_bytes(4, _NATIVE)
-        body = _str(topic) + (b"\0\0" if qos else b"") + payload
+        props = b"\0" if version == MQTT_V5 else b""        # 5.0: empty property block
+        body = _str(topic) + (b"\0\0" if qos else b"") + props + payload
         header = bytes([0x30 | (qos << 1)]) + encode_varint(len(body))
         self.packet = bytearray(header + body)
         self.length = len(self.packet)
         self.pid_off = len(header) + 2 + len(topic)
-        self.pay_off = self.pid_off + (2 if qos else 0)
+        self.pay_off = self.pid_off + (2 if qos else 0) + len(props)
         self.has_seq = size >= SEQ_MIN_PAYLOAD
         self.has_stamp = size >= 8
 
@@ -349,10 +442,12 @@ def packet_header(buf, pos, end):
     return None
 
 
-def packet_runs(buf, pos, end):
+def packet_runs(buf, pos, end, v5=False):
     """Yield (first_byte, pos, count, length, header_len) for the complete
     packets in buf[pos:end], grouping consecutive packets whose fixed header
-    (and, for PUBLISH, topic length) bytes are identical into one run.
+    (and, for PUBLISH, topic length) bytes are identical into one run.  With
+    ``v5`` (MQTT 5.0 streams) the bytes of a PUBLISH's property length are
+    compared too, so every packet of a run has its payload at the same offset.
 
     The check is exact: packet 0 has length L; a packet at pos+i*L whose
     header bytes equal packet 0's also has length L, so packet i+1 starts at
@@ -374,8 +469,26 @@ def packet_runs(buf, pos, end):
             for j in range(cols):
                 col = buf[pos + j:stop:L]
                 count = min(count, len(col) - len(col.lstrip(col[0:1])))
+            if v5 and cols > hlen and count > 1:
+                for j in publish_props_columns(buf, pos, first, hlen, L):
+                    col = buf[pos + j:stop:L]
+                    count = min(count, len(col) - len(col.lstrip(col[0:1])))
         yield first, pos, count, L, hlen
         pos += count * L
+
+
+def publish_props_columns(buf, pos, first, hlen, length):
+    """Offsets (from the packet start) of the property length bytes of the 5.0
+    PUBLISH at ``pos``: after the topic and, for QoS > 0, the packet id.  A packet
+    whose bytes at these offsets equal these ones has the same property length."""
+    tl = (buf[pos + hlen] << 8) | buf[pos + hlen + 1]
+    off = hlen + 2 + tl + (2 if first & 0x06 else 0)
+    cols = []
+    for j in range(off, min(off + 4, length)):
+        cols.append(j)
+        if not buf[pos + j] & 0x80:
+            break
+    return cols
 
 
 ###############################################################################
@@ -504,17 +617,24 @@ def kernel_timestamps_available():
 
 
 class Conn:
-    """One MQTT client socket of a worker: blocking handshake, then non-blocking I/O."""
+    """One MQTT client socket of a worker: blocking handshake, then non-blocking I/O.
+    ``version`` is the protocol level (4 = 3.1.1, 5 = 5.0)."""
 
-    def __init__(self, family, addr, client_id, keepalive=60):
+    def __init__(self, family, addr, client_id, keepalive=60, version=MQTT_V311):
+        self.version = version
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.settimeout(15)
         self.sock.connect(addr)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.sendall(encode_connect(client_id, keepalive))
-        ack = self.recv_exact(4)
-        if ack[0] != 0x20 or ack[3] != 0:
-            raise ConnectionError("CONNACK refused: %r" % ack)
+        self.sock.sendall(encode_connect(client_id, keepalive, version))
+        if version == MQTT_V5:
+            first, body = self.recv_packet()
+            self.server_props = check_connack(first, body, version)   # 5.0: CONNACK properties
+        else:
+            ack = self.recv_exact(4)
+            if ack[0] != 0x20 or ack[3] != 0:
+                raise ConnectionError("CONNACK refused: %r" % ack)
+            self.server_props = {}
         self.out = bytearray()          # bytes not yet accepted by the kernel
         self.rbuf = None
         self.rlen = 0
@@ -531,8 +651,31 @@ class Conn:
             data += chunk
         return data
 
+    def recv_packet(self):
+        """(first byte, body) of the next packet, blocking (handshake only)."""
+        first = self.recv_exact(1)[0]
+        length, mul = 0, 1
+        for _ in range(4):
+            b = self.recv_exact(1)[0]
+            length += (b & 0x7F) * mul
+            mul *= 128
+            if not b & 0x80:
+                return first, self.recv_exact(length) if length else b""
+        raise ConnectionError("malformed remaining length from broker")
+
     def subscribe(self, topic, qos):
-        self.sock.sendall(encode_subscribe(topic, qos))
+        self.sock.sendall(encode_subscribe(topic, qos, version=self.version))
+        if self.version == MQTT_V5:
+            first, body = self.recv_packet()
+            try:
+                pos = decode_properties(body, 2)[1] if first == 0x90 and len(body) >= 3 else None
+            except ValueError:
+                pos = None
+            if pos is None or len(body) != pos + 1:
+                raise ConnectionError("malformed 5.0 SUBACK for %s: %r" % (topic, bytes([first]) + body))
+            if body[pos] >= 0x80:
+                raise ConnectionError("SUBACK failure for %s: reason 0x%02x" % (topic, body[pos]))
+            return
         head = self.recv_exact(2)
         body = self.recv_exact(head[1])
         if head[0] != 0x90 or body[-1] == 0x80:
@@ -597,6 +740,29 @@ class Conn:
             self.rlen = rest
 
 
+PACKET_NAMES = {1: "CONNECT", 2: "CONNACK", 3: "PUBLISH", 4: "PUBACK", 5: "PUBREC", 6: "PUBREL",
+                7: "PUBCOMP", 8: "SUBSCRIBE", 9: "SUBACK", 10: "UNSUBSCRIBE", 11: "UNSUBACK",
+                12: "PINGREQ", 13: "PINGRESP", 14: "DISCONNECT", 15: "AUTH"}
+
+
+def note_odd(odd, buf, first, pos, count, length, hlen):
+    """5.0: count a run of packets that a client of this tool does not expect
+    (a DISCONNECT from the broker, an AUTH, ...) in ``odd`` ("what" -> count),
+    with the reason code (and Reason String) where the packet has one."""
+    kind = first >> 4
+    what = PACKET_NAMES.get(kind, "type %d" % kind)
+    if kind in (14, 15):                     # DISCONNECT, AUTH: reason code, properties
+        what += " reason 0x%02x" % (buf[pos + hlen] if length > hlen else 0)
+        if length > hlen + 1:
+            try:
+                why = decode_properties(buf, pos + hlen + 1, pos + length)[0].get(PROP_REASON_STRING)
+            except ValueError:
+                why = None
+            if why:
+                what += " (%s)" % why.decode(errors="replace")
+    odd[what] = odd.get(what, 0) + count
+
+
 class Publisher:
     """A publishing connection: flood (window-limited) or fixed-rate."""
 
@@ -607,6 +773,10 @@ class Publisher:
         self.inflight = 0
         self.skipped = 0       # rate mode: slots skipped because the QoS 1 window was full
         self.max_batch = max(1, FLOOD_BATCH_BYTES // template.length)
+        self.v5 = cfg["mqtt"] == MQTT_V5
+        self.odd = {}          # 5.0: unexpected packets / ack reason codes from the broker
+        # QoS 1 in flight: --inflight, and with 5.0 no more than the broker's Receive Maximum
+        self.inflight_max = min(cfg["inflight"], conn.server_props.get(PROP_RECEIVE_MAXIMUM, 65535))
         # latency stamps: the clock the subscriber's receive times come from
         self.clock = {"kernel": time.time_ns, "user": time.monotonic_ns}.get(cfg["lat_clock"])
 
@@ -636,7 +806,7 @@ class Publisher:
             by_window = self.window_limit() - self.sent
             n = min(self.max_batch, by_window)
             if self.tmpl.qos:
-                n = min(n, self.cfg["inflight"] - self.inflight)
+                n = min(n, self.inflight_max - self.inflight)
             if n <= 0:
                 if self.sent >= self.cfg["max_msgs"]:
                     return "cap"
@@ -651,7 +821,7 @@ class Publisher:
         due = int(elapsed * rate) - self.skipped
         n = due - self.sent
         if n > 0:
-            room = self.cfg["inflight"] - self.inflight if self.tmpl.qos else n
+            room = self.inflight_max - self.inflight if self.tmpl.qos else n
             room = min(room, self.cfg["max_msgs"] - self.sent)
             if room < n:
                 self.skipped += n - max(room, 0)     # full window: skip, don't burst later
@@ -689,6 +859,13 @@ class Publisher:
         if first >> 4 == 4:                           # PUBACK
             self.acked += count
             self.inflight = max(0, self.inflight - count)
+            if self.v5 and length > hlen + 2:         # 5.0 long form: a reason code
+                codes = bytes(buf[pos + hlen + 2:pos + count * length:length])
+                for code in set(codes) - {0}:         # 0x10 No matching subscribers, >= 0x80 errors
+                    what = "PUBACK reason 0x%02x" % code
+                    self.odd[what] = self.odd.get(what, 0) + codes.count(code)
+        elif self.v5:
+            note_odd(self.odd, buf, first, pos, count, length, hlen)
 
 
 def count_runs(b):
@@ -712,14 +889,21 @@ class Subscriber:
         self.hs = [0] * shared.npubs
         self.latencies = latencies        # array('q') when measuring latency, else None
         self.lat_window = None            # (start_ns, end_ns) of the measured window
+        self.v5 = cfg["mqtt"] == MQTT_V5
+        self.odd = {}                     # 5.0: unexpected packets from the broker
 
     def on_packets(self, buf, first, pos, count, length, hlen):
         if first >> 4 != 3:
+            if self.v5:
+                note_odd(self.odd, buf, first, pos, count, length, hlen)
             return
         qos = (first >> 1) & 3
         tl = (buf[pos + hlen] << 8) | buf[pos + hlen + 1]
         pid_off = hlen + 2 + tl
         pay_off = pid_off + (2 if qos else 0)
+        if self.v5:                       # property block between packet id and payload
+            plen, after = decode_varint(buf, pos + pay_off, pos + length)
+            pay_off = after - pos + plen
         stop = pos + count * length
         self.recv += count
         if qos:
@@ -875,14 +1059,17 @@ class LoadWorker:
         cfg = self.cfg
         tag = "%d-%d" % (os.getpid(), self.index)
         for s in self.subnos:
-            conn = Conn(cfg["family"], cfg["addr"], "mqb-s%d-%s" % (s, tag), cfg["keepalive"])
+            conn = Conn(cfg["family"], cfg["addr"], "mqb-s%d-%s" % (s, tag), cfg["keepalive"], cfg["mqtt"])
             conn.subscribe(topics_for(cfg["scenario"], cfg["prefix"], 0)[1], cfg["subqos"])
             if cfg["lat_clock"] == "kernel" and not conn.enable_kernel_timestamps():
                 raise ConnectionError("SO_TIMESTAMPNS refused; use --latency-clock user")
             self.subs.append(Subscriber(conn, s, cfg, self.shared, self.latencies))
         for p in self.pubnos:
-            conn = Conn(cfg["family"], cfg["addr"], "mqb-p%d-%s" % (p, tag), cfg["keepalive"])
-            tmpl = PublishTemplate(topics_for(cfg["scenario"], cfg["prefix"], p)[0], cfg["qos"], cfg["size"], p)
+            conn = Conn(cfg["family"], cfg["addr"], "mqb-p%d-%s" % (p, tag), cfg["keepalive"], cfg["mqtt"])
+            if cfg["qos"] > conn.server_props.get(PROP_MAXIMUM_QOS, 2):     # 5.0 CONNACK Maximum QoS
+                raise ConnectionError("the broker's Maximum QoS is %d" % conn.server_props[PROP_MAXIMUM_QOS])
+            tmpl = PublishTemplate(topics_for(cfg["scenario"], cfg["prefix"], p)[0], cfg["qos"], cfg["size"], p,
+                                   cfg["mqtt"])
             self.pubs.append(Publisher(conn, p, tmpl, cfg, self.shared))
         for c in self.pubs + self.subs:
             c.conn.go_nonblocking()
@@ -999,6 +1186,7 @@ class LoadWorker:
         """Read and handle what a connection has; returns the number of bytes read."""
         conn = h.conn
         total = 0
+        v5 = self.cfg["mqtt"] == MQTT_V5
         for _ in range(4):
             n = conn.read()
             if n < 0:
@@ -1008,7 +1196,7 @@ class LoadWorker:
                 break
             total += n
             pos = 0
-            for first, pos, count, length, hlen in packet_runs(conn.rbuf, 0, conn.rlen):
+            for first, pos, count, length, hlen in packet_runs(conn.rbuf, 0, conn.rlen, v5):
                 h.on_packets(conn.rbuf, first, pos, count, length, hlen)
                 pos += count * length
             conn.consume(pos)
@@ -1051,8 +1239,22 @@ class LoadWorker:
         c[b + C_REORDER] = sum(s.reorder for s in self.subs)
         c[b + C_DEAD] = sum(1 for h in self.pubs + self.subs if h.conn.dead)
 
+    def odd_summary(self):
+        """5.0: what the broker sent that this tool's clients did not expect, e.g.
+        "PUBACK reason 0x10 x3 (pub0)"; "" if nothing."""
+        parts = []
+        for h in self.pubs + self.subs:
+            who = "pub%d" % h.pubno if isinstance(h, Publisher) else "sub%d" % h.subno
+            parts += ["%s x%d (%s)" % (what, n, who) for what, n in sorted(h.odd.items())]
+        if len(parts) > 6:
+            parts[6:] = ["... (%d more)" % (len(parts) - 6)]
+        return ", ".join(parts)
+
     def report(self):
         self.publish_counters()
+        odd = self.odd_summary()
+        if odd:
+            self.error = (self.error + "; " if self.error else "") + "broker sent " + odd
         self.pipe.send({"error": self.error,
                         "latencies": self.latencies.tobytes() if self.latencies is not None else b""})
         for h in self.pubs + self.subs:
@@ -1098,7 +1300,9 @@ class ConnOpener:
         self.socks = []
         self.opened = self.pending = self.connected = self.failed = 0
         self.error = None
-        self.connect_packets = [encode_connect("mqb-c%d-%d-%d" % (os.getpid(), index, i), cfg["keepalive"])
+        self.version = cfg["mqtt"]
+        self.connect_packets = [encode_connect("mqb-c%d-%d-%d" % (os.getpid(), index, i), cfg["keepalive"],
+                                               self.version)
                                 for i in range(count)]
 
     def run(self):
@@ -1148,8 +1352,9 @@ class ConnOpener:
             state[1] = True
             self.sel.modify(s, selectors.EVENT_READ, state)
             return None
+        v5 = self.version == MQTT_V5
         try:
-            data = s.recv(4 - len(state[2]))
+            data = s.recv(connack_missing(state[2]) if v5 else 4 - len(state[2]))
         except BlockingIOError:
             return None
         except OSError as exc:
@@ -1157,11 +1362,21 @@ class ConnOpener:
         if not data:
             return self.fail(s, "closed before CONNACK")
         state[2] += data
-        if len(state[2]) < 4:
-            return None
-        ack = state[2]
-        if ack[0] != 0x20 or ack[3] != 0:
-            return self.fail(s, "bad CONNACK %r" % ack)
+        if v5:
+            if connack_missing(state[2]):
+                return None
+            ack = state[2]
+            hlen = packet_header(ack, 0, len(ack))[1]
+            try:
+                check_connack(ack[0], ack[hlen:], MQTT_V5)
+            except ConnectionError as exc:
+                return self.fail(s, "bad CONNACK: %s" % exc)
+        else:
+            if len(state[2]) < 4:
+                return None
+            ack = state[2]
+            if ack[0] != 0x20 or ack[3] != 0:
+                return self.fail(s, "bad CONNACK %r" % ack)
         self.sel.unregister(s)
         self.pending -= 1
         self.connected += 1
@@ -1186,6 +1401,15 @@ class ConnOpener:
                 pass
             s.close()
         self.sel.close()
+
+
+def connack_missing(data):
+    """Bytes still missing from the 5.0 CONNACK whose start is ``data`` (0 when it
+    is complete); never more than the packet has, so nothing after it is read."""
+    head = packet_header(data, 0, len(data)) if len(data) >= 2 else None
+    if head is None:
+        return max(1, 5 - len(data))          # 5 bytes: the shortest 5.0 CONNACK
+    return max(0, head[2] - len(data))
 
 
 def conn_worker_main(index, count, concurrency, cfg, shared, pipe):
@@ -1248,7 +1472,7 @@ class Run:
             "lat_clock": (opts.latency_clock if scenario == "latency" else None),
             "coalesce_us": opts.coalesce_us, "coordinator": os.getpid(),
             "conns": conns, "concurrency": opts.concurrency,
-            "setup_timeout": opts.setup_timeout,
+            "setup_timeout": opts.setup_timeout, "mqtt": opts.mqtt,
         }
         self.procs, self.pipes, self.groups = [], [], []
 
@@ -1497,17 +1721,28 @@ class Target:
         self.family, self.addr = resolve_loopback(host, port)
 
 
-def mqtt_ping(family, addr, timeout=1.0):
-    """True if an MQTT CONNECT to ``addr`` is answered with CONNACK 0."""
+def mqtt_ping(family, addr, timeout=1.0, version=MQTT_V311):
+    """True if an MQTT CONNECT (protocol level ``version``) to ``addr`` is
+    answered with a CONNACK that accepts it."""
     try:
         with socket.socket(family, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
             s.connect(addr)
-            s.sendall(encode_connect("mqb-probe-%d" % os.getpid(), 10))
+            s.sendall(encode_connect("mqb-probe-%d" % os.getpid(), 10, version))
+            if version == MQTT_V5:
+                ack = b""
+                while connack_missing(ack):
+                    chunk = s.recv(connack_missing(ack))
+                    if not chunk:
+                        return False
+                    ack += chunk
+                s.sendall(b"\xe0\x00")            # DISCONNECT, reason 0 (Normal) omitted
+                check_connack(ack[0], ack[packet_header(ack, 0, len(ack))[1]:], version)
+                return True
             ack = s.recv(4)
             s.sendall(b"\xe0\x00")
             return len(ack) == 4 and ack[0] == 0x20 and ack[3] == 0
-    except OSError:
+    except (OSError, ConnectionError):
         return False
 
 
@@ -1591,8 +1826,11 @@ class ManagedBroker:
             if self.proc.poll() is not None:
                 raise RuntimeError("%s exited with code %s at start-up:\n%s"
                                    % (self.name, self.proc.returncode, self.log_tail()))
-            if mqtt_ping(target.family, target.addr, 0.5):
+            if mqtt_ping(target.family, target.addr, 0.5, self.opts.mqtt):
                 return target
+            if self.opts.mqtt == MQTT_V5 and mqtt_ping(target.family, target.addr, 0.5):
+                self.stop()
+                raise RuntimeError("%s answers MQTT 3.1.1 but does not accept an MQTT 5.0 CONNECT" % self.name)
             time.sleep(0.1)
         self.stop()
         raise RuntimeError("%s did not answer MQTT within %.0fs:\n%s"
@@ -1813,6 +2051,9 @@ def parse_args(argv=None):
     g.add_argument("--concurrency", type=int, default=64, help="conn: handshakes in flight at once (default 64)")
     g.add_argument("--prefix", default="bench", help="topic prefix (default bench)")
     g.add_argument("--keepalive", type=int, default=60, help="MQTT keepalive in seconds (default 60)")
+    g.add_argument("--mqtt5", action="store_true",
+                   help="every client speaks MQTT 5.0 (CONNECT protocol level 5, empty property blocks) "
+                        "instead of 3.1.1; the JSON lines carry \"mqtt\": 5 (else 4)")
     g = p.add_argument_group("timing and bounds")
     g.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds before measuring (default 1)")
     g.add_argument("--duration", type=float, default=5.0, help="measured window in seconds (default 5)")
@@ -1835,6 +2076,7 @@ def parse_args(argv=None):
     add_output_options(p, __version__)
     opts = p.parse_args(argv)
     opts.scenario_list = scenario_list(p, opts.scenarios, SCENARIOS)
+    opts.mqtt = MQTT_V5 if opts.mqtt5 else MQTT_V311
     if bool(opts.start) == bool(opts.target):
         p.error("give exactly one of --start BROKERS or --target HOST:PORT")
     if opts.latency_clock is None:
@@ -1890,8 +2132,8 @@ class Bench(JsonLinesOutput):
                         target = managed.restart()
                     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
                         self.log("cannot restart %s: %s" % (managed.name, exc))
-                        self.emit({"tool": "mqttbench", "case": sc, "label": managed.name, "run": i,
-                                   "error": "broker restart failed: %s" % exc})
+                        self.emit({"tool": "mqttbench", "case": sc, "label": managed.name, "mqtt": opts.mqtt,
+                                   "run": i, "error": "broker restart failed: %s" % exc})
                         return target
                 baseline = proc_fd_count(target.pid)
                 self.log("%s: %s run %d/%d" % (target.label, sc, i, opts.repeat))
@@ -1917,7 +2159,8 @@ class Bench(JsonLinesOutput):
 
     def one_run(self, sc, i, target):
         head = {"tool": "mqttbench", "scenario": "conn" if sc.startswith("conn") else sc, "case": sc,
-                "label": target.label, "host": target.host, "port": target.port, "run": i}
+                "label": target.label, "host": target.host, "port": target.port, "mqtt": self.opts.mqtt,
+                "run": i}
         try:
             body = Run(sc, self.opts, target).execute(target.pid)
         except Exception as exc:
@@ -1936,7 +2179,10 @@ class Bench(JsonLinesOutput):
         if opts.target:
             host, port = parse_hostport(opts.target)
             target = Target(opts.label or "target", host, port, opts.broker_pid)
-            if not mqtt_ping(target.family, target.addr, 3):
+            if not mqtt_ping(target.family, target.addr, 3, opts.mqtt):
+                if opts.mqtt == MQTT_V5 and mqtt_ping(target.family, target.addr, 3):
+                    raise SystemExit("mqttbench: the broker at %s refused an MQTT 5.0 CONNECT "
+                                     "(it answers 3.1.1)" % opts.target)
                 raise SystemExit("mqttbench: no MQTT broker answers at %s" % opts.target)
             self.labels.append(target.label)
             self.run_target(target)
@@ -1966,8 +2212,9 @@ class Bench(JsonLinesOutput):
         if not self.records:
             self.log("no results")
             return
-        print("\n## mqttbench results (median of %d runs; %s CPUs, %s, Python %s, %s)\n"
-              % (self.opts.repeat, info["nproc"], info["cpu"], info["python"], info["date"]))
+        print("\n## mqttbench results (%smedian of %d runs; %s CPUs, %s, Python %s, %s)\n"
+              % ("MQTT 5.0, " if self.opts.mqtt == MQTT_V5 else "", self.opts.repeat, info["nproc"],
+                 info["cpu"], info["python"], info["date"]))
         print(render_table(self.records, self.labels, self.opts.scenario_list))
         if self.versions:
             print("\nbrokers: " + "; ".join("%s = %s" % kv for kv in self.versions.items()))
