@@ -704,8 +704,8 @@ def decode_properties(body, pos, where):
     """MQTT 5.0 properties at ``body[pos:]`` of a packet of type ``where``
     (or WILL): ({name: value}, next_pos). User Properties and Subscription
     Identifiers are lists, in order. An unknown identifier is a Malformed
-    Packet; a property out of place, repeated or out of range is a Protocol
-    Error [MQTT-2.2.2-2]."""
+    Packet, and so is a property out of place (section 2.2.2.2); one repeated
+    or out of range is a Protocol Error."""
     length, start = _decode_varint_field(body, pos)
     end = start + length
     if end > len(body):
@@ -717,8 +717,8 @@ def decode_properties(body, pos, where):
         if spec is None:
             raise MalformedPacket("unknown property 0x%02x" % pid)
         name, kind, allowed = spec
-        if where not in allowed:
-            raise ProtocolError("property %s is not allowed in %s" % (
+        if where not in allowed:   # a Malformed Packet (5.0 section 2.2.2.2)
+            raise MalformedPacket("property %s is not allowed in %s" % (
                 name, "Will Properties" if where == WILL else PACKET_NAMES[where]))
         value, pos = _PROPERTY_CODECS[kind][0](view, pos)
         if name in MULTI_PROPERTIES:
@@ -1041,8 +1041,10 @@ def _decode_filters(body, with_qos, version):
             raise MalformedPacket("SUBSCRIBE topic without QoS byte")
         options = body[pos]
         pos += 1
-        if options & reserved or options & 0x03 == 3:
+        if options & reserved or (options & 0x03 == 3 and version != MQTT_V5):
             raise MalformedPacket("SUBSCRIBE requested QoS byte invalid [MQTT-3.8.3-4]")
+        if options & 0x03 == 3:
+            raise ProtocolError("SUBSCRIBE Maximum QoS 3 (5.0 section 3.8.3.1)")
         if options & 0x30 == 0x30:
             raise ProtocolError("Retain Handling 3 [MQTT-3.8.3-5]")
         topics.append((topic_filter, options))
@@ -3070,6 +3072,7 @@ class Connection:
         """What a 5.0 client learns in CONNACK about this server (3.2.2.3)."""
         s = self.settings
         props = {"receive_maximum": s["max_awaiting_rel"] or 65535,
+                 "maximum_packet_size": s["max_packet_size"],   # a total within our limit
                  "topic_alias_maximum": s["max_topic_alias"],
                  "retain_available": 1 if self.core.retainer_enabled else 0,
                  "wildcard_subscription_available": 1,

@@ -504,7 +504,8 @@ RC_PACKET_TOO_LARGE, RC_QUOTA_EXCEEDED, RC_ADMINISTRATIVE_ACTION = 0x95, 0x97, 0
 #: The CONNACK properties of a broker with default settings (phase-1 contract):
 #: Maximum QoS absent (2), no Assigned Client Identifier, no Server Keep Alive.
 V5_CONNACK_DEFAULTS = {
-    "receive_maximum": 100, "topic_alias_maximum": 256, "retain_available": 1,
+    "receive_maximum": 100, "maximum_packet_size": 1024 * 1024, "topic_alias_maximum": 256,
+    "retain_available": 1,
     "wildcard_subscription_available": 1, "subscription_identifier_available": 1,
     "shared_subscription_available": 1,
 }
@@ -1364,13 +1365,14 @@ class TestV5PropertyTable:
         assert end == len(block) + 1 and len(props) == 1
 
     @pytest.mark.parametrize("pid", sorted(SPEC_PROPERTIES), ids=lambda p: "0x%02X" % p)
-    def test_a_property_out_of_place_is_a_protocol_error(self, pid):
-        """[MQTT-2.2.2-2]: each packet carries only the properties the spec lists for it."""
+    def test_a_property_out_of_place_is_malformed(self, pid):
+        """Each packet carries only the properties the spec lists for it; another
+        is a Malformed Packet (5.0 section 2.2.2.2)."""
         _, kind, places = SPEC_PROPERTIES[pid]
         elsewhere = [p for p in ("CONNECT", "PUBLISH", "SUBSCRIBE", "UNSUBSCRIBE", "DISCONNECT",
                                  "Will", "PINGREQ") if p not in places]
         block = bytes((pid,)) + _SPEC_TYPE_BYTES[kind]
-        with pytest.raises(emqx_lite.ProtocolError):
+        with pytest.raises(emqx_lite.MalformedPacket):
             emqx_lite.decode_properties(bytes((len(block),)) + block, 0, _where(elsewhere[0]))
 
     def test_a_repeated_property_is_a_protocol_error_but_user_property_may_repeat(self):
@@ -4858,6 +4860,14 @@ class Test16V5Subscribe:
         r.send(gen_subscribe_v5(1, [("ok/t", sub_opts(0)), ("rsv/t", sub_opts(1) | bits)]))
         assert r.expect_disconnect() == RC_MALFORMED_PACKET
         assert broker.subscriptions("rsv-opts") == []
+
+    def test_maximum_qos_3_is_a_protocol_error(self, raw5, broker):
+        """5.0 section 3.8.3.1: a Maximum QoS of 3 is a Protocol Error (0x82)."""
+        r = raw5()
+        r.connect("qos3")
+        r.send(gen_subscribe_v5(1, [("q3/t", 0x03)]))
+        assert r.expect_disconnect() == RC_PROTOCOL_ERROR
+        assert broker.subscriptions("qos3") == []
 
     def test_subscription_identifiers_come_with_every_matching_copy(self, raw5, broker):
         """[MQTT-3.3.4-3] [MQTT-3.3.4-4] a delivered message carries the
