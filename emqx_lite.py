@@ -706,6 +706,8 @@ def decode_properties(body, pos, where):
     Identifiers are lists, in order. An unknown identifier is a Malformed
     Packet, and so is a property out of place (section 2.2.2.2); one repeated
     or out of range is a Protocol Error."""
+    if pos < len(body) and body[pos] == 0:   # no properties: the common case, kept cheap
+        return {}, pos + 1
     length, start = _decode_varint_field(body, pos)
     end = start + length
     if end > len(body):
@@ -1429,15 +1431,20 @@ class Message:
             remaining = 2 + len(topic) + (2 if qos else 0) + len(self.payload)
             if v5:
                 remaining += len(self.encoded_properties())
-            head = self._heads[key] = (bytes((first,)) + encode_varint(remaining)
-                                       + len(topic).to_bytes(2, "big") + topic)
+            head = (bytes((first,)) + encode_varint(remaining)
+                    + len(topic).to_bytes(2, "big") + topic)
+            if v5 and not qos and self.expires_at is None:
+                head += self._encoded_properties   # the same for every subscriber
+            self._heads[key] = head
         if v5:
             props = self._encoded_properties
             if self.expires_at is not None:   # the time left, in the same four bytes [MQTT-3.3.2-6]
                 left = max(1, math.ceil(self.expires_at - time.monotonic()))
                 props = encode_properties(dict(self.properties, message_expiry_interval=left))
+            elif not qos:
+                return head, self.payload
             if qos:
-                return head, packet_id.to_bytes(2, "big"), props, self.payload
+                return head, packet_id.to_bytes(2, "big") + props, self.payload
             return head, props, self.payload
         if qos:
             return head, packet_id.to_bytes(2, "big"), self.payload
