@@ -1649,13 +1649,13 @@ class Session:
         max_outbuf = self.core.settings["max_outbuf"]
         chunks = []
         with self.lock:
-            conn, max_inflight = self.conn, self.window
+            conn, max_inflight, max_packet = self.conn, self.window, self.max_packet
             for msg, qos, retain in items:
                 if msg.expires_at is not None and msg.expired(time.monotonic()):
                     self.core.counts()["messages/dropped"] += 1
                 elif conn is None:
                     self._enqueue_locked(msg, qos, retain)
-                elif self.max_packet and msg.size(qos, self.v5) > self.max_packet:
+                elif max_packet and msg.size(qos, self.v5) > max_packet:
                     self.core.counts()["messages/dropped"] += 1   # too large for it [MQTT-3.1.2-25]
                 elif conn.out_bytes >= max_outbuf:
                     if qos:
@@ -2645,16 +2645,26 @@ class BrokerCore:
             if not msg.sys:
                 self.counts()["messages/dropped"] += 1
             return False
-        qos, sender = msg.qos, msg.sender
+        qos = msg.qos
         for session, route in targets:
-            if route & _NO_LOCAL and session.client_id == sender:
-                continue   # [MQTT-3.8.3-3]
-            granted = route & 0x03
-            batch.add(session, msg if route <= 0x0F else
-                      msg.with_subscription_ids(_subscription_ids(route)),
-                      qos if qos < granted else granted,
-                      msg.retain and route & _RETAIN_AS_PUBLISHED)   # [MQTT-3.3.1-12, -13]
+            if route < 4:   # the granted QoS alone (3.x, or 5.0 without options)
+                batch.add(session, msg, qos if qos < route else route)
+            else:
+                self._add_with_options(batch, session, msg, route)
         return True
+
+    @staticmethod
+    def _add_with_options(batch, session, msg, route):
+        """A delivery through a subscription with 5.0 options: No Local
+        [MQTT-3.8.3-3], Retain As Published [MQTT-3.3.1-12, -13] and
+        Subscription Identifiers [MQTT-3.3.4-3, -4]."""
+        if route & _NO_LOCAL and session.client_id == msg.sender:
+            return
+        granted = route & 0x03
+        if route > 0x0F:
+            msg = msg.with_subscription_ids(_subscription_ids(route))
+        batch.add(session, msg, msg.qos if msg.qos < granted else granted,
+                  msg.retain and route & _RETAIN_AS_PUBLISHED)
 
     # --- snapshots for the REST and Python APIs --------------------------------
     def client_infos(self):
