@@ -1119,36 +1119,22 @@ def broker(make_broker):
     return make_broker()
 
 
-@pytest.fixture
-def client(broker):
-    """client(client_id=..., proto=4, clean_session=True, will=None, port=None) -> PahoClient."""
-    clients = Clients(PahoClient, broker.mqtt_port)
-    yield clients
-    clients.close()
+def _clients_of(cls, doc):
+    """A fixture: a factory of ``cls`` clients of the test's broker, closed at teardown."""
+    def fixture(broker):
+        clients = Clients(cls, broker.mqtt_port)
+        yield clients
+        clients.close()
+    fixture.__doc__ = doc
+    return pytest.fixture(fixture)
 
 
-@pytest.fixture
-def raw(broker):
-    """raw(port=None) -> RawClient."""
-    clients = Clients(RawClient, broker.mqtt_port)
-    yield clients
-    clients.close()
-
-
-@pytest.fixture
-def raw5(broker):
-    """raw5(port=None) -> RawClient5 (MQTT 5.0)."""
-    clients = Clients(RawClient5, broker.mqtt_port)
-    yield clients
-    clients.close()
-
-
-@pytest.fixture
-def paho5(broker):
-    """paho5(client_id, ..., port=None) -> PahoClient5 (paho in MQTT 5.0 mode)."""
-    clients = Clients(PahoClient5, broker.mqtt_port)
-    yield clients
-    clients.close()
+client = _clients_of(PahoClient, "client(client_id=..., proto=4, clean_session=True, "
+                                 "will=None, port=None) -> PahoClient.")
+raw = _clients_of(RawClient, "raw(port=None) -> RawClient.")
+raw5 = _clients_of(RawClient5, "raw5(port=None) -> RawClient5 (MQTT 5.0).")
+paho5 = _clients_of(PahoClient5, "paho5(client_id, ..., port=None) -> PahoClient5 (paho in "
+                                 "MQTT 5.0 mode).")
 
 
 @pytest.fixture
