@@ -436,6 +436,7 @@ DEFAULTS = {
     "send_timeout": 15.0,              # seconds a blocked write may take before the client is closed
     "flow_control_timeout": 1.0,       # seconds a QoS 1/2 publisher's ack may be held (0 = off)
     "max_topic_alias": 256,            # MQTT 5.0 Topic Alias Maximum we give clients (0 = none)
+    "topic_alias_out": True,           # use topic aliases toward 5.0 clients that take them
     "sys_interval": 60.0,              # seconds between $SYS broker/stats/metrics publishes
     "max_clients": 102400,             # connections per listener
     "acceptors": 1,                    # reported by the REST API (one accept loop)
@@ -1450,6 +1451,30 @@ class Message:
             return head, packet_id.to_bytes(2, "big"), self.payload
         return head, self.payload
 
+    def chunks_aliased(self, qos, retain, dup, packet_id, alias, known):
+        """The 5.0 PUBLISH for a client that takes Topic Aliases: the topic
+        goes as ``alias`` (3.3.2.3.4), empty if the client ``known``s it."""
+        first = 0x30 | (0x08 if dup else 0) | qos << 1 | (0x01 if retain else 0)
+        key = (first, alias, known)   # subscribers tend to share alias numbers: cache them
+        cached = self._heads.get(key) if self.expires_at is None else None
+        if cached is None:
+            props = dict(self.properties or (), topic_alias=alias)
+            if self.expires_at is not None:
+                props["message_expiry_interval"] = max(
+                    1, math.ceil(self.expires_at - time.monotonic()))
+            props = encode_properties(props)
+            topic = b"" if known else self.topic.encode("utf-8")
+            remaining = 2 + len(topic) + (2 if qos else 0) + len(props) + len(self.payload)
+            head = (bytes((first,)) + encode_varint(remaining) + len(topic).to_bytes(2, "big")
+                    + topic)
+            cached = (head, props) if qos else (head + props, None)
+            if self.expires_at is None:
+                self._heads[key] = cached
+        head, props = cached
+        if qos:
+            return head, packet_id.to_bytes(2, "big") + props, self.payload
+        return head, self.payload
+
     def encoded_properties(self):
         """The 5.0 property length and properties, encoded once."""
         if self._encoded_properties is None:
@@ -1601,6 +1626,32 @@ class Batch:
             self.touched.clear()
 
 
+class TopicAliases:
+    """Topic aliases from the broker to one 5.0 connection: the most recently
+    used topics keep their alias; a new topic takes a free alias, or the
+    least recently used one's (a client must accept a remapped alias,
+    3.3.2.3.4). Guarded by the owning Session's lock."""
+    __slots__ = ("maximum", "by_topic")
+
+    def __init__(self, maximum):
+        self.maximum = maximum
+        self.by_topic = collections.OrderedDict()   # topic -> alias, least recent first
+
+    def alias(self, topic):
+        """-> (alias, known): known means the client has this topic under it."""
+        by_topic = self.by_topic
+        alias = by_topic.get(topic)
+        if alias is not None:
+            by_topic.move_to_end(topic)
+            return alias, True
+        if len(by_topic) < self.maximum:
+            alias = len(by_topic) + 1
+        else:
+            alias = by_topic.popitem(last=False)[1]
+        by_topic[topic] = alias
+        return alias, False
+
+
 class Session:
     """The state MQTT keeps for a client id (3.1.2.4), online or offline.
 
@@ -1613,7 +1664,7 @@ class Session:
     __slots__ = ("core", "client_id", "clean_session", "lock", "conn", "subscriptions",
                  "inflight", "awaiting_rel", "mqueue", "mqueue_dropped", "deliver_msg",
                  "enqueue_msg", "_next_id", "created_at", "disconnected_at", "last_ack",
-                 "waiters", "expiry_interval", "v5", "window", "max_packet")
+                 "waiters", "expiry_interval", "v5", "window", "max_packet", "aliases")
 
     def __init__(self, core, client_id, clean_session):
         self.core = core
@@ -1639,6 +1690,7 @@ class Session:
         self.v5 = False                  # it speaks 5.0 (PUBLISH carries properties)
         self.window = core.settings["max_inflight"]   # QoS 1/2 in flight: min(ours, its Receive Maximum)
         self.max_packet = 0              # its Maximum Packet Size (0: no limit)
+        self.aliases = None              # TopicAliases toward it, if it takes them
 
     # --- delivery (called by any thread routing a message) -----------------
     def deliver(self, items, touched):
@@ -1694,6 +1746,9 @@ class Session:
             counts = self.core.counts()
             counts["packets/publish/sent"] += 1
             counts[_QOS_SENT[qos]] += 1
+        aliases = self.aliases
+        if aliases is not None:
+            return msg.chunks_aliased(qos, retain, dup, packet_id, *aliases.alias(msg.topic))
         return msg.chunks(qos, retain, dup, packet_id, self.v5)
 
     def _send_publish_locked(self, conn, msg, qos, retain, dup=False, packet_id=None):
@@ -1744,6 +1799,8 @@ class Session:
             self.v5 = conn.proto_ver == MQTT_V5
             self.window = min(self.core.settings["max_inflight"], conn.receive_maximum)
             self.max_packet = conn.max_packet_out
+            # A new connection starts with no aliases [MQTT-3.3.2-7].
+            self.aliases = TopicAliases(conn.alias_max_out) if conn.alias_max_out else None
             now = time.monotonic()
             for packet_id, entry in self.inflight.items():
                 msg, qos, state, _ = entry
@@ -2871,7 +2928,7 @@ class Connection:
                  "thread", "out_lock", "_out", "_wire", "out_bytes", "blocked",
                  "blocked_since", "_closed", "_batch", "_disconnecting", "held",
                  "held_since", "waiting_on", "_recv_size", "receive_maximum",
-                 "max_packet_out", "topic_aliases", "auth", "_pending")
+                 "max_packet_out", "topic_aliases", "auth", "_pending", "alias_max_out")
 
     def __init__(self, hooks, core, sock, peer, listener):
         self.hooks = hooks
@@ -2912,6 +2969,7 @@ class Connection:
         self.receive_maximum = 65535  # QoS 1/2 PUBLISHes it takes unacknowledged
         self.max_packet_out = 0       # largest packet it takes (0: no limit)
         self.topic_aliases = None     # alias -> topic it set [MQTT-3.3.2-12]
+        self.alias_max_out = 0        # aliases it takes from us: its Topic Alias Maximum
         self.auth = None              # its enhanced-authentication exchange (5.0)
         self._pending = None          # (CONNECT, assigned id) while that exchange runs
 
@@ -3029,6 +3087,8 @@ class Connection:
             raise ProtocolError("Receive Maximum or Maximum Packet Size of 0 [MQTT-3.1.2-*]")
         self.receive_maximum = props.get("receive_maximum", 65535)
         self.max_packet_out = props.get("maximum_packet_size", 0)
+        if self.settings["topic_alias_out"]:
+            self.alias_max_out = props.get("topic_alias_maximum", 0)
         client_id = pkt.client_id
         assigned = None
         if not client_id:
@@ -5187,6 +5247,7 @@ SETTING_KEYS = {
     "mqtt.client.max_outbuf": ("max_outbuf", parse_bytesize),
     "mqtt.client.send_timeout": ("send_timeout", parse_duration),
     "mqtt.max_topic_alias": ("max_topic_alias", parse_int),
+    "mqtt.topic_alias_out": ("topic_alias_out", parse_bool),
     # The REST API's listener (EMQ X 2.x names max_clients; the rest are emqx_lite's):
     "listener.api.mgmt.max_clients": ("api_max_clients", parse_int),
     "listener.api.mgmt.idle_timeout": ("api_idle_timeout", parse_duration),

@@ -1749,6 +1749,7 @@ SIMPLE_CASES = [
     ("mqtt.client.max_outbuf", "64KB", "max_outbuf", 65536),
     ("mqtt.client.send_timeout", "5s", "send_timeout", 5.0),
     ("mqtt.max_topic_alias", "16", "max_topic_alias", 16),
+    ("mqtt.topic_alias_out", "off", "topic_alias_out", False),
     ("listener.api.mgmt.max_clients", "2048", "api_max_clients", 2048),
     ("listener.api.mgmt.idle_timeout", "10s", "api_idle_timeout", 10.0),
     ("listener.api.mgmt.cors_origins", "https://Ops.example.com, http://[::1]:3000",
@@ -1969,6 +1970,7 @@ mqtt.max_keepalive = 300
 mqtt.client.max_outbuf = 1KB
 mqtt.client.send_timeout = 2s
 mqtt.max_topic_alias = 8
+mqtt.topic_alias_out = off
 auth.username.john.doe = pw=1
 auth.client.1.clientid = 7.password
 auth.client.1.password = x
@@ -5333,7 +5335,7 @@ class Test20V5Paho:
 class Test21V5Expiry:
     """Message Expiry Interval and Will Delay Interval: the time is the behaviour."""
 
-    def test_an_expired_message_is_never_delivered(self, raw5):
+    def test_an_expired_message_is_never_delivered(self, raw5, broker):
         """[MQTT-3.3.2-5] a message whose expiry passed while it was queued for
         an offline session is not delivered."""
         sub = raw5()
@@ -5341,6 +5343,7 @@ class Test21V5Expiry:
         assert sub.subscribe([("exp/#", sub_opts(1))]) == [1]
         sub.send(gen_disconnect_v5(RC_SUCCESS))
         assert sub.expect_closed()
+        assert wait_until(lambda: not broker.sessions()[0]["connected"])   # queued, not in flight
         pub = raw5()
         pub.connect("exp-pub")
         pub.publish("exp/short", b"gone", qos=1, pid=1,
@@ -5556,6 +5559,53 @@ class Test23V5PublishApis:
         raw5().connect("exp-row", properties={"session_expiry_interval": 90})
         rows = {s["client_id"]: s for s in wait_until(lambda: broker.sessions())}
         assert rows["exp-row"]["expiry_interval"] == 90
+
+
+class Test24V5TopicAliasesOut:
+    """Topic aliases from the broker to a 5.0 client that takes them (3.3.2.3.4)."""
+
+    def _received(self, r, broker, topics):
+        for n, topic in enumerate(topics):
+            broker.publish(topic, b"%d" % n)
+        return [(m["topic"], m["props"].get("topic_alias")) for m in r.pending_publishes()]
+
+    def test_aliases_within_the_clients_maximum_least_recent_reused(self, raw5, broker):
+        """[MQTT-3.3.2-11] never above the client's Topic Alias Maximum; a topic
+        goes once in full, then as its alias alone; at the maximum the least
+        recently used alias is given to the new topic."""
+        r = raw5()
+        r.connect("alias-out", properties={"topic_alias_maximum": 2})
+        assert r.subscribe([("ao/#", sub_opts(0))]) == [0]
+        got = self._received(r, broker, ["ao/a", "ao/a", "ao/b", "ao/a", "ao/c", "ao/b"])
+        assert got == [("ao/a", 1), ("", 1), ("ao/b", 2), ("", 1), ("ao/c", 2), ("ao/b", 1)]
+
+    def test_a_new_connection_starts_without_aliases(self, raw5, broker):
+        """[MQTT-3.3.2-7] aliases end with the network connection."""
+        first = raw5()
+        first.connect("alias-re", clean_start=False, properties={
+            "topic_alias_maximum": 5, "session_expiry_interval": 60})
+        assert first.subscribe([("ar/#", sub_opts(0))]) == [0]
+        assert self._received(first, broker, ["ar/x", "ar/x"]) == [("ar/x", 1), ("", 1)]
+        first.send(gen_disconnect_v5(RC_SUCCESS))
+        assert first.expect_closed()
+        again = raw5()
+        again.connect("alias-re", clean_start=False, properties={
+            "topic_alias_maximum": 5, "session_expiry_interval": 60})
+        assert self._received(again, broker, ["ar/x"]) == [("ar/x", 1)]
+
+    def test_no_aliases_without_a_maximum_or_when_turned_off(self, raw5, broker, make_broker):
+        plain = raw5()
+        plain.connect("alias-none")
+        assert plain.subscribe([("an/#", sub_opts(0))]) == [0]
+        assert self._received(plain, broker, ["an/t", "an/t"]) == [("an/t", None)] * 2
+        b = make_broker(topic_alias_out=False)
+        off = RawClient5(b.mqtt_port)
+        try:
+            off.connect("alias-off", properties={"topic_alias_maximum": 5})
+            assert off.subscribe([("an/#", sub_opts(0))]) == [0]
+            assert self._received(off, b, ["an/t", "an/t"]) == [("an/t", None)] * 2
+        finally:
+            off.close()
 
 
 ###############################################################################
