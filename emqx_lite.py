@@ -90,7 +90,9 @@ threads (password hashes).
                          dict/trie work only.
 ``Session.lock``         guards one session's subscriptions, inflight window,
                          awaiting-PUBREL ids, message queue, packet ids, flow-
-                         control waiters and its ``conn`` pointer.
+                         control waiters, expiry, what its client allows
+                         (window, packet size, topic aliases toward it) and
+                         its ``conn`` pointer.
 ``Connection.out_lock``  guards one connection's outbound buffer, its held
                          acks, its TLS/WebSocket transport state and the
                          non-blocking ``send`` that drains the buffer.
