@@ -277,7 +277,6 @@ RC_SUCCESS = 0x00                      # also Normal disconnection, Granted QoS 
 RC_DISCONNECT_WITH_WILL = 0x04
 RC_NO_MATCHING_SUBSCRIBERS = 0x10
 RC_NO_SUBSCRIPTION_EXISTED = 0x11
-RC_UNSPECIFIED_ERROR = 0x80
 RC_MALFORMED_PACKET = 0x81
 RC_PROTOCOL_ERROR = 0x82
 RC_UNSUPPORTED_PROTOCOL_VERSION = 0x84
@@ -364,6 +363,11 @@ _PROPERTY_RANGES = {
 #: PUBLISH properties a broker forwards unchanged to 5.0 subscribers [MQTT-3.3.2-*].
 FORWARDED_PROPERTIES = ("payload_format_indicator", "message_expiry_interval", "content_type",
                         "response_topic", "correlation_data", "user_property")
+
+
+def forwarded_properties(properties):
+    """Those of a PUBLISH's (or a will's) properties that travel with the message."""
+    return {k: v for k, v in properties.items() if k in FORWARDED_PROPERTIES}
 
 MAX_REMAINING_LENGTH = 268_435_455   # 2.2.3: four varint bytes
 MAX_PACKET_ID = 65535
@@ -3169,7 +3173,7 @@ class Connection:
         topic, properties = pkt.topic, None
         if pkt.properties:
             topic = self._resolve_alias(pkt)
-            properties = {k: v for k, v in pkt.properties.items() if k in FORWARDED_PROPERTIES}
+            properties = forwarded_properties(pkt.properties)
         elif not topic:
             raise ProtocolError("empty topic without a Topic Alias [MQTT-3.3.2-8]")
         if not topic_within_limits(topic, self.settings):
@@ -3480,7 +3484,7 @@ class Connection:
         back before [MQTT-3.1.3-9]."""
         will, self.will = self.will, None
         will_props = will.properties or {}
-        properties = {k: v for k, v in will_props.items() if k in FORWARDED_PROPERTIES}
+        properties = forwarded_properties(will_props)
         msg = Message(will.topic, will.payload, will.qos, will.retain, self.client_id, False,
                       properties)
         delay = will_props.get("will_delay_interval", 0)
