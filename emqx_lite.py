@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""emqx_lite - a small MQTT 3.1/3.1.1 broker with the EMQ X 2.x REST API.
+"""emqx_lite - a small MQTT 3.1/3.1.1/5.0 broker with the EMQ X 2.x REST API.
 
 Run it::
 
-    python emqx_lite.py                      # MQTT on 0.0.0.0:1883, REST on 0.0.0.0:8080
+    python emqx_lite.py                      # MQTT on :1883, REST on :8080, state in ./data
     python emqx_lite.py --mqtt-port 0 --http-port 0 --log-level debug
 
 Embed it (tests, demos)::
@@ -24,6 +24,7 @@ The module reads top to bottom: each section uses only the sections above it.
     Codec: primitives
     Codec: packets
     Subscription tree
+    Durable state (SQLite)
     Messages and sessions
     Authentication
     ACL files
@@ -59,6 +60,11 @@ Architecture
                                     Session (inflight, mqueue) -> Connection
                                     outbound buffer -> one non-blocking send
 
+    Durable state (with a data directory): what a persistent session or the
+    retained store changes is recorded in the Store and committed by its
+    writer thread in groups to one SQLite file; an acknowledgement that
+    promises such a change leaves only after its commit.
+
     REST API: a Flask blueprint served by waitress (poll(), so no descriptor
     limit); it reads the broker through snapshot methods and writes through the
     same verbs MQTT uses. A request's credentials are settled from its headers,
@@ -80,9 +86,10 @@ socket.
 Threads and locks
 -----------------
 Threads: one service thread (accepts, finishes blocked writes, runs timers),
-one reader thread per connection, and the REST API's: waitress's loop thread
+one reader thread per connection, the REST API's: waitress's loop thread
 (every HTTP socket), four task threads (the application) and two verifier
-threads (password hashes).
+threads (password hashes); and with a data directory, the Store's writer
+(group commits to SQLite).
 
 ``BrokerCore.lock``      guards ``sessions``, ``connections``, ``sockets``, the
                          router trie, the route cache, the retained store, the
@@ -100,14 +107,22 @@ threads (password hashes).
                          made from other threads (taken under ``out_lock``).
 ``_ApiChannel.tls_lock`` guards one HTTPS connection's TLS state and its
                          unsent records, and the non-blocking ``send`` of them.
+``Store.lock``           guards the changes recorded for the disk and not yet
+                         committed, their sequence numbers, the connections
+                         holding output until a commit, and whether writes
+                         fail. Held for dictionary work only; SQLite runs
+                         without it, on the writer thread.
 ``BrokerCore.counts_lock``, ``Listener.lock``, ``UserTable.lock`` (users and
 remembered credentials), ``ApiGuard.lock`` (failed logins per address) and
 ``Broker._plugins_lock`` guard small registries and tables.
 ``Broker._lifecycle_lock`` serialises start() and stop().
 
 Order: ``BrokerCore.lock`` -> ``Session.lock`` -> ``Connection.out_lock`` ->
-``Broker._selector_lock``; never the other way. The remaining locks are
-leaves: nothing is taken while one is held. ``BrokerCore.publish`` releases
+``Broker._selector_lock``; never the other way. ``Store.lock`` comes last of
+all: it is taken under ``Session.lock``, ``BrokerCore.lock``,
+``Connection.out_lock``, ``UserTable.lock`` and ``Broker._plugins_lock`` (to
+record a change in order), and nothing is taken while it is held. The
+remaining locks are leaves: nothing is taken while one is held. ``BrokerCore.publish`` releases
 the broker lock before any session is touched, and a session's waiters are
 released after its lock is. No blocking socket I/O happens under any lock:
 the one send made under ``out_lock`` is non-blocking.
@@ -121,8 +136,9 @@ timers: a slow-client hint), a session's ``conn``, ``mqueue`` length and
 session's ``waiters`` in ``FlowControl.settle`` (a waiter added after the
 session's last change saw the session as it is and is settled by the next
 change), ``held_since``, ``keepalive``, ``last_recv`` and ``blocked_since`` in
-the service thread's timeouts, and the queue and window lengths that pick
-``BrokerCore.sessions_with_timers``.
+the service thread's timeouts, the queue and window lengths that pick
+``BrokerCore.sessions_with_timers``, and ``Store.committed`` (written by the
+writer only; a stale value holds output until the writer's own flush).
 
 Metrics are counted in per-thread dictionaries (each written by one thread
 only) and summed when read, so counting needs no lock on the hot path.
@@ -143,6 +159,7 @@ __all__ = [
 import argparse
 import base64
 import collections
+import fcntl
 import functools
 import hashlib
 import hmac
@@ -157,6 +174,7 @@ import secrets
 import selectors
 import signal
 import socket
+import sqlite3
 import ssl
 import sys
 import threading
@@ -313,6 +331,7 @@ DISCONNECT_REASONS = {
     "parser_error": RC_MALFORMED_PACKET, "protocol_error": RC_PROTOCOL_ERROR,
     "frame_too_large": RC_PACKET_TOO_LARGE, "receive_maximum": RC_RECEIVE_MAXIMUM_EXCEEDED,
     "topic_alias_invalid": RC_TOPIC_ALIAS_INVALID, "not_authorized": RC_NOT_AUTHORIZED,
+    "store_error": RC_QUOTA_EXCEEDED,
 }
 
 # MQTT 5.0 properties (section 2.2.2.2): identifier -> (name, type, where it may
@@ -417,6 +436,10 @@ _QOS_RECEIVED = ("messages/qos0/received", "messages/qos1/received", "messages/q
 _QOS_SENT = ("messages/qos0/sent", "messages/qos1/sent", "messages/qos2/sent")
 
 _ROUTE_CACHE_SIZE = 10000   # topics whose match result is cached
+#: Packets from a client whose replies wait for the disk when the broker keeps
+#: state (besides a QoS 1/2 PUBLISH): PUBREC (our PUBREL), PUBREL (our PUBCOMP),
+#: SUBSCRIBE and UNSUBSCRIBE.
+_DURABLE_REPLIES = frozenset((PUBREC, PUBREL, SUBSCRIBE, UNSUBSCRIBE))
 _NO_LOCAL, _RETAIN_AS_PUBLISHED = 0x04, 0x08   # SUBSCRIBE option bits kept in the router
 _RECV_MIN, _RECV_MAX = 1024, 65536   # bytes one recv asks for, adaptively
 
@@ -453,6 +476,9 @@ DEFAULTS = {
     "auth_clientid": {},               # emqx_auth_clientid table: client id -> password
     "module_subscription": (),         # emqx_modules: [(topic with %c/%u, qos)] on connect
     "module_rewrite": (),              # emqx_modules: [(filter, regex, replacement with $N)]
+    # Durable state (node.data_dir): None or "" keeps everything in memory
+    "data_dir": None,                  # directory of emqx_lite.db
+    "data_sync": "normal",             # "normal": survives a process crash; "full": power loss too
     # The REST API (listener.api.mgmt):
     "api_max_clients": 4096,           # connections; at the limit the idlest is closed for a new one
     "api_idle_timeout": 15.0,          # seconds an idle or half-sent request may hold a connection
@@ -516,6 +542,12 @@ class TopicAliasInvalid(ProtocolError):
 class AuthenticationFailed(MQTTError):
     """A 5.0 re-authentication failed (DISCONNECT 0x87)."""
     reason = "not_authorized"
+
+
+class StoreUnavailable(MQTTError):
+    """A QoS 1/2 PUBLISH arrived while the data file cannot be written (3.x
+    has no way to refuse it but closing the connection)."""
+    reason = "store_error"
 
 
 class ConnectRefused(MQTTError):
@@ -1391,8 +1423,503 @@ class TopicTree:
 
 
 ###############################################################################
+# Durable state (SQLite) ######################################################
+###############################################################################
+#
+# With a data directory, what the broker promises outlives its process: one
+# SQLite file (WAL mode) holds the retained messages, the persistent sessions
+# (subscriptions, queued and inflight QoS 1/2 messages, inbound QoS 2 ids,
+# expiry clocks), the dashboard users, the auth plugins' tables and the
+# plugins' states. Threads never touch SQLite themselves: they record what
+# changed in the Store (a dictionary write under a leaf lock) and go on; the
+# Store's writer thread commits everything recorded since its last commit in
+# one transaction (group commit). Output that depends on a change, such as
+# the PUBACK of a message routed to a persistent session, is held by its
+# Connection until the commit that covers the change (``Connection.barrier``).
+# QoS 0 traffic and clean sessions record nothing.
+
+STORE_FILE = "emqx_lite.db"
+_APPLICATION_ID = 0x454D514C   # "EMQL": PRAGMA application_id of our files
+SCHEMA_VERSION = 1
+
+#: Schema migrations: _MIGRATIONS[n] turns a version-n file into version n + 1
+#: (version 0 is a new, empty file). A step runs in the transaction that sets
+#: the new PRAGMA user_version, so a crash leaves the old version intact.
+_MIGRATIONS = [
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value);
+    CREATE TABLE retained (topic TEXT PRIMARY KEY, payload BLOB NOT NULL,
+                           qos INTEGER NOT NULL, properties BLOB, expires_at REAL,
+                           sender TEXT);
+    CREATE TABLE sessions (client_id TEXT PRIMARY KEY, expiry_interval INTEGER,
+                           created_at REAL NOT NULL, disconnected_at REAL);
+    CREATE TABLE subscriptions (client_id TEXT, topic_filter TEXT, route INTEGER NOT NULL,
+                                PRIMARY KEY (client_id, topic_filter)) WITHOUT ROWID;
+    CREATE TABLE messages (mid INTEGER PRIMARY KEY, client_id TEXT NOT NULL,
+                           topic TEXT NOT NULL, payload BLOB NOT NULL, qos INTEGER NOT NULL,
+                           retain INTEGER NOT NULL, properties BLOB, expires_at REAL,
+                           sender TEXT, packet_id INTEGER, state INTEGER);
+    CREATE INDEX messages_by_client ON messages (client_id, mid);
+    CREATE TABLE awaiting_rel (client_id TEXT, packet_id INTEGER, received_at REAL,
+                               PRIMARY KEY (client_id, packet_id)) WITHOUT ROWID;
+    CREATE TABLE users (tbl TEXT, name TEXT, hash TEXT NOT NULL, tags TEXT NOT NULL,
+                        PRIMARY KEY (tbl, name)) WITHOUT ROWID;
+    CREATE TABLE plugins (name TEXT PRIMARY KEY, active INTEGER NOT NULL);
+    """,
+]
+
+#: Record kind -> (table, its number of columns, its key columns). A record
+#: is keyed (kind, key values...) and its row is the table's columns in order.
+_STORE_TABLES = {
+    "retained": ("retained", 6, ("topic",)),
+    "session": ("sessions", 4, ("client_id",)),
+    "sub": ("subscriptions", 3, ("client_id", "topic_filter")),
+    "msg": ("messages", 11, ("mid",)),
+    "rel": ("awaiting_rel", 3, ("client_id", "packet_id")),
+    "user": ("users", 4, ("tbl", "name")),
+    "plugin": ("plugins", 2, ("name",)),
+}
+#: Rows per statement: rows are written many to a statement (SQLite runs each
+#: statement without the GIL, once), in a few shapes that are compiled once;
+#: 64 x 11 parameters stay under SQLite's oldest limit of 999.
+_ROWS_PER_STATEMENT = (64, 8, 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _rows_sql(kind, delete, rows):
+    """INSERT OR REPLACE (or DELETE by key) of ``rows`` rows of ``kind``."""
+    table, width, key = _STORE_TABLES[kind]
+    if not delete:
+        one = "(%s)" % ",".join("?" * width)
+        return "INSERT OR REPLACE INTO %s VALUES %s" % (table, ",".join([one] * rows))
+    if len(key) == 1:
+        return "DELETE FROM %s WHERE %s IN (%s)" % (table, key[0], ",".join("?" * rows))
+    one = "(%s)" % ",".join("?" * len(key))
+    return "DELETE FROM %s WHERE (%s) IN (VALUES %s)" % (table, ",".join(key),
+                                                        ",".join([one] * rows))
+
+
+def _write_rows(db, kind, delete, rows):
+    """Write (or delete, given keys) ``rows`` of ``kind`` in few statements."""
+    done = 0
+    for size in _ROWS_PER_STATEMENT:
+        while len(rows) - done >= size:
+            chunk = rows[done:done + size]
+            db.execute(_rows_sql(kind, delete, size), [v for row in chunk for v in row])
+            done += size
+
+
+_PURGE_SQL = tuple("DELETE FROM %s WHERE client_id = ?" % table
+                   for table in ("sessions", "subscriptions", "messages", "awaiting_rel"))
+_MESSAGE_STATE_SQL = "UPDATE messages SET packet_id = ?, state = ? WHERE mid = ?"
+_DATA_SYNC = {"normal": "NORMAL", "full": "FULL"}   # node.data_sync -> PRAGMA synchronous
+
+
+class StoreError(Exception):
+    """The data directory cannot be used, or a change could not be written."""
+
+
+class _StateChange(tuple):
+    """A message row already on disk gets (client_id, packet_id, state)."""
+    __slots__ = ()
+
+
+def _record_change(records, fresh, key, row):
+    """Record that ``key`` now has ``row`` (None: deleted) in ``records``,
+    the changes not yet committed. A row deleted before it ever reached the
+    disk is simply forgotten; a state change of a row still waiting is folded
+    into that row. ``fresh`` holds the keys whose rows are not on disk."""
+    if row is None:
+        if key in fresh:
+            fresh.discard(key)
+            del records[key]
+            return
+    elif type(row) is _StateChange:
+        pending = records.get(key)
+        if type(pending) is tuple:   # not written yet: write it with its new state
+            row = pending[:9] + row[1:]
+        elif pending is None and key in records:
+            return   # deleted meanwhile
+    records[key] = row
+
+
+class Store:
+    """The broker's state on disk: ``<data_dir>/emqx_lite.db``.
+
+    Opening checks the file (ours, not corrupt, not from a newer version),
+    migrates an older schema and locks it (an flock: a second broker on the
+    same directory gets "in use"; a backup may read it meanwhile). ``load()`` reads
+    everything back once; after ``start()`` every change goes through
+    ``put``/``delete``/``message_state``/``purge``, which return the change's
+    sequence number, and the writer thread commits them in batches.
+
+    ``lock`` guards ``_records``, ``_fresh``, ``_purged``, ``seq``,
+    ``_holding``, ``_groups``, ``_draining``, ``_writer_idle``, ``failed``
+    and ``_stopping`` (a leaf lock: nothing is taken while it is held). ``committed`` (the last
+    sequence number on disk) is written by the writer thread only and read
+    without the lock. Changes recorded between ``begin_group`` and
+    ``end_group`` reach the disk in one transaction; and as the writer takes
+    every change recorded so far, a change on disk has every earlier one
+    there too.
+    """
+
+    FAILURE_LOG_INTERVAL = 60.0   # seconds between reminders while writes fail
+    RETRY_INTERVAL = 1.0          # seconds between attempts while writes fail
+
+    def __init__(self, directory, sync="normal"):
+        if sync not in _DATA_SYNC:
+            raise ValueError("data_sync must be normal or full, not %r" % (sync,))
+        self.directory = directory
+        self.path = os.path.join(directory, STORE_FILE)
+        self.sync = sync
+        #: guards the pending changes, seq, _holding, failed, _stopping (a leaf lock)
+        self.lock = threading.Lock()
+        self._work = threading.Condition(self.lock)       # the writer waits for changes
+        self._committed_cv = threading.Condition(self.lock)   # callers wait for a commit
+        self._records = {}      # (kind, key...) -> row, None (deleted) or _StateChange
+        self._fresh = set()     # keys of _records whose rows have never been written
+        self._purged = []       # client ids whose session rows all go, before _records
+        self.seq = 0            # changes recorded so far
+        self.committed = 0      # changes on disk
+        self._holding = set()   # Connections holding output until a commit
+        self._groups = 0        # groups being recorded (begin_group .. end_group)
+        self._draining = False  # the writer waits for them to end before it takes a batch
+        self._drained = threading.Condition(self.lock)   # new groups wait for that
+        self.failed = None      # why the last commit failed, until one succeeds
+        self._stopping = False
+        self._writer_idle = False   # the writer waits for changes (to be notified)
+        self._local = threading.local()   # .seq: the last change this thread recorded
+        self._thread = None
+        self.db = self._open()
+        row = self.db.execute("SELECT max(mid) FROM messages").fetchone()
+        self._mids = itertools.count((row[0] or 0) + 1)   # message row ids (next() is atomic)
+
+    # --- opening ------------------------------------------------------------------
+    def _open(self):
+        """Open, check, lock and migrate the file; StoreError names the problem."""
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+        except OSError as exc:
+            raise StoreError("cannot use data directory %s: %s" % (self.directory, exc.strerror)) \
+                from None
+        # One broker per file: an flock held until stop() (SQLite's own locks
+        # are short, so that a backup can read the file while the broker runs).
+        # This descriptor is closed only after SQLite's: closing a descriptor
+        # of the file would drop SQLite's POSIX locks on it.
+        try:
+            self._lock_fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StoreError("cannot open %s: %s" % (self.path, exc.strerror)) from None
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._lock_fd)
+            raise StoreError("%s is in use by another broker (it is locked)" % self.path) \
+                from None
+        try:
+            db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None,
+                                 check_same_thread=False)
+        except sqlite3.Error as exc:
+            os.close(self._lock_fd)
+            raise StoreError("cannot open %s: %s" % (self.path, exc)) from None
+        try:
+            db.execute("BEGIN")
+            app_id = db.execute("PRAGMA application_id").fetchone()[0]
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            db.execute("COMMIT")
+            if app_id != _APPLICATION_ID and (app_id or tables):
+                raise StoreError("%s is not an emqx_lite database (application id %#x, %d "
+                                 "schema objects); move it away or choose another data "
+                                 "directory" % (self.path, app_id, tables))
+            if version > SCHEMA_VERSION:
+                raise StoreError("%s was written by a newer emqx_lite (schema version %d; "
+                                 "this one reads up to %d)" % (self.path, version,
+                                                               SCHEMA_VERSION))
+            check = db.execute("PRAGMA quick_check").fetchall()
+            if check != [("ok",)]:
+                raise StoreError("%s is corrupt: %s" % (self.path, "; ".join(
+                    str(r[0]) for r in check[:3])))
+            if db.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
+                raise StoreError("%s: SQLite refused WAL mode" % self.path)
+            db.execute("PRAGMA synchronous = " + _DATA_SYNC[self.sync])
+            for step in range(version, SCHEMA_VERSION):
+                self._migrate(db, step)
+            return db
+        except sqlite3.OperationalError as exc:
+            self._close(db)
+            raise StoreError("cannot use %s: %s" % (self.path, exc)) from None
+        except sqlite3.DatabaseError as exc:
+            self._close(db)
+            raise StoreError("%s is corrupt or not a database: %s" % (self.path, exc)) from None
+        except BaseException:
+            self._close(db)
+            raise
+
+    def _close(self, db):
+        db.close()
+        os.close(self._lock_fd)   # after SQLite's descriptor (see _open)
+
+    @staticmethod
+    def _migrate(db, version):
+        """Run the step from ``version`` to ``version + 1`` in one transaction."""
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _MIGRATIONS[version].split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            if version == 0:
+                db.execute("PRAGMA application_id = %d" % _APPLICATION_ID)
+            db.execute("PRAGMA user_version = %d" % (version + 1))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        _log.info("Data file schema upgraded to version %d", version + 1)
+
+    def load(self):
+        """Everything on disk, as {table: [rows]} and the last moment the file
+        was known alive (the time of its last commit)."""
+        db = self.db
+        alive = db.execute("SELECT value FROM meta WHERE key = 'last_alive'").fetchone()
+        return {
+            "last_alive": alive[0] if alive else None,
+            "retained": db.execute("SELECT * FROM retained").fetchall(),
+            "sessions": db.execute("SELECT * FROM sessions").fetchall(),
+            "subscriptions": db.execute("SELECT * FROM subscriptions").fetchall(),
+            "messages": db.execute("SELECT * FROM messages ORDER BY client_id, mid").fetchall(),
+            "awaiting_rel": db.execute("SELECT * FROM awaiting_rel").fetchall(),
+            "users": db.execute("SELECT * FROM users").fetchall(),
+            "plugins": db.execute("SELECT * FROM plugins").fetchall(),
+        }
+
+    # --- recording changes (any thread) ---------------------------------------------
+    def next_mid(self):
+        """A new message row id."""
+        return next(self._mids)
+
+    def put(self, key, row, new=False):
+        """Record ``key``'s new row (None deletes it); ``new``: it was never
+        stored before, so a delete before the next commit costs nothing.
+        Returns the change's sequence number."""
+        with self.lock:
+            records = self._records
+            if new and key not in records:   # the common case: a new message row
+                self._fresh.add(key)
+                records[key] = row
+            else:
+                _record_change(records, self._fresh, key, row)
+            seq = self.seq = self.seq + 1
+            if self._writer_idle:
+                self._work.notify()
+        self._local.seq = seq
+        return seq
+
+    def delete(self, key):
+        return self.put(key, None)
+
+    def message_state(self, client_id, mid, packet_id, state):
+        """A stored message got a packet id, or moved on to WAIT_COMP."""
+        return self.put(("msg", mid), _StateChange((client_id, packet_id, state)))
+
+    def purge(self, client_id):
+        """A persistent session ended: every row of it goes."""
+        with self.lock:
+            records = self._records
+            for key in [k for k, row in records.items() if self._client_of(k, row) == client_id]:
+                del records[key]
+                self._fresh.discard(key)
+            self._purged.append(client_id)
+            seq = self.seq = self.seq + 1
+            if self._writer_idle:
+                self._work.notify()
+        self._local.seq = seq
+        return seq
+
+    @staticmethod
+    def _client_of(key, row):
+        kind = key[0]
+        if kind in ("session", "sub", "rel"):
+            return key[1]
+        if kind == "msg" and row is not None:
+            return row[0] if type(row) is _StateChange else row[1]
+        return None
+
+    def begin_group(self):
+        """What the calling thread records until end_group() is committed
+        together. Called with no lock held: it waits while the writer is
+        taking a batch."""
+        with self.lock:
+            while self._draining:
+                self._drained.wait()
+            self._groups += 1
+
+    def end_group(self):
+        with self.lock:
+            self._groups -= 1
+            if self._draining and not self._groups:
+                self._work.notify()
+
+    def local_seq(self):
+        """The sequence number of the last change the calling thread recorded."""
+        return getattr(self._local, "seq", 0)
+
+    def hold(self, conn):
+        """``conn`` holds output until ``conn.barrier`` is committed; the
+        writer flushes it then (called with conn.out_lock held)."""
+        with self.lock:
+            self._holding.add(conn)
+
+    def wait(self, seq=None, timeout=30.0):
+        """Block until change ``seq`` (default: the calling thread's last) is on
+        disk; StoreError if writes are failing or it takes over ``timeout``."""
+        seq = self.local_seq() if seq is None else seq
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            while self.committed < seq:
+                if self.failed is not None:
+                    raise StoreError("cannot write %s: %s" % (self.path, self.failed))
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise StoreError("writing %s takes longer than %gs" % (self.path, timeout))
+                self._committed_cv.wait(left)
+
+    # --- the writer thread ----------------------------------------------------------
+    def start(self):
+        self._thread = _start_thread(self._run, "emqx_lite-store")
+
+    def stop(self):
+        """Commit what is recorded, then close the file (and its lock)."""
+        with self.lock:
+            self._stopping = True
+            self._work.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        try:
+            if self._records or self._purged:   # never started, or the last commit failed
+                self._commit(self._purged, self._records)
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('last_alive', ?)",
+                            (time.time(),))
+        except sqlite3.Error as exc:
+            _log.error("Could not write %s at stop: %s", self.path, exc)
+        self._close(self.db)
+
+    def _run(self):
+        last_log = 0.0
+        while True:
+            with self.lock:
+                # Changes that cancelled out (a row deleted before it was ever
+                # written) still count: whoever waits for them is released.
+                while self.seq == self.committed and not self._stopping:
+                    self._writer_idle = True
+                    self._work.wait()
+                    self._writer_idle = False
+                if self._stopping and (self.failed is not None or self.seq == self.committed):
+                    return
+                self._draining = True   # no group is cut in two
+                while self._groups:
+                    self._work.wait()
+                self._draining = False
+                self._drained.notify_all()
+                records, fresh, purged = self._records, self._fresh, self._purged
+                self._records, self._fresh, self._purged = {}, set(), []
+                upto = self.seq
+            try:
+                if records or purged:
+                    self._commit(purged, records)
+            except sqlite3.Error as exc:
+                now = time.monotonic()
+                with self.lock:
+                    self._requeue(records, fresh, purged)
+                    first = self.failed is None
+                    self.failed = str(exc)
+                    holding = [c for c in self._holding if c.barrier > self.committed]
+                    self._holding.clear()
+                    self._committed_cv.notify_all()
+                if first or now - last_log >= self.FAILURE_LOG_INTERVAL:
+                    last_log = now
+                    _log.error("Cannot write %s: %s. QoS 1/2 messages are refused until it "
+                               "can be written again; QoS 0 keeps flowing", self.path, exc)
+                for conn in holding:   # their acknowledgements would be a lie
+                    conn.refuse_unsent()
+                retry_at = time.monotonic() + self.RETRY_INTERVAL
+                with self.lock:   # new changes wait too: they would fail the same way
+                    while not self._stopping and time.monotonic() < retry_at:
+                        self._work.wait(retry_at - time.monotonic())
+                continue
+            self.committed = upto
+            with self.lock:
+                recovered, self.failed = self.failed, None
+                holding = [c for c in self._holding if c.barrier <= upto]
+                self._holding.difference_update(holding)
+                self._committed_cv.notify_all()
+            if recovered is not None:
+                _log.warning("Writing %s again; QoS 1/2 messages are accepted", self.path)
+            for conn in holding:
+                conn.flush()
+
+    def _requeue(self, records, fresh, purged):
+        """A failed batch goes back in front of what was recorded since (lock held)."""
+        newer, newer_fresh, newer_purged = self._records, self._fresh, self._purged
+        for client_id in newer_purged:
+            for key in [k for k, row in records.items() if self._client_of(k, row) == client_id]:
+                del records[key]
+                fresh.discard(key)
+        for key, row in newer.items():
+            if key in newer_fresh and key not in records:
+                fresh.add(key)
+            _record_change(records, fresh, key, row)
+        self._records, self._fresh = records, fresh
+        self._purged = purged + newer_purged
+
+    def _commit(self, purged, records):
+        """One transaction: the purged sessions, then every recorded row."""
+        upserts, deletes, states = collections.defaultdict(list), \
+            collections.defaultdict(list), []
+        for key, row in records.items():
+            if row is None:
+                deletes[key[0]].append(key[1:])
+            elif type(row) is _StateChange:
+                states.append((row[1], row[2], key[1]))
+            else:
+                upserts[key[0]].append(row)
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for client_id in purged:
+                for sql in _PURGE_SQL:
+                    db.execute(sql, (client_id,))
+            for kind, keys in deletes.items():
+                _write_rows(db, kind, True, keys)
+            for kind, rows in upserts.items():
+                _write_rows(db, kind, False, rows)
+            if states:
+                db.executemany(_MESSAGE_STATE_SQL, states)
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('last_alive', ?)", (time.time(),))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+
+###############################################################################
 # Messages and sessions #######################################################
 ###############################################################################
+
+def _wall_deadline(monotonic_deadline):
+    """A monotonic deadline as wall-clock time (what a file can keep)."""
+    if monotonic_deadline is None:
+        return None
+    return time.time() + (monotonic_deadline - time.monotonic())
+
+
+def _monotonic_deadline(wall_deadline):
+    if wall_deadline is None:
+        return None
+    return time.monotonic() + (wall_deadline - time.time())
+
 
 class Message:
     """An application message on its way through the broker.
@@ -1480,6 +2007,21 @@ class Message:
         if qos:
             return head, packet_id.to_bytes(2, "big") + props, self.payload
         return head, self.payload
+
+    def row(self, mid, client_id, qos, retain, packet_id, state):
+        """This message, queued or in flight for a persistent session, as the
+        Store's messages table keeps it (expiry as wall-clock time)."""
+        return (mid, client_id, self.topic, self.payload, qos, int(retain),
+                self.encoded_properties() if self.properties else None,
+                _wall_deadline(self.expires_at), self.sender, packet_id, state)
+
+    @classmethod
+    def from_row(cls, topic, payload, qos, retain, properties, expires_at, sender):
+        """A message read back from the Store."""
+        props = decode_properties(properties, 0, PUBLISH)[0] if properties else None
+        msg = cls(topic, bytes(payload), qos, bool(retain), sender, False, props)
+        msg.expires_at = _monotonic_deadline(expires_at)
+        return msg
 
     def encoded_properties(self):
         """The 5.0 property length and properties, encoded once."""
@@ -1600,15 +2142,25 @@ class Batch:
     order they were routed [MQTT-4.6.0-6]) and writes each touched connection
     once. Other callers (REST, wills, $SYS) make a Batch per message. A Batch
     belongs to one thread.
+
+    With durable state, what ``run()`` records for persistent sessions (their
+    queued and inflight messages, and the inbound QoS 2 ids in ``rels``) is
+    committed as one group: a crash keeps all of it or none, so a QoS 2
+    PUBLISH is never known as received without its deliveries, or delivered
+    without being known as received.
     """
-    __slots__ = ("deliveries", "touched", "congested")
+    __slots__ = ("deliveries", "touched", "congested", "rels", "store")
 
     def __init__(self):
         self.deliveries = {}   # Session -> [(msg, qos, retain), ...]
         self.touched = set()   # Connections appended to, to flush
         self.congested = set() # Sessions a QoS 1/2 message went to that are over the mark
+        self.rels = []         # (Session, packet id): inbound QoS 2 ids to write
+        self.store = None      # the Store, once a persistent session is in the batch
 
     def add(self, session, msg, qos, retain=False):
+        if session.store is not None:
+            self.store = session.store
         if qos and not retain and session.core.flow.congested(session):
             self.congested.add(session)
         items = self.deliveries.get(session)
@@ -1618,10 +2170,22 @@ class Batch:
             items.append((msg, qos, retain))
 
     def run(self):
-        if self.deliveries:
-            deliveries, self.deliveries = self.deliveries, {}
-            for session, items in deliveries.items():
-                session.deliver(items, self.touched)
+        store = self.store
+        if store is not None:
+            self.store = None
+            store.begin_group()
+        try:
+            if self.deliveries:
+                deliveries, self.deliveries = self.deliveries, {}
+                for session, items in deliveries.items():
+                    session.deliver(items, self.touched)
+            if self.rels:
+                rels, self.rels = self.rels, []
+                for session, packet_id in rels:
+                    session.record_rel(packet_id)
+        finally:
+            if store is not None:
+                store.end_group()
         if self.touched:
             for conn in self.touched:
                 conn.flush()
@@ -1665,12 +2229,21 @@ class Session:
     append to the client's buffer under that lock and never send: ``deliver``
     adds the connection to the caller's set to flush, the others return it
     (or None) for the caller to flush after releasing every lock.
+
+    A persistent session of a broker with a data directory (``store``)
+    records every change of its QoS 1/2 state in the Store. A QoS 2 PUBLISH
+    (and a PUBREL) leaves only once its row is on disk: sent earlier, a crash
+    could leave the client holding a message the restarted broker would send
+    again as new. A QoS 1 PUBLISH leaves at once: a crash before its row is
+    written at worst delivers it twice, which QoS 1 allows, and a PUBACK that
+    comes before the commit cancels the row without any write.
     """
 
     __slots__ = ("core", "client_id", "clean_session", "lock", "conn", "subscriptions",
                  "inflight", "awaiting_rel", "mqueue", "mqueue_dropped", "deliver_msg",
                  "enqueue_msg", "_next_id", "created_at", "disconnected_at", "last_ack",
-                 "waiters", "expiry_interval", "v5", "window", "max_packet", "aliases")
+                 "waiters", "expiry_interval", "v5", "window", "max_packet", "aliases",
+                 "store", "seq")
 
     def __init__(self, core, client_id, clean_session):
         self.core = core
@@ -1680,9 +2253,9 @@ class Session:
         self.lock = threading.Lock()
         self.conn = None
         self.subscriptions = {}          # filter as subscribed -> granted QoS
-        self.inflight = {}               # packet id -> [msg, qos, state, sent_at], in send order
+        self.inflight = {}               # packet id -> [msg, qos, state, sent_at, mid], in send order
         self.awaiting_rel = {}           # packet id of an inbound QoS 2 PUBLISH -> received_at
-        self.mqueue = collections.deque()  # (msg, qos, retain) waiting to be sent
+        self.mqueue = collections.deque()  # (msg, qos, retain, mid) waiting to be sent
         self.mqueue_dropped = 0
         self.deliver_msg = 0             # PUBLISH packets handed to the client
         self.enqueue_msg = 0             # messages put in the queue
@@ -1697,6 +2270,10 @@ class Session:
         self.window = core.settings["max_inflight"]   # QoS 1/2 in flight: min(ours, its Receive Maximum)
         self.max_packet = 0              # its Maximum Packet Size (0: no limit)
         self.aliases = None              # TopicAliases toward it, if it takes them
+        # On disk (a persistent session of a broker with a data directory):
+        self.store = None                # the Store keeping its rows, or None
+        self.seq = 0                     # the Store's number of its last change
+        # ``mid`` above: its QoS 1/2 messages' row ids there (None: not stored)
 
     # --- delivery (called by any thread routing a message) -----------------
     def deliver(self, items, touched):
@@ -1706,6 +2283,7 @@ class Session:
         has QoS 0 dropped and QoS 1/2 queued; so has a full inflight window."""
         max_outbuf = self.core.settings["max_outbuf"]
         chunks = []
+        barrier = 0
         with self.lock:
             conn, max_inflight, max_packet = self.conn, self.window, self.max_packet
             for msg, qos, retain in items:
@@ -1724,8 +2302,10 @@ class Session:
                     self._enqueue_locked(msg, qos, retain)
                 else:
                     chunks.extend(self._publish_chunks_locked(msg, qos, retain))
+                    if qos == 2:
+                        barrier = self.seq
             if chunks:
-                conn.write(chunks, flush=False)
+                conn.write(chunks, flush=False, barrier=barrier)
                 touched.add(conn)
 
     def _enqueue_locked(self, msg, qos, retain):
@@ -1735,18 +2315,59 @@ class Session:
             return
         limit = s["max_mqueue_len"]
         if limit and len(self.mqueue) >= limit:
-            self.mqueue.popleft()  # EMQ X drops the oldest message
+            self._forget_locked(self.mqueue.popleft()[3])  # EMQ X drops the oldest message
             self.mqueue_dropped += 1
             self.core.counts()["messages/dropped"] += 1
-        self.mqueue.append((msg, qos, retain))
+        mid = None
+        store = self.store
+        if store is not None and qos:   # QoS 0 is never written
+            mid = store.next_mid()
+            self.seq = store.put(("msg", mid), msg.row(mid, self.client_id, qos, retain,
+                                                      None, None), new=True)
+        self.mqueue.append((msg, qos, retain, mid))
         self.enqueue_msg += 1
 
-    def _publish_chunks_locked(self, msg, qos, retain, dup=False, packet_id=None):
+    def _forget_locked(self, mid):
+        """A stored message is done with (acknowledged, expired or dropped)."""
+        if mid is not None and self.store is not None:
+            self.seq = self.store.delete(("msg", mid))
+
+    def _save_locked(self):
+        """Write this session's row: expiry settings and clock."""
+        disconnected = self.disconnected_at
+        if disconnected is not None:
+            disconnected = time.time() - (time.monotonic() - disconnected)
+        self.seq = self.store.put(("session", self.client_id), (
+            self.client_id, self.expiry_interval, self.created_at, disconnected))
+
+    def keep(self, store):
+        """Keep this session on disk with ``store`` from now on (it is
+        persistent), or, with None, no longer (its rows go)."""
+        with self.lock:
+            if store is None:
+                if self.store is not None:
+                    self.seq = self.store.purge(self.client_id)
+                    self.store = None
+                return
+            self.store = store
+            self._save_locked()
+
+    def _publish_chunks_locked(self, msg, qos, retain, dup=False, packet_id=None, mid=None):
         """One PUBLISH for this session's client: assigns the packet id and
-        records QoS 1/2 in the inflight window; returns the bytes to write."""
+        records QoS 1/2 in the inflight window (and on disk: a new row, or
+        the queued row ``mid`` gets its packet id); returns the bytes to write."""
         if qos and packet_id is None:
             packet_id = self._packet_id_locked()
-            self.inflight[packet_id] = [msg, qos, WAIT_ACK, time.monotonic()]
+            store = self.store
+            if store is None:
+                pass
+            elif mid is None:
+                mid = store.next_mid()
+                self.seq = store.put(("msg", mid), msg.row(mid, self.client_id, qos, retain,
+                                                          packet_id, WAIT_ACK), new=True)
+            else:
+                self.seq = store.message_state(self.client_id, mid, packet_id, WAIT_ACK)
+            self.inflight[packet_id] = [msg, qos, WAIT_ACK, time.monotonic(), mid]
         self.deliver_msg += 1
         if not msg.sys:   # $SYS messages are not counted (EMQ X)
             counts = self.core.counts()
@@ -1757,9 +2378,13 @@ class Session:
             return msg.chunks_aliased(qos, retain, dup, packet_id, *aliases.alias(msg.topic))
         return msg.chunks(qos, retain, dup, packet_id, self.v5)
 
-    def _send_publish_locked(self, conn, msg, qos, retain, dup=False, packet_id=None):
-        """Append one PUBLISH to ``conn``'s buffer (the caller flushes)."""
-        conn.write(self._publish_chunks_locked(msg, qos, retain, dup, packet_id), flush=False)
+    def _send_publish_locked(self, conn, msg, qos, retain, dup=False, packet_id=None,
+                             mid=None):
+        """Append one PUBLISH to ``conn``'s buffer (the caller flushes). For
+        a persistent session, a QoS 2 one leaves once its row is on disk (see
+        the class docstring)."""
+        chunks = self._publish_chunks_locked(msg, qos, retain, dup, packet_id, mid)
+        conn.write(chunks, flush=False, barrier=self.seq if qos == 2 else 0)
 
     def _packet_id_locked(self):
         """Next free packet id, skipping ids still in flight [MQTT-2.3.1-2]."""
@@ -1776,15 +2401,16 @@ class Session:
         max_outbuf = self.core.settings["max_outbuf"]
         sent = False
         while self.mqueue and conn.out_bytes < max_outbuf:
-            msg, qos, retain = self.mqueue[0]
+            msg, qos, retain, mid = self.mqueue[0]
             if qos and len(self.inflight) >= self.window:
                 break
             self.mqueue.popleft()
             if msg.expired(time.monotonic()) or (
                     self.max_packet and msg.size(qos, self.v5) > self.max_packet):
                 self.core.counts()["messages/dropped"] += 1
+                self._forget_locked(mid)
                 continue
-            self._send_publish_locked(conn, msg, qos, retain)
+            self._send_publish_locked(conn, msg, qos, retain, mid=mid)
             sent = True
         return conn if sent else None
 
@@ -1802,6 +2428,8 @@ class Session:
         with self.lock:
             self.conn = conn
             self.disconnected_at = None
+            if self.store is not None:
+                self._save_locked()   # online: its expiry clock stops
             self.v5 = conn.proto_ver == MQTT_V5
             self.window = min(self.core.settings["max_inflight"], conn.receive_maximum)
             self.max_packet = conn.max_packet_out
@@ -1809,12 +2437,12 @@ class Session:
             self.aliases = TopicAliases(conn.alias_max_out) if conn.alias_max_out else None
             now = time.monotonic()
             for packet_id, entry in self.inflight.items():
-                msg, qos, state, _ = entry
+                msg, qos, state = entry[:3]
                 entry[3] = now
                 if state == WAIT_ACK:
                     self._send_publish_locked(conn, msg, qos, False, True, packet_id)
                 else:
-                    conn.send_ack(PUBREL, packet_id)
+                    conn.send_ack(PUBREL, packet_id, barrier=self.seq)
             self._drain_locked()
 
     def detach(self, conn):
@@ -1824,6 +2452,8 @@ class Session:
                 return
             self.conn = None
             self.disconnected_at = time.monotonic()
+            if self.store is not None:
+                self._save_locked()   # its expiry clock starts
         self.core.flow.settle(self)
 
     # --- acknowledgements from the client -----------------------------------
@@ -1840,6 +2470,9 @@ class Session:
                 return False
             entry[2], entry[3] = WAIT_COMP, time.monotonic()
             self.last_ack = entry[3]
+            if self.store is not None and entry[4] is not None:   # before PUBREL leaves
+                self.seq = self.store.message_state(self.client_id, entry[4], packet_id,
+                                                    WAIT_COMP)
             return True
 
     def pubcomp(self, packet_id, refused=False):
@@ -1858,6 +2491,7 @@ class Session:
                 self.core.counts()[missed] += 1
                 return None
             del self.inflight[packet_id]
+            self._forget_locked(entry[4])
             self.last_ack = time.monotonic()
             conn = self._drain_locked()
         self.core.flow.settle(self)
@@ -1871,6 +2505,8 @@ class Session:
                 return False
             self.expiry_interval = expiry_interval
             self.clean_session = expiry_interval == 0
+            if self.store is not None and not self.clean_session:
+                self._save_locked()   # (one that became clean goes when its connection does)
             return True
 
     # --- inbound QoS 2 (the client publishes) -------------------------------
@@ -1883,12 +2519,22 @@ class Session:
             if limit and len(self.awaiting_rel) >= limit:
                 return "full"
             self.awaiting_rel[packet_id] = time.monotonic()
-            return "new"
+            return "new"   # the caller's Batch writes it with the message's deliveries
+
+    def record_rel(self, packet_id):
+        """Write an inbound QoS 2 id (Batch.run, in the group of its deliveries)."""
+        with self.lock:
+            if self.store is not None and packet_id in self.awaiting_rel:
+                self.seq = self.store.put(("rel", self.client_id, packet_id),
+                                          (self.client_id, packet_id, time.time()), new=True)
 
     def release(self, packet_id):
         """PUBREL: forget the id [MQTT-4.3.3-?]. Returns False if it was unknown."""
         with self.lock:
-            return self.awaiting_rel.pop(packet_id, None) is not None
+            known = self.awaiting_rel.pop(packet_id, None) is not None
+            if known and self.store is not None:   # on disk before PUBCOMP leaves
+                self.seq = self.store.delete(("rel", self.client_id, packet_id))
+            return known
 
     # --- timers (service thread) --------------------------------------------
     def retry(self, now):
@@ -1900,13 +2546,15 @@ class Session:
                 deadline = now - s["await_rel_timeout"]
                 for packet_id in [p for p, t in self.awaiting_rel.items() if t <= deadline]:
                     del self.awaiting_rel[packet_id]
+                    if self.store is not None:
+                        self.seq = self.store.delete(("rel", self.client_id, packet_id))
             conn = self.conn
             if conn is None or not self.inflight:
                 return None
             deadline = now - s["retry_interval"]
             resent = False
             for packet_id, entry in self.inflight.items():
-                msg, qos, state, sent_at = entry
+                msg, qos, state, sent_at = entry[:4]
                 if sent_at > deadline:
                     continue
                 entry[3] = now
@@ -1914,7 +2562,7 @@ class Session:
                 if state == WAIT_ACK:
                     self._send_publish_locked(conn, msg, qos, False, True, packet_id)
                 else:
-                    conn.send_ack(PUBREL, packet_id)
+                    conn.send_ack(PUBREL, packet_id, barrier=self.seq)
             return conn if resent else None
 
     # --- reading (REST / Python API) ----------------------------------------
@@ -1965,14 +2613,34 @@ class UserTable:
 
     def __init__(self, users=None, tags="", iterations=4096):
         self.iterations = iterations
-        #: guards _users and _verified (a leaf lock)
+        #: guards _users and _verified (only Store.lock is taken under it)
         self.lock = threading.Lock()
         self._users = {}      # name -> [encoded hash, tags]
         self._verified = {}   # keyed hash of (name, password) -> (name, expires)
         self._cache_key = os.urandom(32)
         self._nobody = None   # the hash an unknown name is checked against (made when needed)
+        #: f(name, [hash, tags] or None): told of every change, in order, with
+        #: ``lock`` held (the Store records it; its lock comes after this one)
+        self.on_change = None
         for name, password in (users or {}).items():
             self.add(name, password, tags)
+
+    def _changed_locked(self, name, record):
+        if self.on_change is not None:
+            self.on_change(name, None if record is None else list(record))
+
+    def rows(self):
+        """[(name, hash, tags)] of every user."""
+        with self.lock:
+            return [(name, r[0], r[1]) for name, r in self._users.items()]
+
+    def load(self, rows):
+        """Replace every user with stored (name, hash, tags) rows."""
+        for _, encoded, _ in rows:
+            self._parse(encoded)
+        with self.lock:
+            self._users = {name: [encoded, tags] for name, encoded, tags in rows}
+            self._verified.clear()
 
     # --- hashes ----------------------------------------------------------------
     def _encode(self, password, salt=None):
@@ -2012,7 +2680,8 @@ class UserTable:
             if name in self._users:
                 return False
             self._users[name] = record
-            return True
+            self._changed_locked(name, record)
+        return True
 
     def import_hash(self, name, encoded, tags=""):
         """Add or replace a user from a stored hash (``password_hash()``'s format)."""
@@ -2020,6 +2689,7 @@ class UserTable:
         with self.lock:
             self._users[name] = [encoded, tags]
             self._forget_locked(name)
+            self._changed_locked(name, (encoded, tags))
 
     def password_hash(self, name):
         """The stored hash of a user's password, or None."""
@@ -2062,6 +2732,7 @@ class UserTable:
             if self._users.get(name) is record and record[0] == encoded:
                 if upgraded is not None:
                     record[0] = upgraded
+                    self._changed_locked(name, record)
                 if len(self._verified) >= self.VERIFIED_MAX:
                     self._verified.pop(next(iter(self._verified)))
                 self._verified[key] = (name, now + self.VERIFIED_TTL)
@@ -2070,23 +2741,30 @@ class UserTable:
     def set_password(self, name, password):
         encoded = self._encode(password)
         with self.lock:
-            if name not in self._users:
+            record = self._users.get(name)
+            if record is None:
                 return False
-            self._users[name][0] = encoded
+            record[0] = encoded
             self._forget_locked(name)
-            return True
+            self._changed_locked(name, record)
+        return True
 
     def set_tags(self, name, tags):
         with self.lock:
-            if name not in self._users:
+            record = self._users.get(name)
+            if record is None:
                 return False
-            self._users[name][1] = tags
-            return True
+            record[1] = tags
+            self._changed_locked(name, record)
+        return True
 
     def delete(self, name):
         with self.lock:
             self._forget_locked(name)
-            return self._users.pop(name, None) is not None
+            known = self._users.pop(name, None) is not None
+            if known:
+                self._changed_locked(name, None)
+        return known
 
     def get(self, name):
         with self.lock:
@@ -2362,8 +3040,10 @@ class BrokerCore:
     never while calling a Session method (lock order: core -> session).
     """
 
-    def __init__(self, settings, authenticate=None, acl=None, auth_methods=None):
+    def __init__(self, settings, authenticate=None, acl=None, auth_methods=None, store=None):
         self.settings = settings
+        #: the Store that keeps persistent sessions and retained messages, or None
+        self.store = store
         #: f(client_id, username, password, ip) -> CONNACK return code (0 = accepted)
         self.authenticate = authenticate
         #: 5.0 enhanced authentication: method name -> f(client_id, username, ip) -> an
@@ -2527,6 +3207,8 @@ class BrokerCore:
             with session.lock:
                 session.clean_session = ends_with_connection
                 session.expiry_interval = expiry_interval
+            if self.store is not None:
+                session.keep(None if ends_with_connection else self.store)
             self.connections[client_id] = conn
             self._update_stats_locked()
         return session, present, old_conn
@@ -2554,6 +3236,7 @@ class BrokerCore:
         """Remove a session and all of its subscriptions (core lock held)."""
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
+        session.keep(None)   # off the disk too
         with session.lock:
             filters = list(session.subscriptions)
             session.subscriptions.clear()
@@ -2580,6 +3263,51 @@ class BrokerCore:
                 if will is not None:
                     wills.append(will[1])
         return wills   # the session ended first: its delayed will is due
+
+    def restore(self, data):
+        """Start from what the Store read back (``Store.load()``): retained
+        messages, and every persistent session offline, with its
+        subscriptions, queue, inflight window and inbound QoS 2 ids. A session
+        that was online when the broker went down counts as disconnected
+        since the last write [MQTT-3.1.2-23]."""
+        store, now, wall = self.store, time.monotonic(), time.time()
+
+        def monotonic(at):
+            return now - (wall - at)
+
+        for topic, payload, qos, props, expires_at, sender in data["retained"]:
+            msg = Message.from_row(topic, payload, qos, True, props, expires_at, sender)
+            if msg.expired(now):
+                store.delete(("retained", topic))
+            else:
+                self.retained[topic] = msg
+        last_alive = data["last_alive"] or wall
+        for client_id, expiry, created_at, disconnected_at in data["sessions"]:
+            session = self.sessions[client_id] = Session(self, client_id, False)
+            session.expiry_interval, session.created_at = expiry, created_at
+            session.disconnected_at = monotonic(disconnected_at or last_alive)
+            session.store = store
+        for client_id, topic_filter, route in data["subscriptions"]:
+            session = self.sessions.get(client_id)
+            if session is not None:
+                session.subscriptions[topic_filter] = route
+                self._add_route_locked(session, topic_filter, route, True)
+        for mid, client_id, topic, payload, qos, retain, props, expires_at, sender, \
+                packet_id, state in data["messages"]:   # in mid order: the order sent
+            session = self.sessions.get(client_id)
+            if session is None:
+                continue
+            msg = Message.from_row(topic, payload, qos, retain, props, expires_at, sender)
+            if packet_id is None:
+                session.mqueue.append((msg, qos, bool(retain), mid))
+            else:
+                session.inflight[packet_id] = [msg, qos, state, now, mid]
+                session._next_id = packet_id
+        for client_id, packet_id, received_at in data["awaiting_rel"]:
+            session = self.sessions.get(client_id)
+            if session is not None:
+                session.awaiting_rel[packet_id] = monotonic(received_at)
+        self._update_stats_locked()
 
     # --- subscriptions -------------------------------------------------------
     def subscribe(self, session, topics, subscription_id=0):
@@ -2617,6 +3345,20 @@ class BrokerCore:
             if is_new and limit and len(session.subscriptions) >= limit:
                 return RC_QUOTA_EXCEEDED
             session.subscriptions[topic_filter] = route
+            if session.store is not None:
+                session.seq = session.store.put(("sub", session.client_id, topic_filter),
+                                                (session.client_id, topic_filter, route))
+        group, real = self._add_route_locked(session, topic_filter, route, is_new)
+        if group is None and self.retainer_enabled and (
+                retain_handling == 0 or (retain_handling == 1 and is_new)):
+            now = time.monotonic()
+            retained.extend((msg.with_subscription_ids((subscription_id,)) if subscription_id
+                             else msg, min(qos, msg.qos)) for msg in self.retained.values()
+                            if topic_matches(real, msg.topic) and not msg.expired(now))
+        return qos
+
+    def _add_route_locked(self, session, topic_filter, route, is_new):
+        """Route ``topic_filter`` to ``session``; returns parse_share's (group, filter)."""
         group, real = parse_share(topic_filter)
         self._route_cache.clear()
         if self.router.add(real, group, session, route):
@@ -2626,13 +3368,7 @@ class BrokerCore:
             self.subscription_count += 1
             if real.startswith("$SYS"):
                 self.sys_subscriptions += 1
-        if group is None and self.retainer_enabled and (
-                retain_handling == 0 or (retain_handling == 1 and is_new)):
-            now = time.monotonic()
-            retained.extend((msg.with_subscription_ids((subscription_id,)) if subscription_id
-                             else msg, min(qos, msg.qos)) for msg in self.retained.values()
-                            if topic_matches(real, msg.topic) and not msg.expired(now))
-        return qos
+        return group, real
 
     def unsubscribe(self, session, filters):
         """Unsubscribe; returns, per filter, whether the session had it."""
@@ -2643,6 +3379,9 @@ class BrokerCore:
             for topic_filter in filters:
                 with session.lock:
                     known = session.subscriptions.pop(topic_filter, None) is not None
+                    if known and session.store is not None:
+                        session.seq = session.store.delete(
+                            ("sub", session.client_id, topic_filter))
                 if known:
                     self._unsubscribe_locked(session, topic_filter)
                 found.append(known)
@@ -2697,6 +3436,11 @@ class BrokerCore:
                             self.stats_max["retained"] = len(self.retained)
                     else:
                         self.retained.pop(topic, None)  # [MQTT-3.3.1-10, -11]
+                    if self.store is not None and not msg.sys:
+                        self.store.put(("retained", topic), (
+                            topic, msg.payload, msg.qos,
+                            msg.encoded_properties() if msg.properties else None,
+                            _wall_deadline(msg.expires_at), msg.sender) if msg.payload else None)
                 matched, shared = self.router.match(topic)
                 targets = tuple(matched.values())
                 if not (shared or msg.sys):   # round robin must advance: never cache shared
@@ -2934,7 +3678,8 @@ class Connection:
                  "thread", "out_lock", "_out", "_wire", "out_bytes", "blocked",
                  "blocked_since", "_closed", "_batch", "_disconnecting", "held",
                  "held_since", "waiting_on", "_recv_size", "receive_maximum",
-                 "max_packet_out", "topic_aliases", "auth", "_pending", "alias_max_out")
+                 "max_packet_out", "topic_aliases", "auth", "_pending", "alias_max_out",
+                 "barrier", "acks_pending")
 
     def __init__(self, hooks, core, sock, peer, listener):
         self.hooks = hooks
@@ -2969,6 +3714,11 @@ class Connection:
         self.held = []                # PUBACK/PUBREC held by FlowControl, in order
         self.held_since = None
         self.waiting_on = set()       # congested sessions the held acks wait for
+        # Durable state: packets in _out leave only once the Store has committed
+        # change ``barrier`` (their acks, or the rows of the messages they carry),
+        # and not while the reader thread is still settling its acks' barrier.
+        self.barrier = 0
+        self.acks_pending = False
         self._disconnecting = False
         self._recv_size = _RECV_MIN   # bytes the next recv asks for (adaptive)
         # MQTT 5.0, from CONNECT (3.x: no limits, no aliases):
@@ -3065,7 +3815,23 @@ class Connection:
     def _flush_batch(self):
         """End of a batch: one write per touched connection, this one included."""
         self._batch.run()
+        if self.acks_pending:
+            self._settle_barrier()
         self.flush()
+
+    def _settle_barrier(self):
+        """The replies to this batch's packets leave once every change this
+        thread recorded for them is on disk (the writer flushes them then)."""
+        store = self.core.store
+        seq = store.local_seq()
+        with self.out_lock:
+            self.acks_pending = False
+            held = seq > self.barrier and seq > store.committed
+            if held:
+                self.barrier = seq
+                store.hold(self)
+        if held and store.failed is not None:
+            self.refuse_unsent()
 
     def handle_packet(self, first_byte, body, counts):
         packet_type = first_byte >> 4
@@ -3075,6 +3841,9 @@ class Connection:
         name = _RECEIVED_METRIC.get(packet_type)
         if name is not None:
             counts[name] += 1
+        if self.core.store is not None and (first_byte & 0x06 if packet_type == PUBLISH
+                                            else packet_type in _DURABLE_REPLIES):
+            self.acks_pending = True   # what this packet changes is on disk before its reply
         packet = decode_packet(first_byte, body, self.proto_ver)
         _HANDLERS[packet_type](self, packet, counts)
 
@@ -3179,7 +3948,15 @@ class Connection:
         if not topic_within_limits(topic, self.settings):
             raise MalformedPacket("topic exceeds max_topic_length or max_topic_levels")
         reason = RC_SUCCESS
-        if topic.startswith("$SYS/"):
+        store = self.core.store
+        if qos and store is not None and store.failed is not None:
+            # Acknowledging would promise what the disk cannot keep.
+            if self.proto_ver != MQTT_V5:
+                raise StoreUnavailable("data file not writable: QoS %d PUBLISH refused" % qos)
+            _log.info("Refused QoS %d PUBLISH to %r from %s: data file not writable",
+                      qos, topic, self.client_id)
+            reason = RC_QUOTA_EXCEEDED
+        elif topic.startswith("$SYS/"):
             # Clients may not inject $SYS messages: acknowledged, not routed.
             _log.info("Dropped PUBLISH to %r from %s", topic, self.client_id)
             reason = RC_NOT_AUTHORIZED
@@ -3196,10 +3973,14 @@ class Connection:
                                                  "[MQTT-3.3.4-9]")
                 counts["messages/qos2/dropped"] += 1
                 return  # no PUBREC: the client resends later
-            if state == "new" and not self.core.publish(
-                    Message(topic, pkt.payload, 2, pkt.retain, self.client_id, False, properties),
-                    self._batch):
-                reason = RC_NO_MATCHING_SUBSCRIBERS
+            if state == "new":
+                if self.session.store is not None:
+                    self._batch.rels.append((self.session, pkt.packet_id))
+                    self._batch.store = self.session.store
+                if not self.core.publish(Message(topic, pkt.payload, 2, pkt.retain,
+                                                 self.client_id, False, properties),
+                                         self._batch):
+                    reason = RC_NO_MATCHING_SUBSCRIBERS
         elif not self.core.publish(Message(topic, pkt.payload, qos, pkt.retain, self.client_id,
                                            False, properties), self._batch):
             reason = RC_NO_MATCHING_SUBSCRIBERS
@@ -3331,19 +4112,21 @@ class Connection:
         self._auth_step(exchange.step(props.get("authentication_data", b"")))
 
     # --- sending (any thread) -----------------------------------------------------
-    def _send_bytes(self, data, packet_type):
+    def _send_bytes(self, data, packet_type, barrier=0):
         with self.out_lock:
             if self._closed:
                 return
+            if barrier > self.barrier:
+                self._raise_barrier_locked(barrier)
             self._out.append(data)
             self.out_bytes += len(data)
         name = _SENT_METRIC.get(packet_type)
         if name is not None:
             self.core.counts()[name] += 1
 
-    def send_ack(self, packet_type, packet_id, reason=RC_SUCCESS):
+    def send_ack(self, packet_type, packet_id, reason=RC_SUCCESS, barrier=0):
         self._send_bytes(ENCODERS[packet_type](Ack(packet_id, reason), self.proto_ver),
-                         packet_type)
+                         packet_type, barrier)
 
     def send_publish_ack(self, packet_type, packet_id, reason=RC_SUCCESS):
         """PUBACK or PUBREC for a PUBLISH this client sent; FlowControl holds
@@ -3352,11 +4135,32 @@ class Connection:
         self.core.flow.send_ack(self, data, self._batch.congested)
         self.core.counts()[_SENT_METRIC[packet_type]] += 1
 
-    def write(self, chunks, flush=True):
+    def write(self, chunks, flush=True, barrier=0):
         """Append encoded packets (any thread); with ``flush``, also send what
-        is buffered with one non-blocking send."""
+        is buffered with one non-blocking send. They leave once the Store has
+        committed change ``barrier``."""
         with self.out_lock:
+            if barrier > self.barrier:
+                self._raise_barrier_locked(barrier)
             self.write_locked(chunks, flush)
+
+    def _raise_barrier_locked(self, barrier):
+        self.barrier = barrier
+        store = self.core.store
+        if barrier > store.committed:
+            store.hold(self)
+
+    def refuse_unsent(self):
+        """The Store could not write what this connection's unsent packets
+        promise: drop them and close; the client resends what it has not
+        seen acknowledged."""
+        with self.out_lock:
+            if self._closed:
+                return
+            self._out.clear()
+            self.held.clear()
+            self.out_bytes = len(self._wire)
+        self.shutdown("store_error")
 
     def write_locked(self, chunks, flush):
         """``write`` with ``out_lock`` held."""
@@ -3379,8 +4183,15 @@ class Connection:
 
     def _send_locked(self):
         """Encode what is waiting and offer it to the socket once (out_lock held).
-        What the socket does not take stays in ``_wire`` for the service thread."""
+        What the socket does not take stays in ``_wire`` for the service thread.
+        Packets waiting for a commit (``barrier``) stay in ``_out``."""
         out = self._out
+        store = self.core.store
+        if out and store is not None and (self.acks_pending or self.barrier > store.committed):
+            waiting = sum(map(len, out))
+            out = ()
+        else:
+            waiting = 0
         if out:
             data = out[0] if len(out) == 1 else b"".join(out)
             out.clear()
@@ -3402,7 +4213,7 @@ class Connection:
                 return
             self.core.counts()["bytes/sent"] += sent
         self._wire = wire[sent:] if sent < len(wire) else b""
-        self.out_bytes = len(self._wire)
+        self.out_bytes = len(self._wire) + waiting
         if self._wire:
             if not self.blocked:
                 self.blocked = True
@@ -4120,6 +4931,7 @@ def create_api_blueprint(broker):
             raise ApiError(104, "empty username or password")
         if not broker.users.add(body["username"], body["password"], body["tags"]):
             raise ApiError(113, "User already exist")
+        broker.sync()
         return ok()
 
     @rule("/users/<path:username>", strict_slashes=False)
@@ -4134,6 +4946,7 @@ def create_api_blueprint(broker):
         body = params(tags=str)
         if not broker.users.set_tags(_unquote(username), body["tags"]):
             raise ApiError(105, "User not found")
+        broker.sync()
         return ok()
 
     @rule("/users/<path:username>", methods=["DELETE"])
@@ -4145,6 +4958,7 @@ def create_api_blueprint(broker):
             raise ApiError(106, "admin cannot be deleted")
         if not broker.users.delete(username):
             raise ApiError(105, "User not found")
+        broker.sync()
         return ok()
 
     @rule("/change_pwd/<path:username>", methods=["PUT"])
@@ -4160,6 +4974,7 @@ def create_api_blueprint(broker):
         if not body["new_pwd"]:
             raise ApiError(104, "empty username or password")
         broker.users.set_password(username, body["new_pwd"])
+        broker.sync()
         return ok()
 
     return bp
@@ -4680,9 +5495,14 @@ class Broker:
             with open(acl_file, encoding="utf-8") as f:
                 self.acl = Acl(parse_acl(f.read(), acl_file), self.settings["acl_nomatch"])
         # The auth plugins' tables keep salted hashes only: no plain password stays.
-        self._auth_username = UserTable(self.settings.pop("auth_username"))
-        self._auth_clientid = UserTable(self.settings.pop("auth_clientid"))
-        #: guards _plugins (a leaf lock)
+        #: the emqx_auth_username and emqx_auth_clientid tables (change them at will)
+        self.auth_username = UserTable(self.settings.pop("auth_username"))
+        self.auth_clientid = UserTable(self.settings.pop("auth_clientid"))
+        if self.settings["data_sync"] not in _DATA_SYNC:
+            raise ValueError("data_sync must be normal or full, not %r"
+                             % (self.settings["data_sync"],))
+        self._store = None   # the Store while started with a data_dir
+        #: guards _plugins (only Store.lock is taken under it)
         self._plugins_lock = threading.Lock()
         self._plugins = dict(PLUGINS_ACTIVE)
         self.node = self.settings["node"]
@@ -4718,10 +5538,13 @@ class Broker:
                 raise RuntimeError("emqx_lite needs non-blocking sends (MSG_DONTWAIT): "
                                    "it runs on Linux and macOS")
             self._stopping = False
-            self.core = BrokerCore(self.settings, self._authenticate, self.acl, self.auth_methods)
-            self._apply_plugins()
+            self._open_store()   # before anything can change state
+            self.core = BrokerCore(self.settings, self._authenticate, self.acl, self.auth_methods,
+                                   self._store)
             self.listeners = []
             try:
+                self._restore()
+                self._apply_plugins()
                 for spec in self._listener_specs:
                     self.listeners.append(Listener(**spec))
                 for lst in reversed(self.listeners):   # the first of each type names the port
@@ -4766,6 +5589,7 @@ class Broker:
 
     def _close_resources(self):
         self._stop_http()
+        self._close_store()
         for lst in self.listeners:
             lst.close()
         self.listeners = []
@@ -4777,6 +5601,69 @@ class Broker:
             if sock is not None:
                 sock.close()
         self._wake_r = self._wake_w = None
+
+    # --- durable state ------------------------------------------------------------------
+    def _open_store(self):
+        data_dir = self.settings["data_dir"]
+        if not data_dir:
+            _log.info("Keeping state in memory only: it ends with the process (node.data_dir)")
+            return
+        self._store = Store(data_dir, self.settings["data_sync"])
+        _log.info("Keeping state in %s (node.data_dir; synchronous=%s)",
+                  os.path.abspath(self._store.path), self.settings["data_sync"])
+
+    def _restore(self):
+        """Start from the data file: sessions, retained messages, users, plugins."""
+        store = self._store
+        if store is None:
+            return
+        data = store.load()
+        self.core.restore(data)
+        tables = {"dashboard": self.users, "auth_username": self.auth_username,
+                  "auth_clientid": self.auth_clientid}
+        stored = collections.defaultdict(list)
+        for table, name, encoded, tags in data["users"]:
+            stored[table].append((name, encoded, tags))
+        for table, users in tables.items():
+            if table == "dashboard" and stored[table]:
+                users.load(stored[table])   # the file's users replace the default ones
+                self._default_admin = False
+            else:   # the configured auth entries, then those added at run time
+                for name, encoded, tags in stored[table]:
+                    users.import_hash(name, encoded, tags)
+            users.on_change = functools.partial(self._user_changed, table)
+            for name, encoded, tags in users.rows():   # rows from the configuration
+                store.put(("user", table, name), (table, name, encoded, tags))
+        with self._plugins_lock:
+            for name, active in data["plugins"]:
+                if name in self._plugins:
+                    self._plugins[name] = bool(active)
+        for name, active in self.plugins().items():
+            store.put(("plugin", name), (name, int(active)))
+        store.start()
+        _log.info("Restored %d sessions (%d messages queued or in flight) and %d retained "
+                  "messages from %s", len(data["sessions"]), len(data["messages"]),
+                  len(self.core.retained), store.path)
+
+    def _user_changed(self, table, name, record):
+        store = self._store
+        if store is not None:
+            store.put(("user", table, name),
+                      None if record is None else (table, name, record[0], record[1]))
+
+    def _close_store(self):
+        store, self._store = self._store, None
+        if store is not None:
+            for users in (self.users, self.auth_username, self.auth_clientid):
+                users.on_change = None
+            store.stop()
+
+    def sync(self):
+        """Return once every change the calling thread made is on disk (at
+        once without a data directory). StoreError if it cannot be written."""
+        store = self._store
+        if store is not None:
+            store.wait()
 
     # --- plugins and authentication ------------------------------------------------
     def plugins(self):
@@ -4790,7 +5677,10 @@ class Broker:
             if self._plugins[name] == active:
                 return False
             self._plugins[name] = active
+            if self._store is not None:
+                self._store.put(("plugin", name), (name, int(active)))
         self._apply_plugins()
+        self.sync()
         _log.info("Plugin %s %s", name, "started" if active else "stopped")
         return True
 
@@ -4814,8 +5704,8 @@ class Broker:
             if verdict is not None:
                 return verdict
         plugins = self.plugins()
-        for name, table, key in (("emqx_auth_username", self._auth_username, username),
-                                 ("emqx_auth_clientid", self._auth_clientid, client_id)):
+        for name, table, key in (("emqx_auth_username", self.auth_username, username),
+                                 ("emqx_auth_clientid", self.auth_clientid, client_id)):
             if plugins[name] and key is not None:
                 result = table.check(key, password or b"")
                 if result is True:
@@ -5051,6 +5941,7 @@ class Broker:
         core.publish(Message(topic, bytes(payload), qos, bool(retain), client_id, False,
                              properties), batch)
         batch.run()
+        self.sync()   # returned means kept, as an acknowledgement does
 
     def subscribe(self, client_id, topic, qos=0):
         """Subscribe an existing session on its client's behalf (no SUBACK);
@@ -5068,6 +5959,7 @@ class Broker:
         for msg, q in retained:
             batch.add(session, msg, q, retain=True)
         batch.run()
+        self.sync()
 
     def unsubscribe(self, client_id, topic):
         core = self._require_started()
@@ -5075,6 +5967,7 @@ class Broker:
         if session is None:
             raise KeyError(client_id)
         core.unsubscribe(session, [topic])
+        self.sync()
 
     def clean_acl_cache(self, client_id):
         """Empty a connected client's ACL decision cache; False if not connected."""
@@ -5154,6 +6047,8 @@ parse_bytesize = _parser(r"(?i)([0-9]+)(GB|MB|KB|B)?", "a size like 64KB",    # 
                          lambda m: int(m[1]) * _SIZE_UNITS[(m[2] or "B").upper()])
 parse_duration = _parser(r"([0-9]+(?:\.[0-9]+)?)(ms|[wdhms])?", "a duration like 20s", _seconds)
 _string = _parser(r"(?s).+", "a value")
+_directory = _parser(r"(?s).*", "a directory")   # empty: none
+_data_sync = _parser("normal|full", "normal or full")
 _qos = _parser(r"[012]", "0, 1 or 2", lambda m: int(m[0]))
 _mqtt_path = _parser(r"/.*", "a path like /mqtt")
 _verify = _parser("verify_peer|verify_none", "verify_peer or verify_none")
@@ -5230,6 +6125,8 @@ _FORMAT = {parse_duration: _fmt_duration, parse_bytesize: _fmt_bytesize,
 #: emq.conf key -> (Broker setting, value parser)
 SETTING_KEYS = {
     "node.name": ("node", _string),
+    "node.data_dir": ("data_dir", _directory),
+    "node.data_sync": ("data_sync", _data_sync),
     "mqtt.allow_anonymous": ("allow_anonymous", parse_bool),
     "mqtt.acl_nomatch": ("acl_nomatch", _parser("allow|deny", "allow or deny")),
     "mqtt.acl_file": ("acl_file", _string),
@@ -5558,6 +6455,9 @@ def _cli_parse(argv):
         help="MQTT TCP port; 0 picks a free port (default: 1883)")
     opt("--http-port", type=int, metavar="N",
         help="REST API port; 0 picks a free port, -1 disables the API (default: 8080)")
+    opt("--data-dir", metavar="DIR",
+        help="keep retained messages, persistent sessions, users and plugin states in "
+             "DIR/emqx_lite.db; '' keeps them in memory only (default: ./data)")
     opt("--node", metavar="NAME",
         help="node name used by the REST API and $SYS topics (default: %s)" % DEFAULTS["node"])
     opt("--log-level", default="info",
@@ -5574,6 +6474,9 @@ def _cli_settings(args, environ):
                                  "port": 1883}])
     kw.setdefault("http_bind", "0.0.0.0")
     kw.setdefault("http_port", 8080)
+    kw.setdefault("data_dir", "data")   # as EMQ X keeps its data/ directory
+    if args.data_dir is not None:
+        kw["data_dir"] = args.data_dir
     if args.bind is not None:
         kw["http_bind"] = args.bind
         for listener in kw["listeners"]:
@@ -5625,7 +6528,7 @@ def main(argv=None):
             return 0
         broker = Broker(**kw)
         broker.start()
-    except (ConfigError, OSError, ValueError) as exc:
+    except (ConfigError, StoreError, OSError, ValueError) as exc:
         _log.error("cannot start: %s", exc)
         return 1
     try:
