@@ -137,8 +137,10 @@ session's ``waiters`` in ``FlowControl.settle`` (a waiter added after the
 session's last change saw the session as it is and is settled by the next
 change), ``held_since``, ``keepalive``, ``last_recv`` and ``blocked_since`` in
 the service thread's timeouts, the queue and window lengths that pick
-``BrokerCore.sessions_with_timers``, and ``Store.committed`` (written by the
-writer only; a stale value holds output until the writer's own flush).
+``BrokerCore.sessions_with_timers``, ``Store.committed`` (written by the
+writer only; a stale value holds output until the writer's own flush), and a
+session's ``seq`` when a new connection takes it over (read after joining the
+old reader thread, the last to write it).
 
 Metrics are counted in per-thread dictionaries (each written by one thread
 only) and summed when read, so counting needs no lock on the hot path.
@@ -1565,6 +1567,7 @@ class Store:
 
     FAILURE_LOG_INTERVAL = 60.0   # seconds between reminders while writes fail
     RETRY_INTERVAL = 1.0          # seconds between attempts while writes fail
+    HEARTBEAT_INTERVAL = 10.0     # an idle writer notes the time this often
 
     def __init__(self, directory, sync="normal"):
         if sync not in _DATA_SYNC:
@@ -1764,6 +1767,12 @@ class Store:
         """The sequence number of the last change the calling thread recorded."""
         return getattr(self._local, "seq", 0)
 
+    def depend(self, seq):
+        """The calling thread's next acknowledgement relies on change ``seq``
+        (recorded by another thread) as on its own."""
+        if seq > self.local_seq():
+            self._local.seq = seq
+
     def hold(self, conn):
         """``conn`` holds output until ``conn.barrier`` is committed; the
         writer flushes it then (called with conn.out_lock held)."""
@@ -1811,12 +1820,17 @@ class Store:
             with self.lock:
                 # Changes that cancelled out (a row deleted before it was ever
                 # written) still count: whoever waits for them is released.
-                while self.seq == self.committed and not self._stopping:
+                idle = False
+                while self.seq == self.committed and not self._stopping and not idle:
                     self._writer_idle = True
-                    self._work.wait()
+                    idle = not self._work.wait(self.HEARTBEAT_INTERVAL)
                     self._writer_idle = False
                 if self._stopping and (self.failed is not None or self.seq == self.committed):
                     return
+            if idle and self.seq == self.committed:
+                self._heartbeat()
+                continue
+            with self.lock:
                 self._draining = True   # no group is cut in two
                 while self._groups:
                     self._work.wait()
@@ -1858,6 +1872,19 @@ class Store:
                 _log.warning("Writing %s again; QoS 1/2 messages are accepted", self.path)
             for conn in holding:
                 conn.flush()
+                session = conn.session   # what queued while its output waited
+                if session is not None and session.mqueue and not conn.blocked:
+                    session.drain()
+                    conn.flush()
+
+    def _heartbeat(self):
+        """Idle: note that the broker is alive (sessions online now count as
+        disconnected from the last such note after a crash)."""
+        try:
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('last_alive', ?)",
+                            (time.time(),))
+        except sqlite3.Error:
+            pass   # the next commit reports what is wrong
 
     def _requeue(self, records, fresh, purged):
         """A failed batch goes back in front of what was recorded since (lock held)."""
@@ -2159,7 +2186,7 @@ class Batch:
         self.store = None      # the Store, once a persistent session is in the batch
 
     def add(self, session, msg, qos, retain=False):
-        if session.store is not None:
+        if qos and session.store is not None:   # QoS 0 is never written
             self.store = session.store
         if qos and not retain and session.core.flow.congested(session):
             self.congested.add(session)
@@ -3287,6 +3314,8 @@ class BrokerCore:
             session.expiry_interval, session.created_at = expiry, created_at
             session.disconnected_at = monotonic(disconnected_at or last_alive)
             session.store = store
+            if disconnected_at is None:   # online when the broker went down: offline since
+                session._save_locked()
         for client_id, topic_filter, route in data["subscriptions"]:
             session = self.sessions.get(client_id)
             if session is not None:
@@ -3305,8 +3334,8 @@ class BrokerCore:
                 session._next_id = packet_id
         for client_id, packet_id, received_at in data["awaiting_rel"]:
             session = self.sessions.get(client_id)
-            if session is not None:
-                session.awaiting_rel[packet_id] = monotonic(received_at)
+            if session is not None:   # await_rel_timeout counts from now: the client
+                session.awaiting_rel[packet_id] = now   # could not send PUBREL meanwhile
         self._update_stats_locked()
 
     # --- subscriptions -------------------------------------------------------
@@ -3910,6 +3939,10 @@ class Connection:
         self.session = session
         if old_conn is not None:
             old_conn.shutdown("conflict")   # takeover [MQTT-3.1.4-2]
+            if self.core.store is not None and old_conn.thread is not None:
+                # What its last packets changed is recorded before this client's
+                # resends are judged against it (a QoS 2 id seen, a message routed).
+                old_conn.thread.join(self.settings["connect_timeout"])
         _log.debug("Received CONNECT from %s (p%d, c%d, k%d)", client_id,
                    pkt.proto_ver, pkt.clean_session, pkt.keepalive)
         connack = Connack(present, CONNACK_ACCEPTED)
@@ -3973,6 +4006,8 @@ class Connection:
                                                  "[MQTT-3.3.4-9]")
                 counts["messages/qos2/dropped"] += 1
                 return  # no PUBREC: the client resends later
+            if state == "dup" and self.session.store is not None:
+                store.depend(self.session.seq)   # its PUBREC waits for its first record
             if state == "new":
                 if self.session.store is not None:
                     self._batch.rels.append((self.session, pkt.packet_id))
@@ -4181,13 +4216,15 @@ class Connection:
                 return
             self._send_locked()
 
-    def _send_locked(self):
+    def _send_locked(self, last=False):
         """Encode what is waiting and offer it to the socket once (out_lock held).
         What the socket does not take stays in ``_wire`` for the service thread.
-        Packets waiting for a commit (``barrier``) stay in ``_out``."""
+        Packets waiting for a commit (``barrier``) stay in ``_out``, unless
+        they are the ``last`` before a close (``_send_last``)."""
         out = self._out
         store = self.core.store
-        if out and store is not None and (self.acks_pending or self.barrier > store.committed):
+        if out and store is not None and not last and (
+                self.acks_pending or self.barrier > store.committed):
             waiting = sum(map(len, out))
             out = ()
         else:
@@ -4246,12 +4283,26 @@ class Connection:
         if self.proto_ver != MQTT_V5 or code is None:
             return
         if self.session is not None:
-            self._send_bytes(encode_disconnect(Disconnect(code), MQTT_V5), DISCONNECT)
+            self._send_last(encode_disconnect(Disconnect(code), MQTT_V5), DISCONNECT)
         elif self._pending is not None:   # during an AUTH exchange: CONNACK says it
-            self._send_bytes(encode_connack(Connack(False, code), MQTT_V5), CONNACK)
-        else:
-            return
-        self.flush()
+            self._send_last(encode_connack(Connack(False, code), MQTT_V5), CONNACK)
+
+    def _send_last(self, data, packet_type):
+        """The last packet before the broker closes: it promises nothing, so
+        it does not wait for the disk; what waits for the disk is dropped."""
+        with self.out_lock:
+            if self._closed:
+                return
+            store = self.core.store
+            if store is not None and (self.acks_pending or self.barrier > store.committed):
+                self._out.clear()
+            self._out.append(data)
+            self.out_bytes += len(data)
+            if not self.blocked:
+                self._send_locked(last=True)
+        name = _SENT_METRIC.get(packet_type)
+        if name is not None:
+            self.core.counts()[name] += 1
 
     def shutdown(self, reason):
         """Ask the reader thread to close this connection (any thread)."""
@@ -4929,6 +4980,7 @@ def create_api_blueprint(broker):
         body = params(username=str, password=str, tags=str)
         if not body["username"] or not body["password"]:
             raise ApiError(104, "empty username or password")
+        broker._require_writable()
         if not broker.users.add(body["username"], body["password"], body["tags"]):
             raise ApiError(113, "User already exist")
         broker.sync()
@@ -4944,6 +4996,7 @@ def create_api_blueprint(broker):
     def update_user(username):
         dashboard_required()
         body = params(tags=str)
+        broker._require_writable()
         if not broker.users.set_tags(_unquote(username), body["tags"]):
             raise ApiError(105, "User not found")
         broker.sync()
@@ -4956,6 +5009,7 @@ def create_api_blueprint(broker):
         username = _unquote(username)
         if username == "admin":
             raise ApiError(106, "admin cannot be deleted")
+        broker._require_writable()
         if not broker.users.delete(username):
             raise ApiError(105, "User not found")
         broker.sync()
@@ -4973,6 +5027,7 @@ def create_api_blueprint(broker):
             raise ApiError(114, "OldPassword error")
         if not body["new_pwd"]:
             raise ApiError(104, "empty username or password")
+        broker._require_writable()
         broker.users.set_password(username, body["new_pwd"])
         broker.sync()
         return ok()
@@ -5069,6 +5124,11 @@ def create_app(broker):
         if exc.message is not None:
             body["message"] = exc.message
         return _json(body)
+
+    @app.errorhandler(StoreError)
+    def store_error(exc):
+        # A change that could not be written, as EMQ X answers a mnesia abort.
+        return _json({"code": 102, "message": str(exc)})
 
     @app.errorhandler(Throttled)
     def throttled(exc):
@@ -5625,11 +5685,15 @@ class Broker:
         for table, name, encoded, tags in data["users"]:
             stored[table].append((name, encoded, tags))
         for table, users in tables.items():
-            if table == "dashboard" and stored[table]:
-                users.load(stored[table])   # the file's users replace the default ones
-                self._default_admin = False
-            else:   # the configured auth entries, then those added at run time
-                for name, encoded, tags in stored[table]:
+            if table == "dashboard":
+                if stored[table]:   # the file's users, once it has any (as EMQ X's mnesia)
+                    users.load(stored[table])
+                    if self._default_admin:
+                        self._default_admin = users.check("admin", "public") is True
+            else:   # those added at run time, then the configuration's, which win
+                configured = users.rows()
+                users.load(stored[table])
+                for name, encoded, tags in configured:
                     users.import_hash(name, encoded, tags)
             users.on_change = functools.partial(self._user_changed, table)
             for name, encoded, tags in users.rows():   # rows from the configuration
@@ -5665,6 +5729,13 @@ class Broker:
         if store is not None:
             store.wait()
 
+    def _require_writable(self):
+        """StoreError, before anything changes, while the data file cannot be
+        written: a change made now could not be kept."""
+        store = self._store
+        if store is not None and store.failed is not None:
+            raise StoreError("cannot write %s: %s" % (store.path, store.failed))
+
     # --- plugins and authentication ------------------------------------------------
     def plugins(self):
         """Plugin name -> active."""
@@ -5673,6 +5744,7 @@ class Broker:
 
     def set_plugin(self, name, active):
         """Start or stop a plugin at runtime; False if it already was in that state."""
+        self._require_writable()
         with self._plugins_lock:
             if self._plugins[name] == active:
                 return False
@@ -5937,6 +6009,8 @@ class Broker:
             validate_topic_name(topic)
         except MalformedPacket as exc:
             raise ValueError(str(exc)) from None
+        if qos or retain:
+            self._require_writable()
         batch = Batch()
         core.publish(Message(topic, bytes(payload), qos, bool(retain), client_id, False,
                              properties), batch)
@@ -5952,6 +6026,7 @@ class Broker:
         session = core.session(client_id)
         if session is None:
             raise KeyError(client_id)
+        self._require_writable()
         codes, retained = core.subscribe(session, [(topic, qos)])
         if codes[0] >= SUBACK_FAILURE:
             raise ValueError("invalid topic filter %r" % topic)
@@ -5966,6 +6041,7 @@ class Broker:
         session = core.session(client_id)
         if session is None:
             raise KeyError(client_id)
+        self._require_writable()
         core.unsubscribe(session, [topic])
         self.sync()
 

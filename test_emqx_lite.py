@@ -7813,6 +7813,75 @@ class TestDurableState:
         finally:
             memory.stop()
 
+    def test_restored_qos2_id_waits_for_its_pubrel_from_the_restart(self, durable, track):
+        """An inbound QoS 2 id's await_rel_timeout counts from the restart, not
+        from its arrival: the publisher could not send PUBREL while the broker
+        was down, and a resent PUBLISH must still not be routed twice
+        [MQTT-4.3.3-9]."""
+        b = durable(await_rel_timeout=1.0)
+        sub = track(RawClient.connected(b.mqtt_port, "sub", clean=False))
+        sub.subscribe([("t", 2)])
+        sub.close()
+        pub = track(RawClient.connected(b.mqtt_port, "pub", clean=False))
+        pub.send(gen_publish("t", b"once", qos=2, pid=3))
+        assert pub.read_packet()[:3:2] == (PUBREC, b"\x00\x03")
+        b.stop()
+        time.sleep(1.2)   # longer than await_rel_timeout: the downtime is under test
+        b = durable(await_rel_timeout=1.0)
+
+        def awaiting():
+            return [s["awaiting_rel_len"] for s in b.sessions() if s["client_id"] == "pub"]
+
+        deadline = time.monotonic() + 0.6   # past the first timer tick (every 0.5 s)
+        while time.monotonic() < deadline:
+            assert awaiting() == [1]
+            time.sleep(0.05)
+        pub = track(RawClient(b.mqtt_port))
+        assert pub.connect("pub", clean=False) == (1, 0)
+        pub.send(gen_publish("t", b"once", qos=2, pid=3, dup=True))
+        assert pub.read_packet()[:3:2] == (PUBREC, b"\x00\x03")
+        pub.send(gen_pubrel(3))
+        assert pub.read_packet()[:3:2] == (PUBCOMP, b"\x00\x03")
+        sub = track(RawClient(b.mqtt_port))
+        assert sub.connect("sub", clean=False) == (1, 0)
+        assert sub.read_publish()["payload"] == b"once"
+        sub.expect_nothing(0.2)
+
+    def test_disconnect_reason_is_sent_with_acks_waiting(self, durable, track):
+        """A 5.0 client that breaks the protocol right after a QoS 1 PUBLISH
+        still gets the DISCONNECT saying why [MQTT-4.13.2-1]: it promises
+        nothing, so it does not wait for the disk."""
+        b = durable()
+        c = track(RawClient5.connected(b.mqtt_port, "bad", clean_start=False,
+                                       properties={"session_expiry_interval": 60}))
+        c.send(gen_publish_v5("x", b"fine", qos=1, pid=1)
+               + gen_publish_v5("", b"?", qos=1, pid=2, properties={"topic_alias": 1000}))
+        packets = []
+        while True:
+            try:
+                packets.append(c.read_packet())
+            except ConnectionError:
+                break
+        assert packets and packets[-1][0] == DISCONNECT, packets
+        assert parse_disconnect_v5(packets[-1][2])[0] == RC_TOPIC_ALIAS_INVALID
+
+    def test_configured_auth_entries_win_over_stored_ones(self, durable):
+        """The auth plugins' tables: entries added at run time are kept; the
+        configuration's own entries win at every start. Dashboard users come
+        from the file once it has them, and the default-password warning
+        still tells whether admin has 'public'."""
+        b = durable(auth_username={"u": "one"}, http_port=0, **FAST_HASH)
+        b.auth_username.add("v", "added")
+        b.auth_username.set_password("u", "changed at run time")
+        b = durable(auth_username={"u": "two"}, http_port=0, **FAST_HASH)
+        assert b.auth_username.check("u", "two") is True
+        assert b.auth_username.check("v", "added") is True
+        assert b._default_admin   # still admin/public, now read from the file
+        b.users.set_password("admin", "better")
+        b = durable(http_port=0, **FAST_HASH)
+        assert not b._default_admin
+        assert b.users.check("admin", "better") is True
+
     def test_external_backup_while_running_restores(self, durable, tmp_path):
         """The file can be copied with SQLite's online backup while the broker
         runs, and a broker started on the copy has the state."""
@@ -7844,6 +7913,12 @@ for line in sys.stdin:
         resource.setrlimit(resource.RLIMIT_FSIZE, (1, hard))
     elif line.strip() == "space":
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    elif line.strip() == "publish":   # the Python API refuses before routing
+        try:
+            b.publish("t/python", b"x", qos=1)
+        except emqx_lite.StoreError as exc:
+            print("refused", exc, flush=True)
+            continue
     print("ok", flush=True)
 b.stop()
 """
@@ -7893,6 +7968,9 @@ class TestDurableStateDiskFull:
             assert v3.expect_closed(strict=True)
             v5.send(gen_publish_v5("t/q0", b"still flowing"))
             assert sub.read_publish()["payload"] == b"still flowing"
+            proc.stdin.write("publish\n")
+            proc.stdin.flush()
+            assert proc.stdout.readline().startswith("refused cannot write")
             command("space")
             assert wait_until(lambda: any("messages are accepted" in l for l in log))
             v3 = RawClient.connected(port, "pub3")
