@@ -17,6 +17,46 @@ from the broker are parsed, a Receive Maximum below --inflight is obeyed, and
 ack reason codes other than Success, DISCONNECTs etc. from the broker end up
 in the run's "note".  Every JSON line has "mqtt": 4 or 5.
 
+With --persistent every client connects with clean session 0 (5.0: Clean
+Start 0 and a Session Expiry Interval of an hour) and a fixed client id,
+mqb-<case>-s<N> for subscriber N, mqb-<case>-p<N> for publisher N and
+mqb-<case>-c<N> for connection N of a conn run (e.g. mqb-qos1-s0, the QoS 1
+subscriber), so the broker keeps every session beyond its connection, as
+durable state: a subscriber's subscription and, at QoS 1, its unacknowledged
+messages.  Without it (the default) every client asks for a clean session
+under a client id with the generator's pid in it.  After each --persistent
+run the bench ends these sessions (a CONNECT with clean session 1 and a
+DISCONNECT for every id, --concurrency at a time), so that no run inherits
+the sessions, subscriptions or queued messages of the one before; the
+"sessions_resumed" field counts the clients whose CONNACK still said Session
+Present (stored state from before the run: a killed bench, another client
+with the same ids), and a failed clean-up is reported in the "note".  Every
+JSON line has "persistent": true or false.
+
+--emqx-lite-args "ARGS" appends ARGS (split as a shell does) to the command
+line of the emqx_lite that --start emqx_lite launches, after the bench's own
+--bind 127.0.0.1 --mqtt-port PORT --http-port -1 --log-level warning (ARGS
+may override --log-level, not --bind nor --mqtt-port); the word after
+--emqx-lite-args is always its value, even "--data-dir=/tmp/d" or a single
+flag.  The broker is then labelled
+"emqx_lite ARGS" (column of the table, "label" of the JSON lines, which also
+carry "broker_args": [...]), so runs with different ARGS can be told apart.
+A --data-dir DIR (or --data-dir=DIR) in ARGS is made absolute (the broker
+runs in a temporary directory) and before every start of the broker, the
+first and each restart (see --fresh), the files named emqx_lite.db* in DIR
+are deleted, so that no broker process starts from the state of an earlier
+run; nothing else in DIR is touched.  Without a --data-dir in ARGS the same
+is done in data/ of the temporary directory the broker runs in (emqx_lite's
+default data directory is ./data), so a restarted broker never reloads the
+state of the process before it.  A data directory set another way (--config,
+EMQX_LITE_* environment) is not cleared: point it to a fresh directory for
+every bench run.  Load runs share one broker process unless
+--fresh all, so within a bench run only its sessions are cleaned up between
+runs (see --persistent), not the rest of the broker's state::
+
+    python3 bench/mqttbench.py --start emqx_lite --scenarios qos1 --persistent \\
+        --emqx-lite-args "--data-dir /tmp/mqb-data" --fresh all
+
 Scenarios (64-byte payloads by default; same definitions and JSON field names
 as the C generator in shared/bench/mqttload.c):
 
@@ -70,6 +110,7 @@ import re
 import resource
 import select
 import selectors
+import shlex
 import shutil
 import signal
 import socket
@@ -97,10 +138,12 @@ QUIET_S = 0.5                   # drain ends after this long without a delivery
 COALESCE_BYTES = 64 * 1024      # a QoS 0 subscriber process naps after polls that read less
 HS_DEAD = (1 << 64) - 1         # high-water mark of a dead subscriber: never limits anyone
 MQTT_V311, MQTT_V5 = 4, 5       # protocol levels in CONNECT (--mqtt5 selects 5)
+PERSISTENT_EXPIRY_S = 3600      # --persistent, 5.0: Session Expiry Interval (outlives a run)
+EMQX_LITE_DB_PREFIX = "emqx_lite.db"  # files the bench deletes from an emqx_lite --data-dir
 
 # One slot of shared counters per worker process; written by that worker only.
 (C_SENT, C_RECV, C_ACKED, C_GAPS, C_REORDER, C_PENDING, C_INFLIGHT, C_DEAD,
- C_STATE, C_CONNECTED, C_FAILED, C_NFIELDS) = range(12)
+ C_STATE, C_CONNECTED, C_FAILED, C_RESUMED, C_NFIELDS) = range(13)
 # C_STATE values
 ST_STARTING, ST_READY, ST_FAILED, ST_DONE = 0, 1, 2, 3
 # Shared control block, written by the coordinator only.
@@ -252,12 +295,30 @@ def _str(s):
     return len(b).to_bytes(2, "big") + b
 
 
-def encode_connect(client_id, keepalive=60, version=MQTT_V311):
+def encode_connect(client_id, keepalive=60, version=MQTT_V311, persistent=False):
     """CONNECT, clean session: MQTT 3.1.1 (protocol level 4), or 5.0 with
-    ``version`` 5 (level 5 and an empty property block after the keepalive)."""
-    props = b"\x00" if version == MQTT_V5 else b""
-    body = _str("MQTT") + bytes([version, 0x02]) + keepalive.to_bytes(2, "big") + props + _str(client_id)
+    ``version`` 5 (level 5 and an empty property block after the keepalive).
+    With ``persistent``, clean session 0 (5.0: Clean Start 0 and a Session
+    Expiry Interval of PERSISTENT_EXPIRY_S, so the session outlives the
+    connection)."""
+    props = b""
+    if version == MQTT_V5:
+        props = b"\x05\x11" + PERSISTENT_EXPIRY_S.to_bytes(4, "big") if persistent else b"\x00"
+    flags = 0x00 if persistent else 0x02
+    body = _str("MQTT") + bytes([version, flags]) + keepalive.to_bytes(2, "big") + props + _str(client_id)
     return b"\x10" + encode_varint(len(body)) + body
+
+
+def session_present(first, body):
+    """The Session Present flag of a CONNACK (``body`` after the fixed header)."""
+    return first == 0x20 and len(body) >= 1 and bool(body[0] & 0x01)
+
+
+def persistent_client_id(case, role, n):
+    """--persistent: the fixed client id of connection ``n`` of ``role`` ("s"
+    subscriber, "p" publisher, "c" conn) in scenario ``case``, e.g.
+    mqb-qos1-s0; at most 23 characters, as MQTT 3.1.1 servers must accept."""
+    return "mqb-%s-%s%d" % (case, role, n)
 
 
 def encode_subscribe(topic, qos, packet_id=1, version=MQTT_V311):
@@ -618,15 +679,16 @@ def kernel_timestamps_available():
 
 class Conn:
     """One MQTT client socket of a worker: blocking handshake, then non-blocking I/O.
-    ``version`` is the protocol level (4 = 3.1.1, 5 = 5.0)."""
+    ``version`` is the protocol level (4 = 3.1.1, 5 = 5.0); ``persistent`` asks
+    for a session that outlives the connection (see encode_connect)."""
 
-    def __init__(self, family, addr, client_id, keepalive=60, version=MQTT_V311):
+    def __init__(self, family, addr, client_id, keepalive=60, version=MQTT_V311, persistent=False):
         self.version = version
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.settimeout(15)
         self.sock.connect(addr)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.sendall(encode_connect(client_id, keepalive, version))
+        self.sock.sendall(encode_connect(client_id, keepalive, version, persistent))
         if version == MQTT_V5:
             first, body = self.recv_packet()
             self.server_props = check_connack(first, body, version)   # 5.0: CONNACK properties
@@ -634,7 +696,9 @@ class Conn:
             ack = self.recv_exact(4)
             if ack[0] != 0x20 or ack[3] != 0:
                 raise ConnectionError("CONNACK refused: %r" % ack)
+            first, body = ack[0], ack[2:]
             self.server_props = {}
+        self.session_present = session_present(first, body)   # a stored session was resumed
         self.out = bytearray()          # bytes not yet accepted by the kernel
         self.rbuf = None
         self.rlen = 0
@@ -1058,14 +1122,19 @@ class LoadWorker:
         """Connect (and subscribe) every connection of this worker, blocking."""
         cfg = self.cfg
         tag = "%d-%d" % (os.getpid(), self.index)
+        persistent = cfg["persistent"]
+
+        def client_id(role, n):
+            return persistent_client_id(cfg["scenario"], role, n) if persistent else "mqb-%s%d-%s" % (role, n, tag)
+
         for s in self.subnos:
-            conn = Conn(cfg["family"], cfg["addr"], "mqb-s%d-%s" % (s, tag), cfg["keepalive"], cfg["mqtt"])
+            conn = Conn(cfg["family"], cfg["addr"], client_id("s", s), cfg["keepalive"], cfg["mqtt"], persistent)
             conn.subscribe(topics_for(cfg["scenario"], cfg["prefix"], 0)[1], cfg["subqos"])
             if cfg["lat_clock"] == "kernel" and not conn.enable_kernel_timestamps():
                 raise ConnectionError("SO_TIMESTAMPNS refused; use --latency-clock user")
             self.subs.append(Subscriber(conn, s, cfg, self.shared, self.latencies))
         for p in self.pubnos:
-            conn = Conn(cfg["family"], cfg["addr"], "mqb-p%d-%s" % (p, tag), cfg["keepalive"], cfg["mqtt"])
+            conn = Conn(cfg["family"], cfg["addr"], client_id("p", p), cfg["keepalive"], cfg["mqtt"], persistent)
             if cfg["qos"] > conn.server_props.get(PROP_MAXIMUM_QOS, 2):     # 5.0 CONNACK Maximum QoS
                 raise ConnectionError("the broker's Maximum QoS is %d" % conn.server_props[PROP_MAXIMUM_QOS])
             tmpl = PublishTemplate(topics_for(cfg["scenario"], cfg["prefix"], p)[0], cfg["qos"], cfg["size"], p,
@@ -1073,6 +1142,7 @@ class LoadWorker:
             self.pubs.append(Publisher(conn, p, tmpl, cfg, self.shared))
         for c in self.pubs + self.subs:
             c.conn.go_nonblocking()
+        self.set(C_RESUMED, sum(1 for c in self.pubs + self.subs if c.conn.session_present))
 
     def run(self):
         try:
@@ -1289,21 +1359,25 @@ def load_worker_main(index, pubnos, subnos, cfg, shared, pipe):
 
 class ConnOpener:
     """Opens ``count`` idle MQTT connections, at most ``concurrency`` handshakes
-    at a time, for one conn worker process."""
+    at a time, for one conn worker process; ``first`` is the run-wide number of
+    its first connection (--persistent client ids)."""
 
     LINGER_RST = struct.pack("ii", 1, 0)     # SO_LINGER on, 0 s: close() sends RST
 
-    def __init__(self, index, count, concurrency, cfg, shared):
+    def __init__(self, index, count, concurrency, first, cfg, shared):
         self.index, self.count, self.concurrency, self.cfg, self.shared = index, count, concurrency, cfg, shared
         self.slot = index * C_NFIELDS
         self.sel = selectors.DefaultSelector()
         self.socks = []
-        self.opened = self.pending = self.connected = self.failed = 0
+        self.opened = self.pending = self.connected = self.failed = self.resumed = 0
         self.error = None
         self.version = cfg["mqtt"]
-        self.connect_packets = [encode_connect("mqb-c%d-%d-%d" % (os.getpid(), index, i), cfg["keepalive"],
-                                               self.version)
-                                for i in range(count)]
+        if cfg["persistent"]:
+            ids = [persistent_client_id(cfg["scenario"], "c", first + i) for i in range(count)]
+        else:
+            ids = ["mqb-c%d-%d-%d" % (os.getpid(), index, i) for i in range(count)]
+        self.connect_packets = [encode_connect(cid, cfg["keepalive"], self.version, cfg["persistent"])
+                                for cid in ids]
 
     def run(self):
         """Connect everything (recording first connect / last CONNACK times),
@@ -1317,6 +1391,7 @@ class ConnOpener:
                 self.on_event(key.fileobj, key.data)
             self.shared.counters[self.slot + C_CONNECTED] = self.connected
             self.shared.counters[self.slot + C_FAILED] = self.failed
+            self.shared.counters[self.slot + C_RESUMED] = self.resumed
         if self.connected + self.failed < self.count:
             self.error = self.error or "timeout: %d/%d connected" % (self.connected, self.count)
             self.shared.counters[self.slot + C_FAILED] = self.count - self.connected
@@ -1375,11 +1450,13 @@ class ConnOpener:
             if len(state[2]) < 4:
                 return None
             ack = state[2]
+            hlen = 2
             if ack[0] != 0x20 or ack[3] != 0:
                 return self.fail(s, "bad CONNACK %r" % ack)
         self.sel.unregister(s)
         self.pending -= 1
         self.connected += 1
+        self.resumed += session_present(ack[0], ack[hlen:])
         self.shared.times[self.index * T_NFIELDS + T_LAST] = time.monotonic()
         return None
 
@@ -1412,18 +1489,104 @@ def connack_missing(data):
     return max(0, head[2] - len(data))
 
 
-def conn_worker_main(index, count, concurrency, cfg, shared, pipe):
+def conn_worker_main(index, count, concurrency, first, cfg, shared, pipe):
     """Entry point of a forked conn worker (see ConnOpener)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     shared.attach()
-    opener = ConnOpener(index, count, concurrency, cfg, shared)
+    opener = ConnOpener(index, count, concurrency, first, cfg, shared)
     try:
         opener.run()
     except Exception as exc:                      # report, never hang the coordinator
         opener.error = "conn worker crashed: %r" % exc
         shared.counters[index * C_NFIELDS + C_STATE] = ST_DONE
     pipe.send({"error": opener.error, "latencies": b""})
+
+
+###############################################################################
+# Ending persistent sessions (--persistent) ###################################
+###############################################################################
+
+def discard_sessions(family, addr, client_ids, version=MQTT_V311, concurrency=64, timeout=60.0):
+    """End the sessions the broker stores for ``client_ids``: connect each with
+    clean session 1 (5.0: Clean Start 1, no Session Expiry Interval), wait for
+    the CONNACK, send DISCONNECT and close, at most ``concurrency`` at a time.
+    Returns "" when every session was ended, else what went wrong."""
+    sel = selectors.DefaultSelector()
+    v5 = version == MQTT_V5
+    todo = list(reversed(client_ids))
+    failed, why = 0, ""
+
+    def fail(sock, reason):
+        nonlocal failed, why
+        failed += 1
+        why = why or reason
+        try:
+            sel.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+        sock.close()
+
+    deadline = time.monotonic() + timeout
+    try:
+        while (todo or sel.get_map()) and time.monotonic() < deadline:
+            while todo and len(sel.get_map()) < concurrency:
+                cid = todo.pop()
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                err = sock.connect_ex(addr)
+                if err not in (0, errno.EINPROGRESS):
+                    fail(sock, "connect: %s" % os.strerror(err))
+                    continue
+                # state: [CONNECT, CONNACK bytes so far, CONNECT sent]
+                sel.register(sock, selectors.EVENT_WRITE, [encode_connect(cid, 10, version), b"", False])
+            for key, _ in sel.select(0.05):
+                sock, state = key.fileobj, key.data
+                try:
+                    if not state[2]:                                 # TCP connected: send CONNECT
+                        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                        if err:
+                            fail(sock, "connect: %s" % os.strerror(err))
+                        elif sock.send(state[0]) != len(state[0]):
+                            fail(sock, "short send of CONNECT")
+                        else:
+                            state[2] = True
+                            sel.modify(sock, selectors.EVENT_READ, state)
+                        continue
+                    data = sock.recv(connack_missing(state[1]) if v5 else 4 - len(state[1]))
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    fail(sock, str(exc))
+                    continue
+                if not data:
+                    fail(sock, "closed before CONNACK")
+                    continue
+                state[1] = ack = state[1] + data
+                if (connack_missing(ack) if v5 else len(ack) < 4):
+                    continue
+                try:
+                    check_connack(ack[0], ack[packet_header(ack, 0, len(ack))[1]:], version)
+                except ConnectionError as exc:
+                    fail(sock, str(exc))
+                    continue
+                sel.unregister(sock)
+                try:
+                    sock.send(b"\xe0\x00")                          # DISCONNECT (5.0: reason 0)
+                except OSError:
+                    pass
+                sock.close()
+    finally:
+        left = list(sel.get_map().values())
+        for key in left:
+            key.fileobj.close()
+        sel.close()
+    failed += len(left) + len(todo)
+    if left or todo:
+        why = why or "timeout"
+    if failed:
+        return "could not end %d of %d persistent sessions: %s" % (failed, len(client_ids), why)
+    return ""
 
 
 ###############################################################################
@@ -1472,7 +1635,7 @@ class Run:
             "lat_clock": (opts.latency_clock if scenario == "latency" else None),
             "coalesce_us": opts.coalesce_us, "coordinator": os.getpid(),
             "conns": conns, "concurrency": opts.concurrency,
-            "setup_timeout": opts.setup_timeout, "mqtt": opts.mqtt,
+            "setup_timeout": opts.setup_timeout, "mqtt": opts.mqtt, "persistent": opts.persistent,
         }
         self.procs, self.pipes, self.groups = [], [], []
 
@@ -1484,7 +1647,8 @@ class Run:
         if self.kind == "conn":
             counts = [len(g) for g in split(list(range(cfg["conns"])), procs)]
             conc = [len(g) for g in split(list(range(cfg["concurrency"])), len(counts))]
-            return [("conn", n, c) for n, c in zip(counts, conc)]
+            firsts = [sum(counts[:i]) for i in range(len(counts))]
+            return [("conn", n, c, f) for n, c, f in zip(counts, conc, firsts)]
         pubs, subs = list(range(cfg["pubs"])), list(range(cfg["subs"]))
         if self.scenario == "latency" or (cfg["rate"] and len(pubs) + len(subs) <= 4):
             return [("load", pubs, subs)]        # light load: one process, like mqttload
@@ -1497,7 +1661,7 @@ class Run:
         for i, g in enumerate(self.groups):
             parent, child = ctx.Pipe(duplex=False)
             if g[0] == "conn":
-                args, target = (i, g[1], g[2], self.cfg, shared, child), conn_worker_main
+                args, target = (i, g[1], g[2], g[3], self.cfg, shared, child), conn_worker_main
             else:
                 args, target = (i, g[1], g[2], self.cfg, shared, child), load_worker_main
             p = ctx.Process(target=target, args=args, daemon=True)
@@ -1541,10 +1705,33 @@ class Run:
         self.start_workers(shared)
         try:
             if self.kind == "conn":
-                return self.execute_conn(shared, broker_pid)
-            return self.execute_load(shared, broker_pid)
+                rec = self.execute_conn(shared, broker_pid)
+            else:
+                rec = self.execute_load(shared, broker_pid)
         finally:
             shared.control[K_STOP] = 1
+            if cfg["persistent"]:                    # the next run must not inherit these sessions
+                problem = discard_sessions(cfg["family"], cfg["addr"], self.client_ids(), cfg["mqtt"],
+                                           cfg["concurrency"], cfg["setup_timeout"])
+        if cfg["persistent"]:
+            resumed = shared.total(C_RESUMED)
+            rec["sessions_resumed"] = resumed
+            notes = [rec.get("note", "")]
+            if resumed:
+                notes.append("%d clients resumed a session stored before the run" % resumed)
+            notes.append(problem)
+            rec["note"] = "; ".join(n for n in notes if n)
+            if not rec["note"]:
+                del rec["note"]
+        return rec
+
+    def client_ids(self):
+        """--persistent: the client ids of every connection of this run."""
+        cfg, sc = self.cfg, self.scenario
+        if self.kind == "conn":
+            return [persistent_client_id(sc, "c", i) for i in range(cfg["conns"])]
+        return ([persistent_client_id(sc, "s", i) for i in range(cfg["subs"])]
+                + [persistent_client_id(sc, "p", i) for i in range(cfg["pubs"])])
 
     def wait_ready(self, shared, timeout):
         deadline = time.monotonic() + timeout
@@ -1747,10 +1934,17 @@ def mqtt_ping(family, addr, timeout=1.0, version=MQTT_V311):
 
 
 class ManagedBroker:
-    """A broker process this tool starts on a free loopback port and stops again."""
+    """A broker process this tool starts on a free loopback port and stops again.
+    ``label`` names it in the output: the name, and for emqx_lite the
+    --emqx-lite-args (``extra_args``) after it; ``log`` takes progress messages."""
 
-    def __init__(self, name, opts, workdir):
+    def __init__(self, name, opts, workdir, log=None):
         self.name, self.opts, self.workdir = name, opts, workdir
+        self.extra_args = list(opts.emqx_lite_argv) if name == "emqx_lite" else []
+        # emqx_lite's state: --data-dir DIR, else its default ./data (in our temporary workdir)
+        self.data_dir = (opts.emqx_lite_data_dir or os.path.join(workdir, "data")) if name == "emqx_lite" else None
+        self.label = " ".join([name] + ([shlex.join(self.extra_args)] if self.extra_args else []))
+        self.log = log or (lambda msg: None)
         self.proc = None
         self.port = None
         self.log_path = os.path.join(workdir, "%s.log" % name)
@@ -1770,7 +1964,7 @@ class ManagedBroker:
         if not os.path.exists(path):
             raise RuntimeError("emqx_lite.py not found at %s (use --emqx-lite PATH)" % path)
         return [sys.executable, path, "--bind", "127.0.0.1", "--mqtt-port", str(port),
-                "--http-port", "-1", "--log-level", "warning"]
+                "--http-port", "-1", "--log-level", "warning"] + self.extra_args
 
     def _mosquitto_argv(self, port):
         exe = shutil.which("mosquitto") or next(
@@ -1813,14 +2007,20 @@ class ManagedBroker:
         return [exe, "-c", conf]
 
     def start(self):
-        """Start the broker and wait until it answers MQTT; returns a Target."""
+        """Start the broker and wait until it answers MQTT; returns a Target.
+        emqx_lite's data directory is emptied first (see clear_emqx_lite_data)."""
         self.port = free_port()
         argv = self.command(self.port)
+        if self.data_dir:
+            removed = clear_emqx_lite_data(self.data_dir)
+            if removed:
+                self.log("%s: deleted %s from %s before starting it"
+                         % (self.label, ", ".join(removed), self.data_dir))
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                      cwd=self.workdir, start_new_session=True)
         log.close()
-        target = Target(self.name, "127.0.0.1", self.port, self.proc.pid, self)
+        target = Target(self.label, "127.0.0.1", self.port, self.proc.pid, self)
         deadline = time.monotonic() + self.opts.start_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -1881,6 +2081,39 @@ class ManagedBroker:
             return "\n".join("    " + line for line in lines[-n:])
         except OSError:
             return ""
+
+
+def emqx_lite_extra_args(text):
+    """(argv, data directory or None) of --emqx-lite-args ``text``: split as a
+    shell does, with the DIR of a --data-dir DIR or --data-dir=DIR (the last
+    one, as argparse takes it) made absolute, since the broker runs in a
+    temporary directory.  ValueError for unbalanced quotes."""
+    argv = shlex.split(text or "")
+    data_dir = None
+    for i, arg in enumerate(argv):
+        if arg == "--data-dir" and i + 1 < len(argv) and argv[i + 1]:
+            data_dir = argv[i + 1] = os.path.abspath(argv[i + 1])
+        elif arg.startswith("--data-dir=") and len(arg) > len("--data-dir="):
+            data_dir = os.path.abspath(arg[len("--data-dir="):])
+            argv[i] = "--data-dir=" + data_dir
+    return argv, data_dir
+
+
+def clear_emqx_lite_data(path):
+    """Delete the files named emqx_lite.db* (the database and its companions)
+    from the directory ``path``, nothing else; returns their names.  A missing
+    directory is fine; OSError if it cannot be read or a file not deleted."""
+    try:
+        names = sorted(os.listdir(path))
+    except FileNotFoundError:
+        return []
+    removed = []
+    for name in names:
+        full = os.path.join(path, name)
+        if name.startswith(EMQX_LITE_DB_PREFIX) and (os.path.islink(full) or not os.path.isdir(full)):
+            os.remove(full)
+            removed.append(name)
+    return removed
 
 
 def emqx_lite_version(path):
@@ -2021,7 +2254,9 @@ def parse_args(argv=None):
         epilog="examples:\n"
                "  %(prog)s --start emqx_lite --scenarios fanin,fanout,qos1,latency,conn2k\n"
                "  %(prog)s --start emqx_lite,mosquitto,amqtt --repeat 3\n"
-               "  %(prog)s --target 127.0.0.1:1883 --broker-pid 1234 --scenarios fanin\n",
+               "  %(prog)s --target 127.0.0.1:1883 --broker-pid 1234 --scenarios fanin\n"
+               "  %(prog)s --start emqx_lite --scenarios qos1 --persistent "
+               "--emqx-lite-args \"--data-dir /tmp/mqb-data\" --fresh all\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to benchmark")
     g.add_argument("--start", "--brokers", dest="start", metavar="LIST",
@@ -2033,6 +2268,11 @@ def parse_args(argv=None):
     g.add_argument("--label", help="label of the --target broker in the output (default: target)")
     g.add_argument("--emqx-lite", default=os.path.join(os.path.dirname(os.path.dirname(
         os.path.abspath(__file__))), "emqx_lite.py"), metavar="PATH", help="emqx_lite.py to start (default: %(default)s)")
+    g.add_argument("--emqx-lite-args", metavar="ARGS", default="",
+                   help="extra command-line arguments for the emqx_lite that --start launches, split as a "
+                        "shell does, e.g. \"--data-dir /tmp/d\" (a --data-dir DIR is made absolute and "
+                        "emptied of emqx_lite.db* files before every broker start, as is the default ./data "
+                        "in the broker's temporary directory); shown in its label")
     g.add_argument("--scenarios", default=DEFAULT_SCENARIOS,
                    help="comma-separated, from %s (default: %%(default)s)" % ",".join(SCENARIOS))
     g.add_argument("--repeat", type=int, default=3, help="runs per scenario; the table shows medians (default 3)")
@@ -2054,6 +2294,11 @@ def parse_args(argv=None):
     g.add_argument("--mqtt5", action="store_true",
                    help="every client speaks MQTT 5.0 (CONNECT protocol level 5, empty property blocks) "
                         "instead of 3.1.1; the JSON lines carry \"mqtt\": 5 (else 4)")
+    g.add_argument("--persistent", action="store_true",
+                   help="every client connects with clean session 0 (5.0: Clean Start 0, Session Expiry "
+                        "%ds) and a fixed client id such as mqb-qos1-s0, so its session outlives the "
+                        "connection; the sessions are ended after each run. JSON: \"persistent\": "
+                        "true (else false), \"sessions_resumed\"" % PERSISTENT_EXPIRY_S)
     g = p.add_argument_group("timing and bounds")
     g.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds before measuring (default 1)")
     g.add_argument("--duration", type=float, default=5.0, help="measured window in seconds (default 5)")
@@ -2074,11 +2319,23 @@ def parse_args(argv=None):
     g.add_argument("--procs", type=int, default=os.cpu_count() or 1,
                    help="generator processes per role (publishers, subscribers, conn) (default: nproc = %(default)s)")
     add_output_options(p, __version__)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    i = 0
+    while i < len(argv) - 1:                  # argparse would take a value like "--flag" for an option
+        if argv[i] == "--emqx-lite-args":
+            argv[i:i + 2] = ["--emqx-lite-args=" + argv[i + 1]]
+        i += 1
     opts = p.parse_args(argv)
     opts.scenario_list = scenario_list(p, opts.scenarios, SCENARIOS)
     opts.mqtt = MQTT_V5 if opts.mqtt5 else MQTT_V311
     if bool(opts.start) == bool(opts.target):
         p.error("give exactly one of --start BROKERS or --target HOST:PORT")
+    try:
+        opts.emqx_lite_argv, opts.emqx_lite_data_dir = emqx_lite_extra_args(opts.emqx_lite_args)
+    except ValueError as exc:
+        p.error("--emqx-lite-args: %s" % exc)
+    if opts.emqx_lite_argv and "emqx_lite" not in [b.strip() for b in (opts.start or "").split(",")]:
+        p.error("--emqx-lite-args needs --start with emqx_lite")
     if opts.latency_clock is None:
         opts.latency_clock = "kernel" if kernel_timestamps_available() else "user"
     if opts.repeat < 1 or opts.procs < 1 or opts.duration <= 0:
@@ -2126,20 +2383,23 @@ class Bench(JsonLinesOutput):
                     fresh = False               # just started for this very run
                 if managed is not None and (fresh or not managed.alive()):
                     if not managed.alive():
-                        self.log("%s is not running any more; restarting it" % managed.name)
+                        self.log("%s is not running any more; restarting it" % managed.label)
                         managed.restarts += 1
                     try:
                         target = managed.restart()
                     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-                        self.log("cannot restart %s: %s" % (managed.name, exc))
-                        self.emit({"tool": "mqttbench", "case": sc, "label": managed.name, "mqtt": opts.mqtt,
-                                   "run": i, "error": "broker restart failed: %s" % exc})
+                        self.log("cannot restart %s: %s" % (managed.label, exc))
+                        self.emit({"tool": "mqttbench", "case": sc, "label": managed.label, "mqtt": opts.mqtt,
+                                   "persistent": opts.persistent, "run": i,
+                                   "error": "broker restart failed: %s" % exc})
                         return target
                 baseline = proc_fd_count(target.pid)
                 self.log("%s: %s run %d/%d" % (target.label, sc, i, opts.repeat))
                 rec = self.one_run(sc, i, target)
                 if managed is not None:
-                    rec["broker_version"] = self.versions.get(managed.name)
+                    rec["broker_version"] = self.versions.get(managed.label)
+                    if managed.extra_args:
+                        rec["broker_args"] = managed.extra_args
                     managed.runs += 1
                     rec["broker_fresh"] = fresh or managed.runs == 1
                 if managed is not None and not managed.alive():
@@ -2160,7 +2420,7 @@ class Bench(JsonLinesOutput):
     def one_run(self, sc, i, target):
         head = {"tool": "mqttbench", "scenario": "conn" if sc.startswith("conn") else sc, "case": sc,
                 "label": target.label, "host": target.host, "port": target.port, "mqtt": self.opts.mqtt,
-                "run": i}
+                "persistent": self.opts.persistent, "run": i}
         try:
             body = Run(sc, self.opts, target).execute(target.pid)
         except Exception as exc:
@@ -2194,15 +2454,16 @@ class Bench(JsonLinesOutput):
         return 0 if self.records and not any("error" in r for r in self.records) else 1
 
     def run_managed(self, name, workdir):
-        broker = ManagedBroker(name, self.opts, workdir)
+        broker = ManagedBroker(name, self.opts, workdir, self.log)
+        label = broker.label
         try:
             target = broker.start()
         except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-            self.log("skipping %s: %s" % (name, exc))
+            self.log("skipping %s: %s" % (label, exc))
             return
-        self.labels.append(name)
-        self.versions[name] = broker.version()
-        self.log("started %s (pid %d) on 127.0.0.1:%d: %s" % (name, target.pid, target.port, self.versions[name]))
+        self.labels.append(label)
+        self.versions[label] = broker.version()
+        self.log("started %s (pid %d) on 127.0.0.1:%d: %s" % (label, target.pid, target.port, self.versions[label]))
         try:
             self.run_target(target, broker)
         finally:
@@ -2212,8 +2473,9 @@ class Bench(JsonLinesOutput):
         if not self.records:
             self.log("no results")
             return
-        print("\n## mqttbench results (%smedian of %d runs; %s CPUs, %s, Python %s, %s)\n"
-              % ("MQTT 5.0, " if self.opts.mqtt == MQTT_V5 else "", self.opts.repeat, info["nproc"],
+        print("\n## mqttbench results (%s%smedian of %d runs; %s CPUs, %s, Python %s, %s)\n"
+              % ("MQTT 5.0, " if self.opts.mqtt == MQTT_V5 else "",
+                 "persistent sessions, " if self.opts.persistent else "", self.opts.repeat, info["nproc"],
                  info["cpu"], info["python"], info["date"]))
         print(render_table(self.records, self.labels, self.opts.scenario_list))
         if self.versions:
