@@ -7647,20 +7647,29 @@ class TestDurableState:
         ptype, _, body = pub.read_packet()
         assert (ptype, body) == (PUBREC, b"\x00\x07")
         b = durable()
-        pub = track(RawClient(b.mqtt_port))
-        assert pub.connect("pub", clean=False) == (1, 0)
-        pub.send(gen_publish("t", b"once", qos=2, pid=7, dup=True))
-        assert pub.read_packet()[:3:2] == (PUBREC, b"\x00\x07")
-        pub.send(gen_pubrel(7))
-        assert pub.read_packet()[:3:2] == (PUBCOMP, b"\x00\x07")
-        sub = track(RawClient(b.mqtt_port))
-        assert sub.connect("sub", clean=False) == (1, 0)
-        m = sub.read_publish()
-        assert m["payload"] == b"once"
+        sub, m = self._resend_and_receive_once(b, track, 7)
         sub.send(gen_pubrec(m["pid"]))
         assert sub.read_packet()[0] == PUBREL
         sub.send(gen_pubcomp(m["pid"]))
         sub.expect_nothing(0.2)
+
+    @staticmethod
+    def _resend_and_receive_once(b, track, pid):
+        """Client "pub" resumes and resends QoS 2 PUBLISH ``pid`` with DUP: it
+        gets PUBREC and the message is not routed again [MQTT-4.3.3-9]; its
+        PUBREL gets PUBCOMP. Client "sub" resumes and gets the message:
+        -> (sub, the message)."""
+        pub = track(RawClient(b.mqtt_port))
+        assert pub.connect("pub", clean=False) == (1, 0)
+        pub.send(gen_publish("t", b"once", qos=2, pid=pid, dup=True))
+        assert pub.read_packet()[:3:2] == (PUBREC, pid.to_bytes(2, "big"))
+        pub.send(gen_pubrel(pid))
+        assert pub.read_packet()[:3:2] == (PUBCOMP, pid.to_bytes(2, "big"))
+        sub = track(RawClient(b.mqtt_port))
+        assert sub.connect("sub", clean=False) == (1, 0)
+        m = sub.read_publish()
+        assert m["payload"] == b"once"
+        return sub, m
 
     def test_subscription_options_and_identifiers_survive(self, durable, track):
         """5.0 subscriptions keep their options [MQTT-3.8.3-3] and
@@ -7836,15 +7845,7 @@ class TestDurableState:
         while time.monotonic() < deadline:
             assert awaiting() == [1]
             time.sleep(0.05)
-        pub = track(RawClient(b.mqtt_port))
-        assert pub.connect("pub", clean=False) == (1, 0)
-        pub.send(gen_publish("t", b"once", qos=2, pid=3, dup=True))
-        assert pub.read_packet()[:3:2] == (PUBREC, b"\x00\x03")
-        pub.send(gen_pubrel(3))
-        assert pub.read_packet()[:3:2] == (PUBCOMP, b"\x00\x03")
-        sub = track(RawClient(b.mqtt_port))
-        assert sub.connect("sub", clean=False) == (1, 0)
-        assert sub.read_publish()["payload"] == b"once"
+        sub, _ = self._resend_and_receive_once(b, track, 3)
         sub.expect_nothing(0.2)
 
     def test_disconnect_reason_is_sent_with_acks_waiting(self, durable, track):
@@ -8157,7 +8158,25 @@ def _collect(c, quiet=CRASH_QUIET, limit=10.0):
 
 # --- the load test's clients --------------------------------------------------------------
 
-class CrashPublisher:
+class _CrashClient:
+    """What both crash-test clients keep across connections: their client id,
+    CONNACKs' session present flags and anything unexpected they saw."""
+
+    def __init__(self, client_id):
+        self.client_id = client_id
+        self.anomalies = []
+        self.session_present = []
+        self.conn = None
+
+    def _reconnect(self, rig, port):
+        """A new connection (clean session 0) in place of the old; -> session present."""
+        if self.conn is not None:
+            self.conn.close()
+        self.conn, present = rig.client(port, self.client_id, clean=False)
+        return present
+
+
+class CrashPublisher(_CrashClient):
     """A clean-session-0 publisher at QoS 1 or 2 that keeps its half of the
     session (3.1.1 section 4.1: QoS 1/2 messages sent and not completely
     acknowledged) across connections and brokers.
@@ -8174,21 +8193,16 @@ class CrashPublisher:
     WINDOW = 8   # messages in flight; the broker's max_awaiting_rel is 100
 
     def __init__(self, client_id, topic, qos):
-        self.client_id, self.topic, self.qos = client_id, topic, qos
+        super().__init__(client_id)
+        self.topic, self.qos = topic, qos
         self.inflight = collections.OrderedDict()   # pid -> [payload, "ack" | "comp"]
         self.acked = {}   # payload -> the connection (0, 1, ...) its PUBACK / PUBREC came on
         self.sent = 0
         self.resent = set()   # payloads sent again with DUP=1
-        self.anomalies = []
-        self.session_present = []
         self.ended = None
-        self.conn = None
 
     def connect(self, rig, port):
-        if self.conn is not None:
-            self.conn.close()
-        self.conn, present = rig.client(port, self.client_id, clean=False)
-        self.session_present.append(present)
+        self.session_present.append(self._reconnect(rig, port))
         out = b""
         for pid, (payload, stage) in self.inflight.items():
             if stage == "ack":
@@ -8261,7 +8275,7 @@ class CrashPublisher:
             self.ended = "connection lost: %r" % exc
 
 
-class CrashSubscriber:
+class CrashSubscriber(_CrashClient):
     """A clean-session-0 subscriber that keeps its half of the session across
     connections: the packet ids of QoS 2 messages it has delivered and
     acknowledged with PUBREC but not yet seen PUBREL for (3.1.1 section 4.1).
@@ -8273,19 +8287,15 @@ class CrashSubscriber:
     ``received``: (payload, qos) of every delivery, in order."""
 
     def __init__(self, client_id, topic_filter):
-        self.client_id, self.topic_filter = client_id, topic_filter
+        super().__init__(client_id)
+        self.topic_filter = topic_filter
         self.awaiting_rel = set()
         self.received = []
         self.suppressed = []   # payloads of QoS 2 PUBLISHes not delivered: their id awaits PUBREL
-        self.anomalies = []
-        self.session_present = []
         self.subscribed = False
-        self.conn = None
 
     def connect(self, rig, port):
-        if self.conn is not None:
-            self.conn.close()
-        self.conn, present = rig.client(port, self.client_id, clean=False)
+        present = self._reconnect(rig, port)
         self.session_present.append((self.subscribed, present))
         if not self.subscribed:   # once, on the first connection: then the session keeps it
             assert self.conn.subscribe([(self.topic_filter, 2)]) == [2]
@@ -8355,14 +8365,20 @@ def _crash_load(rig, kills, crash="kill"):
 
     proc = port = None
     threads, stop = [], threading.Event()
+
+    def everyone_back():
+        """A broker running (started if it was killed), every client resumed."""
+        nonlocal proc, port
+        if proc is None:
+            proc, port = rig.start()
+        sub.connect(rig, port)
+        for p in pubs:
+            p.connect(rig, port)
+        stop.clear()
+
     try:
         for _ in range(kills):
-            if proc is None:
-                proc, port = rig.start()
-            sub.connect(rig, port)
-            for p in pubs:
-                p.connect(rig, port)
-            stop.clear()
+            everyone_back()
             threads = _threads(lambda: sub.run(stop),
                                *[(lambda p=p: p.run(stop, may_publish)) for p in pubs])
             time.sleep(random.uniform(0.05, 0.3))   # the load, cut at a random moment
@@ -8376,12 +8392,7 @@ def _crash_load(rig, kills, crash="kill"):
                     c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     c.close()   # RST, no DISCONNECT
         # The last start: everyone back, resends completed, the subscriber drained.
-        if proc is None:
-            proc, port = rig.start()
-        sub.connect(rig, port)
-        for p in pubs:
-            p.connect(rig, port)
-        stop.clear()
+        everyone_back()
         threads = _threads(lambda: sub.run(stop))
         _join(_threads(*[p.finish for p in pubs]), timeout=60)
         acked = set().union(*(p.acked for p in pubs))
