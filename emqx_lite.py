@@ -37,6 +37,7 @@ The module reads top to bottom: each section uses only the sections above it.
     Application control
     Configuration files (emq.conf)
     Command-line interface
+    Test kit: the pytest plugin
 
 Architecture
 ------------
@@ -478,6 +479,7 @@ DEFAULTS = {
     "auth_clientid": {},               # emqx_auth_clientid table: client id -> password
     "module_subscription": (),         # emqx_modules: [(topic with %c/%u, qos)] on connect
     "module_rewrite": (),              # emqx_modules: [(filter, regex, replacement with $N)]
+    "journal": 1000,                   # packets the journal keeps (0: off); the command line: 0
     # Durable state (node.data_dir): None or "" keeps everything in memory
     "data_dir": None,                  # directory of emqx_lite.db
     "data_sync": "normal",             # "normal": survives a process crash; "full": power loss too
@@ -1973,6 +1975,11 @@ class Message:
     def expired(self, now):
         return self.expires_at is not None and now >= self.expires_at
 
+    @property
+    def publisher(self):
+        """The client id that published it (a will: its client's; $SYS: None)."""
+        return self.sender
+
     def with_subscription_ids(self, ids):
         """This message for one subscriber whose matching subscriptions have
         these Subscription Identifiers [MQTT-3.3.4-3, -4]: a copy that shares
@@ -2402,8 +2409,17 @@ class Session:
             counts[_QOS_SENT[qos]] += 1
         aliases = self.aliases
         if aliases is not None:
-            return msg.chunks_aliased(qos, retain, dup, packet_id, *aliases.alias(msg.topic))
-        return msg.chunks(qos, retain, dup, packet_id, self.v5)
+            chunks = msg.chunks_aliased(qos, retain, dup, packet_id, *aliases.alias(msg.topic))
+        else:
+            chunks = msg.chunks(qos, retain, dup, packet_id, self.v5)
+        if self.core.observed:   # the journal is on, or a test injected faults
+            conn = self.conn
+            if conn is not None and conn.faults is not None and conn._faulted(PUBLISH, chunks):
+                return ()   # as if lost on the way: its retry (inflight) runs as usual
+            journal = self.core.journal
+            if journal is not None:
+                journal.record(self.client_id, "out", PUBLISH, (msg, qos, retain, dup, packet_id))
+        return chunks
 
     def _send_publish_locked(self, conn, msg, qos, retain, dup=False, packet_id=None,
                              mid=None):
@@ -3058,6 +3074,298 @@ class ClientAcl:
 # Broker core #################################################################
 ###############################################################################
 
+#: The normative statements a traced packet exercises (``--trace``), per
+#: protocol, direction, packet and case; checked against the OASIS texts'
+#: appendices of mandatory statements.
+SPEC_STATEMENTS = {
+    ("3.1.1", "in", "CONNECT", "clean"): ["MQTT-3.1.0-1", "MQTT-3.1.2-6"],
+    ("3.1.1", "in", "CONNECT", "persistent"): ["MQTT-3.1.0-1", "MQTT-3.1.2-4"],
+    ("3.1.1", "out", "CONNACK", "present"): ["MQTT-3.2.0-1", "MQTT-3.2.2-2"],
+    ("3.1.1", "out", "CONNACK", ""): ["MQTT-3.2.0-1", "MQTT-3.2.2-1"],
+    ("3.1.1", "in", "PUBLISH", "qos0"): ["MQTT-3.3.4-1", "MQTT-4.5.0-1"],
+    ("3.1.1", "in", "PUBLISH", "qos1"): ["MQTT-4.3.2-2", "MQTT-3.3.4-1"],
+    ("3.1.1", "in", "PUBLISH", "qos2"): ["MQTT-4.3.3-2", "MQTT-3.3.4-1"],
+    ("3.1.1", "in", "PUBLISH", "retain"): ["MQTT-3.3.1-5"],
+    ("3.1.1", "in", "PUBLISH", "retain empty"): ["MQTT-3.3.1-10", "MQTT-3.3.1-11"],
+    ("3.1.1", "out", "PUBLISH", ""): ["MQTT-3.8.4-6", "MQTT-3.3.1-9"],
+    ("3.1.1", "out", "PUBLISH", "retain"): ["MQTT-3.3.1-6", "MQTT-3.3.1-8"],
+    ("3.1.1", "out", "PUBLISH", "dup"): ["MQTT-3.3.1-1", "MQTT-4.4.0-1"],
+    ("3.1.1", "out", "PUBACK", ""): ["MQTT-4.3.2-2", "MQTT-2.3.1-6"],
+    ("3.1.1", "out", "PUBREC", ""): ["MQTT-4.3.3-2", "MQTT-2.3.1-6"],
+    ("3.1.1", "in", "PUBREL", ""): ["MQTT-3.6.1-1", "MQTT-4.3.3-2"],
+    ("3.1.1", "out", "PUBCOMP", ""): ["MQTT-4.3.3-2"],
+    ("3.1.1", "in", "PUBREC", ""): ["MQTT-4.3.3-1"],
+    ("3.1.1", "out", "PUBREL", ""): ["MQTT-4.3.3-1", "MQTT-2.3.1-6"],
+    ("3.1.1", "in", "PUBACK", ""): ["MQTT-4.3.2-1"],
+    ("3.1.1", "in", "PUBCOMP", ""): ["MQTT-4.3.3-1"],
+    ("3.1.1", "in", "SUBSCRIBE", ""): ["MQTT-3.8.4-1", "MQTT-3.8.4-4"],
+    ("3.1.1", "out", "SUBACK", ""): ["MQTT-3.8.4-2", "MQTT-3.8.4-5"],
+    ("3.1.1", "in", "UNSUBSCRIBE", ""): ["MQTT-3.10.4-1", "MQTT-3.10.4-4"],
+    ("3.1.1", "out", "UNSUBACK", ""): ["MQTT-3.10.4-4", "MQTT-3.10.4-5"],
+    ("3.1.1", "in", "PINGREQ", ""): ["MQTT-3.12.4-1"],
+    ("3.1.1", "out", "PINGRESP", ""): ["MQTT-3.12.4-1"],
+    ("3.1.1", "in", "DISCONNECT", ""): ["MQTT-3.14.4-3", "MQTT-3.1.2-10"],
+    ("5.0", "in", "CONNECT", "clean"): ["MQTT-3.1.0-1", "MQTT-3.1.2-4"],
+    ("5.0", "in", "CONNECT", "persistent"): ["MQTT-3.1.0-1", "MQTT-3.1.2-5"],
+    ("5.0", "out", "CONNACK", "present"): ["MQTT-3.2.0-1", "MQTT-3.2.2-3"],
+    ("5.0", "out", "CONNACK", ""): ["MQTT-3.2.0-1", "MQTT-3.2.2-2"],
+    ("5.0", "in", "PUBLISH", "qos0"): ["MQTT-3.3.4-1", "MQTT-4.5.0-1"],
+    ("5.0", "in", "PUBLISH", "qos1"): ["MQTT-4.3.2-4", "MQTT-3.3.4-1"],
+    ("5.0", "in", "PUBLISH", "qos2"): ["MQTT-4.3.3-8", "MQTT-4.3.3-10"],
+    ("5.0", "in", "PUBLISH", "retain"): ["MQTT-3.3.1-5"],
+    ("5.0", "in", "PUBLISH", "retain empty"): ["MQTT-3.3.1-6", "MQTT-3.3.1-7"],
+    ("5.0", "out", "PUBLISH", ""): ["MQTT-3.8.4-8", "MQTT-3.3.1-12"],
+    ("5.0", "out", "PUBLISH", "retain"): ["MQTT-3.3.1-9"],
+    ("5.0", "out", "PUBLISH", "dup"): ["MQTT-3.3.1-1", "MQTT-4.4.0-1"],
+    ("5.0", "out", "PUBACK", ""): ["MQTT-4.3.2-4", "MQTT-2.2.1-5"],
+    ("5.0", "out", "PUBREC", ""): ["MQTT-4.3.3-8", "MQTT-2.2.1-5"],
+    ("5.0", "in", "PUBREL", ""): ["MQTT-3.6.1-1", "MQTT-4.3.3-11"],
+    ("5.0", "out", "PUBCOMP", ""): ["MQTT-4.3.3-11"],
+    ("5.0", "in", "PUBREC", ""): ["MQTT-4.3.3-3"],
+    ("5.0", "out", "PUBREL", ""): ["MQTT-4.3.3-4"],
+    ("5.0", "in", "PUBACK", ""): ["MQTT-4.3.2-3"],
+    ("5.0", "in", "PUBCOMP", ""): ["MQTT-4.3.3-5"],
+    ("5.0", "in", "SUBSCRIBE", ""): ["MQTT-3.8.4-1", "MQTT-3.8.4-5"],
+    ("5.0", "out", "SUBACK", ""): ["MQTT-3.8.4-2", "MQTT-3.8.4-6"],
+    ("5.0", "in", "UNSUBSCRIBE", ""): ["MQTT-3.10.4-1", "MQTT-3.10.4-4"],
+    ("5.0", "out", "UNSUBACK", ""): ["MQTT-3.10.4-4", "MQTT-3.10.4-5"],
+    ("5.0", "in", "PINGREQ", ""): ["MQTT-3.12.4-1"],
+    ("5.0", "out", "PINGRESP", ""): ["MQTT-3.12.4-1"],
+    ("5.0", "in", "DISCONNECT", ""): ["MQTT-3.14.4-3", "MQTT-3.1.2-10"],
+}
+
+
+def spec_statements(entry):
+    """The normative statements a journal entry's packet exercises."""
+    version = "5.0" if entry.get("version") == MQTT_V5 else "3.1.1"
+    kind, case = entry["type"], ""
+    if kind == "CONNECT":
+        case = "clean" if "clean" in (entry["payload"] or "") else "persistent"
+    elif kind == "CONNACK":
+        case = "present" if entry.get("session_present") else ""
+    elif kind == "PUBLISH" and entry["direction"] == "in":
+        case = ("retain empty" if not entry["payload"] else "retain") if entry["retain"] \
+            else "qos%d" % entry["qos"]
+    elif kind == "PUBLISH":
+        case = "dup" if entry["dup"] else "retain" if entry["retain"] else ""
+    return SPEC_STATEMENTS.get((version, entry["direction"], kind, case), [])
+
+
+class _Note(list):
+    """An inbound journal entry's note list, which knows its entry (so that
+    the entry can be traced once its handler has decided)."""
+    __slots__ = ("raw",)
+
+
+class Journal:
+    """The last ``size`` packets in and out of the broker, and what it
+    decided about them: for a test that failed, a student, or a bug report.
+
+    Recording is a tuple appended to a bounded deque (atomic, no lock); an
+    entry becomes a dict only when read. Inbound packets are kept decoded,
+    outbound ones as the bytes sent (decoded when read) or, for PUBLISH, as
+    the message and its delivery fields. ``note`` lists what the broker
+    decided: where a PUBLISH was routed (on its inbound entry), a refusal, a
+    drop, a takeover.
+    """
+    PAYLOAD_PREVIEW = 64   # characters of payload an entry shows
+
+    def __init__(self, size, trace=None):
+        self.size = size
+        self._entries = collections.deque(maxlen=size or 1)
+        self._seq = itertools.count(1)
+        #: f(entry, decided) for every entry as it is recorded, and again with
+        #: ``decided`` once an inbound packet's handler has noted its decisions
+        #: (``--trace``), or None
+        self.trace = trace
+
+    def record(self, client_id, direction, packet_type, fields, version=MQTT_V311, note=()):
+        """Record one packet; returns its note list (append decisions to it)."""
+        notes = _Note(note)
+        raw = notes.raw = (next(self._seq), time.time(), client_id, direction, packet_type,
+                           fields, version, notes)
+        self._entries.append(raw)
+        if self.trace is not None:
+            self.trace(self._entry(raw), False)
+        return notes
+
+    def traced(self, note):
+        """The inbound packet of ``note`` has been handled: trace what was decided."""
+        if self.trace is not None and note:
+            self.trace(self._entry(note.raw), True)
+
+    def clear(self):
+        self._entries.clear()
+
+    def query(self, client_id=None, type=None, direction=None, topic=None, since_seq=None):
+        """The entries that match every given field, in ascending ``seq``
+        (``topic``: also a filter with wildcards, for PUBLISH entries)."""
+        rows = sorted(list(self._entries), key=lambda e: e[0])
+        result = []
+        for raw in rows:
+            if (since_seq is not None and raw[0] <= since_seq) or (
+                    client_id is not None and raw[2] != client_id) or (
+                    direction is not None and raw[3] != direction) or (
+                    type is not None and str(PACKET_NAMES.get(raw[4], raw[4])).upper()
+                    != type.upper()):
+                continue
+            entry = self._entry(raw)
+            if topic is not None and not (entry["topic"] == topic or (
+                    raw[4] == PUBLISH and validate_topic_filter(topic)
+                    and topic_matches(topic, entry["topic"]))):
+                continue
+            result.append(entry)
+        return result
+
+    def dump(self, path, **query):
+        """Write the entries (those of ``query(**query)``) to ``path`` as JSON Lines."""
+        with open(path, "w", encoding="utf-8") as f:
+            for entry in self.query(**query):
+                f.write(json.dumps(entry, separators=(",", ":")) + "\n")
+
+    @staticmethod
+    def lines(entries):
+        """Entries as readable lines: ``<- PUBLISH c1 t/1 qos=1 id=3 'hi'``."""
+        out = []
+        for e in entries:
+            fields = [e["type"], e["client_id"] or "-"]
+            if e["topic"] is not None:
+                fields.append(e["topic"])
+            for name in ("qos", "packet_id", "reason_code"):
+                if e[name] is not None:
+                    fields.append("%s=%s" % ({"packet_id": "id"}.get(name, name), e[name]))
+            fields += [flag for flag in ("retain", "dup") if e[flag]]
+            if e["payload"] is not None:
+                fields.append(e["payload"] if e["type"] == "CONNECT" else repr(e["payload"]))
+            if e["note"]:
+                fields.append("# " + e["note"])
+            out.append("%6d %s %s" % (e["seq"], "<-" if e["direction"] == "in" else "->",
+                                       " ".join(map(str, fields))))
+        return out
+
+    def _entry(self, raw):
+        seq, at, client_id, direction, packet_type, fields, version, note = raw
+        entry = {"seq": seq, "time": at, "client_id": client_id, "direction": direction,
+                 "type": PACKET_NAMES.get(packet_type, str(packet_type)), "packet_id": None,
+                 "qos": None, "retain": None, "dup": None, "topic": None, "payload": None,
+                 "reason_code": None, "note": "; ".join(self._note(n) for n in note),
+                 "version": version}
+        if type(fields) is tuple:   # an outbound PUBLISH: (msg, qos, retain, dup, packet_id)
+            msg, qos, retain, dup, packet_id = fields
+            entry.update(topic=msg.topic, payload=self._preview(msg.payload), qos=qos,
+                         retain=bool(retain), dup=bool(dup), packet_id=packet_id)
+            return entry
+        packet = fields
+        if isinstance(fields, bytes):   # an outbound control packet, as sent
+            try:
+                first, body, _ = split_packet(fields)
+                packet = DECODERS[first >> 4](first & 0x0F, body, version)
+            except (MQTTError, KeyError, TypeError):
+                return entry
+        for name in ("packet_id", "qos", "retain", "dup", "reason_code"):
+            value = getattr(packet, name, None)
+            if value is not None:
+                entry[name] = value
+        if isinstance(packet, Connack):
+            entry["reason_code"] = packet.return_code
+            entry["session_present"] = bool(packet.session_present)
+        elif isinstance(packet, Suback):
+            entry["reason_code"] = list(packet.return_codes)
+        elif isinstance(packet, (Subscribe, Unsubscribe)):
+            entry["topic"] = ", ".join(t if isinstance(t, str) else t[0] for t in packet.topics)
+        elif isinstance(packet, Connect):
+            entry["topic"] = None
+            entry["payload"] = "v%s %s keepalive=%d%s" % (
+                {MQTT_V31: "3.1", MQTT_V311: "3.1.1", MQTT_V5: "5.0"}.get(packet.proto_ver,
+                                                                         packet.proto_ver),
+                "clean" if packet.clean_session else "persistent", packet.keepalive,
+                "" if packet.will is None else " will=" + packet.will.topic)
+        if isinstance(packet, Publish):
+            entry["topic"] = packet.topic
+            entry["payload"] = self._preview(packet.payload)
+        return entry
+
+    @classmethod
+    def _preview(cls, payload):
+        text = payload[:cls.PAYLOAD_PREVIEW].decode("utf-8", "replace")
+        return text + ("..." if len(payload) > cls.PAYLOAD_PREVIEW else "")
+
+    @staticmethod
+    def _note(note):
+        if isinstance(note, str):
+            return note
+        kind, targets, shared = note   # ("routed", ((session, route), ...), shared group?)
+        if not targets:
+            return "no subscriber: dropped"
+        return "routed to %s%s" % (", ".join("%s (subscribed qos %d)" % (s.client_id, r & 0x03)
+                                             for s, r in targets),
+                                   "; shared groups picked their member" if shared else "")
+
+
+class Capture:
+    """The messages routed to a topic filter, recorded for a test to look at
+    (``Broker.capture``); recorded whether or not any client subscribes.
+
+    ``messages`` are ``Message`` objects (``topic, payload, qos, retain`` as
+    published, ``properties``, ``publisher``). ``lock`` (a Condition's) guards
+    ``messages``; nothing is taken while it is held.
+    """
+
+    def __init__(self, core, topic_filter):
+        if not validate_topic_filter(topic_filter):
+            raise ValueError("invalid topic filter %r" % (topic_filter,))
+        self.topic_filter = topic_filter
+        self.messages = []
+        self._core = core
+        self._changed = threading.Condition()   # its lock guards messages
+
+    def record(self, msg):
+        with self._changed:
+            self.messages.append(msg)
+            self._changed.notify_all()
+
+    def wait(self, count=1, predicate=None, timeout=5.0):
+        """The messages that match ``predicate`` (all, without one) once there
+        are ``count`` of them; TimeoutError, showing what was captured, if
+        that takes over ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                found = [m for m in self.messages if predicate is None or predicate(m)]
+                if len(found) >= count:
+                    return found
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("%d message(s) on %r wanted, %d matched within %gs; "
+                                       "captured: %s" % (count, self.topic_filter, len(found),
+                                                         timeout, self._describe_locked()))
+                self._changed.wait(left)
+
+    def _describe_locked(self):
+        shown = ["%s %r qos=%d%s from %s" % (m.topic, m.payload[:40], m.qos,
+                                              " retain" if m.retain else "", m.publisher)
+                 for m in self.messages[-10:]]
+        more = len(self.messages) - len(shown)
+        return "[%s]" % "; ".join(([] if more <= 0 else ["... %d more" % more]) + shown)
+
+    def clear(self):
+        with self._changed:
+            self.messages = []
+
+    def stop(self):
+        """Stop recording (the end of a ``with`` block does it too)."""
+        self._core.remove_capture(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def __repr__(self):
+        return "<Capture %r: %d messages>" % (self.topic_filter, len(self.messages))
+
+
 class BrokerCore:
     """Routing, sessions and retained messages; knows nothing about sockets.
 
@@ -3097,6 +3405,13 @@ class BrokerCore:
         self.modules_enabled = True    # the emqx_modules plugin (presence, rewrite, subscription)
         self.rewrite_rules = [(f, re.compile(r), d)
                               for f, r, d in settings["module_rewrite"]]
+        self.captures = ()       # Capture objects recording (replaced whole, under lock)
+        self.journal = None      # the Journal recording packets, or None (off)
+        self.faults = None       # the Broker's Faults (refused CONNECTs), set at start
+        self.observed = False    # the journal is on or faults were injected: look per packet
+        #: told after a client connected, disconnected, subscribed or unsubscribed
+        #: (no lock held): the Broker's awaits
+        self.on_change = None
         #: guards the registry of per-thread counters (a leaf lock)
         self.counts_lock = threading.Lock()
         self._counters = {}      # id -> counters of each thread that has counted something
@@ -3354,6 +3669,7 @@ class BrokerCore:
                                             subscription_id)
                      for topic_filter, qos in topics]
             self._update_stats_locked()
+        self.changed()
         return codes, retained
 
     def _subscribe_locked(self, session, topic_filter, options, retained, subscription_id=0):
@@ -3414,6 +3730,7 @@ class BrokerCore:
                 if known:
                     self._unsubscribe_locked(session, topic_filter)
                 found.append(known)
+        self.changed()
         return found
 
     def _unsubscribe_locked(self, session, topic_filter):
@@ -3442,20 +3759,27 @@ class BrokerCore:
         return topic
 
     # --- publishing ------------------------------------------------------------
-    def publish(self, msg, batch):
+    def publish(self, msg, batch, note=None):
         """Route one message: store/clear it if retained, then deliver a copy to
         every matching session at min(msg QoS, granted QoS) [MQTT-3.8.4-6],
         added to ``batch`` for the caller to run.
 
         This is the one routing path for MQTT PUBLISH, wills, $SYS, REST and
-        the Python API. Returns whether any subscription matched. Match results are cached per topic until the next
-        subscription change; the cache is read without the lock (a message
-        racing an UNSUBSCRIBE may still be delivered [MQTT-3.10.4-3]).
+        the Python API. Returns whether any subscription matched; with the
+        journal on, ``note`` (an entry's note list) gets where it went. Match
+        results are cached per topic until the next subscription change; the
+        cache is read without the lock (a message racing an UNSUBSCRIBE may
+        still be delivered [MQTT-3.10.4-3]).
         """
         topic = msg.topic
         if self.rewrite_rules and self.modules_enabled:
             topic = msg.topic = self.rewrite(topic)
+        if self.captures:
+            for capture in self.captures:
+                if topic_matches(capture.topic_filter, topic):
+                    capture.record(msg)
         targets = None if msg.retain else self._route_cache.get(topic)
+        shared = False
         if targets is None:
             with self.lock:
                 if msg.retain and self.retainer_enabled:
@@ -3477,6 +3801,8 @@ class BrokerCore:
                     if len(self._route_cache) >= _ROUTE_CACHE_SIZE:
                         self._route_cache.clear()
                     self._route_cache[topic] = targets
+        if note is not None:
+            note.append(("routed", targets, shared))
         if not targets:
             if not msg.sys:
                 self.counts()["messages/dropped"] += 1
@@ -3501,6 +3827,20 @@ class BrokerCore:
             msg = msg.with_subscription_ids(_subscription_ids(route))
         batch.add(session, msg, msg.qos if msg.qos < granted else granted,
                   msg.retain and route & _RETAIN_AS_PUBLISHED)
+
+    def add_capture(self, capture):
+        with self.lock:
+            self.captures = self.captures + (capture,)
+
+    def remove_capture(self, capture):
+        with self.lock:
+            self.captures = tuple(c for c in self.captures if c is not capture)
+
+    def changed(self):
+        """Something the Broker's awaits look at changed (no lock held)."""
+        on_change = self.on_change
+        if on_change is not None:
+            on_change()
 
     # --- snapshots for the REST and Python APIs --------------------------------
     def client_infos(self):
@@ -3691,6 +4031,37 @@ class ConnectionHooks:
         self.connected, self.disconnected = connected, disconnected
 
 
+class ConnectionFaults:
+    """Faults injected into one connection (``Broker.faults``). ``lock``
+    guards ``drop`` and ``delay`` (a leaf); ``frozen_until`` and
+    ``close_after`` are plain values read without it."""
+    __slots__ = ("registry", "lock", "frozen_until", "thaw", "drop", "delay", "close_after")
+
+    def __init__(self, registry):
+        self.registry = registry          # the Faults that made it (timers, journal)
+        self.lock = threading.Lock()
+        self.frozen_until = 0.0           # monotonic time the freeze ends
+        self.thaw = threading.Event()     # set to end a freeze early
+        self.drop = {}                    # outbound packet type -> how many more to swallow
+        self.delay = {}                   # outbound packet type -> seconds to hold each
+        self.close_after = None           # inbound packets left before the connection is cut
+
+    def frozen(self):
+        return self.frozen_until > time.monotonic()
+
+    def verdict(self, packet_type):
+        """For an outbound packet: None (send it), "drop", or seconds to hold it."""
+        with self.lock:
+            left = self.drop.get(packet_type)
+            if left:
+                if left == 1:
+                    del self.drop[packet_type]
+                else:
+                    self.drop[packet_type] = left - 1
+                return "drop"
+            return self.delay.get(packet_type)
+
+
 class Connection:
     """One client socket: its reader thread, protocol state and outbound buffer.
 
@@ -3708,7 +4079,7 @@ class Connection:
                  "blocked_since", "_closed", "_batch", "_disconnecting", "held",
                  "held_since", "waiting_on", "_recv_size", "receive_maximum",
                  "max_packet_out", "topic_aliases", "auth", "_pending", "alias_max_out",
-                 "barrier", "acks_pending")
+                 "barrier", "acks_pending", "_note", "faults")
 
     def __init__(self, hooks, core, sock, peer, listener):
         self.hooks = hooks
@@ -3748,6 +4119,8 @@ class Connection:
         # and not while the reader thread is still settling its acks' barrier.
         self.barrier = 0
         self.acks_pending = False
+        self._note = None             # with the journal on: the current packet's entry note
+        self.faults = None            # ConnectionFaults once a test injects one
         self._disconnecting = False
         self._recv_size = _RECV_MIN   # bytes the next recv asks for (adaptive)
         # MQTT 5.0, from CONNECT (3.x: no limits, no aliases):
@@ -3769,6 +4142,7 @@ class Connection:
             reason = "normal" if self._disconnecting else "closed"
         except ConnectRefused as exc:
             _log.info("Refused CONNECT from %s:%s: %s", self.peer[0], self.peer[1], exc)
+            self._decided("refused: %s" % exc)
             code = exc.return_code
             if self.proto_ver == MQTT_V5:
                 code = CONNACK_V5.get(code, code)
@@ -3800,7 +4174,11 @@ class Connection:
         max_size = self.settings["max_packet_size"]
         buf = b""
         while True:
+            before = self.last_recv
             data = self._receive(counts)
+            if self.faults is not None and self.faults.frozen():
+                self.last_recv = before   # frozen: nothing arrived, as far as keepalive knows
+                self._stay_frozen()
             if data is None:
                 return
             if not data:
@@ -3841,6 +4219,18 @@ class Connection:
                     self._send_locked()
         return None if transport.closed else data
 
+    def _stay_frozen(self):
+        """An injected freeze: handle nothing until it ends (or the connection
+        is closed), then take what arrived meanwhile and send what waited."""
+        faults = self.faults
+        while self.close_reason is None:
+            left = faults.frozen_until - time.monotonic()
+            if left <= 0 or faults.thaw.wait(left):
+                break
+        faults.thaw.clear()
+        self.last_recv = time.monotonic()
+        self.flush()
+
     def _flush_batch(self):
         """End of a batch: one write per touched connection, this one included."""
         self._batch.run()
@@ -3874,12 +4264,36 @@ class Connection:
                                             else packet_type in _DURABLE_REPLIES):
             self.acks_pending = True   # what this packet changes is on disk before its reply
         packet = decode_packet(first_byte, body, self.proto_ver)
+        journal = self.core.journal
+        if journal is not None:
+            self._note = journal.record(self.client_id or getattr(packet, "client_id", None),
+                                        "in", packet_type, packet, self.proto_ver)
         _HANDLERS[packet_type](self, packet, counts)
+        if journal is not None and journal.trace is not None:
+            journal.traced(self._note)
+        faults = self.faults
+        if faults is not None and faults.close_after is not None:
+            faults.close_after -= 1
+            if faults.close_after <= 0:
+                faults.close_after = None
+                self._decided("connection cut by an injected fault (close_after)")
+                raise ConnectionResetError("cut by an injected fault")
+
+    def _decided(self, what):
+        """Note a decision on the packet being handled (with the journal on)."""
+        if self._note is not None:
+            self._note.append(what)
 
     # --- handlers, one per packet type ------------------------------------------
     def handle_connect(self, pkt, counts):
         if self.session is not None or self._pending is not None:
             raise ProtocolError("second CONNECT [MQTT-3.1.0-2]")
+        faults = self.core.faults
+        if faults is not None and faults.refusals:
+            code = faults.refusal_for(pkt.client_id)
+            if code is not None:
+                self.proto_ver = pkt.proto_ver
+                raise ConnectRefused(code, "refused by an injected fault")
         s = self.settings
         self.proto_ver, self.keepalive = pkt.proto_ver, pkt.keepalive
         ceiling = s["max_keepalive"]
@@ -3938,6 +4352,7 @@ class Connection:
                                                            pkt.clean_session, None)
         self.session = session
         if old_conn is not None:
+            self._decided("took the client id over from %s:%s" % old_conn.peer)
             old_conn.shutdown("conflict")   # takeover [MQTT-3.1.4-2]
             if self.core.store is not None and old_conn.thread is not None:
                 # What its last packets changed is recorded before this client's
@@ -3988,14 +4403,17 @@ class Connection:
                 raise StoreUnavailable("data file not writable: QoS %d PUBLISH refused" % qos)
             _log.info("Refused QoS %d PUBLISH to %r from %s: data file not writable",
                       qos, topic, self.client_id)
+            self._decided("refused: the data file cannot be written")
             reason = RC_QUOTA_EXCEEDED
         elif topic.startswith("$SYS/"):
             # Clients may not inject $SYS messages: acknowledged, not routed.
             _log.info("Dropped PUBLISH to %r from %s", topic, self.client_id)
+            self._decided("clients may not publish to $SYS/: not routed")
             reason = RC_NOT_AUTHORIZED
         elif not self.acl.check("publish", topic):
             # Denied: acknowledged as usual and dropped [MQTT-3.3.5-2].
             _log.info("ACL denied PUBLISH to %r from %s", topic, self.client_id)
+            self._decided("ACL denied: not routed")
             counts["messages/dropped"] += 1
             reason = RC_NOT_AUTHORIZED
         elif qos == 2:
@@ -4005,19 +4423,22 @@ class Connection:
                     raise ReceiveMaximumExceeded("more QoS 2 PUBLISHes than Receive Maximum "
                                                  "[MQTT-3.3.4-9]")
                 counts["messages/qos2/dropped"] += 1
+                self._decided("too many QoS 2 ids awaiting PUBREL: dropped, no PUBREC")
                 return  # no PUBREC: the client resends later
-            if state == "dup" and self.session.store is not None:
-                store.depend(self.session.seq)   # its PUBREC waits for its first record
+            if state == "dup":
+                self._decided("QoS 2 id already received: not routed again")
+                if self.session.store is not None:
+                    store.depend(self.session.seq)   # its PUBREC waits for its first record
             if state == "new":
                 if self.session.store is not None:
                     self._batch.rels.append((self.session, pkt.packet_id))
                     self._batch.store = self.session.store
                 if not self.core.publish(Message(topic, pkt.payload, 2, pkt.retain,
                                                  self.client_id, False, properties),
-                                         self._batch):
+                                         self._batch, self._note):
                     reason = RC_NO_MATCHING_SUBSCRIBERS
         elif not self.core.publish(Message(topic, pkt.payload, qos, pkt.retain, self.client_id,
-                                           False, properties), self._batch):
+                                           False, properties), self._batch, self._note):
             reason = RC_NO_MATCHING_SUBSCRIBERS
         if qos:
             self.send_publish_ack(PUBACK if qos == 1 else PUBREC, pkt.packet_id, reason)
@@ -4147,7 +4568,31 @@ class Connection:
         self._auth_step(exchange.step(props.get("authentication_data", b"")))
 
     # --- sending (any thread) -----------------------------------------------------
+    def _journal_out(self, packet_type, data):
+        journal = self.core.journal
+        if journal is not None:
+            journal.record(self.client_id, "out", packet_type, data, self.proto_ver)
+
+    def _faulted(self, packet_type, chunks):
+        """Apply an injected fault to an outbound packet: True if it is
+        dropped, or held back to be written later, instead of written now."""
+        faults = self.faults
+        verdict = faults.verdict(packet_type) if faults is not None else None
+        if verdict is None:
+            return False
+        journal = self.core.journal
+        if journal is not None:
+            journal.record(self.client_id, "out", packet_type, b"".join(chunks), self.proto_ver,
+                           ["dropped by an injected fault" if verdict == "drop"
+                            else "held %gs by an injected fault" % verdict])
+        if verdict != "drop":
+            faults.registry.later(verdict, functools.partial(self.write, tuple(chunks)))
+        return True
+
     def _send_bytes(self, data, packet_type, barrier=0):
+        if self.faults is not None and self._faulted(packet_type, (data,)):
+            return
+        self._journal_out(packet_type, data)
         with self.out_lock:
             if self._closed:
                 return
@@ -4167,6 +4612,9 @@ class Connection:
         """PUBACK or PUBREC for a PUBLISH this client sent; FlowControl holds
         it while a session its messages went to is congested."""
         data = ENCODERS[packet_type](Ack(packet_id, reason), self.proto_ver)
+        if self.faults is not None and self._faulted(packet_type, (data,)):
+            return
+        self._journal_out(packet_type, data)
         self.core.flow.send_ack(self, data, self._batch.congested)
         self.core.counts()[_SENT_METRIC[packet_type]] += 1
 
@@ -4221,6 +4669,8 @@ class Connection:
         What the socket does not take stays in ``_wire`` for the service thread.
         Packets waiting for a commit (``barrier``) stay in ``_out``, unless
         they are the ``last`` before a close (``_send_last``)."""
+        if self.faults is not None and self.faults.frozen():
+            return   # an injected freeze: everything waits for the thaw
         out = self._out
         store = self.core.store
         if out and store is not None and not last and (
@@ -4290,6 +4740,7 @@ class Connection:
     def _send_last(self, data, packet_type):
         """The last packet before the broker closes: it promises nothing, so
         it does not wait for the disk; what waits for the disk is dropped."""
+        self._journal_out(packet_type, data)
         with self.out_lock:
             if self._closed:
                 return
@@ -4689,6 +5140,11 @@ def _page(rows, args):
             "total_page": -(-len(rows) // size), "objects": rows[start:start + size]}
 
 
+#: The Faults methods the REST API offers.
+_FAULT_ACTIONS = ("disconnect", "freeze", "drop_next", "delay", "refuse_connect", "close_after",
+                  "pause_listener", "clear")
+
+
 def create_api_blueprint(broker):
     """The EMQ X 2.x api/v2 routes, as a Flask blueprint bound to ``broker``."""
     from flask import Blueprint, request
@@ -4952,6 +5408,41 @@ def create_api_blueprint(broker):
     @rule("/nodes/<node>/alarms", strict_slashes=False)
     def list_alarms(node):
         return ok([])   # emqx_lite raises no alarms
+
+    # --- Fault injection (emqx_lite's own): nodes/{node}/faults -------------------------
+    @rule("/nodes/<node>/faults", methods=["POST"], strict_slashes=False)
+    def inject_fault(node):
+        """{"action": "<Faults method>", <its arguments by name>}."""
+        check_node(node)
+        body = params(action=str)
+        action = body.pop("action")
+        method = getattr(broker.faults, action, None) if action in _FAULT_ACTIONS else None
+        if method is None:
+            raise ApiError(102, "unknown action %r (one of %s)"
+                           % (action, ", ".join(_FAULT_ACTIONS)))
+        try:
+            method(**body)
+        except TypeError as exc:
+            raise ApiError(107, "params error: %s" % exc) from None
+        except ValueError as exc:
+            raise ApiError(108, str(exc)) from None
+        except KeyError as exc:
+            raise ApiError(112, exc.args[0]) from None
+        return ok()
+
+    # --- The packet journal (emqx_lite's own): nodes/{node}/journal ---------------------
+    @rule("/nodes/<node>/journal", strict_slashes=False)
+    def get_journal(node):
+        """Journal entries matching client_id, type, direction and topic (a
+        filter may have wildcards); ``limit=N``: the last N of them."""
+        check_node(node)
+        args = request.args
+        limit = args.get("limit", "")
+        if limit and not (limit.isdigit() and int(limit) > 0):
+            raise ApiError(108, "limit must be a positive integer")
+        entries = broker.journal.query(**{name: args.get(name) or None for name in (
+            "client_id", "type", "direction", "topic")})
+        return ok(entries[-int(limit):] if limit else entries)
 
     # --- Users (the dashboard's admin table): auth, users[/{name}], change_pwd/{name} ---
     def dashboard_required():
@@ -5498,6 +5989,190 @@ class _ApiServer(WaitressServer):
 # Application control #########################################################
 ###############################################################################
 
+#: Packet types a fault may drop or hold: those the broker sends.
+_SERVER_PACKETS = {name: t for t, name in PACKET_NAMES.items()
+                   if t in (CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP, SUBACK, UNSUBACK,
+                            PINGRESP, DISCONNECT, AUTH)}
+
+
+class Faults:
+    """Network faults for testing clients (``Broker.faults``): each acts on a
+    live connection (KeyError if the client is not connected) and is
+    recorded in the journal. ``lock`` guards ``refusals`` and ``_timers``
+    (a leaf: nothing is taken while it is held)."""
+
+    def __init__(self, broker):
+        self._broker = broker
+        self.lock = threading.Lock()
+        self.refusals = []        # [return code, client id or None, count left], in order
+        self._timers = set()      # threading.Timer objects still pending
+
+    # --- the faults -----------------------------------------------------------------
+    def disconnect(self, client_id):
+        """The TCP connection dies as on a network failure: no DISCONNECT;
+        the will is published."""
+        conn = self._conn(client_id)
+        self._journal(client_id, "disconnect", "connection cut")
+        conn.close_reason = conn.close_reason or "closed"
+        try:
+            conn.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def freeze(self, client_id, seconds):
+        """Stop reading from and writing to the client for ``seconds``: what
+        it sends and what it is sent waits, nothing is dropped; its
+        keepalive clock keeps running."""
+        seconds = self._seconds(seconds)
+        conn = self._conn(client_id)
+        faults = self._faults_of(conn)
+        faults.frozen_until = time.monotonic() + seconds
+        self._journal(client_id, "freeze", "frozen for %gs" % seconds)
+        self.later(seconds, conn.flush)   # what waited goes out when it ends
+
+    def drop_next(self, client_id, packet_type, count=1):
+        """Swallow the next ``count`` packets of ``packet_type`` ("PUBACK",
+        "PUBLISH"...) the broker sends the client, so that its retries run."""
+        kind = self._packet_type(packet_type)
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise ValueError("count must be a positive integer, not %r" % (count,))
+        faults = self._faults_of(self._conn(client_id))
+        with faults.lock:
+            faults.drop[kind] = faults.drop.get(kind, 0) + count
+        self._journal(client_id, "drop_next", "the next %d %s dropped"
+                      % (count, PACKET_NAMES[kind]))
+
+    def delay(self, client_id, packet_type, seconds):
+        """Hold every ``packet_type`` packet to the client for ``seconds``
+        (packets of other types overtake it), until clear()."""
+        kind, seconds = self._packet_type(packet_type), self._seconds(seconds)
+        faults = self._faults_of(self._conn(client_id))
+        with faults.lock:
+            faults.delay[kind] = seconds
+        self._journal(client_id, "delay", "%s held %gs" % (PACKET_NAMES[kind], seconds))
+
+    def refuse_connect(self, return_code, client_id=None, count=1):
+        """The next ``count`` CONNECTs (from ``client_id``, or anyone) get
+        CONNACK ``return_code`` (3.x codes 1-5, mapped for 5.0 clients)."""
+        if not isinstance(return_code, int) or not 1 <= return_code <= 255:
+            raise ValueError("return_code must be a CONNACK code 1..255, not %r" % (return_code,))
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise ValueError("count must be a positive integer, not %r" % (count,))
+        self._broker._require_started()
+        with self.lock:
+            self.refusals.append([return_code, client_id, count])
+        self._journal(client_id, "refuse_connect", "the next %d CONNECT(s) get %d"
+                      % (count, return_code))
+
+    def close_after(self, client_id, packets):
+        """Cut the connection (as a network failure) once the client has sent
+        ``packets`` more packets; the last one is handled, its reply not sent."""
+        if not isinstance(packets, int) or isinstance(packets, bool) or packets < 1:
+            raise ValueError("packets must be a positive integer, not %r" % (packets,))
+        self._faults_of(self._conn(client_id)).close_after = packets
+        self._journal(client_id, "close_after", "cut after %d more packets" % packets)
+
+    def pause_listener(self, seconds):
+        """Accept no connection for ``seconds``: the kernel still completes
+        TCP handshakes, and their CONNECTs are answered when the pause ends."""
+        seconds = self._seconds(seconds)
+        self._broker._pause_listeners(seconds)
+        self._journal(None, "pause_listener", "listeners paused %gs" % seconds)
+
+    def clear(self):
+        """End every fault: thaw, stop dropping and holding (what is held goes
+        now), accept again, refuse no more."""
+        with self.lock:
+            self.refusals.clear()
+            timers, self._timers = self._timers, set()
+        broker = self._broker
+        core = broker.core
+        for conn in (core.live_connections() if core is not None else ()):
+            faults = conn.faults
+            if faults is not None:
+                with faults.lock:
+                    faults.drop.clear()
+                    faults.delay.clear()
+                faults.close_after = None
+                faults.frozen_until = 0.0
+                faults.thaw.set()
+                conn.flush()
+        for timer in timers:   # what they hold is sent now
+            timer.cancel()
+            timer.join()
+            timer.action()
+        if broker._service is not None:
+            broker._pause_listeners(0)
+
+    # --- used by connections ---------------------------------------------------------
+    def refusal_for(self, client_id):
+        """The CONNACK code an injected refusal gives this CONNECT, or None."""
+        with self.lock:
+            for refusal in self.refusals:
+                if refusal[1] is None or refusal[1] == client_id:
+                    refusal[2] -= 1
+                    if not refusal[2]:
+                        self.refusals.remove(refusal)
+                    return refusal[0]
+        return None
+
+    def later(self, seconds, action):
+        """Run ``action`` in ``seconds`` on a timer thread; clear() runs what
+        is still pending at once (and joins the threads)."""
+        timer = None
+
+        def run():
+            with self.lock:
+                if timer not in self._timers:
+                    return   # clear() took it and runs the action itself
+                self._timers.discard(timer)
+            action()
+
+        timer = threading.Timer(seconds, run)
+        timer.daemon = True
+        timer.action = action
+        with self.lock:
+            self._timers.add(timer)
+        timer.start()
+
+    # --- helpers -------------------------------------------------------------------
+    def _conn(self, client_id):
+        conn = self._broker._require_started().connection(client_id)
+        if conn is None:
+            raise KeyError("client %r is not connected" % (client_id,))
+        return conn
+
+    def _faults_of(self, conn):
+        if conn.faults is None:
+            session = conn.session
+            if session is not None:
+                with session.lock:   # full topics from now on: a dropped or held PUBLISH
+                    session.aliases = None   # must not leave the client without its alias
+            conn.faults = ConnectionFaults(self)
+        self._broker.core.observed = True
+        return conn.faults
+
+    @staticmethod
+    def _packet_type(packet_type):
+        kind = _SERVER_PACKETS.get(str(packet_type).upper()) if not isinstance(
+            packet_type, int) else packet_type
+        if kind not in _SERVER_PACKETS.values():
+            raise ValueError("not a packet type the broker sends: %r (one of %s)"
+                             % (packet_type, ", ".join(sorted(_SERVER_PACKETS))))
+        return kind
+
+    @staticmethod
+    def _seconds(seconds):
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0:
+            raise ValueError("seconds must be a number >= 0, not %r" % (seconds,))
+        return float(seconds)
+
+    def _journal(self, client_id, action, what):
+        journal = self._broker.journal
+        if journal.size:
+            journal.record(client_id, "fault", action, None, note=["injected: " + what])
+
+
 class Broker:
     """The embeddable broker: listeners, the service thread, the REST API.
 
@@ -5562,6 +6237,11 @@ class Broker:
             raise ValueError("data_sync must be normal or full, not %r"
                              % (self.settings["data_sync"],))
         self._store = None   # the Store while started with a data_dir
+        #: the last ``journal`` packets in and out (Journal.query); none with journal=0
+        self.journal = Journal(self.settings["journal"])
+        #: network faults for tests (Faults)
+        self.faults = Faults(self)
+        self._resume_listeners_at = None   # an injected pause_listener ends then
         #: guards _plugins (only Store.lock is taken under it)
         self._plugins_lock = threading.Lock()
         self._plugins = dict(PLUGINS_ACTIVE)
@@ -5573,6 +6253,10 @@ class Broker:
         self._lifecycle_lock = threading.Lock()
         #: guards the selector's registrations made outside the service thread (leaf)
         self._selector_lock = threading.Lock()
+        #: its lock guards _state_version, bumped when clients or subscriptions
+        #: change; the awaits (wait_for_client...) wait on it (a leaf)
+        self._state_cv = threading.Condition()
+        self._state_version = 0
         self._selector = None
         self._wake_r = self._wake_w = None
         self._service = None
@@ -5601,6 +6285,10 @@ class Broker:
             self._open_store()   # before anything can change state
             self.core = BrokerCore(self.settings, self._authenticate, self.acl, self.auth_methods,
                                    self._store)
+            self.core.on_change = self._state_changed
+            self.core.journal = self.journal if self.journal.size else None
+            self.core.observed = self.core.journal is not None
+            self.core.faults = self.faults
             self.listeners = []
             try:
                 self._restore()
@@ -5635,6 +6323,7 @@ class Broker:
         with self._lifecycle_lock:
             if self._service is None:
                 return
+            self.faults.clear()
             self._stopping = True
             self._wake()
             self._service.join()
@@ -5841,7 +6530,14 @@ class Broker:
         next_sys = time.monotonic() + self.settings["sys_interval"]
         try:
             while not self._stopping:
-                timeout = max(0.0, next_tick - time.monotonic())
+                wake_at = next_tick
+                resume_at = self._resume_listeners_at
+                if resume_at is not None:
+                    if resume_at <= time.monotonic():
+                        self._resume_listeners()
+                    else:
+                        wake_at = min(wake_at, resume_at)
+                timeout = max(0.0, wake_at - time.monotonic())
                 for key, _ in self._selector.select(timeout):
                     data = key.data
                     if data is None:
@@ -5869,6 +6565,32 @@ class Broker:
             _log.exception("service thread failed")
         finally:
             core.retire_counts()
+
+    def _pause_listeners(self, seconds):
+        """Faults.pause_listener: unwatch the listening sockets for ``seconds``
+        (0: watch them again now); the service thread ends the pause."""
+        with self._selector_lock:
+            if self._selector is None:
+                return
+            for lst in self.listeners:
+                try:
+                    self._selector.unregister(lst.sock)
+                except (KeyError, ValueError, OSError):
+                    pass
+            self._resume_listeners_at = time.monotonic() + seconds
+        self._wake()
+
+    def _resume_listeners(self):
+        """Service thread: the pause is over; accept what waited."""
+        with self._selector_lock:
+            self._resume_listeners_at = None
+            for lst in self.listeners:
+                try:
+                    self._selector.register(lst.sock, selectors.EVENT_READ, lst)
+                except (KeyError, ValueError, OSError):
+                    pass
+        for lst in self.listeners:
+            self._accept(lst)
 
     def _accept(self, listener):
         for _ in range(64):   # accept a burst, then let the loop breathe
@@ -5947,6 +6669,7 @@ class Broker:
 
     def _client_connected(self, conn):
         """emqx_modules on CONNACK: the presence event, then auto-subscriptions."""
+        self._state_changed()
         if not self.core.modules_enabled:
             return
         if self.core.sys_subscriptions:   # nobody can receive it otherwise
@@ -5969,6 +6692,7 @@ class Broker:
             batch.run()
 
     def _client_disconnected(self, conn, reason):
+        self._state_changed()
         if self.core.modules_enabled and reason != "conflict" and self.core.sys_subscriptions:
             self._publish_presence(conn, "disconnected", {
                 "clientid": conn.client_id, "username": conn.username,
@@ -6086,6 +6810,91 @@ class Broker:
     def listener_infos(self):
         self._require_started()
         return [lst.info() for lst in self.listeners]
+
+    # --- the test kit: awaits and captures ---------------------------------------------------
+    def _state_changed(self):
+        with self._state_cv:
+            self._state_version += 1
+            self._state_cv.notify_all()
+
+    def _await(self, check, timeout, describe):
+        """check() until it returns something other than None, re-checked at
+        every change of clients or subscriptions; TimeoutError(describe())."""
+        self._require_started()
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._state_cv:
+                seen = self._state_version
+            result = check()
+            if result is not None:
+                return result
+            with self._state_cv:
+                while self._state_version == seen:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError(describe())
+                    self._state_cv.wait(left)
+
+    def wait_for_client(self, client_id, connected=True, timeout=5.0):
+        """Return once ``client_id`` is connected (its row, as ``clients()``),
+        or with ``connected=False`` once it is not (None)."""
+        def check():
+            conn = self.core.connection(client_id)
+            if connected:
+                return None if conn is None else conn.info()
+            return False if conn is None else None
+
+        def describe():
+            return "client %r not %s within %gs; connected: %s" % (
+                client_id, "connected" if connected else "disconnected", timeout,
+                sorted(c["client_id"] for c in self.clients()) or "none")
+
+        result = self._await(check, timeout, describe)
+        return result if connected else None
+
+    def wait_for_subscription(self, client_id, topic_filter, timeout=5.0):
+        """Return ``client_id``'s subscription to ``topic_filter`` (its row, as
+        ``subscriptions()``) once it exists."""
+        def check():
+            return next((s for s in self.subscriptions(client_id)
+                         if s["topic"] == topic_filter), None)
+
+        def describe():
+            return "no subscription of %r to %r within %gs; subscriptions: %s" % (
+                client_id, topic_filter, timeout,
+                ["%s %s" % (s["client_id"], s["topic"]) for s in self.subscriptions()] or "none")
+
+        return self._await(check, timeout, describe)
+
+    def capture(self, topic_filter="#"):
+        """Record every message routed to ``topic_filter`` from now on: a
+        ``Capture`` (a context manager: the recording ends with the block)."""
+        core = self._require_started()
+        capture = Capture(core, topic_filter)
+        core.add_capture(capture)
+        return capture
+
+    def reset(self):
+        """Back to a fresh broker: no clients, sessions, retained messages,
+        metrics or journal (and an empty data file); the ports, settings,
+        users and plugins stay."""
+        with self._lifecycle_lock:
+            self._require_started()
+            specs, http_wanted = self._listener_specs, self._http_port_wanted
+            self._listener_specs = [dict(spec, port=lst.port)
+                                    for spec, lst in zip(specs, self.listeners)]
+            self._http_port_wanted = self.http_port if http_wanted is not None else None
+        try:
+            self.stop()
+            self.journal.clear()
+            data_dir = self.settings["data_dir"]
+            if data_dir:
+                for name in os.listdir(data_dir):
+                    if name.startswith(STORE_FILE):
+                        os.unlink(os.path.join(data_dir, name))
+            self.start()
+        finally:
+            self._listener_specs, self._http_port_wanted = specs, http_wanted
 
 
 ###############################################################################
@@ -6227,6 +7036,7 @@ SETTING_KEYS = {
     "mqtt.client.send_timeout": ("send_timeout", parse_duration),
     "mqtt.max_topic_alias": ("max_topic_alias", parse_int),
     "mqtt.topic_alias_out": ("topic_alias_out", parse_bool),
+    "mqtt.journal": ("journal", parse_int),
     # The REST API's listener (EMQ X 2.x names max_clients; the rest are emqx_lite's):
     "listener.api.mgmt.max_clients": ("api_max_clients", parse_int),
     "listener.api.mgmt.idle_timeout": ("api_idle_timeout", parse_duration),
@@ -6534,6 +7344,9 @@ def _cli_parse(argv):
     opt("--data-dir", metavar="DIR",
         help="keep retained messages, persistent sessions, users and plugin states in "
              "DIR/emqx_lite.db; '' keeps them in memory only (default: ./data)")
+    opt("--trace", action="store_true",
+        help="print every packet in and out as one line, with what the broker decided and "
+             "the MQTT spec statements it exercises (a teaching aid)")
     opt("--node", metavar="NAME",
         help="node name used by the REST API and $SYS topics (default: %s)" % DEFAULTS["node"])
     opt("--log-level", default="info",
@@ -6551,6 +7364,9 @@ def _cli_settings(args, environ):
     kw.setdefault("http_bind", "0.0.0.0")
     kw.setdefault("http_port", 8080)
     kw.setdefault("data_dir", "data")   # as EMQ X keeps its data/ directory
+    kw.setdefault("journal", 0)         # a broker in production keeps no packet journal
+    if args.trace:
+        kw["journal"] = max(kw["journal"], 1000)
     if args.data_dir is not None:
         kw["data_dir"] = args.data_dir
     if args.bind is not None:
@@ -6587,6 +7403,17 @@ def _raise_fd_limit():
         pass
 
 
+def _print_trace(entry, decided):
+    """--trace: one line a packet, with the statements it exercises; then,
+    for an inbound packet, a line with what the broker decided."""
+    if decided:
+        print("%6d    # %s" % (entry["seq"], entry["note"]), flush=True)
+        return
+    statements = spec_statements(entry)
+    print(Journal.lines([entry])[0] + (" [%s]" % ", ".join(statements) if statements else ""),
+          flush=True)
+
+
 def main(argv=None):
     """Run the broker until SIGINT or SIGTERM; returns the exit status."""
     args = _cli_parse(argv)
@@ -6603,6 +7430,8 @@ def main(argv=None):
             sys.stdout.write(render_config(effective))
             return 0
         broker = Broker(**kw)
+        if args.trace:
+            broker.journal.trace = _print_trace
         broker.start()
     except (ConfigError, StoreError, OSError, ValueError) as exc:
         _log.error("cannot start: %s", exc)
@@ -6614,6 +7443,65 @@ def main(argv=None):
         _log.info("Stopping")
         broker.stop()
     return 0
+
+
+###############################################################################
+# Test kit: the pytest plugin #################################################
+###############################################################################
+#
+# ``pytest -p emqx_lite`` (or ``pytest_plugins = ["emqx_lite"]`` in a conftest)
+# gives the fixtures below. They exist only where pytest is already imported,
+# so that ``python emqx_lite.py`` and plain imports never load it.
+
+#: What the fixtures' brokers take unless a marker says otherwise: a cheap
+#: password hash for the REST API's admin, so that a broker starts in milliseconds.
+TEST_BROKER_SETTINGS = {"api_password_iterations": 1000}
+
+
+def _test_broker(request, settings):
+    """A started Broker for a pytest test, stopped when the test ends."""
+    b = Broker(**dict({"bind": "127.0.0.1", "mqtt_port": 0, "http_port": 0},
+                      **TEST_BROKER_SETTINGS, **settings))
+    b.start()
+    request.addfinalizer(b.stop)
+    request.node.__dict__.setdefault("_emqx_lite_brokers", []).append(b)
+    return b
+
+
+if "pytest" in sys.modules:
+    import pytest as _pytest
+
+    @_pytest.fixture
+    def mqtt_broker(request):
+        """A fresh Broker(bind="127.0.0.1", mqtt_port=0, http_port=0) for the
+        test; ``@pytest.mark.mqtt_broker(**settings)`` adds settings."""
+        marker = request.node.get_closest_marker("mqtt_broker")
+        return _test_broker(request, dict(marker.kwargs) if marker else {})
+
+    @_pytest.fixture
+    def mqtt_broker_factory(request):
+        """``mqtt_broker_factory(**settings)`` -> another started Broker; all
+        are stopped when the test ends."""
+        return lambda **settings: _test_broker(request, settings)
+
+    def pytest_configure(config):
+        config.addinivalue_line("markers", "mqtt_broker(**settings): settings of the "
+                                           "mqtt_broker fixture's Broker")
+
+    @_pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(item, call):
+        """A failed test that used the fixtures shows the brokers' journals."""
+        outcome = yield
+        report = outcome.get_result()
+        brokers = item.__dict__.get("_emqx_lite_brokers")
+        if report.failed and brokers:
+            for n, b in enumerate(brokers):
+                journal = b.journal
+                lines = journal.lines(journal.query()[-50:])
+                report.sections.append((
+                    "emqx_lite journal%s (last %d packets)" % (
+                        " of broker %d" % (n + 1) if len(brokers) > 1 else "", len(lines)),
+                    "\n".join(lines) or ("(no packets)" if journal.size else "(journal off)")))
 
 
 if __name__ == "__main__":

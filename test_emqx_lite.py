@@ -1744,6 +1744,7 @@ SIMPLE_CASES = [
     ("node.name", "emqx@10.0.0.1", "node", "emqx@10.0.0.1"),
     ("node.data_dir", "/var/lib/emqx_lite", "data_dir", "/var/lib/emqx_lite"),
     ("node.data_sync", "full", "data_sync", "full"),
+    ("mqtt.journal", "500", "journal", 500),
     ("mqtt.allow_anonymous", "false", "allow_anonymous", False),
     ("mqtt.acl_nomatch", "deny", "acl_nomatch", "deny"),
     ("mqtt.acl_file", "etc/acl.conf", "acl_file", "etc/acl.conf"),
@@ -1967,6 +1968,7 @@ FULL_CONF = """
 node.name = emqx@10.0.0.1
 node.data_dir = /var/lib/emqx_lite
 node.data_sync = full
+mqtt.journal = 500
 mqtt.allow_anonymous = false
 mqtt.acl_nomatch = deny
 mqtt.acl_file = /etc/emqx/acl.conf
@@ -8623,3 +8625,357 @@ def test_kill_9_keeps_the_retained_message(crash_rig):
     assert sub.subscribe([("cp/#", 1)]) == [1]
     got = _collect(sub)
     assert [g[:6] for g in got] == [("PUBLISH", "cp/d", b"kept", 1, False, True)]
+
+
+###############################################################################
+# The test kit: pytest plugin, awaits, captures, the packet journal, reset
+###############################################################################
+
+def _run_pytest(tmp_path, files, *args):
+    """pytest in a subprocess on ``files`` ({name: text}), as a user runs it."""
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(emqx_lite.__file__)))
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           *args], cwd=str(tmp_path), env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+class TestTestKitPlugin:
+    """`pytest -p emqx_lite` / `pytest_plugins = ["emqx_lite"]`, run as users run it."""
+
+    def test_readme_example_runs(self, tmp_path):
+        """README's test-kit example is a test file that passes as written."""
+        with open(os.path.join(os.path.dirname(os.path.abspath(emqx_lite.__file__)),
+                               "README.md"), encoding="utf-8") as f:
+            readme = f.read()
+        block = readme.split("<!-- test-kit-example")[1].split("```python\n", 1)[1]
+        code = block.split("```", 1)[0]
+        result = _run_pytest(tmp_path, {"conftest.py": 'pytest_plugins = ["emqx_lite"]\n',
+                                        "test_example.py": code},
+                             "-W", "error::pytest.PytestUnknownMarkWarning")
+        assert "2 passed" in result.stdout, result.stdout + result.stderr
+
+    def test_failed_test_report_shows_the_journal(self, tmp_path):
+        """A failing test that used mqtt_broker gets the broker's last packets
+        in its report, the way pytest shows captured logs."""
+        code = '''
+import socket
+
+def test_fails_after_traffic(mqtt_broker):
+    s = socket.create_connection(("127.0.0.1", mqtt_broker.mqtt_port))
+    s.sendall(bytes([0x10, 16, 0, 4]) + b"MQTT" + bytes([4, 2, 0, 60, 0, 4]) + b"dev1")
+    mqtt_broker.wait_for_client("dev1")
+    s.close()
+    assert False, "the code under test misbehaved"
+'''
+        result = _run_pytest(tmp_path, {"test_user.py": code}, "-p", "emqx_lite")
+        out = result.stdout
+        assert "1 failed" in out, out + result.stderr
+        assert "emqx_lite journal (last" in out, out
+        assert "<- CONNECT dev1" in out and "-> CONNACK dev1" in out, out
+
+    def test_marker_settings_and_factory(self, tmp_path):
+        code = '''
+import pytest
+
+@pytest.mark.mqtt_broker(node="marked@127.0.0.1", journal=0)
+def test_marker(mqtt_broker, mqtt_broker_factory):
+    assert mqtt_broker.node == "marked@127.0.0.1"
+    assert mqtt_broker.journal.query() == []
+    other = mqtt_broker_factory(max_inflight=3)
+    assert other.settings["max_inflight"] == 3 and other.is_connected("x") is False
+    assert other.http_port and mqtt_broker.http_port
+'''
+        result = _run_pytest(tmp_path, {"conftest.py": 'pytest_plugins = ["emqx_lite"]\n',
+                                        "test_m.py": code}, "-W", "error::pytest.PytestUnknownMarkWarning")
+        assert "1 passed" in result.stdout, result.stdout + result.stderr
+
+    def test_module_does_not_import_pytest(self):
+        """The plugin is defined only where pytest is already loaded: the
+        broker itself never imports it."""
+        result = subprocess.run([sys.executable, "-c", "import sys, emqx_lite; "
+                                 "assert 'pytest' not in sys.modules; print('ok')"],
+                                cwd=os.path.dirname(os.path.abspath(emqx_lite.__file__)),
+                                capture_output=True, text=True, timeout=30)
+        assert result.stdout.strip() == "ok", result.stderr
+
+
+class TestTestKitAwaits:
+    """Awaiting instead of sleeping, with paho clients as code under test."""
+
+    def test_wait_for_client_and_its_disconnect(self, broker, client):
+        c = client(client_id="dev-1")
+        row = broker.wait_for_client("dev-1")
+        assert row["client_id"] == "dev-1" and row["proto_ver"] == 4
+        c.disconnect()
+        assert broker.wait_for_client("dev-1", connected=False) is None
+
+    def test_timeout_shows_who_was_there(self, broker, client):
+        client(client_id="present")
+        broker.wait_for_client("present")
+        with pytest.raises(TimeoutError, match=r"'absent' not connected.*\['present'\]"):
+            broker.wait_for_client("absent", timeout=0.2)
+
+    def test_wait_for_subscription(self, broker, client):
+        c = client(client_id="s1")
+        c.client.subscribe("a/+/c", 1)   # not waiting for the SUBACK: the broker is awaited
+        row = broker.wait_for_subscription("s1", "a/+/c")
+        assert row == {"client_id": "s1", "topic": "a/+/c", "qos": 1}
+        with pytest.raises(TimeoutError, match=r"no subscription of 's1' to 'x'.*s1 a/\+/c"):
+            broker.wait_for_subscription("s1", "x", timeout=0.2)
+
+
+class TestTestKitCapture:
+    def test_capture_records_without_subscribers_until_the_block_ends(self, broker, client):
+        pub = client(client_id="pub")
+        with broker.capture("t/#") as seen:
+            pub.publish("t/1", b"one", qos=1, retain=True)
+            broker.publish("t/2", b"two", properties={"content_type": "text/plain"})
+            broker.publish("other", b"not matched")
+            got = seen.wait(count=2)
+        assert [(m.topic, m.payload, m.qos, m.retain, m.publisher) for m in got] == [
+            ("t/1", b"one", 1, True, "pub"), ("t/2", b"two", 0, False, "python")]
+        assert got[1].properties == {"content_type": "text/plain"}
+        broker.publish("t/3", b"after the block")
+        assert len(seen.messages) == 2
+
+    def test_capture_without_with_predicate_clear_and_timeout(self, broker):
+        seen = broker.capture()
+        for n in range(3):
+            broker.publish("n/%d" % n, b"%d" % n)
+        assert [m.payload for m in seen.wait(count=2, predicate=lambda m: m.payload != b"0")] \
+            == [b"1", b"2"]
+        seen.clear()
+        assert seen.messages == []
+        broker.publish("n/9", b"nine")
+        with pytest.raises(TimeoutError, match=r"2 message\(s\) on '#' wanted, 1 matched.*n/9"):
+            seen.wait(count=2, timeout=0.2)
+        seen.stop()
+        with pytest.raises(ValueError):
+            broker.capture("a/#/b")
+
+
+class TestTestKitJournal:
+    def test_entries_in_and_out_with_the_routing_note(self, broker, client):
+        sub = client(client_id="sub")
+        sub.subscribe("j/#", 1)
+        pub = client(client_id="pub")
+        pub.publish("j/1", b"hello", qos=1)
+        sub.get()
+        [entry] = broker.journal.query(client_id="pub", type="PUBLISH")
+        assert (entry["direction"], entry["topic"], entry["payload"], entry["qos"]) == (
+            "in", "j/1", "hello", 1)
+        assert entry["note"] == "routed to sub (subscribed qos 1)"
+        out = broker.journal.query(client_id="sub", type="PUBLISH", direction="out")
+        assert [(e["topic"], e["qos"], e["dup"]) for e in out] == [("j/1", 1, False)]
+        [ack] = broker.journal.query(client_id="pub", type="PUBACK")
+        assert (ack["direction"], ack["packet_id"], ack["reason_code"]) == (
+            "out", entry["packet_id"], 0)
+        seqs = [e["seq"] for e in broker.journal.query()]
+        assert seqs == sorted(seqs)
+        later = broker.journal.query(since_seq=entry["seq"])
+        assert later and all(e["seq"] > entry["seq"] for e in later)
+        assert {e["topic"] for e in broker.journal.query(topic="j/+")} == {"j/1"}
+
+    def test_notes_for_acl_refusal_and_takeover(self, make_broker, tmp_path):
+        acl = tmp_path / "acl.conf"
+        acl.write_text('{deny, all, publish, ["secret/#"]}.\n{allow, all}.\n')
+        b = make_broker(acl_file=str(acl))
+        r1 = RawClient.connected(b.mqtt_port, "twin")
+        r1.send(gen_publish("secret/x", b"no", qos=1, pid=1))
+        assert r1.read_packet()[0] == PUBACK
+        r2 = RawClient.connected(b.mqtt_port, "twin")
+        try:
+            [denied] = b.journal.query(type="PUBLISH", topic="secret/x")
+            assert denied["note"] == "ACL denied: not routed"
+            connects = b.journal.query(client_id="twin", type="CONNECT")
+            assert connects[-1]["note"].startswith("took the client id over from 127.0.0.1:")
+        finally:
+            r1.close()
+            r2.close()
+
+    def test_dump_rest_route_and_off(self, api_broker, api, api_mqtt, tmp_path, make_broker):
+        c = api_mqtt(client_id="rest-1")
+        c.publish("r/1", b"x", qos=1)
+        path = tmp_path / "journal.jsonl"
+        api_broker.journal.dump(str(path), client_id="rest-1")
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        assert {e["type"] for e in lines} >= {"CONNECT", "CONNACK", "PUBLISH", "PUBACK"}
+        node = api_broker.node
+        reply = api.get("/api/v2/nodes/%s/journal?client_id=rest-1&type=PUBLISH&limit=1" % node)
+        assert reply["code"] == 0 and [e["topic"] for e in reply["result"]] == ["r/1"]
+        assert api.get("/api/v2/nodes/%s/journal?limit=zero" % node)["code"] == 108
+        assert api.request("GET", "/api/v2/nodes/nobody@x/journal")[0] == 404
+        quiet = make_broker(journal=0)
+        assert quiet.core.journal is None
+        RawClient.connected(quiet.mqtt_port, "q").close()
+        assert quiet.journal.query() == []
+
+
+class TestTestKitReset:
+    def test_reset_forgets_state_and_keeps_ports_settings_and_plugins(self, make_broker, raw):
+        b = make_broker(max_inflight=7)
+        port = b.mqtt_port
+        b.set_plugin("emqx_auth_username", True)
+        b.auth_username.add("u", "p")
+        r = RawClient.connected(port, "old", clean=False, username="u", password=b"p")
+        r.subscribe([("x", 1)])
+        b.publish("kept?", b"no", retain=True)
+        r.close()
+        b.wait_for_client("old", connected=False)
+        b.reset()
+        assert (b.mqtt_port, b.settings["max_inflight"]) == (port, 7)
+        assert b.plugins()["emqx_auth_username"] is True
+        assert b.sessions() == [] and b.journal.query() == []
+        assert [m["topic"] for m in b.retained() if not m["topic"].startswith("$SYS")] == []
+        assert b.metrics()["packets/connect"] == 0
+        r = RawClient(port)
+        try:
+            assert r.connect("old", clean=False, username="u", password=b"p") == (0, 0)
+        finally:
+            r.close()
+
+
+class TestTestKitFaults:
+    """broker.faults on live connections, with clients as code under test."""
+
+    def test_disconnect_is_a_network_failure_with_will(self, broker, client):
+        """No DISCONNECT reaches the client, and its will is published
+        [MQTT-3.1.2-8]."""
+        sub = client(client_id="watch")
+        sub.subscribe("wills/#", 1)
+        dev = client(client_id="dev", will=("wills/dev", b"gone", 1, False))
+        broker.faults.disconnect("dev")
+        assert sub.get().payload == b"gone"
+        assert dev.disconnects.get(timeout=TIMEOUT) != 0   # paho saw the connection lost
+        with pytest.raises(KeyError, match="'nobody' is not connected"):
+            broker.faults.disconnect("nobody")
+
+    def test_freeze_holds_traffic_without_losing_it(self, broker, client):
+        sub = client(client_id="frozen")
+        sub.subscribe("f/#", 1)
+        pub = client(client_id="pub")
+        broker.faults.freeze("frozen", 0.6)
+        pub.publish("f/1", b"later", qos=1)
+        sub.expect_nothing(0.3)
+        assert sub.get().payload == b"later"   # delivered once the freeze ends
+
+    def test_freeze_lets_the_keepalive_clock_run(self, make_broker):
+        """A frozen client that is silent past 1.5 x keepalive is closed
+        [MQTT-3.1.2-24], as a client cut off from the network would be."""
+        b = make_broker(keepalive_backoff=1.0)
+        r = RawClient.connected(b.mqtt_port, "ka", keepalive=1)
+        try:
+            b.faults.freeze("ka", 5)
+            r.send(gen_pingreq())
+            assert r.expect_closed(timeout=4, strict=True)
+            b.wait_for_client("ka", connected=False)
+        finally:
+            r.close()
+
+    def test_drop_next_makes_the_retries_run(self, make_broker):
+        """A dropped PUBACK: the publisher resends with DUP [MQTT-4.4.0-1] and
+        gets it; a dropped PUBLISH to a subscriber: the broker resends it
+        after retry_interval, DUP set [MQTT-3.3.1-1]."""
+        b = make_broker(retry_interval=0.3)
+        pub = RawClient.connected(b.mqtt_port, "pub")
+        sub = RawClient.connected(b.mqtt_port, "sub")
+        try:
+            sub.subscribe([("d", 1)])
+            b.faults.drop_next("sub", "PUBLISH")
+            b.publish("d", b"lost once", qos=1)
+            m = sub.read_publish()
+            assert (m["payload"], m["dup"]) == (b"lost once", True)
+            sub.send(gen_puback(m["pid"]))
+            b.faults.drop_next("pub", "PUBACK")
+            pub.send(gen_publish("d", b"x", qos=1, pid=9))
+            pub.expect_nothing(0.2)
+            pub.send(gen_publish("d", b"x", qos=1, pid=9, dup=True))
+            assert pub.read_packet()[:3:2] == (PUBACK, b"\x00\x09")
+            notes = [e["note"] for e in b.journal.query(type="PUBACK", direction="out")]
+            assert "dropped by an injected fault" in notes
+        finally:
+            pub.close()
+            sub.close()
+
+    def test_delay_holds_one_packet_type(self, broker, raw):
+        r = raw()
+        r.connect("slowack")
+        broker.faults.delay("slowack", "PUBACK", 0.5)
+        r.send(gen_publish("t", b"x", qos=1, pid=1) + gen_pingreq())
+        assert r.read_packet()[0] == PINGRESP   # the PINGRESP overtakes the held PUBACK
+        assert r.read_packet()[:3:2] == (PUBACK, b"\x00\x01")
+        broker.faults.clear()
+
+    def test_refuse_connect_then_accept(self, broker):
+        """The next CONNECT from that id gets the code, the one after is accepted."""
+        broker.faults.refuse_connect(5, client_id="app")
+        first = PahoClient(broker.mqtt_port, client_id="app", connect=False)
+        try:
+            assert first.connect() == "Not authorized"
+        finally:
+            first.disconnect()
+        second = PahoClient(broker.mqtt_port, client_id="app")
+        second.disconnect()
+        [entry] = broker.journal.query(type="refuse_connect")
+        assert (entry["direction"], entry["note"]) == (
+            "fault", "injected: the next 1 CONNECT(s) get 5")
+
+    def test_close_after_cuts_after_n_packets(self, broker, client, raw):
+        sub = client(client_id="w")
+        sub.subscribe("wills/#")
+        r = raw()
+        r.connect("cut", will=("wills/cut", b"bye", 0, False))
+        broker.faults.close_after("cut", 2)
+        r.send(gen_pingreq())
+        assert r.read_packet()[0] == PINGRESP
+        r.send(gen_pingreq())   # the second: handled, then the connection is cut
+        assert r.expect_closed()
+        assert sub.get().payload == b"bye"
+
+    def test_pause_listener_answers_connect_when_it_ends(self, broker, raw):
+        broker.faults.pause_listener(0.6)
+        r = raw()   # the kernel completes the TCP handshake meanwhile
+        r.send(gen_connect("patient"))
+        r.expect_nothing(0.3)
+        ptype, _, body = r.read_packet()
+        assert (ptype, body) == (CONNACK, b"\x00\x00")
+
+    def test_faults_over_rest(self, api_broker, api, api_mqtt):
+        node = api_broker.node
+        c = api_mqtt(client_id="r1")
+        path = "/api/v2/nodes/%s/faults" % node
+        assert api.json("POST", path, {"action": "freeze", "client_id": "r1",
+                                       "seconds": 0.2})["code"] == 0
+        assert api.json("POST", path, {"action": "explode"})["code"] == 102
+        assert api.json("POST", path, {"action": "freeze", "client_id": "nobody",
+                                       "seconds": 1})["code"] == 112
+        assert api.json("POST", path, {"action": "freeze", "client_id": "r1",
+                                       "seconds": -1})["code"] == 108
+        assert api.json("POST", path, {"action": "freeze", "client": "r1"})["code"] == 107
+        assert api.json("POST", path, {"action": "clear"})["code"] == 0
+        c.publish("x", b"after the freeze", qos=1)   # acknowledged: nothing stuck
+        assert [e["note"] for e in api_broker.journal.query(direction="fault")][0] == \
+            "injected: frozen for 0.2s"
+
+
+class TestTrace:
+    def test_trace_prints_packets_with_their_statements(self):
+        """`python emqx_lite.py --trace` prints a line a packet with the
+        normative statements it exercises, and what the broker decided."""
+        broker = _CliBroker("--bind", "127.0.0.1", "--mqtt-port", "0", "--http-port", "0",
+                            "--trace", env={"EMQX_LITE_DASHBOARD__PASSWORD_ITERATIONS": "1000"})
+        try:
+            r = RawClient.connected(broker.ports["mqtt:tcp"], "c1")
+            r.subscribe([("t", 1)])
+            r.send(gen_publish("t", b"hi", qos=1, pid=5))
+            assert r.read_packet()[0] in (PUBACK, PUBLISH)
+            r.send(gen_disconnect())
+            r.close()
+        finally:
+            code, out = broker.stop()
+        assert re.search(r"<- CONNECT c1 v3\.1\.1 clean keepalive=60 \[MQTT-3\.1\.0-1", out), out
+        assert re.search(r"-> CONNACK c1 reason_code=0 \[MQTT-3\.2\.0-1", out), out
+        assert re.search(r"<- PUBLISH c1 t qos=1 id=5 'hi' \[MQTT-4\.3\.2-2", out), out
+        assert re.search(r"# routed to c1 \(subscribed qos 1\)", out), out
