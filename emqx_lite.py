@@ -152,7 +152,8 @@ __all__ = [
     "Broker", "BrokerCore", "Session", "Message", "Connection",
     "MQTTError", "MalformedPacket", "ProtocolError", "PacketTooLarge",
     "ConnectRefused", "validate_topic_name", "validate_topic_filter",
-    "topic_matches", "load_config", "main",
+    "topic_matches", "load_config", "main", "Capture", "Journal", "Faults", "ManualClock",
+    "SystemClock", "Store", "StoreError",
 ]
 
 ###############################################################################
@@ -213,6 +214,64 @@ _MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 #: Stack size for the threads the broker starts: small enough for 10k clients.
 _THREAD_STACK_SIZE = 256 * 1024
 _stack_size_lock = threading.Lock()  # guards the process-wide stack size setting
+
+
+class SystemClock:
+    """Real time: the clock a Broker reads unless given another. Its two
+    readings are all a broker's timers use: ``monotonic()`` for keepalive,
+    retries, expiry, will delay and the $SYS intervals, ``time()`` for what
+    is shown or stored as a date."""
+    manual = False
+    monotonic = staticmethod(time.monotonic)
+    time = staticmethod(time.time)
+
+
+class ManualClock:
+    """Virtual time for tests: it stands still until ``advance(seconds)``,
+    which moves it forward and runs, in order and before it returns, every
+    timer of the brokers reading it that falls due (``Broker(clock=...)``).
+    ``time()`` starts at the real date (or ``start``)."""
+    manual = True
+    _ORIGIN = 1_000_000.0   # monotonic() at creation
+
+    def __init__(self, start=None):
+        self._now = self._ORIGIN
+        self._wall0 = time.time() if start is None else float(start)
+        #: serialises advance(); guards _brokers (taken with no other lock held)
+        self.lock = threading.RLock()
+        self._brokers = []   # started brokers reading this clock
+
+    def monotonic(self):
+        return self._now
+
+    def time(self):
+        return self._wall0 + (self._now - self._ORIGIN)
+
+    def attach(self, broker):
+        with self.lock:
+            self._brokers.append(broker)
+
+    def detach(self, broker):
+        with self.lock:
+            if broker in self._brokers:
+                self._brokers.remove(broker)
+
+    def advance(self, seconds):
+        """Move time forward by ``seconds``, running each timer as it falls
+        due (the brokers' clients timed out, messages and sessions expired,
+        wills published) before returning."""
+        if seconds < 0:
+            raise ValueError("time does not go back: %r" % (seconds,))
+        with self.lock:
+            target = self._now + seconds
+            while True:
+                due = min((b._next_timer() for b in self._brokers), default=math.inf)
+                if due > target:
+                    self._now = target
+                    return
+                self._now = max(self._now, due)
+                for broker in list(self._brokers):
+                    broker._run_timers(self._now)
 
 
 def _is_loopback(host):
@@ -1937,17 +1996,17 @@ class Store:
 # Messages and sessions #######################################################
 ###############################################################################
 
-def _wall_deadline(monotonic_deadline):
+def _wall_deadline(monotonic_deadline, clock=SystemClock):
     """A monotonic deadline as wall-clock time (what a file can keep)."""
     if monotonic_deadline is None:
         return None
-    return time.time() + (monotonic_deadline - time.monotonic())
+    return clock.time() + (monotonic_deadline - clock.monotonic())
 
 
-def _monotonic_deadline(wall_deadline):
+def _monotonic_deadline(wall_deadline, clock=SystemClock):
     if wall_deadline is None:
         return None
-    return time.monotonic() + (wall_deadline - time.time())
+    return clock.monotonic() + (wall_deadline - clock.time())
 
 
 class Message:
@@ -1959,16 +2018,19 @@ class Message:
     forwards [MQTT-3.3.2-*]; 3.x subscribers never see them.
     """
     __slots__ = ("topic", "payload", "qos", "retain", "sender", "sys", "properties",
-                 "expires_at", "_heads", "_encoded_properties")
+                 "expires_at", "_heads", "_encoded_properties", "_now")
 
     def __init__(self, topic, payload, qos=0, retain=False, sender=None, sys=False,
-                 properties=None):
+                 properties=None, clock=SystemClock):
         self.topic, self.payload, self.qos, self.retain = topic, payload, qos, retain
         self.sender, self.sys = sender, sys
         self.properties = properties or None
         expiry = properties.get("message_expiry_interval") if properties else None
-        #: monotonic time after which the message is never delivered [MQTT-3.3.2-5]
-        self.expires_at = None if expiry is None else time.monotonic() + expiry
+        #: time (on the broker's clock) after which it is never delivered [MQTT-3.3.2-5]
+        self.expires_at = None
+        if expiry is not None:
+            self._now = clock.monotonic
+            self.expires_at = clock.monotonic() + expiry
         self._heads = {}
         self._encoded_properties = None
 
@@ -1987,6 +2049,8 @@ class Message:
         copy = Message(self.topic, self.payload, self.qos, self.retain, self.sender, self.sys)
         copy.properties = dict(self.properties or {}, subscription_identifier=list(ids))
         copy.expires_at = self.expires_at
+        if self.expires_at is not None:
+            copy._now = self._now
         return copy
 
     def chunks(self, qos, retain=False, dup=False, packet_id=None, v5=False):
@@ -2007,7 +2071,7 @@ class Message:
         if v5:
             props = self._encoded_properties
             if self.expires_at is not None:   # the time left, in the same four bytes [MQTT-3.3.2-6]
-                left = max(1, math.ceil(self.expires_at - time.monotonic()))
+                left = max(1, math.ceil(self.expires_at - self._now()))
                 props = encode_properties(dict(self.properties, message_expiry_interval=left))
             elif not qos:
                 return head, self.payload
@@ -2028,7 +2092,7 @@ class Message:
             props = dict(self.properties or (), topic_alias=alias)
             if self.expires_at is not None:
                 props["message_expiry_interval"] = max(
-                    1, math.ceil(self.expires_at - time.monotonic()))
+                    1, math.ceil(self.expires_at - self._now()))
             props = encode_properties(props)
             topic = b"" if known else self.topic.encode("utf-8")
             remaining = 2 + len(topic) + (2 if qos else 0) + len(props) + len(self.payload)
@@ -2042,19 +2106,20 @@ class Message:
             return head, packet_id.to_bytes(2, "big") + props, self.payload
         return head, self.payload
 
-    def row(self, mid, client_id, qos, retain, packet_id, state):
+    def row(self, mid, client_id, qos, retain, packet_id, state, clock=SystemClock):
         """This message, queued or in flight for a persistent session, as the
         Store's messages table keeps it (expiry as wall-clock time)."""
         return (mid, client_id, self.topic, self.payload, qos, int(retain),
                 self.encoded_properties() if self.properties else None,
-                _wall_deadline(self.expires_at), self.sender, packet_id, state)
+                _wall_deadline(self.expires_at, clock), self.sender, packet_id, state)
 
     @classmethod
-    def from_row(cls, topic, payload, qos, retain, properties, expires_at, sender):
+    def from_row(cls, topic, payload, qos, retain, properties, expires_at, sender,
+                 clock=SystemClock):
         """A message read back from the Store."""
         props = decode_properties(properties, 0, PUBLISH)[0] if properties else None
-        msg = cls(topic, bytes(payload), qos, bool(retain), sender, False, props)
-        msg.expires_at = _monotonic_deadline(expires_at)
+        msg = cls(topic, bytes(payload), qos, bool(retain), sender, False, props, clock)
+        msg.expires_at = _monotonic_deadline(expires_at, clock)
         return msg
 
     def encoded_properties(self):
@@ -2093,7 +2158,8 @@ class FlowControl:
     (the service thread). No lock is held when any of them is called.
     """
 
-    def __init__(self, settings):
+    def __init__(self, settings, clock=SystemClock):
+        self.now = clock.monotonic
         self.timeout = settings["flow_control_timeout"]
         mark = max(2 * settings["max_inflight"], 64)
         if settings["max_mqueue_len"]:
@@ -2105,7 +2171,7 @@ class FlowControl:
         the session's lock: a hint (see the lock table)."""
         conn = session.conn
         return (conn is not None and len(session.mqueue) >= self.high and not conn.blocked
-                and time.monotonic() - session.last_ack < self.timeout)
+                and self.now() - session.last_ack < self.timeout)
 
     def send_ack(self, publisher, data, congested):
         """Send a publisher's PUBACK/PUBREC ``data``, or hold it behind the
@@ -2127,7 +2193,7 @@ class FlowControl:
         with publisher.out_lock:
             if publisher.waiting_on or publisher.held:
                 if not publisher.held:
-                    publisher.held_since = time.monotonic()
+                    publisher.held_since = self.now()
                 publisher.held.append(data)
             else:
                 publisher.write_locked((data,), flush=False)
@@ -2294,9 +2360,9 @@ class Session:
         self.deliver_msg = 0             # PUBLISH packets handed to the client
         self.enqueue_msg = 0             # messages put in the queue
         self._next_id = 0
-        self.created_at = time.time()
+        self.created_at = core.wall()
         self.disconnected_at = None      # set while a persistent session is offline
-        self.last_ack = time.monotonic() # when the client last acknowledged anything
+        self.last_ack = core.now()       # when the client last acknowledged anything
         self.waiters = None              # publishers whose acks wait for this queue (FlowControl)
         self.expiry_interval = None      # 5.0 Session Expiry Interval; None: 3.x rules
         # What the connected client allows, set by attach():
@@ -2321,7 +2387,7 @@ class Session:
         with self.lock:
             conn, max_inflight, max_packet = self.conn, self.window, self.max_packet
             for msg, qos, retain in items:
-                if msg.expires_at is not None and msg.expired(time.monotonic()):
+                if msg.expires_at is not None and msg.expired(self.core.now()):
                     self.core.counts()["messages/dropped"] += 1
                 elif conn is None:
                     self._enqueue_locked(msg, qos, retain)
@@ -2357,7 +2423,7 @@ class Session:
         if store is not None and qos:   # QoS 0 is never written
             mid = store.next_mid()
             self.seq = store.put(("msg", mid), msg.row(mid, self.client_id, qos, retain,
-                                                      None, None), new=True)
+                                                      None, None, self.core.clock), new=True)
         self.mqueue.append((msg, qos, retain, mid))
         self.enqueue_msg += 1
 
@@ -2370,7 +2436,7 @@ class Session:
         """Write this session's row: expiry settings and clock."""
         disconnected = self.disconnected_at
         if disconnected is not None:
-            disconnected = time.time() - (time.monotonic() - disconnected)
+            disconnected = self.core.wall() - (self.core.now() - disconnected)
         self.seq = self.store.put(("session", self.client_id), (
             self.client_id, self.expiry_interval, self.created_at, disconnected))
 
@@ -2398,13 +2464,15 @@ class Session:
             elif mid is None:
                 mid = store.next_mid()
                 self.seq = store.put(("msg", mid), msg.row(mid, self.client_id, qos, retain,
-                                                          packet_id, WAIT_ACK), new=True)
+                                                          packet_id, WAIT_ACK, self.core.clock),
+                                     new=True)
             else:
                 self.seq = store.message_state(self.client_id, mid, packet_id, WAIT_ACK)
-            self.inflight[packet_id] = [msg, qos, WAIT_ACK, time.monotonic(), mid]
+            self.inflight[packet_id] = [msg, qos, WAIT_ACK, self.core.now(), mid]
         self.deliver_msg += 1
+        core = self.core
         if not msg.sys:   # $SYS messages are not counted (EMQ X)
-            counts = self.core.counts()
+            counts = core.counts()
             counts["packets/publish/sent"] += 1
             counts[_QOS_SENT[qos]] += 1
         aliases = self.aliases
@@ -2412,7 +2480,7 @@ class Session:
             chunks = msg.chunks_aliased(qos, retain, dup, packet_id, *aliases.alias(msg.topic))
         else:
             chunks = msg.chunks(qos, retain, dup, packet_id, self.v5)
-        if self.core.observed:   # the journal is on, or a test injected faults
+        if core.observed:   # the journal is on, or a test injected faults
             conn = self.conn
             if conn is not None and conn.faults is not None and conn._faulted(PUBLISH, chunks):
                 return ()   # as if lost on the way: its retry (inflight) runs as usual
@@ -2448,7 +2516,7 @@ class Session:
             if qos and len(self.inflight) >= self.window:
                 break
             self.mqueue.popleft()
-            if msg.expired(time.monotonic()) or (
+            if msg.expired(self.core.now()) or (
                     self.max_packet and msg.size(qos, self.v5) > self.max_packet):
                 self.core.counts()["messages/dropped"] += 1
                 self._forget_locked(mid)
@@ -2478,7 +2546,7 @@ class Session:
             self.max_packet = conn.max_packet_out
             # A new connection starts with no aliases [MQTT-3.3.2-7].
             self.aliases = TopicAliases(conn.alias_max_out) if conn.alias_max_out else None
-            now = time.monotonic()
+            now = self.core.now()
             for packet_id, entry in self.inflight.items():
                 msg, qos, state = entry[:3]
                 entry[3] = now
@@ -2494,7 +2562,7 @@ class Session:
             if self.conn is not conn:
                 return
             self.conn = None
-            self.disconnected_at = time.monotonic()
+            self.disconnected_at = self.core.now()
             if self.store is not None:
                 self._save_locked()   # its expiry clock starts
         self.core.flow.settle(self)
@@ -2511,7 +2579,7 @@ class Session:
             if entry is None or entry[1] != 2:
                 self.core.counts()["packets/pubrec/missed"] += 1
                 return False
-            entry[2], entry[3] = WAIT_COMP, time.monotonic()
+            entry[2], entry[3] = WAIT_COMP, self.core.now()
             self.last_ack = entry[3]
             if self.store is not None and entry[4] is not None:   # before PUBREL leaves
                 self.seq = self.store.message_state(self.client_id, entry[4], packet_id,
@@ -2535,7 +2603,7 @@ class Session:
                 return None
             del self.inflight[packet_id]
             self._forget_locked(entry[4])
-            self.last_ack = time.monotonic()
+            self.last_ack = self.core.now()
             conn = self._drain_locked()
         self.core.flow.settle(self)
         return conn
@@ -2561,7 +2629,7 @@ class Session:
             limit = self.core.settings["max_awaiting_rel"]
             if limit and len(self.awaiting_rel) >= limit:
                 return "full"
-            self.awaiting_rel[packet_id] = time.monotonic()
+            self.awaiting_rel[packet_id] = self.core.now()
             return "new"   # the caller's Batch writes it with the message's deliveries
 
     def record_rel(self, packet_id):
@@ -2569,7 +2637,8 @@ class Session:
         with self.lock:
             if self.store is not None and packet_id in self.awaiting_rel:
                 self.seq = self.store.put(("rel", self.client_id, packet_id),
-                                          (self.client_id, packet_id, time.time()), new=True)
+                                          (self.client_id, packet_id, self.core.wall()),
+                                          new=True)
 
     def release(self, packet_id):
         """PUBREL: forget the id [MQTT-4.3.3-?]. Returns False if it was unknown."""
@@ -3180,7 +3249,12 @@ class Journal:
         self.trace = trace
 
     def record(self, client_id, direction, packet_type, fields, version=MQTT_V311, note=()):
-        """Record one packet; returns its note list (append decisions to it)."""
+        """Record one packet with ``note``; an inbound one gets a note list
+        to append its handler's decisions to, which is returned."""
+        if direction != "in" and self.trace is None:   # the common case, kept cheap
+            self._entries.append((next(self._seq), time.time(), client_id, direction,
+                                  packet_type, fields, version, note))
+            return note
         notes = _Note(note)
         raw = notes.raw = (next(self._seq), time.time(), client_id, direction, packet_type,
                            fields, version, notes)
@@ -3375,8 +3449,12 @@ class BrokerCore:
     never while calling a Session method (lock order: core -> session).
     """
 
-    def __init__(self, settings, authenticate=None, acl=None, auth_methods=None, store=None):
+    def __init__(self, settings, authenticate=None, acl=None, auth_methods=None, store=None,
+                 clock=SystemClock):
         self.settings = settings
+        #: the clock every timer reads (SystemClock, or a test's ManualClock)
+        self.clock = clock
+        self.now, self.wall = clock.monotonic, clock.time
         #: the Store that keeps persistent sessions and retained messages, or None
         self.store = store
         #: f(client_id, username, password, ip) -> CONNACK return code (0 = accepted)
@@ -3386,7 +3464,7 @@ class BrokerCore:
         self.auth_methods = auth_methods or {}
         self.acl = acl if acl is not None else Acl([], "allow")
         self.node = settings["node"]
-        self.started_at = time.time()
+        self.started_at = self.wall()
         #: guards the routing tables and registries listed in the class docstring
         self.lock = threading.Lock()
         self.sessions = {}       # client_id -> Session (online and offline)
@@ -3399,7 +3477,7 @@ class BrokerCore:
         self.sys_subscriptions = 0   # filters that can match $SYS topics [MQTT-4.7.2-1]
         self.stats_max = dict.fromkeys(STAT_NAMES, 0)
         self._route_cache = {}   # topic -> ((session, qos), ...); cleared on any subscription change
-        self.flow = FlowControl(settings)
+        self.flow = FlowControl(settings, clock)
         self.delayed_wills = {}  # client id -> (due, will Message): 5.0 Will Delay Interval
         self.retainer_enabled = True   # the emqx_retainer plugin
         self.modules_enabled = True    # the emqx_modules plugin (presence, rewrite, subscription)
@@ -3500,7 +3578,7 @@ class BrokerCore:
             session = self.sessions.get(client_id)
             if session is not None and session.expiry_interval is not None:
                 delay = min(delay, session.expiry_interval)
-            self.delayed_wills[client_id] = (time.monotonic() + delay, msg)
+            self.delayed_wills[client_id] = (self.now() + delay, msg)
 
     def due_wills(self, now):
         """The delayed wills whose time has come (removed)."""
@@ -3612,13 +3690,14 @@ class BrokerCore:
         subscriptions, queue, inflight window and inbound QoS 2 ids. A session
         that was online when the broker went down counts as disconnected
         since the last write [MQTT-3.1.2-23]."""
-        store, now, wall = self.store, time.monotonic(), time.time()
+        store, now, wall = self.store, self.now(), self.wall()
 
         def monotonic(at):
             return now - (wall - at)
 
         for topic, payload, qos, props, expires_at, sender in data["retained"]:
-            msg = Message.from_row(topic, payload, qos, True, props, expires_at, sender)
+            msg = Message.from_row(topic, payload, qos, True, props, expires_at, sender,
+                                   self.clock)
             if msg.expired(now):
                 store.delete(("retained", topic))
             else:
@@ -3641,7 +3720,8 @@ class BrokerCore:
             session = self.sessions.get(client_id)
             if session is None:
                 continue
-            msg = Message.from_row(topic, payload, qos, retain, props, expires_at, sender)
+            msg = Message.from_row(topic, payload, qos, retain, props, expires_at, sender,
+                                   self.clock)
             if packet_id is None:
                 session.mqueue.append((msg, qos, bool(retain), mid))
             else:
@@ -3696,7 +3776,7 @@ class BrokerCore:
         group, real = self._add_route_locked(session, topic_filter, route, is_new)
         if group is None and self.retainer_enabled and (
                 retain_handling == 0 or (retain_handling == 1 and is_new)):
-            now = time.monotonic()
+            now = self.now()
             retained.extend((msg.with_subscription_ids((subscription_id,)) if subscription_id
                              else msg, min(qos, msg.qos)) for msg in self.retained.values()
                             if topic_matches(real, msg.topic) and not msg.expired(now))
@@ -3793,7 +3873,8 @@ class BrokerCore:
                         self.store.put(("retained", topic), (
                             topic, msg.payload, msg.qos,
                             msg.encoded_properties() if msg.properties else None,
-                            _wall_deadline(msg.expires_at), msg.sender) if msg.payload else None)
+                            _wall_deadline(msg.expires_at, self.clock),
+                            msg.sender) if msg.payload else None)
                 matched, shared = self.router.match(topic)
                 targets = tuple(matched.values())
                 if not (shared or msg.sys):   # round robin must advance: never cache shared
@@ -4098,7 +4179,7 @@ class Connection:
         self.session = None
         self.acl = None               # ClientAcl once CONNECTed
         self.connected_at = None
-        self.opened_at = self.last_recv = time.monotonic()
+        self.opened_at = self.last_recv = core.now()
         self.close_reason = None      # set by whoever decided to close
         self.thread = None
         #: guards _out, _wire, out_bytes, blocked, _closed, held, waiting_on,
@@ -4205,7 +4286,7 @@ class Connection:
             self._recv_size = min(size * 4, _RECV_MAX)
         elif size > _RECV_MIN and len(data) < size // 16:
             self._recv_size = size // 4
-        self.last_recv = time.monotonic()
+        self.last_recv = self.core.now()
         counts["bytes/received"] += len(data)
         transport = self.transport
         if transport is None:
@@ -4228,7 +4309,7 @@ class Connection:
             if left <= 0 or faults.thaw.wait(left):
                 break
         faults.thaw.clear()
-        self.last_recv = time.monotonic()
+        self.last_recv = self.core.now()
         self.flush()
 
     def _flush_batch(self):
@@ -4264,6 +4345,9 @@ class Connection:
                                             else packet_type in _DURABLE_REPLIES):
             self.acks_pending = True   # what this packet changes is on disk before its reply
         packet = decode_packet(first_byte, body, self.proto_ver)
+        if not self.core.observed:   # the journal and faults are off: nothing to look at
+            _HANDLERS[packet_type](self, packet, counts)
+            return
         journal = self.core.journal
         if journal is not None:
             self._note = journal.record(self.client_id or getattr(packet, "client_id", None),
@@ -4341,7 +4425,7 @@ class Connection:
         props = pkt.properties or {}
         self.clean_session, self.will = pkt.clean_session, pkt.will
         self.acl = self.core.acl.for_client(client_id, username, self.peer[0])
-        self.connected_at = time.time()
+        self.connected_at = self.core.wall()
         if v5:   # the session lasts Session Expiry Interval seconds after the connection
             expiry = props.get("session_expiry_interval", 0)
             session, present, old_conn = self.core.connect(self, pkt.clean_session,
@@ -4434,11 +4518,13 @@ class Connection:
                     self._batch.rels.append((self.session, pkt.packet_id))
                     self._batch.store = self.session.store
                 if not self.core.publish(Message(topic, pkt.payload, 2, pkt.retain,
-                                                 self.client_id, False, properties),
+                                                 self.client_id, False, properties,
+                                                 self.core.clock),
                                          self._batch, self._note):
                     reason = RC_NO_MATCHING_SUBSCRIBERS
         elif not self.core.publish(Message(topic, pkt.payload, qos, pkt.retain, self.client_id,
-                                           False, properties), self._batch, self._note):
+                                           False, properties, self.core.clock),
+                                   self._batch, self._note):
             reason = RC_NO_MATCHING_SUBSCRIBERS
         if qos:
             self.send_publish_ack(PUBACK if qos == 1 else PUBREC, pkt.packet_id, reason)
@@ -4568,10 +4654,15 @@ class Connection:
         self._auth_step(exchange.step(props.get("authentication_data", b"")))
 
     # --- sending (any thread) -----------------------------------------------------
-    def _journal_out(self, packet_type, data):
+    def _observe_out(self, packet_type, data):
+        """With the journal or faults on: record an outbound packet, or apply
+        a fault to it (True: it is not to be sent now)."""
+        if self.faults is not None and self._faulted(packet_type, (data,)):
+            return True
         journal = self.core.journal
         if journal is not None:
             journal.record(self.client_id, "out", packet_type, data, self.proto_ver)
+        return False
 
     def _faulted(self, packet_type, chunks):
         """Apply an injected fault to an outbound packet: True if it is
@@ -4590,9 +4681,8 @@ class Connection:
         return True
 
     def _send_bytes(self, data, packet_type, barrier=0):
-        if self.faults is not None and self._faulted(packet_type, (data,)):
+        if self.core.observed and self._observe_out(packet_type, data):
             return
-        self._journal_out(packet_type, data)
         with self.out_lock:
             if self._closed:
                 return
@@ -4612,9 +4702,8 @@ class Connection:
         """PUBACK or PUBREC for a PUBLISH this client sent; FlowControl holds
         it while a session its messages went to is congested."""
         data = ENCODERS[packet_type](Ack(packet_id, reason), self.proto_ver)
-        if self.faults is not None and self._faulted(packet_type, (data,)):
+        if self.core.observed and self._observe_out(packet_type, data):
             return
-        self._journal_out(packet_type, data)
         self.core.flow.send_ack(self, data, self._batch.congested)
         self.core.counts()[_SENT_METRIC[packet_type]] += 1
 
@@ -4704,7 +4793,7 @@ class Connection:
         if self._wire:
             if not self.blocked:
                 self.blocked = True
-                self.blocked_since = time.monotonic()
+                self.blocked_since = self.core.now()
                 self.hooks.watch_writable(self)
         elif self.blocked:
             self.blocked = False
@@ -4740,7 +4829,9 @@ class Connection:
     def _send_last(self, data, packet_type):
         """The last packet before the broker closes: it promises nothing, so
         it does not wait for the disk; what waits for the disk is dropped."""
-        self._journal_out(packet_type, data)
+        journal = self.core.journal
+        if journal is not None:
+            journal.record(self.client_id, "out", packet_type, data, self.proto_ver)
         with self.out_lock:
             if self._closed:
                 return
@@ -4799,7 +4890,7 @@ class Connection:
         will_props = will.properties or {}
         properties = forwarded_properties(will_props)
         msg = Message(will.topic, will.payload, will.qos, will.retain, self.client_id, False,
-                      properties)
+                      properties, self.core.clock)
         delay = will_props.get("will_delay_interval", 0)
         session = self.session
         if delay and not session.clean_session:
@@ -5206,8 +5297,8 @@ def create_api_blueprint(broker):
 
     def broker_info():
         return {"version": __version__, "sysdescr": "EMQ X Lite",
-                "uptime": _uptime_text(time.time() - broker.core.started_at),
-                "datetime": _strftime(time.time()),
+                "uptime": _uptime_text(broker.core.wall() - broker.core.started_at),
+                "datetime": _strftime(broker.core.wall()),
                 "otp_release": "Python/" + ".".join(map(str, sys.version_info[:3])),
                 "node_status": "Running"}
 
@@ -6191,7 +6282,7 @@ class Broker:
                  http_bind=None, ssl_port=None, ws_port=None, wss_port=None,
                  certfile=None, keyfile=None, cacertfile=None, verify=False,
                  fail_if_no_peer_cert=False, listeners=None, users=None,
-                 authenticate=None, auth_methods=None, **settings):
+                 authenticate=None, auth_methods=None, clock=None, **settings):
         unknown = set(settings) - set(DEFAULTS)
         if unknown:
             raise TypeError("unknown broker setting(s): %s" % ", ".join(sorted(unknown)))
@@ -6241,6 +6332,9 @@ class Broker:
         self.journal = Journal(self.settings["journal"])
         #: network faults for tests (Faults)
         self.faults = Faults(self)
+        #: the clock every timer reads: real time, or a test's ManualClock
+        self.clock = clock if clock is not None else SystemClock()
+        self._next_tick = self._next_heartbeat = self._next_sys = 0.0   # on that clock
         self._resume_listeners_at = None   # an injected pause_listener ends then
         #: guards _plugins (only Store.lock is taken under it)
         self._plugins_lock = threading.Lock()
@@ -6284,7 +6378,7 @@ class Broker:
             self._stopping = False
             self._open_store()   # before anything can change state
             self.core = BrokerCore(self.settings, self._authenticate, self.acl, self.auth_methods,
-                                   self._store)
+                                   self._store, self.clock)
             self.core.on_change = self._state_changed
             self.core.journal = self.journal if self.journal.size else None
             self.core.observed = self.core.journal is not None
@@ -6310,7 +6404,13 @@ class Broker:
                 self._close_resources()
                 raise
             self._publish_sys_retained()
+            now, interval = self.clock.monotonic(), self.settings["sys_interval"]
+            self._next_tick = now + min(0.5, interval, 1.0)
+            self._next_heartbeat = now + min(1.0, interval)
+            self._next_sys = now + interval
             self._service = _start_thread(self._service_loop, "emqx_lite-service")
+            if self.clock.manual:
+                self.clock.attach(self)
             for lst in self.listeners:
                 _log.info("Listening for MQTT (%s) on %s:%d", lst.protocol, lst.bind, lst.port)
             if self._default_admin and self._http is not None:
@@ -6323,6 +6423,8 @@ class Broker:
         with self._lifecycle_lock:
             if self._service is None:
                 return
+            if self.clock.manual:
+                self.clock.detach(self)
             self.faults.clear()
             self._stopping = True
             self._wake()
@@ -6522,22 +6624,20 @@ class Broker:
                     pass
 
     def _service_loop(self):
-        """Accept connections, finish blocked writes, run timers."""
-        core = self.core
-        tick = min(0.5, self.settings["sys_interval"], 1.0)
-        next_tick = time.monotonic() + tick
-        next_heartbeat = time.monotonic() + min(1.0, self.settings["sys_interval"])
-        next_sys = time.monotonic() + self.settings["sys_interval"]
+        """Accept connections, finish blocked writes, run timers (on the real
+        clock; a ManualClock runs them in ``advance()``)."""
+        core, manual = self.core, self.clock.manual
+        next_prune = time.monotonic() + 1.0
         try:
             while not self._stopping:
-                wake_at = next_tick
+                wake_at = math.inf if manual else self._next_tick
                 resume_at = self._resume_listeners_at
                 if resume_at is not None:
                     if resume_at <= time.monotonic():
                         self._resume_listeners()
                     else:
                         wake_at = min(wake_at, resume_at)
-                timeout = max(0.0, wake_at - time.monotonic())
+                timeout = max(0.0, min(wake_at - self.clock.monotonic(), 1.0))
                 for key, _ in self._selector.select(timeout):
                     data = key.data
                     if data is None:
@@ -6550,21 +6650,42 @@ class Broker:
                         self._accept(data)
                     else:
                         data.on_writable()
-                now = time.monotonic()
-                if now >= next_tick and not self._stopping:
-                    next_tick = now + tick
-                    self._tick(now)
-                    if now >= next_heartbeat:
-                        next_heartbeat = now + min(1.0, self.settings["sys_interval"])
-                        self._publish_sys_heartbeat()
-                    if now >= next_sys:
-                        next_sys = now + self.settings["sys_interval"]
-                        self._publish_sys_retained()
-                        self._publish_sys_stats()
+                if time.monotonic() >= next_prune:   # forget reader threads that ended
+                    next_prune = time.monotonic() + 1.0
+                    self._threads = {t for t in self._threads if t.is_alive()}
+                now = self.clock.monotonic()
+                if not manual and now >= self._next_tick and not self._stopping:
+                    self._run_timers(now)
         except Exception:
             _log.exception("service thread failed")
         finally:
             core.retire_counts()
+
+    def _next_timer(self):
+        """When the next timer falls due, on this broker's clock."""
+        return self._next_tick
+
+    def _run_timers(self, now):
+        """The timers due at ``now``: every tick (half a second) the
+        connections' and sessions' timers, then $SYS when its time has come.
+        On a ManualClock, also waits for the connections closed meanwhile to
+        finish closing (wills published), so advance() returns with it done."""
+        if self._service is None or self._stopping:
+            return
+        interval = self.settings["sys_interval"]
+        self._next_tick = now + min(0.5, interval, 1.0)
+        closed = self._tick(now)
+        if now >= self._next_heartbeat:
+            self._next_heartbeat = now + min(1.0, interval)
+            self._publish_sys_heartbeat()
+        if now >= self._next_sys:
+            self._next_sys = now + interval
+            self._publish_sys_retained()
+            self._publish_sys_stats()
+        if self.clock.manual:
+            for conn in closed:
+                if conn.thread is not None:
+                    conn.thread.join(self.settings["connect_timeout"])
 
     def _pause_listeners(self, seconds):
         """Faults.pause_listener: unwatch the listening sockets for ``seconds``
@@ -6604,12 +6725,12 @@ class Broker:
             self._threads.add(conn.thread)
 
     def _tick(self, now):
-        """The timers, every half second: connections, sessions, expiry."""
+        """The timers, every half second: connections, sessions, expiry.
+        Returns the connections it closed."""
         core = self.core
-        self._threads = {t for t in self._threads if t.is_alive()}
         conns, sessions = core.live_connections(), core.sessions_with_timers()
+        closed = [conn for conn in conns if self._check_timeouts(conn, now)]
         for conn in conns:
-            self._check_timeouts(conn, now)
             core.flow.expire(conn, now)
         for session in sessions:
             self._resend(session, now)
@@ -6619,18 +6740,24 @@ class Broker:
             for msg in wills:
                 core.publish(msg, batch)
             batch.run()
+        return closed
 
     def _check_timeouts(self, conn, now):
-        """Connect timeout, keepalive [MQTT-3.1.2-24] and send timeout."""
+        """Connect timeout, keepalive [MQTT-3.1.2-24] and send timeout; True
+        if it closed the connection."""
         s = self.settings
+        reason = None
         if conn.session is None:
             if now - conn.opened_at > s["connect_timeout"]:
-                conn.shutdown("idle_timeout")
+                reason = "idle_timeout"
         elif conn.keepalive and now - conn.last_recv > conn.keepalive * s["keepalive_backoff"]:
-            conn.shutdown("keepalive_timeout")
+            reason = "keepalive_timeout"
         blocked_since = conn.blocked_since
         if blocked_since is not None and now - blocked_since > s["send_timeout"]:
-            conn.shutdown("send_timeout")
+            reason = "send_timeout"
+        if reason is not None:
+            conn.shutdown(reason)
+        return reason is not None
 
     @staticmethod
     def _resend(session, now):
@@ -6658,8 +6785,8 @@ class Broker:
         self._sys_publish("sysdescr", "EMQ X Lite", retain=True)
 
     def _publish_sys_heartbeat(self):
-        self._sys_publish("uptime", _uptime_text(time.time() - self.core.started_at))
-        self._sys_publish("datetime", _strftime(time.time()))
+        self._sys_publish("uptime", _uptime_text(self.core.wall() - self.core.started_at))
+        self._sys_publish("datetime", _strftime(self.core.wall()))
 
     def _publish_sys_stats(self):
         for name, value in self.core.stats().items():
@@ -6676,7 +6803,7 @@ class Broker:
             self._publish_presence(conn, "connected", {
                 "clientid": conn.client_id, "username": conn.username,
                 "ipaddress": conn.peer[0], "clean_sess": conn.clean_session,
-                "protocol": conn.proto_ver, "connack": 0, "ts": int(time.time())})
+                "protocol": conn.proto_ver, "connack": 0, "ts": int(self.core.wall())})
         topics = []
         for topic, qos in self.settings["module_subscription"]:
             levels = [conn.client_id if w == "%c" else
@@ -6696,7 +6823,7 @@ class Broker:
         if self.core.modules_enabled and reason != "conflict" and self.core.sys_subscriptions:
             self._publish_presence(conn, "disconnected", {
                 "clientid": conn.client_id, "username": conn.username,
-                "reason": reason, "ts": int(time.time())})
+                "reason": reason, "ts": int(self.core.wall())})
 
     def _publish_presence(self, conn, event, fields):
         """$SYS/brokers/<node>/clients/<id>/<event>: EMQ X's JSON, QoS 1 (emq_mod_presence)."""
@@ -6737,7 +6864,7 @@ class Broker:
             self._require_writable()
         batch = Batch()
         core.publish(Message(topic, bytes(payload), qos, bool(retain), client_id, False,
-                             properties), batch)
+                             properties, core.clock), batch)
         batch.run()
         self.sync()   # returned means kept, as an acknowledgement does
 

@@ -8654,7 +8654,7 @@ class TestTestKitPlugin:
         result = _run_pytest(tmp_path, {"conftest.py": 'pytest_plugins = ["emqx_lite"]\n',
                                         "test_example.py": code},
                              "-W", "error::pytest.PytestUnknownMarkWarning")
-        assert "2 passed" in result.stdout, result.stdout + result.stderr
+        assert "4 passed" in result.stdout, result.stdout + result.stderr
 
     def test_failed_test_report_shows_the_journal(self, tmp_path):
         """A failing test that used mqtt_broker gets the broker's last packets
@@ -8979,3 +8979,93 @@ class TestTrace:
         assert re.search(r"-> CONNACK c1 reason_code=0 \[MQTT-3\.2\.0-1", out), out
         assert re.search(r"<- PUBLISH c1 t qos=1 id=5 'hi' \[MQTT-4\.3\.2-2", out), out
         assert re.search(r"# routed to c1 \(subscribed qos 1\)", out), out
+
+
+class TestTestKitClock:
+    """Broker(clock=ManualClock()): timers run when the test advances time."""
+
+    @pytest.fixture
+    def clocked(self, make_broker):
+        clock = emqx_lite.ManualClock()
+        return clock, make_broker(clock=clock)
+
+    def test_keepalive_in_milliseconds(self, clocked):
+        """Silent for 1.5 x keepalive, the client is closed and its will
+        published before advance() returns [MQTT-3.1.2-24, MQTT-3.1.2-8]."""
+        clock, b = clocked
+        r = RawClient.connected(b.mqtt_port, "sleepy", keepalive=10,
+                                will=("wills/sleepy", b"gone", 0, False))
+        try:
+            with b.capture("wills/#") as wills:
+                clock.advance(14.9)
+                assert b.is_connected("sleepy") and wills.messages == []
+                clock.advance(0.6)
+                assert not b.is_connected("sleepy")
+                assert [m.payload for m in wills.messages] == [b"gone"]
+            assert r.expect_closed()
+        finally:
+            r.close()
+
+    def test_the_real_clock_behaves_the_same(self, make_broker):
+        """The same keepalive rule on real time (keepalive 1: closed after 1.5 s)."""
+        b = make_broker()
+        r = RawClient.connected(b.mqtt_port, "sleepy", keepalive=1,
+                                will=("wills/sleepy", b"gone", 0, False))
+        try:
+            with b.capture("wills/#") as wills:
+                assert wills.wait(timeout=5)[0].payload == b"gone"
+            assert r.expect_closed()
+        finally:
+            r.close()
+
+    def test_retry_message_and_session_expiry(self, clocked):
+        """Retries after retry_interval (DUP set) [MQTT-4.4.0-1]; a retained
+        message past its Message Expiry Interval is not sent [MQTT-3.3.2-5];
+        an offline session past its expiry is gone [MQTT-3.1.2-23]."""
+        clock, b = clocked
+        sub = RawClient.connected(b.mqtt_port, "slow")
+        v5 = RawClient5.connected(b.mqtt_port, "brief", clean_start=False,
+                                  properties={"session_expiry_interval": 30})
+        try:
+            sub.subscribe([("t", 1)])
+            b.publish("t", b"m", qos=1)
+            first = sub.read_publish()
+            clock.advance(b.settings["retry_interval"] + 0.5)
+            again = sub.read_publish()
+            assert (again["pid"], again["dup"]) == (first["pid"], True)
+            b.publish("r", b"short-lived", qos=0, retain=True,
+                      properties={"message_expiry_interval": 60})
+            clock.advance(61)
+            late = RawClient.connected(b.mqtt_port, "late")
+            late.subscribe([("r", 0)])
+            late.expect_nothing(0.2)
+            late.close()
+            v5.close()
+            b.wait_for_client("brief", connected=False)
+            clock.advance(29.5)
+            assert "brief" in {s["client_id"] for s in b.sessions()}
+            clock.advance(1)
+            assert "brief" not in {s["client_id"] for s in b.sessions()}
+        finally:
+            sub.close()
+            v5.close()
+
+    def test_will_delay_and_uptime(self, clocked):
+        """A will waits for its Will Delay Interval [MQTT-3.1.3-9]; $SYS uptime
+        reads the clock."""
+        clock, b = clocked
+        c = RawClient5.connected(b.mqtt_port, "delayed", clean_start=False,
+                                 properties={"session_expiry_interval": 100},
+                                 will=("wills/d", b"late", 0, False, {"will_delay_interval": 5}))
+        with b.capture("wills/#") as wills, b.capture("$SYS/brokers/+/uptime") as uptime:
+            b.faults.disconnect("delayed")
+            b.wait_for_client("delayed", connected=False)
+            clock.advance(4.5)
+            assert wills.messages == []
+            clock.advance(1)
+            assert [m.payload for m in wills.messages] == [b"late"]
+            clock.advance(3600)
+            assert uptime.messages[-1].payload.startswith(b"1 hours, 0 minutes")
+        c.close()
+        with pytest.raises(ValueError):
+            clock.advance(-1)
