@@ -173,6 +173,7 @@ import json
 import logging
 import math
 import os
+import queue
 import re
 import secrets
 import selectors
@@ -2661,8 +2662,9 @@ class Session:
                     if self.store is not None:
                         self.seq = self.store.delete(("rel", self.client_id, packet_id))
             conn = self.conn
-            if conn is None or not self.inflight:
-                return None
+            if conn is None or not self.inflight or (conn.faults is not None
+                                                     and conn.faults.frozen()):
+                return None   # (a frozen client gets its messages once, at the thaw)
             deadline = now - s["retry_interval"]
             resent = False
             for packet_id, entry in self.inflight.items():
@@ -3209,7 +3211,7 @@ def spec_statements(entry):
     version = "5.0" if entry.get("version") == MQTT_V5 else "3.1.1"
     kind, case = entry["type"], ""
     if kind == "CONNECT":
-        case = "clean" if "clean" in (entry["payload"] or "") else "persistent"
+        case = "clean" if entry.get("clean_session") else "persistent"
     elif kind == "CONNACK":
         case = "present" if entry.get("session_present") else ""
     elif kind == "PUBLISH" and entry["direction"] == "in":
@@ -3313,8 +3315,8 @@ class Journal:
                 fields.append(e["payload"] if e["type"] == "CONNECT" else repr(e["payload"]))
             if e["note"]:
                 fields.append("# " + e["note"])
-            out.append("%6d %s %s" % (e["seq"], "<-" if e["direction"] == "in" else "->",
-                                       " ".join(map(str, fields))))
+            arrow = {"in": "<-", "out": "->"}.get(e["direction"], "!!")   # !!: a fault
+            out.append("%6d %s %s" % (e["seq"], arrow, " ".join(map(str, fields))))
         return out
 
     def _entry(self, raw):
@@ -3349,6 +3351,7 @@ class Journal:
             entry["topic"] = ", ".join(t if isinstance(t, str) else t[0] for t in packet.topics)
         elif isinstance(packet, Connect):
             entry["topic"] = None
+            entry["clean_session"] = bool(packet.clean_session)
             entry["payload"] = "v%s %s keepalive=%d%s" % (
                 {MQTT_V31: "3.1", MQTT_V311: "3.1.1", MQTT_V5: "5.0"}.get(packet.proto_ver,
                                                                          packet.proto_ver),
@@ -3357,6 +3360,8 @@ class Journal:
         if isinstance(packet, Publish):
             entry["topic"] = packet.topic
             entry["payload"] = self._preview(packet.payload)
+        if version != MQTT_V5 and isinstance(packet, (Ack, Unsuback)):
+            entry["reason_code"] = None   # 3.x acknowledgements carry no reason code
         return entry
 
     @classmethod
@@ -4114,8 +4119,8 @@ class ConnectionHooks:
 
 class ConnectionFaults:
     """Faults injected into one connection (``Broker.faults``). ``lock``
-    guards ``drop`` and ``delay`` (a leaf); ``frozen_until`` and
-    ``close_after`` are plain values read without it."""
+    guards ``drop``, ``delay`` and ``close_after`` (a leaf); ``frozen_until``
+    is a plain value read without it."""
     __slots__ = ("registry", "lock", "frozen_until", "thaw", "drop", "delay", "close_after")
 
     def __init__(self, registry):
@@ -4260,6 +4265,8 @@ class Connection:
             if self.faults is not None and self.faults.frozen():
                 self.last_recv = before   # frozen: nothing arrived, as far as keepalive knows
                 self._stay_frozen()
+                if self.close_reason is not None:
+                    return   # closed while frozen (keepalive, a kick, a fault)
             if data is None:
                 return
             if not data:
@@ -4308,9 +4315,10 @@ class Connection:
             left = faults.frozen_until - time.monotonic()
             if left <= 0 or faults.thaw.wait(left):
                 break
-        faults.thaw.clear()
-        self.last_recv = self.core.now()
-        self.flush()
+        if self.close_reason is None:
+            faults.thaw.clear()
+            self.last_recv = self.core.now()
+            self.flush()
 
     def _flush_batch(self):
         """End of a batch: one write per touched connection, this one included."""
@@ -4351,15 +4359,18 @@ class Connection:
         journal = self.core.journal
         if journal is not None:
             self._note = journal.record(self.client_id or getattr(packet, "client_id", None),
-                                        "in", packet_type, packet, self.proto_ver)
+                                        "in", packet_type, packet,
+                                        self.proto_ver or getattr(packet, "proto_ver", None))
         _HANDLERS[packet_type](self, packet, counts)
         if journal is not None and journal.trace is not None:
             journal.traced(self._note)
         faults = self.faults
         if faults is not None and faults.close_after is not None:
-            faults.close_after -= 1
-            if faults.close_after <= 0:
-                faults.close_after = None
+            with faults.lock:
+                left = faults.close_after
+                if left is not None:
+                    faults.close_after = left - 1 if left > 1 else None
+            if left is not None and left <= 1:
                 self._decided("connection cut by an injected fault (close_after)")
                 raise ConnectionResetError("cut by an injected fault")
 
@@ -4851,6 +4862,8 @@ class Connection:
         if self.close_reason is None:
             self.close_reason = reason
             self.send_disconnect(reason)
+        if self.faults is not None:
+            self.faults.thaw.set()   # a frozen reader wakes up to close
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -6105,6 +6118,8 @@ class Faults:
         conn = self._conn(client_id)
         self._journal(client_id, "disconnect", "connection cut")
         conn.close_reason = conn.close_reason or "closed"
+        if conn.faults is not None:
+            conn.faults.thaw.set()
         try:
             conn.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -6117,6 +6132,7 @@ class Faults:
         seconds = self._seconds(seconds)
         conn = self._conn(client_id)
         faults = self._faults_of(conn)
+        faults.thaw.clear()
         faults.frozen_until = time.monotonic() + seconds
         self._journal(client_id, "freeze", "frozen for %gs" % seconds)
         self.later(seconds, conn.flush)   # what waited goes out when it ends
@@ -6160,7 +6176,9 @@ class Faults:
         ``packets`` more packets; the last one is handled, its reply not sent."""
         if not isinstance(packets, int) or isinstance(packets, bool) or packets < 1:
             raise ValueError("packets must be a positive integer, not %r" % (packets,))
-        self._faults_of(self._conn(client_id)).close_after = packets
+        faults = self._faults_of(self._conn(client_id))
+        with faults.lock:
+            faults.close_after = packets
         self._journal(client_id, "close_after", "cut after %d more packets" % packets)
 
     def pause_listener(self, seconds):
@@ -6184,7 +6202,7 @@ class Faults:
                 with faults.lock:
                     faults.drop.clear()
                     faults.delay.clear()
-                faults.close_after = None
+                    faults.close_after = None
                 faults.frozen_until = 0.0
                 faults.thaw.set()
                 conn.flush()
@@ -6630,14 +6648,14 @@ class Broker:
         next_prune = time.monotonic() + 1.0
         try:
             while not self._stopping:
-                wake_at = math.inf if manual else self._next_tick
-                resume_at = self._resume_listeners_at
+                timeout = 1.0 if manual else self._next_tick - self.clock.monotonic()
+                resume_at = self._resume_listeners_at   # a fault's pause: real time
                 if resume_at is not None:
                     if resume_at <= time.monotonic():
                         self._resume_listeners()
                     else:
-                        wake_at = min(wake_at, resume_at)
-                timeout = max(0.0, min(wake_at - self.clock.monotonic(), 1.0))
+                        timeout = min(timeout, resume_at - time.monotonic())
+                timeout = max(0.0, min(timeout, 1.0))
                 for key, _ in self._selector.select(timeout):
                     data = key.data
                     if data is None:
@@ -7011,6 +7029,7 @@ class Broker:
             self._listener_specs = [dict(spec, port=lst.port)
                                     for spec, lst in zip(specs, self.listeners)]
             self._http_port_wanted = self.http_port if http_wanted is not None else None
+        captures = self.core.captures
         try:
             self.stop()
             self.journal.clear()
@@ -7020,6 +7039,9 @@ class Broker:
                     if name.startswith(STORE_FILE):
                         os.unlink(os.path.join(data_dir, name))
             self.start()
+            for capture in captures:   # the test's recordings go on
+                capture._core = self.core
+                self.core.add_capture(capture)
         finally:
             self._listener_specs, self._http_port_wanted = specs, http_wanted
 
@@ -7530,15 +7552,30 @@ def _raise_fd_limit():
         pass
 
 
-def _print_trace(entry, decided):
-    """--trace: one line a packet, with the statements it exercises; then,
-    for an inbound packet, a line with what the broker decided."""
-    if decided:
-        print("%6d    # %s" % (entry["seq"], entry["note"]), flush=True)
-        return
-    statements = spec_statements(entry)
-    print(Journal.lines([entry])[0] + (" [%s]" % ", ".join(statements) if statements else ""),
-          flush=True)
+def _trace_lines(lines):
+    """--trace's printer thread: stdout may be slow (a pipe, a terminal); no
+    broker thread ever waits for it."""
+    while True:
+        print(lines.get(), flush=True)
+
+
+def _tracer():
+    """--trace: a Journal.trace callback that queues one line a packet, with
+    the statements it exercises, and for an inbound packet a line with what
+    the broker decided, for a printer thread."""
+    lines = queue.SimpleQueue()
+    printer = threading.Thread(target=_trace_lines, args=(lines,), name="emqx_lite-trace",
+                               daemon=True)   # ends with the process
+    printer.start()
+
+    def trace(entry, decided):
+        if decided:
+            lines.put("%6d    # %s" % (entry["seq"], entry["note"]))
+            return
+        statements = spec_statements(entry)
+        lines.put(Journal.lines([entry])[0]
+                  + (" [%s]" % ", ".join(statements) if statements else ""))
+    return trace
 
 
 def main(argv=None):
@@ -7558,7 +7595,7 @@ def main(argv=None):
             return 0
         broker = Broker(**kw)
         if args.trace:
-            broker.journal.trace = _print_trace
+            broker.journal.trace = _tracer()
         broker.start()
     except (ConfigError, StoreError, OSError, ValueError) as exc:
         _log.error("cannot start: %s", exc)
@@ -7587,8 +7624,9 @@ TEST_BROKER_SETTINGS = {"api_password_iterations": 1000}
 
 def _test_broker(request, settings):
     """A started Broker for a pytest test, stopped when the test ends."""
-    b = Broker(**dict({"bind": "127.0.0.1", "mqtt_port": 0, "http_port": 0},
-                      **TEST_BROKER_SETTINGS, **settings))
+    kw = dict({"bind": "127.0.0.1", "mqtt_port": 0, "http_port": 0}, **TEST_BROKER_SETTINGS)
+    kw.update(settings)
+    b = Broker(**kw)
     b.start()
     request.addfinalizer(b.stop)
     request.node.__dict__.setdefault("_emqx_lite_brokers", []).append(b)

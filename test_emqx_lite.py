@@ -8771,7 +8771,7 @@ class TestTestKitJournal:
         assert [(e["topic"], e["qos"], e["dup"]) for e in out] == [("j/1", 1, False)]
         [ack] = broker.journal.query(client_id="pub", type="PUBACK")
         assert (ack["direction"], ack["packet_id"], ack["reason_code"]) == (
-            "out", entry["packet_id"], 0)
+            "out", entry["packet_id"], None)   # 3.1.1: no reason codes
         seqs = [e["seq"] for e in broker.journal.query()]
         assert seqs == sorted(seqs)
         later = broker.journal.query(since_seq=entry["seq"])
@@ -8978,6 +8978,7 @@ class TestTrace:
         assert re.search(r"<- CONNECT c1 v3\.1\.1 clean keepalive=60 \[MQTT-3\.1\.0-1", out), out
         assert re.search(r"-> CONNACK c1 reason_code=0 \[MQTT-3\.2\.0-1", out), out
         assert re.search(r"<- PUBLISH c1 t qos=1 id=5 'hi' \[MQTT-4\.3\.2-2", out), out
+        assert re.search(r"-> PUBACK c1 id=5 \[MQTT-4\.3\.2-2", out), out
         assert re.search(r"# routed to c1 \(subscribed qos 1\)", out), out
 
 
@@ -9069,3 +9070,63 @@ class TestTestKitClock:
         c.close()
         with pytest.raises(ValueError):
             clock.advance(-1)
+
+
+class TestTestKitReview:
+    """Edges of the test kit: a frozen client can still be closed, a freeze
+    after clear() holds, captures outlive reset(), the fixture takes any
+    setting, the journal of a 5.0 CONNECT."""
+
+    def test_a_frozen_client_is_closed_by_keepalive_at_once(self, make_broker):
+        clock = emqx_lite.ManualClock()
+        b = make_broker(clock=clock)
+        r = RawClient.connected(b.mqtt_port, "ice", keepalive=10,
+                                will=("wills/ice", b"melted", 0, False))
+        try:
+            with b.capture("wills/#") as wills:
+                b.faults.freeze("ice", 60)
+                r.send(gen_pingreq())   # the reader takes it and waits for the thaw
+                time.sleep(0.1)         # (no event to await: nothing may happen)
+                started = time.monotonic()
+                clock.advance(16)
+                assert time.monotonic() - started < 5   # not held until the freeze ends
+                assert [m.payload for m in wills.messages] == [b"melted"]
+        finally:
+            r.close()
+
+    def test_freeze_after_clear_holds_inbound_too(self, broker, raw):
+        r = raw()
+        r.connect("twice")
+        broker.faults.freeze("twice", 0.1)
+        broker.faults.clear()
+        broker.faults.freeze("twice", 0.5)
+        with broker.capture("t") as seen:
+            r.send(gen_publish("t", b"held"))
+            time.sleep(0.2)   # inside the freeze: the check is that nothing happened yet
+            assert seen.messages == []
+            assert seen.wait()[0].payload == b"held"
+
+    def test_captures_outlive_reset_and_journal_versions(self, make_broker):
+        b = make_broker()
+        seen = b.capture("x")
+        b.reset()
+        b.publish("x", b"after")
+        assert [m.payload for m in seen.wait()] == [b"after"]
+        c = RawClient5.connected(b.mqtt_port, "five", clean_start=False)
+        [connect] = b.journal.query(client_id="five", type="CONNECT")
+        assert (connect["version"], connect["clean_session"]) == (5, False)
+        assert emqx_lite.spec_statements(connect) == ["MQTT-3.1.0-1", "MQTT-3.1.2-5"]
+        c.close()
+
+    def test_fixture_settings_may_override_its_defaults(self, tmp_path):
+        code = '''
+import pytest
+
+@pytest.mark.mqtt_broker(api_password_iterations=2000)
+def test_override(mqtt_broker, mqtt_broker_factory):
+    assert mqtt_broker.settings["api_password_iterations"] == 2000
+    assert mqtt_broker_factory(api_password_iterations=3000).settings[
+        "api_password_iterations"] == 3000
+'''
+        result = _run_pytest(tmp_path, {"test_o.py": code}, "-p", "emqx_lite")
+        assert "1 passed" in result.stdout, result.stdout + result.stderr
