@@ -163,6 +163,7 @@ __all__ = [
 import argparse
 import base64
 import collections
+import errno
 import fcntl
 import functools
 import hashlib
@@ -5008,10 +5009,12 @@ class Listener:
                                 WebSocketTransport(self.mqtt_path))
 
     def accept(self):
-        """Accept one pending connection; returns (sock, peer) or None."""
+        """Accept one pending connection: (sock, peer); None when none is
+        pending; False when it was closed at once for max_clients. OSError
+        (EMFILE, ENFILE...) when the process or system is out of resources."""
         try:
             sock, peer = self.sock.accept()
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return None
         sock.setblocking(True)
         with self.lock:
@@ -5023,9 +5026,14 @@ class Listener:
                 refused = False
         if refused:
             sock.close()
-            return None
+            return False
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock, peer
+
+    def count_refusal(self, reason):
+        """A connection closed at once for want of resources (``reason``)."""
+        with self.lock:
+            self.shutdown_count[reason] = self.shutdown_count.get(reason, 0) + 1
 
     def connection_closed(self, reason):
         with self.lock:
@@ -6093,6 +6101,60 @@ class _ApiServer(WaitressServer):
 # Application control #########################################################
 ###############################################################################
 
+#: accept() errors that mean "out of resources": the connection is refused.
+_OUT_OF_RESOURCES = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+
+
+def _spare_descriptor():
+    """A descriptor held in reserve (see Broker._refuse_pending), or None."""
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def _read_int(path):
+    try:
+        with open(path, encoding="ascii") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def os_ceilings():
+    """What the operating system lets thread-per-connection reach, each
+    connection needing a descriptor and a thread (a task with a stack and a
+    guard page: two memory maps): ({limit name: value}, the connections they
+    allow together, or None if unknown)."""
+    try:
+        import resource
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        nproc = resource.getrlimit(resource.RLIMIT_NPROC)[0]
+        unlimited = resource.RLIM_INFINITY
+    except (ImportError, OSError, ValueError):
+        nofile = nproc = unlimited = None
+    limits = {   # name -> (limit, what one connection takes of it)
+        "open files (ulimit -n)": (None if nofile == unlimited else nofile, 1),
+        "threads-max": (_read_int("/proc/sys/kernel/threads-max"), 1),
+        "pid_max": (_read_int("/proc/sys/kernel/pid_max"), 1),
+        "vm.max_map_count": (_read_int("/proc/sys/vm/max_map_count"), 2),
+        # root is not held to ulimit -u
+        "processes (ulimit -u)": (None if nproc == unlimited or os.geteuid() == 0 else nproc,
+                                  1),
+    }
+    allowed = min((limit // each for limit, each in limits.values() if limit is not None),
+                  default=None)
+    return {name: limit for name, (limit, _) in limits.items()}, allowed
+
+
+def _nofile_limit():
+    try:
+        import resource
+        return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return "unknown"
+
+
 #: Packet types a fault may drop or hold: those the broker sends.
 _SERVER_PACKETS = {name: t for t, name in PACKET_NAMES.items()
                    if t in (CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP, SUBACK, UNSUBACK,
@@ -6365,6 +6427,8 @@ class Broker:
         self._lifecycle_lock = threading.Lock()
         #: guards the selector's registrations made outside the service thread (leaf)
         self._selector_lock = threading.Lock()
+        self._spare_fd = None   # a descriptor given back to refuse a connection when out of them
+        self._refusals = {}     # kind -> (refused since logged, when logged): service thread
         #: its lock guards _state_version, bumped when clients or subscriptions
         #: change; the awaits (wait_for_client...) wait on it (a leaf)
         self._state_cv = threading.Condition()
@@ -6410,6 +6474,7 @@ class Broker:
                 for lst in reversed(self.listeners):   # the first of each type names the port
                     setattr(self, {"tcp": "mqtt_port"}.get(lst.type, lst.type + "_port"), lst.port)
                 self._selector = selectors.DefaultSelector()
+                self._spare_fd = _spare_descriptor()
                 self._wake_r, self._wake_w = socket.socketpair()
                 self._wake_r.setblocking(False)
                 self._wake_w.setblocking(False)
@@ -6431,6 +6496,12 @@ class Broker:
                 self.clock.attach(self)
             for lst in self.listeners:
                 _log.info("Listening for MQTT (%s) on %s:%d", lst.protocol, lst.bind, lst.port)
+            limits, allowed = os_ceilings()
+            _log.info("Connections (a thread with a %d KiB stack and a descriptor each): about "
+                      "%s fit under %s", _THREAD_STACK_SIZE // 1024,
+                      "{:,}".format(allowed) if allowed is not None else "an unknown number of",
+                      ", ".join("%s %s" % (name, "{:,}".format(limit))
+                                for name, limit in limits.items() if limit is not None))
             if self._default_admin and self._http is not None:
                 _log.warning("REST API user 'admin' still has the default password")
         return self
@@ -6470,6 +6541,9 @@ class Broker:
             if sock is not None:
                 sock.close()
         self._wake_r = self._wake_w = None
+        if self._spare_fd is not None:
+            os.close(self._spare_fd)
+            self._spare_fd = None
 
     # --- durable state ------------------------------------------------------------------
     def _open_store(self):
@@ -6732,15 +6806,70 @@ class Broker:
             self._accept(lst)
 
     def _accept(self, listener):
+        """Accept a burst of connections, a reader thread each. Out of
+        descriptors or threads, a new connection is closed at once (counted
+        in the listener's shutdown_count, logged once a minute) and those
+        already connected notice nothing."""
         for _ in range(64):   # accept a burst, then let the loop breathe
-            accepted = listener.accept()
+            try:
+                accepted = listener.accept()
+            except OSError as exc:
+                if exc.errno not in _OUT_OF_RESOURCES:
+                    _log.warning("accept() on %s:%d failed: %s", listener.bind, listener.port,
+                                 exc)
+                    return
+                self._refuse_pending(listener, exc)
+                return
             if accepted is None:
                 return
+            if accepted is False:
+                self._resource_refusal("max_clients", "listener %s:%d has max_clients (%d) "
+                                       "connections" % (listener.bind, listener.port,
+                                                        listener.max_clients))
+                continue
             sock, peer = accepted
             conn = Connection(self._hooks, self.core, sock, peer, listener)
             self.core.add_socket(conn)
-            conn.thread = _start_thread(conn.run, "emqx_lite-conn-%s:%s" % peer[:2])
+            try:
+                conn.thread = _start_thread(conn.run, "emqx_lite-conn-%s:%s" % peer[:2])
+            except RuntimeError as exc:   # "can't start new thread": threads, memory, maps
+                self.core.disconnect(conn)
+                sock.close()
+                listener.connection_closed("thread_limit")
+                self._resource_refusal("thread_limit", "cannot start a thread for a new "
+                                       "connection (%s): see the limits logged at start" % exc)
+                return
             self._threads.add(conn.thread)
+
+    def _refuse_pending(self, listener, exc):
+        """Out of descriptors: give back the spare one, so that the pending
+        connection can be accepted and closed (not left to spin the loop in
+        the backlog), then take it again."""
+        if self._spare_fd is not None:
+            os.close(self._spare_fd)
+            self._spare_fd = None
+            try:
+                sock, _ = listener.sock.accept()
+                sock.close()
+            except OSError:
+                pass
+            self._spare_fd = _spare_descriptor()
+        if self._spare_fd is None:   # not even that: wait a moment before trying again
+            self._pause_listeners(0.1)
+        listener.count_refusal("emfile" if exc.errno == errno.EMFILE else "resources")
+        self._resource_refusal("emfile", "out of file descriptors (%s; ulimit -n %s)"
+                               % (errno.errorcode.get(exc.errno, exc.errno), _nofile_limit()))
+
+    def _resource_refusal(self, kind, why):
+        """Log a refused connection once a minute per kind, with the count since."""
+        count, last = self._refusals.get(kind, (0, -math.inf))
+        now = time.monotonic()
+        if now - last >= 60.0:
+            _log.warning("Refusing new connections: %s (%d refused in the last minute)",
+                         why, count + 1)
+            self._refusals[kind] = (0, now)
+        else:
+            self._refusals[kind] = (count + 1, last)
 
     def _tick(self, now):
         """The timers, every half second: connections, sessions, expiry.

@@ -9130,3 +9130,93 @@ def test_override(mqtt_broker, mqtt_broker_factory):
 '''
         result = _run_pytest(tmp_path, {"test_o.py": code}, "-p", "emqx_lite")
         assert "1 passed" in result.stdout, result.stdout + result.stderr
+
+
+_LIMITED_DRIVER = r"""
+import json, logging, resource, sys
+import emqx_lite
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
+kind, value = sys.argv[1], int(sys.argv[2])
+b = emqx_lite.Broker("127.0.0.1", mqtt_port=0, http_port=None, max_clients=value
+                     if kind == "max_clients" else 102400).start()
+if kind == "nofile":
+    resource.setrlimit(resource.RLIMIT_NOFILE,
+                       (value, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+elif kind == "address_space":   # room for about 150 more thread stacks, then none
+    with open("/proc/self/status") as f:
+        size = [int(l.split()[1]) * 1024 for l in f if l.startswith("VmSize")][0]
+    resource.setrlimit(resource.RLIMIT_AS, (size + value * 1024 * 1024, resource.RLIM_INFINITY))
+print("port", b.mqtt_port, flush=True)
+for line in sys.stdin:
+    print(json.dumps(b.listener_infos()[0]["shutdown_count"]), flush=True)
+b.stop()
+"""
+
+
+class TestResourceExhaustion:
+    """Out of descriptors (RLIMIT_NOFILE), out of threads (no address space
+    left for a stack: RLIMIT_AS) or at max_clients: a new connection is
+    closed at once, counted and logged once a minute; everyone else notices
+    nothing, and the listener accepts again when resources come back."""
+
+    @pytest.mark.parametrize("kind, value", [("nofile", 48), ("max_clients", 20),
+                                             ("address_space", 40)])
+    def test_refusal_is_clean_and_the_broker_goes_on(self, kind, value):
+        proc = subprocess.Popen([sys.executable, "-c", _LIMITED_DRIVER, kind, str(value)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True,
+                                cwd=os.path.dirname(os.path.abspath(emqx_lite.__file__)))
+        log = []
+        reader = threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True)
+        reader.start()
+        clients = []
+        try:
+            line = proc.stdout.readline()
+            assert line.startswith("port "), (line, log)
+            port = int(line.split()[1])
+            sub = RawClient.connected(port, "healthy-sub")
+            sub.subscribe([("h", 0)])
+            pub = RawClient.connected(port, "healthy-pub")
+            clients += [sub, pub]
+            refused = 0
+            for n in range(400):   # until the broker runs out: then three refusals
+                c = RawClient(port)
+                clients.append(c)
+                c.send(gen_connect("c%d" % n))
+                try:
+                    ptype, _, body = c.read_packet(timeout=5)
+                    assert (ptype, body) == (CONNACK, b"\x00\x00")
+                except ConnectionError:   # closed at once, no CONNACK
+                    refused += 1
+                    if refused == 3:
+                        break
+            assert refused == 3, "never refused"
+            pub.send(gen_publish("h", b"still here"))   # the others notice nothing
+            assert sub.read_publish()["payload"] == b"still here"
+            proc.stdin.write("counts\n")
+            proc.stdin.flush()
+            counts = json.loads(proc.stdout.readline())
+            counted = {"nofile": "emfile", "max_clients": "max_clients",
+                       "address_space": "thread_limit"}[kind]
+            assert counts.get(counted, 0) >= 3, counts
+            for c in clients[2:12]:   # resources come back...
+                c.close()
+
+            def accepted_again():
+                c = RawClient(port)
+                clients.append(c)
+                c.send(gen_connect("back"))
+                try:
+                    return c.read_packet(timeout=2)[0] == CONNACK
+                except ConnectionError:   # the closes not seen yet: refused again
+                    return False
+
+            assert wait_until(accepted_again, timeout=10)   # ...and the listener accepts again
+        finally:
+            for c in clients:
+                c.close()
+            proc.stdin.close()
+            proc.wait(10)
+        refusals = [l for l in log if "Refusing new connections" in l]
+        assert len(refusals) == 1, log   # once a minute, not per connection
+        assert not [l for l in log if "Traceback" in l or "service thread failed" in l], log
