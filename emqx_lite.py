@@ -116,7 +116,9 @@ threads (password hashes); and with a data directory, the Store's writer
 ``BrokerCore.counts_lock``, ``Listener.lock``, ``UserTable.lock`` (users and
 remembered credentials), ``ApiGuard.lock`` (failed logins per address) and
 ``Broker._plugins_lock`` guard small registries and tables.
-``Broker._lifecycle_lock`` serialises start() and stop().
+``Broker._lifecycle_lock`` serialises start() and stop(); ``Broker._settle_lock``
+the settling of closed connections (taken with no lock held, it takes
+``Listener.lock``, ``BrokerCore.lock`` and ``counts_lock`` in turn).
 
 Order: ``BrokerCore.lock`` -> ``Session.lock`` -> ``Connection.out_lock`` ->
 ``Broker._selector_lock``; never the other way. ``Store.lock`` comes last of
@@ -3517,14 +3519,24 @@ class BrokerCore:
 
     def retire_counts(self):
         """Fold the calling thread's counters into the totals (thread is ending)."""
+        self.fold_counts([self.take_counts()])
+
+    def take_counts(self):
+        """The calling thread's counters, for fold_counts() (the thread is
+        ending; until they are folded they still count where they are)."""
         counts = getattr(self._tls, "counts", None)
-        if counts is None:
-            return
-        del self._tls.counts
+        if counts is not None:
+            del self._tls.counts
+        return counts
+
+    def fold_counts(self, all_counts):
+        """Fold ended threads' counters into the totals, under one lock."""
         with self.counts_lock:
-            del self._counters[id(counts)]
-            for name, value in counts.items():
-                self._retired[name] += value
+            for counts in all_counts:
+                if counts is not None:
+                    del self._counters[id(counts)]
+                    for name, value in counts.items():
+                        self._retired[name] += value
 
     def metrics(self):
         with self.counts_lock:
@@ -3647,16 +3659,18 @@ class BrokerCore:
             if self.connections.get(conn.client_id) is conn:
                 session.attach(conn)
 
-    def disconnect(self, conn):
-        """A connection ended: unregister it and end a clean session."""
+    def disconnect(self, conns):
+        """Connections ended: unregister them and end their clean sessions
+        (the service thread, for every connection closed since its last turn)."""
         with self.lock:
-            self.sockets.discard(conn)
-            session = conn.session
-            if session is None or self.connections.get(conn.client_id) is not conn:
-                return  # never CONNECTed, or taken over by a newer connection
-            del self.connections[conn.client_id]
-            if session.clean_session and self.sessions.get(conn.client_id) is session:
-                self._discard_session_locked(session)
+            for conn in conns:
+                self.sockets.discard(conn)
+                session = conn.session
+                if session is None or self.connections.get(conn.client_id) is not conn:
+                    continue  # never CONNECTed, or taken over by a newer connection
+                del self.connections[conn.client_id]
+                if session.clean_session and self.sessions.get(conn.client_id) is session:
+                    self._discard_session_locked(session)
 
     def _discard_session_locked(self, session):
         """Remove a session and all of its subscriptions (core lock held)."""
@@ -4108,14 +4122,15 @@ class ConnectionHooks:
     """What a Connection needs from the application above it, handed over at
     construction: the service thread finishes a blocked write
     (``watch_writable(conn)`` / ``unwatch_writable(conn)``, called with the
-    connection's ``out_lock`` held), and the emqx_modules duties run when a
-    client has connected (``connected(conn)``, after CONNACK) and when it is
-    gone (``disconnected(conn, reason)``)."""
-    __slots__ = ("watch_writable", "unwatch_writable", "connected", "disconnected")
+    connection's ``out_lock`` held), the emqx_modules duties run when a
+    client has connected (``connected(conn)``, after CONNACK), and a reader
+    thread's last act hands its connection's bookkeeping over
+    (``closed(conn, reason, counters)``)."""
+    __slots__ = ("watch_writable", "unwatch_writable", "connected", "closed")
 
-    def __init__(self, watch_writable, unwatch_writable, connected, disconnected):
+    def __init__(self, watch_writable, unwatch_writable, connected, closed):
         self.watch_writable, self.unwatch_writable = watch_writable, unwatch_writable
-        self.connected, self.disconnected = connected, disconnected
+        self.connected, self.closed = connected, closed
 
 
 class ConnectionFaults:
@@ -4252,7 +4267,6 @@ class Connection:
             except Exception:
                 _log.exception("Delivering the last batch of %r failed", self)
             self._close(self.close_reason or reason)
-            self.core.retire_counts()
 
     def _read_loop(self):
         """Read, frame and handle every complete packet of each recv, then
@@ -4871,7 +4885,11 @@ class Connection:
             pass
 
     def _close(self, reason):
-        """Reader thread, last: close the socket, publish the will, unregister."""
+        """Reader thread, last: close the socket, publish the will and detach
+        the session. The bookkeeping (registries, listener, counters) goes to
+        the service thread (``hooks.closed``), which does it for every closed
+        connection under one acquisition of each lock: when thousands drop at
+        once, they do not queue for those locks (and for the GIL each time)."""
         with self.out_lock:
             self._closed = True
             self._out.clear()
@@ -4880,21 +4898,18 @@ class Connection:
             if self.blocked:
                 self.blocked = False
                 self.hooks.unwatch_writable(self)
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        if reason != "closed":   # the peer has not closed: it gets a FIN first
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         self.sock.close()
-        self.listener.connection_closed(reason)
-        if self.session is None:
-            self.core.disconnect(self)
-            return
-        _log.debug("Client %s disconnected (%s)", self.client_id, reason)
-        if self.will is not None and reason != "shutdown":
-            self._publish_will(reason)
-        self.core.disconnect(self)
-        self.session.detach(self)
-        self.hooks.disconnected(self, reason)
+        if self.session is not None:
+            _log.debug("Client %s disconnected (%s)", self.client_id, reason)
+            if self.will is not None and reason != "shutdown":
+                self._publish_will(reason)
+            self.session.detach(self)
+        self.hooks.closed(self, reason, self.core.take_counts())
 
     def _publish_will(self, reason):
         """Publish the will now, or (5.0, Will Delay Interval) when the delay
@@ -5035,11 +5050,13 @@ class Listener:
         with self.lock:
             self.shutdown_count[reason] = self.shutdown_count.get(reason, 0) + 1
 
-    def connection_closed(self, reason):
+    def connections_closed(self, reasons):
+        """Connections of this listener ended, for these reasons."""
         with self.lock:
-            self.current_clients -= 1
-            if reason not in ("normal", "shutdown"):
-                self.shutdown_count[reason] = self.shutdown_count.get(reason, 0) + 1
+            self.current_clients -= len(reasons)
+            for reason in reasons:
+                if reason not in ("normal", "shutdown"):
+                    self.shutdown_count[reason] = self.shutdown_count.get(reason, 0) + 1
 
     def info(self):
         with self.lock:
@@ -6439,7 +6456,12 @@ class Broker:
         self._stopping = False
         self._threads = set()       # reader threads started (pruned by the service thread)
         self._hooks = ConnectionHooks(self._watch_writable, self._unwatch_writable,
-                                      self._client_connected, self._client_disconnected)
+                                      self._client_connected, self._connection_closed)
+        #: (Connection, reason, its thread's counters) closed by reader threads and
+        #: not yet settled: appended and popped atomically (a deque), no lock
+        self._closed = collections.deque()
+        #: serialises _settle_closed() (the service thread, and ManualClock.advance)
+        self._settle_lock = threading.Lock()
         self._http = self._http_thread = None
 
     # --- lifecycle -------------------------------------------------------------
@@ -6525,6 +6547,7 @@ class Broker:
             for thread in self._threads:
                 thread.join()
             self._threads.clear()
+            self._settle_closed()
             self._close_resources()
 
     def _close_resources(self):
@@ -6742,6 +6765,8 @@ class Broker:
                         self._accept(data)
                     else:
                         data.on_writable()
+                if self._closed:
+                    self._settle_closed()
                 if time.monotonic() >= next_prune:   # forget reader threads that ended
                     next_prune = time.monotonic() + 1.0
                     self._threads = {t for t in self._threads if t.is_alive()}
@@ -6752,6 +6777,37 @@ class Broker:
             _log.exception("service thread failed")
         finally:
             core.retire_counts()
+
+    def _connection_closed(self, conn, reason, counts):
+        """A reader thread's last act (ConnectionHooks.closed): queue its
+        connection for _settle_closed, waking the service thread for the first."""
+        first = not self._closed
+        self._closed.append((conn, reason, counts))
+        if first:
+            self._wake()
+
+    def _settle_closed(self):
+        """The bookkeeping of every connection closed since the last call:
+        listeners, registries (and clean sessions), counters, then the
+        emqx_modules duties; one acquisition of each lock for all of them."""
+        with self._settle_lock:
+            closed = self._closed
+            batch = []
+            while closed:
+                batch.append(closed.popleft())
+            if not batch:
+                return
+            by_listener = collections.defaultdict(list)
+            for conn, reason, _ in batch:
+                by_listener[conn.listener].append(reason)
+            for listener, reasons in by_listener.items():
+                listener.connections_closed(reasons)
+            core = self.core
+            core.disconnect([conn for conn, _, _ in batch])
+            core.fold_counts([counts for _, _, counts in batch])
+            for conn, reason, _ in batch:
+                if conn.session is not None:
+                    self._client_disconnected(conn, reason)
 
     def _next_timer(self):
         """When the next timer falls due, on this broker's clock."""
@@ -6778,6 +6834,7 @@ class Broker:
             for conn in closed:
                 if conn.thread is not None:
                     conn.thread.join(self.settings["connect_timeout"])
+            self._settle_closed()
 
     def _pause_listeners(self, seconds):
         """Faults.pause_listener: unwatch the listening sockets for ``seconds``
@@ -6833,9 +6890,9 @@ class Broker:
             try:
                 conn.thread = _start_thread(conn.run, "emqx_lite-conn-%s:%s" % peer[:2])
             except RuntimeError as exc:   # "can't start new thread": threads, memory, maps
-                self.core.disconnect(conn)
+                self.core.disconnect([conn])
                 sock.close()
-                listener.connection_closed("thread_limit")
+                listener.connections_closed(["thread_limit"])
                 self._resource_refusal("thread_limit", "cannot start a thread for a new "
                                        "connection (%s): see the limits logged at start" % exc)
                 return
@@ -7707,10 +7764,20 @@ def _tracer():
     return trace
 
 
+#: The GIL switch interval of `python emqx_lite.py` (seconds; CPython's default
+#: is 0.005). A thread waiting for the GIL wakes up every interval to ask for it:
+#: when thousands of reader threads wake at once (a NAT gateway restarts and
+#: every client is reset), 0.005 s makes those wake-ups alone keep both cores
+#: busy for tens of seconds. Reader threads give the GIL up at every recv and
+#: send anyway, so a longer interval costs routing nothing (bench/massbench.py).
+SWITCH_INTERVAL = 0.1
+
+
 def main(argv=None):
     """Run the broker until SIGINT or SIGTERM; returns the exit status."""
     args = _cli_parse(argv)
     _raise_fd_limit()
+    sys.setswitchinterval(SWITCH_INTERVAL)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = threading.Event()   # handlers first: a signal during start-up must stop cleanly too

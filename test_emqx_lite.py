@@ -9220,3 +9220,58 @@ class TestResourceExhaustion:
         refusals = [l for l in log if "Refusing new connections" in l]
         assert len(refusals) == 1, log   # once a minute, not per connection
         assert not [l for l in log if "Traceback" in l or "service thread failed" in l], log
+
+
+class TestMassEvents:
+    """Storms at a few hundred clients (bench/massbench.py runs them at 10,000
+    and prints figures): wills, counts, leaks and liveness, not timings."""
+
+    N = 300
+
+    def _connect_many(self, port, prefix, n, **connect_kw):
+        """n raw clients with 64 CONNECTs in flight at a time, all CONNACKed."""
+        clients = []
+        for start in range(0, n, 64):
+            batch = [RawClient(port) for _ in range(start, min(n, start + 64))]
+            for k, c in enumerate(batch):
+                c.send(gen_connect("%s%d" % (prefix, start + k), **connect_kw))
+            for c in batch:
+                ptype, _, body = c.read_packet()
+                assert (ptype, body[1]) == (CONNACK, 0)
+            clients += batch
+        return clients
+
+    def test_mass_reset_publishes_every_will_and_leaks_nothing(self, make_broker, client):
+        b = make_broker()
+        sub = client(client_id="healthy-sub", port=b.mqtt_port)
+        sub.subscribe("health", 0)
+        pub = client(client_id="healthy-pub", port=b.mqtt_port)
+        threads, fds = len(broker_threads()), fd_count()
+        with b.capture("will/#") as wills:
+            many = self._connect_many(b.mqtt_port, "dev", self.N, will=("will/x", b"w", 0, False))
+            for c in many:   # all reset at once, as a NAT gateway restart does
+                c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                c.close()
+            fresh = RawClient.connected(b.mqtt_port, "fresh")   # a newcomer gets in
+            assert len(wills.wait(count=self.N, timeout=30)) == self.N
+        assert wait_until(lambda: b.stats()["clients/count"] == 3, timeout=30)
+        pub.publish("health", b"alive")
+        assert sub.get().payload == b"alive"
+        fresh.close()
+        assert wait_until(lambda: len(broker_threads()) <= threads, timeout=30)
+        assert wait_until(lambda: fd_count() <= fds, timeout=30)
+
+    def test_mass_takeover_closes_every_old_connection(self, make_broker):
+        b = make_broker()
+        old = self._connect_many(b.mqtt_port, "same", 200)
+        new = self._connect_many(b.mqtt_port, "same", 200)   # the old ones still open
+        try:
+            assert all(c.expect_closed(timeout=10, strict=False) for c in old)
+            assert wait_until(lambda: b.stats()["clients/count"] == 200)
+            assert sorted(c["client_id"] for c in b.clients()) == sorted(
+                "same%d" % n for n in range(200))
+            fresh = RawClient.connected(b.mqtt_port, "fresh")
+            fresh.close()
+        finally:
+            for c in old + new:
+                c.close()

@@ -2491,17 +2491,23 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt("signal %d" % signum)
 
 
-def main(argv=None):
-    opts = parse_args(argv)
+def run(bench_class, opts):
+    """Run a benchmark driver (this file's Bench, or massbench's) until done or
+    interrupted (Ctrl-C, SIGTERM): brokers and workers are stopped either way,
+    and an interrupted run still reports what it measured."""
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, _terminate)        # stop brokers and workers on the way out
-    bench = Bench(opts)
+    bench = bench_class(opts)
     try:
         return bench.main()
     except KeyboardInterrupt:
         bench.log("interrupted; results so far:")
         bench.report(machine_info())
         return 130
+
+
+def main(argv=None):
+    return run(Bench, parse_args(argv))
 
 
 if __name__ == "__main__":
