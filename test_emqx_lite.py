@@ -7136,8 +7136,9 @@ class TestApiHardening:
         assert Api(api_broker.http_port, "admin", "n3w").get("routes")["code"] == 0
 
     def test_unknown_users_cost_the_same_as_known_ones(self):
-        """Median time of a wrong password for an existing user and for a name
-        that does not exist, at a cost where the hash dominates."""
+        """Time of a wrong password for an existing user and for a name that
+        does not exist, at a cost where the hash dominates: the fastest of 9
+        each (noise from the machine only ever adds time)."""
         with emqx_lite.Broker("127.0.0.1", None, 0, api_password_iterations=60000,
                               api_max_auth_failures=0) as b:
             def timed(user):
@@ -7149,7 +7150,7 @@ class TestApiHardening:
             for _ in range(9):
                 known.append(timed("admin"))
                 unknown.append(timed("nobody-%d" % len(unknown)))
-            ratio = sorted(known)[4] / sorted(unknown)[4]
+            ratio = min(known) / min(unknown)
             assert 0.6 < ratio < 1.6, (sorted(known), sorted(unknown))
 
     # --- throttling ---------------------------------------------------------------------
