@@ -89,8 +89,9 @@ Threads and locks
 Threads: one service thread (accepts, finishes blocked writes, runs timers),
 one reader thread per connection, the REST API's: waitress's loop thread
 (every HTTP socket), four task threads (the application) and two verifier
-threads (password hashes); and with a data directory, the Store's writer
-(group commits to SQLite).
+threads (password hashes); with a data directory, the Store's writer
+(group commits to SQLite); with ``--trace``, a printer; and while a test's
+fault holds a packet back, a timer thread for it (``Faults.later``).
 
 ``BrokerCore.lock``      guards ``sessions``, ``connections``, ``sockets``, the
                          router trie, the route cache, the retained store, the
