@@ -118,17 +118,23 @@ fault holds a packet back, a timer thread for it (``Faults.later``).
 remembered credentials), ``ApiGuard.lock`` (failed logins per address) and
 ``Broker._plugins_lock`` guard small registries and tables.
 ``Broker._lifecycle_lock`` serialises start() and stop(); ``Broker._settle_lock``
-the settling of closed connections (taken with no lock held, it takes
-``Listener.lock``, ``BrokerCore.lock`` and ``counts_lock`` in turn).
+the settling of closed connections (it takes ``Listener.lock``,
+``BrokerCore.lock`` and ``counts_lock`` in turn). ``ManualClock.lock``
+serialises advance(), which runs the brokers' timers (so it comes before
+every lock above, ``_settle_lock`` included; an embedding test holds no lock
+when it calls advance()). The test kit's leaves: ``Broker._state_cv`` (the
+awaits' change counter), each ``Capture``'s condition (its messages),
+``Faults.lock`` (refusals, timers) and ``ConnectionFaults.lock`` (one
+connection's drops, delays and close_after).
 
 Order: ``BrokerCore.lock`` -> ``Session.lock`` -> ``Connection.out_lock`` ->
 ``Broker._selector_lock``; never the other way. ``Store.lock`` comes last of
 all: it is taken under ``Session.lock``, ``BrokerCore.lock``,
 ``Connection.out_lock``, ``UserTable.lock`` and ``Broker._plugins_lock`` (to
 record a change in order), and nothing is taken while it is held. The
-remaining locks are leaves: nothing is taken while one is held. ``BrokerCore.publish`` releases
-the broker lock before any session is touched, and a session's waiters are
-released after its lock is. No blocking socket I/O happens under any lock:
+remaining locks are leaves: nothing is taken while one is held.
+``BrokerCore.publish`` releases the broker lock before any session is
+touched, and a session's waiters are released after its lock is. No blocking socket I/O happens under any lock:
 the one send made under ``out_lock`` is non-blocking.
 
 Reads without the lock, on purpose (each is of one attribute, atomic in
@@ -2424,13 +2430,18 @@ class Session:
             self.mqueue_dropped += 1
             self.core.counts()["messages/dropped"] += 1
         mid = None
-        store = self.store
-        if store is not None and qos:   # QoS 0 is never written
-            mid = store.next_mid()
-            self.seq = store.put(("msg", mid), msg.row(mid, self.client_id, qos, retain,
-                                                      None, None, self.core.clock), new=True)
+        if self.store is not None and qos:   # QoS 0 is never written
+            mid = self._store_message_locked(msg, qos, retain, None, None)
         self.mqueue.append((msg, qos, retain, mid))
         self.enqueue_msg += 1
+
+    def _store_message_locked(self, msg, qos, retain, packet_id, state):
+        """Write a new row for a queued (no packet id) or inflight message; its id."""
+        mid = self.store.next_mid()
+        self.seq = self.store.put(("msg", mid), msg.row(mid, self.client_id, qos, retain,
+                                                        packet_id, state, self.core.clock),
+                                  new=True)
+        return mid
 
     def _forget_locked(self, mid):
         """A stored message is done with (acknowledged, expired or dropped)."""
@@ -2463,16 +2474,12 @@ class Session:
         the queued row ``mid`` gets its packet id); returns the bytes to write."""
         if qos and packet_id is None:
             packet_id = self._packet_id_locked()
-            store = self.store
-            if store is None:
+            if self.store is None:
                 pass
             elif mid is None:
-                mid = store.next_mid()
-                self.seq = store.put(("msg", mid), msg.row(mid, self.client_id, qos, retain,
-                                                          packet_id, WAIT_ACK, self.core.clock),
-                                     new=True)
-            else:
-                self.seq = store.message_state(self.client_id, mid, packet_id, WAIT_ACK)
+                mid = self._store_message_locked(msg, qos, retain, packet_id, WAIT_ACK)
+            else:   # a queued row gets its packet id
+                self.seq = self.store.message_state(self.client_id, mid, packet_id, WAIT_ACK)
             self.inflight[packet_id] = [msg, qos, WAIT_ACK, self.core.now(), mid]
         self.deliver_msg += 1
         core = self.core
@@ -6220,9 +6227,7 @@ class Faults:
     def drop_next(self, client_id, packet_type, count=1):
         """Swallow the next ``count`` packets of ``packet_type`` ("PUBACK",
         "PUBLISH"...) the broker sends the client, so that its retries run."""
-        kind = self._packet_type(packet_type)
-        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-            raise ValueError("count must be a positive integer, not %r" % (count,))
+        kind, count = self._packet_type(packet_type), self._positive("count", count)
         faults = self._faults_of(self._conn(client_id))
         with faults.lock:
             faults.drop[kind] = faults.drop.get(kind, 0) + count
@@ -6243,8 +6248,7 @@ class Faults:
         CONNACK ``return_code`` (3.x codes 1-5, mapped for 5.0 clients)."""
         if not isinstance(return_code, int) or not 1 <= return_code <= 255:
             raise ValueError("return_code must be a CONNACK code 1..255, not %r" % (return_code,))
-        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-            raise ValueError("count must be a positive integer, not %r" % (count,))
+        count = self._positive("count", count)
         self._broker._require_started()
         with self.lock:
             self.refusals.append([return_code, client_id, count])
@@ -6254,8 +6258,7 @@ class Faults:
     def close_after(self, client_id, packets):
         """Cut the connection (as a network failure) once the client has sent
         ``packets`` more packets; the last one is handled, its reply not sent."""
-        if not isinstance(packets, int) or isinstance(packets, bool) or packets < 1:
-            raise ValueError("packets must be a positive integer, not %r" % (packets,))
+        packets = self._positive("packets", packets)
         faults = self._faults_of(self._conn(client_id))
         with faults.lock:
             faults.close_after = packets
@@ -6349,6 +6352,12 @@ class Faults:
             raise ValueError("not a packet type the broker sends: %r (one of %s)"
                              % (packet_type, ", ".join(sorted(_SERVER_PACKETS))))
         return kind
+
+    @staticmethod
+    def _positive(name, value):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError("%s must be a positive integer, not %r" % (name, value))
+        return value
 
     @staticmethod
     def _seconds(seconds):
@@ -6790,7 +6799,8 @@ class Broker:
     def _settle_closed(self):
         """The bookkeeping of every connection closed since the last call:
         listeners, registries (and clean sessions), counters, then the
-        emqx_modules duties; one acquisition of each lock for all of them."""
+        emqx_modules duties (which publish, so they run after the lock); one
+        acquisition of each lock for all of them."""
         with self._settle_lock:
             closed = self._closed
             batch = []
@@ -6806,9 +6816,9 @@ class Broker:
             core = self.core
             core.disconnect([conn for conn, _, _ in batch])
             core.fold_counts([counts for _, _, counts in batch])
-            for conn, reason, _ in batch:
-                if conn.session is not None:
-                    self._client_disconnected(conn, reason)
+        for conn, reason, _ in batch:
+            if conn.session is not None:
+                self._client_disconnected(conn, reason)
 
     def _next_timer(self):
         """When the next timer falls due, on this broker's clock."""
