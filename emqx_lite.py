@@ -32,10 +32,12 @@ The module reads top to bottom: each section uses only the sections above it.
     Transports: TLS and WebSocket
     Connection (one reader thread per socket)
     Listeners
+    Dashboard page (HTML, CSS, JavaScript)
     REST API (EMQ X api/v2 blueprint)
     REST API server (waitress: limits, credentials first, TLS)
-    Application control
+    Settings: values and emq.conf keys
     Configuration files (emq.conf)
+    Application control
     Command-line interface
     Test kit: the pytest plugin
 
@@ -89,9 +91,12 @@ Threads and locks
 Threads: one service thread (accepts, finishes blocked writes, runs timers),
 one reader thread per connection, the REST API's: waitress's loop thread
 (every HTTP socket), four task threads (the application) and two verifier
-threads (password hashes); with a data directory, the Store's writer
-(group commits to SQLite); with ``--trace``, a printer; and while a test's
-fault holds a packet back, a timer thread for it (``Faults.later``).
+threads (password hashes); the dashboard's listener, the same with eight
+task threads (four may stream live views), and while its plugin stops or it
+moves, a thread that stops it (and starts it again); with a data directory,
+the Store's writer (group commits to SQLite); with ``--trace``, a printer;
+and while a test's fault holds a packet back, a timer thread for it
+(``Faults.later``).
 
 ``BrokerCore.lock``      guards ``sessions``, ``connections``, ``sockets``, the
                          router trie, the route cache, the retained store, the
@@ -116,7 +121,8 @@ fault holds a packet back, a timer thread for it (``Faults.later``).
                          without it, on the writer thread.
 ``BrokerCore.counts_lock``, ``Listener.lock``, ``UserTable.lock`` (users and
 remembered credentials), ``ApiGuard.lock`` (failed logins per address) and
-``Broker._plugins_lock`` guard small registries and tables.
+``Broker._plugins_lock`` guard small registries and tables, and
+``LiveViews.lock`` one HTTP server's live views.
 ``Broker._lifecycle_lock`` serialises start() and stop(); ``Broker._settle_lock``
 the settling of closed connections (it takes ``Listener.lock``,
 ``BrokerCore.lock`` and ``counts_lock`` in turn). ``ManualClock.lock``
@@ -565,6 +571,11 @@ DEFAULTS = {
     "api_cacertfile": None,            # CA certificates for client certificates
     "api_verify": False,               # ask for a client certificate (verify_peer)
     "api_fail_if_no_peer_cert": False, # and require one
+    "prometheus_auth": True,           # Basic auth on the Prometheus text, as on the API
+    # The emqx_retainer plugin's limits (0: none):
+    "retainer_max_messages": 1000000,  # retained messages kept; a new topic beyond is not retained
+    "retainer_max_payload_size": 1024 * 1024,  # bytes; a larger payload is not retained
+    "retainer_expiry_interval": 0.0,   # seconds a retained message is kept
 }
 
 #: Plugins active when the broker starts (EMQ X 2.x defaults).
@@ -1514,7 +1525,7 @@ class TopicTree:
 
 STORE_FILE = "emqx_lite.db"
 _APPLICATION_ID = 0x454D514C   # "EMQL": PRAGMA application_id of our files
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: Schema migrations: _MIGRATIONS[n] turns a version-n file into version n + 1
 #: (version 0 is a new, empty file). A step runs in the transaction that sets
@@ -1540,6 +1551,9 @@ _MIGRATIONS = [
                         PRIMARY KEY (tbl, name)) WITHOUT ROWID;
     CREATE TABLE plugins (name TEXT PRIMARY KEY, active INTEGER NOT NULL);
     """,
+    """
+    CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
 ]
 
 #: Record kind -> (table, its number of columns, its key columns). A record
@@ -1552,6 +1566,7 @@ _STORE_TABLES = {
     "rel": ("awaiting_rel", 3, ("client_id", "packet_id")),
     "user": ("users", 4, ("tbl", "name")),
     "plugin": ("plugins", 2, ("name",)),
+    "setting": ("settings", 2, ("key",)),
 }
 #: Rows per statement: rows are written many to a statement (SQLite runs each
 #: statement without the GIL, once), in a few shapes that are compiled once;
@@ -1766,6 +1781,7 @@ class Store:
             "awaiting_rel": db.execute("SELECT * FROM awaiting_rel").fetchall(),
             "users": db.execute("SELECT * FROM users").fetchall(),
             "plugins": db.execute("SELECT * FROM plugins").fetchall(),
+            "settings": db.execute("SELECT * FROM settings").fetchall(),
         }
 
     # --- recording changes (any thread) ---------------------------------------------
@@ -3401,17 +3417,41 @@ class Capture:
     ``messages``; nothing is taken while it is held.
     """
 
-    def __init__(self, core, topic_filter):
+    def __init__(self, core, topic_filter, limit=None):
         if not validate_topic_filter(topic_filter):
             raise ValueError("invalid topic filter %r" % (topic_filter,))
         self.topic_filter = topic_filter
         self.messages = []
+        #: with a limit, only the last ``limit`` messages are kept; ``dropped``
+        #: counts the older ones let go (a live view's reader may be slow)
+        self.limit, self.dropped = limit, 0
+        self.closed = False
         self._core = core
-        self._changed = threading.Condition()   # its lock guards messages
+        self._changed = threading.Condition()   # its lock guards messages, dropped, closed
 
     def record(self, msg):
         with self._changed:
             self.messages.append(msg)
+            if self.limit is not None and len(self.messages) > self.limit:
+                del self.messages[0]
+                self.dropped += 1
+            self._changed.notify_all()
+
+    def take(self, timeout):
+        """(messages, dropped) recorded since the last take, both then
+        cleared; waits up to ``timeout`` seconds for one, unless closed."""
+        with self._changed:
+            if not self.messages and not self.closed:
+                self._changed.wait(timeout)
+            taken, dropped = self.messages, self.dropped
+            self.messages, self.dropped = [], 0
+            return taken, dropped
+
+    def close(self):
+        """Stop recording, and wake a take() that waits."""
+        self.stop()
+        with self._changed:
+            self.closed = True
             self._changed.notify_all()
 
     def wait(self, count=1, predicate=None, timeout=5.0):
@@ -3488,6 +3528,8 @@ class BrokerCore:
         self.sockets = set()     # every live Connection, CONNECTed or not
         self.router = TopicTree()
         self.retained = {}       # topic -> Message
+        self.retained_at = {}    # topic -> when it was retained (the retainer's expiry_interval)
+        self._retain_warned_until = 0.0   # _retain_refused logs again after this
         self.routes = {}         # topic filter (no share prefix) -> number of subscribers
         self.subscription_count = 0
         self.sys_subscriptions = 0   # filters that can match $SYS topics [MQTT-4.7.2-1]
@@ -3497,8 +3539,7 @@ class BrokerCore:
         self.delayed_wills = {}  # client id -> (due, will Message): 5.0 Will Delay Interval
         self.retainer_enabled = True   # the emqx_retainer plugin
         self.modules_enabled = True    # the emqx_modules plugin (presence, rewrite, subscription)
-        self.rewrite_rules = [(f, re.compile(r), d)
-                              for f, r, d in settings["module_rewrite"]]
+        self.set_rewrite_rules(settings["module_rewrite"])
         self.captures = ()       # Capture objects recording (replaced whole, under lock)
         self.journal = None      # the Journal recording packets, or None (off)
         self.faults = None       # the Broker's Faults (refused CONNECTs), set at start
@@ -3559,6 +3600,18 @@ class BrokerCore:
         total["messages/sent"] = sum(total[n] for n in _QOS_SENT)
         total["messages/retained"] = len(self.retained)
         return total
+
+    def message_totals(self):
+        """(messages received, messages sent) so far: what metrics() counts
+        for them, at a fraction of its cost (the dashboard's charts)."""
+        received = sent = 0
+        with self.counts_lock:
+            for counts in [self._retired, *self._counters.values()]:
+                for name in _QOS_RECEIVED:
+                    received += counts.get(name, 0)   # one get: atomic under the GIL
+                for name in _QOS_SENT:
+                    sent += counts.get(name, 0)
+        return received, sent
 
     def _update_stats_locked(self):
         counts = self._stat_counts_locked()
@@ -3730,6 +3783,7 @@ class BrokerCore:
                 store.delete(("retained", topic))
             else:
                 self.retained[topic] = msg
+                self.retained_at[topic] = now   # the retainer's expiry counts from the restart
         last_alive = data["last_alive"] or wall
         for client_id, expiry, created_at, disconnected_at in data["sessions"]:
             session = self.sessions[client_id] = Session(self, client_id, False)
@@ -3807,8 +3861,61 @@ class BrokerCore:
             now = self.now()
             retained.extend((msg.with_subscription_ids((subscription_id,)) if subscription_id
                              else msg, min(qos, msg.qos)) for msg in self.retained.values()
-                            if topic_matches(real, msg.topic) and not msg.expired(now))
+                            if topic_matches(real, msg.topic) and not msg.expired(now)
+                            and not self._retainer_expired(msg.topic, now))
         return qos
+
+    def set_rewrite_rules(self, rules):
+        """emqx_modules' topic rewrite rules: [(filter, regex, destination)]
+        (replaced whole: a message sees the old rules or the new)."""
+        self.rewrite_rules = [(f, re.compile(r), d) for f, r, d in rules]
+
+    def _retain_locked(self, topic, msg):
+        """Keep ``msg`` as ``topic``'s retained message, or with an empty
+        payload delete it [MQTT-3.3.1-10, -11]. The retainer's limits (EMQ X's
+        emq_retainer): a payload above retainer.max_payload_size, or a new topic
+        when retainer.max_message_num are kept, is delivered but not retained.
+        Returns whether the retained store changed."""
+        if not msg.payload:
+            self.retained_at.pop(topic, None)
+            return self.retained.pop(topic, None) is not None
+        s = self.settings
+        if s["retainer_max_payload_size"] and len(msg.payload) > s["retainer_max_payload_size"]:
+            self._retain_refused(topic, "its payload of %d bytes is above retainer.max_payload_"
+                                        "size" % len(msg.payload))
+            return False
+        limit = s["retainer_max_messages"]
+        if limit and len(self.retained) >= limit and topic not in self.retained:
+            self._retain_refused(topic, "retainer.max_message_num (%d) are kept" % limit)
+            return False
+        self.retained[topic] = msg
+        self.retained_at[topic] = self.now()
+        if len(self.retained) > self.stats_max["retained"]:
+            self.stats_max["retained"] = len(self.retained)
+        return True
+
+    def _retainer_expired(self, topic, now):
+        expiry = self.settings["retainer_expiry_interval"]
+        return expiry and now - self.retained_at.get(topic, now) >= expiry
+
+    def _retain_refused(self, topic, why):
+        """Log a message the retainer's limits turned away: once a minute at most."""
+        now = time.monotonic()
+        if now >= self._retain_warned_until:
+            self._retain_warned_until = now + 60.0
+            _log.warning("Retainer: %s not retained: %s (logged once a minute)", topic, why)
+
+    def expire_retained(self, now):
+        """Drop the retained messages older than retainer.expiry_interval (0: never)."""
+        expiry = self.settings["retainer_expiry_interval"]
+        if not expiry:
+            return
+        with self.lock:
+            old = [t for t, at in self.retained_at.items() if now - at >= expiry]
+            for topic in old:
+                del self.retained[topic], self.retained_at[topic]
+                if self.store is not None:
+                    self.store.delete(("retained", topic))
 
     def _add_route_locked(self, session, topic_filter, route, is_new):
         """Route ``topic_filter`` to ``session``; returns parse_share's (group, filter)."""
@@ -3890,13 +3997,7 @@ class BrokerCore:
         shared = False
         if targets is None:
             with self.lock:
-                if msg.retain and self.retainer_enabled:
-                    if msg.payload:
-                        self.retained[topic] = msg
-                        if len(self.retained) > self.stats_max["retained"]:
-                            self.stats_max["retained"] = len(self.retained)
-                    else:
-                        self.retained.pop(topic, None)  # [MQTT-3.3.1-10, -11]
+                if msg.retain and self.retainer_enabled and self._retain_locked(topic, msg):
                     if self.store is not None and not msg.sys:
                         self.store.put(("retained", topic), (
                             topic, msg.payload, msg.qos,
@@ -3979,10 +4080,14 @@ class BrokerCore:
         with self.lock:
             return list(self.routes)
 
-    def retained_infos(self):
+    def retained_infos(self, times=False):
+        """Rows of the retained messages; ``times``: with when each was
+        retained (``time``, on the wall clock)."""
+        now, wall = self.now(), self.wall()
         with self.lock:
-            msgs = list(self.retained.values())
-        return [{"topic": m.topic, "payload": m.payload, "qos": m.qos} for m in msgs]
+            rows = [(m, self.retained_at.get(t, now)) for t, m in self.retained.items()]
+        return [dict({"topic": m.topic, "payload": m.payload, "qos": m.qos},
+                     **({"time": wall - (now - at)} if times else {})) for m, at in rows]
 
 
 ###############################################################################
@@ -5078,6 +5183,1342 @@ class Listener:
 
 
 ###############################################################################
+# Dashboard page (HTML, CSS, JavaScript) ######################################
+###############################################################################
+#
+# The emqx_dashboard plugin's page: plain HTML, CSS and JavaScript, no build
+# step and nothing fetched from elsewhere. It calls the api/v2 routes a user
+# could call, on the dashboard's own listener (dashboard.listener.http).
+
+#: The dashboard's charts: a sample every HISTORY_INTERVAL seconds, the last
+#: HISTORY_SAMPLES of them (ten minutes).
+HISTORY_INTERVAL = 2
+HISTORY_SAMPLES = 300
+#: Live message views the dashboard's listener streams at once (each holds a task thread).
+DASHBOARD_LIVE_VIEWS = 4
+#: The page runs only its own script and style, and talks only to its own server.
+DASHBOARD_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                 "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'")
+
+DASHBOARD_HTML = """\
+<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>emqx_lite dashboard</title>
+<link rel="icon" href="data:,">
+<link rel="stylesheet" href="/dashboard.css">
+<script src="/dashboard.js" defer></script>
+</head>
+<body>
+<a class="skip-link" href="#main">Skip to content</a>
+
+<header class="topbar">
+  <div class="brand">emqx_lite <span class="brand-sub">dashboard</span></div>
+  <div id="appbar" class="appbar" hidden>
+    <button id="menu-toggle" class="menu-toggle" type="button" aria-expanded="false" aria-controls="nav">Menu</button>
+    <nav id="nav" aria-label="Pages">
+      <ul>
+        <li><a href="#/overview">Overview</a></li>
+        <li><a href="#/clients">Clients</a></li>
+        <li><a href="#/sessions">Sessions</a></li>
+        <li><a href="#/subscriptions">Subscriptions</a></li>
+        <li><a href="#/topics">Topics</a></li>
+        <li><a href="#/retained">Retained</a></li>
+        <li><a href="#/publish">Publish</a></li>
+        <li><a href="#/live">Live</a></li>
+        <li><a href="#/plugins">Plugins</a></li>
+        <li><a href="#/listeners">Listeners</a></li>
+        <li><a href="#/metrics">Metrics</a></li>
+        <li><a href="#/users">Users</a></li>
+        <li><a href="#/alarms">Alarms</a></li>
+        <li><a href="#/journal">Journal</a></li>
+        <li><a href="#/settings">Settings</a></li>
+      </ul>
+    </nav>
+    <div class="who">
+      <span id="who"></span>
+      <button id="logout" type="button">Log out</button>
+    </div>
+  </div>
+</header>
+
+<p id="global-error" class="banner" role="alert" hidden></p>
+
+<main id="main" tabindex="-1">
+  <section id="login" class="login" aria-labelledby="login-title" hidden>
+    <h1 id="login-title">Log in</h1>
+    <form id="login-form" novalidate>
+      <label for="login-user">User</label>
+      <input id="login-user" name="username" autocomplete="username" required>
+      <label for="login-password">Password</label>
+      <input id="login-password" name="password" type="password" autocomplete="current-password">
+      <button id="login-submit" type="submit" class="primary">Log in</button>
+      <p id="login-error" class="error" role="alert"></p>
+    </form>
+  </section>
+
+  <section id="page" hidden></section>
+</main>
+
+<dialog id="dialog" aria-labelledby="dialog-title"></dialog>
+</body>
+</html>
+"""
+
+DASHBOARD_CSS = """\
+/* emqx_lite dashboard: a neutral palette, system fonts, no images. */
+
+:root {
+  --bg: #f5f6f8;
+  --panel: #ffffff;
+  --text: #1f2328;
+  --muted: #57606a;
+  --line: #d0d7de;
+  --accent: #1f5fbf;
+  --accent-soft: #e8f0fc;
+  --danger: #b42318;
+  --ok: #1a7f37;
+  --in: #1f5fbf;    /* chart: messages in */
+  --out: #c2410c;   /* chart: messages out */
+  --conn: #1a7f37;  /* chart: connections */
+  --radius: 6px;
+}
+
+* { box-sizing: border-box; }
+[hidden] { display: none !important; }
+
+body {
+  margin: 0;
+  background: var(--bg);
+  color: var(--text);
+  font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
+}
+
+h1 { font-size: 1.45rem; margin: 0 0 0.75rem; }
+h2 { font-size: 1.1rem; margin: 1rem 0 0.5rem; }
+a { color: var(--accent); }
+
+/* Keyboard focus is always visible */
+:focus-visible { outline: 3px solid var(--accent); outline-offset: 2px; }
+h1:focus, h2:focus { outline: none; }
+
+.skip-link { position: absolute; left: -999px; top: 0; background: var(--panel); padding: 0.5rem 1rem; z-index: 10; }
+.skip-link:focus { left: 0.5rem; }
+
+.visually-hidden {
+  position: absolute; width: 1px; height: 1px; overflow: hidden;
+  clip: rect(0 0 0 0); white-space: nowrap;
+}
+
+/* ---- Top bar and navigation ---- */
+.topbar {
+  display: flex; flex-wrap: wrap; align-items: center; gap: 0.5rem 1rem;
+  padding: 0.5rem 1rem; background: var(--panel); border-bottom: 1px solid var(--line);
+}
+.brand { font-weight: 700; font-size: 1.05rem; white-space: nowrap; }
+.brand-sub { font-weight: 400; color: var(--muted); }
+.appbar { display: flex; flex-wrap: wrap; align-items: center; gap: 0.5rem 1rem; flex: 1; }
+#nav { flex: 1; }
+#nav ul { display: flex; flex-wrap: wrap; gap: 0.15rem; margin: 0; padding: 0; list-style: none; }
+#nav a {
+  display: block; padding: 0.3rem 0.55rem; border-radius: var(--radius);
+  color: var(--text); text-decoration: none;
+}
+#nav a:hover { background: var(--bg); }
+#nav a[aria-current="page"] { background: var(--accent-soft); color: var(--accent); font-weight: 600; }
+.who { display: flex; align-items: center; gap: 0.5rem; color: var(--muted); font-size: 0.9rem; }
+.menu-toggle { display: none; }
+
+@media (max-width: 760px) {
+  .menu-toggle { display: inline-block; }
+  #nav { display: none; flex-basis: 100%; order: 3; }
+  #nav.open { display: block; }
+  #nav ul { flex-direction: column; }
+  main { padding: 0.75rem; }
+}
+
+.banner { margin: 0; padding: 0.6rem 1rem; background: #fdecea; color: var(--danger); border-bottom: 1px solid #f4c7c3; }
+
+/* ---- Page ---- */
+main { padding: 1rem 1.25rem 2rem; max-width: 1400px; }
+main:focus { outline: none; }
+.intro, .hint { color: var(--muted); }
+.hint { display: block; font-size: 0.85rem; }
+.status { color: var(--ok); margin: 0.25rem 0; }
+.error { color: var(--danger); font-weight: 600; margin: 0.25rem 0; }
+.status:empty, .error:empty { margin: 0; }
+
+/* ---- Controls ---- */
+button, input, select, textarea { font: inherit; color: inherit; }
+input, select, textarea {
+  padding: 0.35rem 0.5rem; border: 1px solid var(--line); border-radius: var(--radius); background: var(--panel);
+  max-width: 100%;
+}
+button {
+  padding: 0.35rem 0.8rem; border: 1px solid var(--line); border-radius: var(--radius);
+  background: var(--panel); cursor: pointer;
+}
+button:hover:not(:disabled) { background: var(--bg); }
+button:disabled { opacity: 0.5; cursor: default; }
+button.primary { background: var(--accent); border-color: var(--accent); color: #fff; }
+button.primary:hover:not(:disabled) { background: #184c99; }
+button.danger { color: var(--danger); border-color: #e5a5a0; }
+button.danger:hover:not(:disabled) { background: #fdecea; }
+button.small { padding: 0.15rem 0.55rem; font-size: 0.9rem; }
+button.link { border: 0; background: none; padding: 0; color: var(--accent); text-decoration: underline; }
+input.wide { width: 100%; min-width: 10rem; }
+
+.login { max-width: 22rem; margin: 3rem auto; padding: 1.5rem; background: var(--panel); border: 1px solid var(--line); border-radius: var(--radius); }
+.login form { display: grid; gap: 0.4rem; }
+.login button { margin-top: 0.6rem; }
+
+.form { display: grid; gap: 0.75rem; max-width: 34rem; }
+.field { display: grid; gap: 0.2rem; }
+.field.check { display: flex; align-items: center; gap: 0.5rem; }
+.field label { font-weight: 600; }
+.form > button { justify-self: start; }
+.forms { display: flex; flex-wrap: wrap; gap: 2rem; margin-top: 1rem; }
+.forms .form { flex: 1 1 18rem; }
+
+.toolbar, .pager, .filters { display: flex; flex-wrap: wrap; align-items: center; gap: 0.5rem; margin: 0.5rem 0; }
+.filters { align-items: end; gap: 0.75rem; }
+.pager { margin-top: 0.75rem; }
+.pageinfo { color: var(--muted); }
+
+/* ---- Tables ---- */
+.table-wrap { overflow-x: auto; background: var(--panel); border: 1px solid var(--line); border-radius: var(--radius); }
+table { border-collapse: collapse; width: 100%; }
+th, td { padding: 0.4rem 0.65rem; text-align: left; border-bottom: 1px solid var(--line); white-space: nowrap; vertical-align: top; }
+th { background: #f0f2f5; font-weight: 600; font-size: 0.9rem; }
+tbody tr:last-child td { border-bottom: 0; }
+tbody tr:nth-child(even) { background: #fafbfc; }
+tr.selectable { cursor: pointer; }
+tr.selectable:hover { background: var(--accent-soft); }
+tr.selected, tr.selected:nth-child(even) { background: var(--accent-soft); }
+td.empty, p.empty { color: var(--muted); font-style: italic; }
+td.payload { white-space: pre-wrap; word-break: break-all; min-width: 12rem; font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 0.9rem; }
+td button + button { margin-left: 0.4rem; }
+.two-tables { display: grid; grid-template-columns: repeat(auto-fit, minmax(18rem, 1fr)); gap: 1rem; }
+.two-tables h2 { margin-top: 0; }
+
+.details { margin-top: 1rem; padding: 1rem; background: var(--panel); border: 1px solid var(--line); border-radius: var(--radius); }
+.details h2 { display: inline-block; margin: 0 1rem 0.5rem 0; }
+.details dl { display: grid; grid-template-columns: max-content 1fr; gap: 0.2rem 1rem; margin: 0.5rem 0 0; }
+.details dt { color: var(--muted); }
+.details dd { margin: 0; word-break: break-all; }
+
+/* ---- Overview: cards and charts ---- */
+.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(10rem, 1fr)); gap: 0.75rem; margin: 0 0 1rem; }
+.card { background: var(--panel); border: 1px solid var(--line); border-radius: var(--radius); padding: 0.6rem 0.8rem; }
+.card dt { color: var(--muted); font-size: 0.85rem; }
+.card dd { margin: 0.15rem 0 0; font-size: 1.25rem; font-weight: 600; overflow-wrap: anywhere; }
+.card.wide { grid-column: span 2; }
+@media (max-width: 360px) { .card.wide { grid-column: auto; } }
+
+.charts { display: grid; grid-template-columns: repeat(auto-fit, minmax(min(100%, 30rem), 1fr)); gap: 1rem; }
+.chart { margin: 0; padding: 0.6rem 0.8rem; background: var(--panel); border: 1px solid var(--line); border-radius: var(--radius); min-width: 0; }
+.chart figcaption { display: flex; flex-wrap: wrap; justify-content: space-between; gap: 0.25rem 1rem; }
+.chart-title { font-weight: 600; }
+.legend { display: flex; flex-wrap: wrap; gap: 1rem; }
+.legend-item { display: inline-flex; align-items: center; gap: 0.3rem; }
+.swatch { flex: none; }
+.plot { width: 100%; overflow: hidden; }
+.plot svg { display: block; }
+
+svg .grid { stroke: #e4e7eb; stroke-width: 1; }
+svg .axis { stroke: #8c959f; stroke-width: 1; }
+svg .tick { fill: var(--muted); font-size: 12px; }
+svg .axis-title { fill: var(--text); font-size: 12px; }
+svg .line { fill: none; stroke-width: 2; stroke-linejoin: round; }
+svg .dot { fill: var(--panel); stroke-width: 2; }
+svg .series-in { stroke: var(--in); }
+svg .series-out { stroke: var(--out); stroke-dasharray: 6 3; }
+svg .series-conn { stroke: var(--conn); }
+
+/* ---- Dialog ---- */
+dialog { border: 1px solid var(--line); border-radius: var(--radius); padding: 1.25rem; max-width: min(32rem, 92vw); }
+dialog::backdrop { background: rgba(31, 35, 40, 0.45); }
+dialog h2 { margin-top: 0; }
+.dialog-buttons { display: flex; flex-wrap: wrap; gap: 0.5rem; justify-content: flex-end; margin-top: 1rem; }
+input[readonly] { background: var(--bg); color: var(--muted); }
+"""
+
+#: The page's script: log-in, a page per hash (#/clients), polling while
+#: visible, hand-drawn SVG charts, the live view over fetch() (Server-Sent
+#: Events with an Authorization header, which EventSource cannot send).
+DASHBOARD_JS = """\
+/* emqx_lite dashboard: plain JavaScript (ES2020), no libraries, no build step.
+
+   Read it top to bottom:
+     1. Helpers          building DOM nodes, formatting values
+     2. API              fetch() with Basic auth; every failure becomes an ApiError
+     3. Log-in           the form, sessionStorage, log-out
+     4. Router           the page is named in location.hash (#/clients)
+     5. Building blocks  message lines, tables, the dialog, paged lists
+     6. Pages            one function each: overview (SVG charts), clients ... settings
+     7. Start-up
+
+   The page runs under a strict Content-Security-Policy (script and style only
+   from this server), so nothing here uses eval or inline styles. There is no
+   backslash in this file (a newline is written LF, below), so it can be
+   embedded in a Python string as it is. */
+"use strict";
+
+// ---- 1. Helpers ---------------------------------------------------------------
+const LF = String.fromCharCode(10);   // newline and carriage return, without a backslash
+const CR = String.fromCharCode(13);
+const $ = (id) => document.getElementById(id);
+const enc = encodeURIComponent;
+
+// h("button", {class: "x", onclick: f}, "text", child, ...) -> a new element.
+// An attribute that is null, undefined or false is left out; true sets "".
+// Children may be nested arrays; null, undefined and false are skipped.
+const h = (tag, attrs, ...children) => build(document.createElement(tag), attrs, children);
+const svg = (tag, attrs, ...children) =>
+  build(document.createElementNS("http://www.w3.org/2000/svg", tag), attrs, children);
+const add = (parent, ...children) => build(parent, {}, children);   // append
+
+function build(node, attrs, children) {
+  for (const [name, value] of Object.entries(attrs || {})) {
+    if (value === null || value === undefined || value === false) continue;
+    if (typeof value === "function") node.addEventListener(name.slice(2), value);
+    else node.setAttribute(name, value === true ? "" : String(value));
+  }
+  for (const child of children.flat(Infinity)) {
+    if (child !== null && child !== undefined && child !== false) node.append(child);
+  }
+  return node;
+}
+
+const button = (text, onclick, attrs) =>
+  h("button", Object.assign({ type: "button", onclick }, attrs), text);
+
+const pad = (n, width = 2) => String(n).padStart(width, "0");
+
+// "14:05:09" (or "2024-05-01 14:05:09" withDate) for a time in ms since the epoch
+function clock(ms, withDate) {
+  const d = new Date(ms);
+  const time = pad(d.getHours()) + ":" + pad(d.getMinutes()) + ":" + pad(d.getSeconds());
+  return withDate ? d.getFullYear() + "-" + pad(d.getMonth() + 1) + "-" + pad(d.getDate()) + " " + time : time;
+}
+
+// Any value from the API as short text ("-" for nothing).
+function show(value) {
+  if (value === null || value === undefined || value === "") return "-";
+  if (Array.isArray(value)) return value.length ? value.map(show).join(", ") : "-";
+  if (typeof value === "object") {
+    const parts = Object.entries(value).map(([k, v]) => k + ": " + show(v));
+    return parts.length ? parts.join(", ") : "-";
+  }
+  return String(value);
+}
+
+// A payload from the API: its text, or "[base64] ..." when it is not UTF-8.
+function payloadText(row, max = 200) {
+  const text = (row.encoding === "base64" ? "[base64] " : "") + (row.payload || "");
+  return text.length > max ? text.slice(0, max) + "..." : text;
+}
+
+// ---- 2. API -------------------------------------------------------------------
+// Answers are {"code":0,"result":...} or {"code":N,"message":...}; a code
+// that comes without a message is explained from this table.
+const CODE_TEXT = {
+  101: "badrpc", 102: "unknown error", 103: "username or password error",
+  104: "empty username or password", 105: "user does not exist",
+  106: "admin cannot be deleted", 107: "missing request parameter",
+  108: "request parameter type error", 109: "request body is not JSON",
+  110: "plugin already started", 111: "plugin not started",
+  112: "client is not connected", 113: "user already exists", 114: "old password error",
+};
+
+class ApiError extends Error {
+  // code: a number from the API, or a label such as "HTTP 404" or "Network error"
+  constructor(code, message) {
+    const label = typeof code === "number" ? "Error " + code : code;
+    super(label + ": " + (message || CODE_TEXT[code] || "failed"));
+    this.code = code;
+  }
+}
+
+const errorText = (err) => (err instanceof ApiError ? err.message : "Error: " + err.message);
+const networkError = () => new ApiError("Network error", "the dashboard's server does not answer");
+
+// Who is logged in (sessionStorage keeps it across a reload), and the node.
+const session = {
+  user: sessionStorage.getItem("emqx_lite.user"),
+  password: sessionStorage.getItem("emqx_lite.password"),
+  node: null,
+};
+
+function authHeader() {
+  const bytes = new TextEncoder().encode(session.user + ":" + session.password);
+  return "Basic " + btoa(String.fromCharCode(...bytes));
+}
+
+// "nodes/<this node>/<rest>"
+const nodePath = (rest) => "nodes/" + enc(session.node) + "/" + rest;
+
+// fetch() an api/v2 path with the credentials. A network failure shows the
+// banner; a 401 logs out. Resolves to the Response. credentials "omit" keeps
+// the browser from showing its own log-in dialog on a 401.
+async function apiFetch(method, path, body, signal) {
+  const headers = { Authorization: authHeader() };
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  let response;
+  try {
+    response = await fetch("/api/v2/" + path, {
+      method, headers, signal, credentials: "omit", cache: "no-store",
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+  } catch (err) {
+    if (err.name === "AbortError") throw err;
+    networkTrouble(true);
+    throw networkError();
+  }
+  networkTrouble(false);
+  if (response.status === 401) {
+    logOut("The server refused your credentials (HTTP 401). Please log in again.");
+    throw new ApiError(401, "not logged in");
+  }
+  return response;
+}
+
+// The "result" of an answer, or an ApiError.
+async function readResult(response) {
+  const type = response.headers.get("Content-Type") || "";
+  if (!type.includes("application/json")) {
+    throw new ApiError("HTTP " + response.status, response.status === 404 ? "not found" : response.statusText);
+  }
+  const answer = await response.json().catch(() => {
+    throw new ApiError("HTTP " + response.status, "the answer is not JSON");
+  });
+  if (answer.code !== 0) throw new ApiError(answer.code, answer.message);
+  return answer.result;
+}
+
+// Call a route: await api("GET", "routes") -> its result.
+const api = async (method, path, body) => readResult(await apiFetch(method, path, body));
+
+function networkTrouble(on) {
+  const banner = $("global-error");
+  banner.textContent = on ? "Network error: the dashboard's server does not answer. Retrying..." : "";
+  banner.hidden = !on;
+}
+
+// ---- 3. Log-in and log-out ----------------------------------------------------
+async function logIn(event) {
+  event.preventDefault();
+  const user = $("login-user").value;
+  const password = $("login-password").value;
+  $("login-error").textContent = "";
+  $("login-submit").disabled = true;
+  try {
+    const response = await fetch("/api/v2/auth", {
+      method: "POST", credentials: "omit", cache: "no-store",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ username: user, password }),
+    }).catch(() => { throw networkError(); });
+    await readResult(response);   // code 103: "User not found" or "Password error"
+    Object.assign(session, { user, password });
+    sessionStorage.setItem("emqx_lite.user", user);
+    sessionStorage.setItem("emqx_lite.password", password);
+    $("login-password").value = "";
+    await startApp();
+  } catch (err) {
+    $("login-error").textContent = errorText(err);
+  } finally {
+    $("login-submit").disabled = false;
+  }
+}
+
+// After log-in (or a reload while logged in): find the node, show the app.
+async function startApp() {
+  const nodes = await api("GET", "management/nodes");
+  session.node = nodes[0].name;
+  $("who").textContent = session.user + " on " + session.node;
+  $("login").hidden = true;
+  $("appbar").hidden = $("page").hidden = false;
+  if (!location.hash.startsWith("#/")) history.replaceState(null, "", "#/overview");
+  route(false);
+}
+
+// Forget the credentials and show the log-in form (with `message`, if any).
+function logOut(message) {
+  leavePage();
+  liveStop();
+  closeDialog();
+  Object.assign(session, { user: null, password: null, node: null });
+  sessionStorage.removeItem("emqx_lite.user");
+  sessionStorage.removeItem("emqx_lite.password");
+  networkTrouble(false);
+  $("appbar").hidden = $("page").hidden = true;
+  $("page").replaceChildren();
+  $("login").hidden = false;
+  $("login-error").textContent = message || "";
+  document.title = "Log in - emqx_lite";
+}
+
+// ---- 4. Router: one page at a time, named by location.hash --------------------
+let current = null;   // the page shown: {timers: Set, cleanups: []}, or null
+
+function route(moveFocus) {
+  if (!session.node) return;
+  if (!location.hash.startsWith("#/") && current) return;   // e.g. the skip link
+  let name = location.hash.slice(2);
+  if (!PAGES[name]) {   // PAGES: at the end of section 6
+    name = "overview";
+    history.replaceState(null, "", "#/overview");
+  }
+  leavePage();
+  current = { timers: new Set(), cleanups: [] };
+  $("page").replaceChildren();
+  document.title = PAGES[name][0] + " - emqx_lite";
+  for (const link of document.querySelectorAll("#nav a")) {
+    if (link.getAttribute("href") === "#/" + name) link.setAttribute("aria-current", "page");
+    else link.removeAttribute("aria-current");
+  }
+  toggleMenu(false);
+  PAGES[name][1]($("page"));
+  const heading = $("page").querySelector("h1");
+  if (moveFocus && heading) {   // keyboard and screen-reader users land on the new page
+    heading.tabIndex = -1;
+    heading.focus();
+  }
+}
+
+// Stop the shown page's timers and run its clean-ups.
+function leavePage() {
+  if (!current) return;
+  current.timers.forEach(clearTimeout);
+  current.cleanups.forEach((fn) => fn());
+  current = null;
+}
+
+// Run task() now, then again `ms` (a number, or a function giving one) after
+// each run ends, while this page is shown; skipped while the tab is hidden.
+function poll(task, ms) {
+  const page = current;
+  const run = async () => {
+    if (page !== current) return;
+    if (!document.hidden) await task().catch(() => {});
+    if (page !== current) return;
+    const id = setTimeout(() => { page.timers.delete(id); run(); }, typeof ms === "function" ? ms() : ms);
+    page.timers.add(id);
+  };
+  run();
+}
+
+// The navigation folds behind the Menu button on a narrow screen.
+function toggleMenu(open) {
+  open = $("nav").classList.toggle("open", open);
+  $("menu-toggle").setAttribute("aria-expanded", String(open));
+}
+
+// ---- 5. Building blocks ---------------------------------------------------------
+// Two lines for what happened: news (role=status) and errors (role=alert).
+function messageLine(id) {
+  const status = h("p", { id: id + "-status", class: "status", role: "status" });
+  const error = h("p", { id: id + "-error", class: "error", role: "alert" });
+  return {
+    nodes: [status, error],
+    ok(text) { error.textContent = ""; status.textContent = text; },
+    fail(err) { status.textContent = ""; error.textContent = errorText(err); },
+    clearError() { error.textContent = ""; },
+  };
+}
+
+// Await call(); report `done` or the error on `msg`. Resolves to true if it worked.
+async function act(msg, call, done) {
+  try {
+    await call();
+    msg.ok(done);
+    return true;
+  } catch (err) {
+    msg.fail(err);
+    return false;
+  }
+}
+
+// A page's heading (and introduction) and message lines; returns the messageLine.
+function pageHead(root, id, title, intro) {
+  const msg = messageLine(id);
+  add(root, h("h1", {}, title), intro ? h("p", { class: "intro" }, intro) : null, msg.nodes);
+  return msg;
+}
+
+// A labelled form field: <div><label>text</label> control hint</div>
+function field(text, control, hint) {
+  const hintNode = hint ? h("span", { class: "hint", id: control.id + "-hint" }, hint) : null;
+  if (hintNode) control.setAttribute("aria-describedby", hintNode.id);
+  return h("div", { class: "field" }, h("label", { for: control.id }, text), control, hintNode);
+}
+
+// A table in a box that scrolls sideways on a narrow screen.
+// columns: [[heading, field name, or row => text, node or array of nodes], ...]
+// options: {key(row), selected (a key), onSelect(row), empty (text)}
+function table(id, caption, columns, rows, options = {}) {
+  const cell = (get, row) => {
+    const value = typeof get === "function" ? get(row) : row[get];
+    return h("td", {}, value instanceof Node || Array.isArray(value) ? value : show(value));
+  };
+  const body = rows.map((row) => {
+    const key = options.key ? options.key(row) : null;
+    const tr = h("tr", { class: key !== null && key === options.selected ? "selected" : null },
+      columns.map(([, get]) => cell(get, row)));
+    if (options.onSelect) {
+      tr.classList.add("selectable");
+      tr.addEventListener("click", (e) => {
+        if (!e.target.closest("button, a, input, select")) options.onSelect(row);
+      });
+    }
+    return tr;
+  });
+  if (!rows.length) {
+    body.push(h("tr", {}, h("td", { colspan: columns.length, class: "empty" }, options.empty || "None.")));
+  }
+  return h("div", { class: "table-wrap", tabindex: 0, role: "region", "aria-label": caption },
+    h("table", { id }, h("caption", { class: "visually-hidden" }, caption),
+      h("thead", {}, h("tr", {}, columns.map(([name]) => h("th", { scope: "col" }, name)))),
+      h("tbody", {}, body)));
+}
+
+// Put `node` in `holder` instead of what was there, keeping the sideways
+// scroll and the keyboard focus (on the control with the same label).
+function fill(holder, node) {
+  const old = holder.firstElementChild;
+  const key = (n) => n.getAttribute("aria-label") || n.id || "";
+  const focused = old && old.contains(document.activeElement) ? key(document.activeElement) : "";
+  const left = old ? old.scrollLeft : 0;
+  holder.replaceChildren(node);
+  node.scrollLeft = left;
+  const controls = [node, ...node.querySelectorAll("button, a, input, select")];
+  const again = focused && controls.find((n) => key(n) === focused);
+  if (again) again.focus();
+}
+
+// The one in-page dialog (a modal <dialog>; Escape closes it). The focus
+// goes back where it was when it closes (see boot()).
+let dialogReturn = null;
+
+function openDialog(title, content, buttons) {
+  dialogReturn = document.activeElement;
+  $("dialog").replaceChildren(h("h2", { id: "dialog-title" }, title), ...content,
+    h("div", { class: "dialog-buttons" }, buttons));
+  $("dialog").showModal();
+}
+
+function closeDialog() {
+  if ($("dialog").open) $("dialog").close();
+}
+
+// Ask a question in the dialog: true for `okLabel`, false for Cancel or Escape.
+function confirmDialog(title, text, okLabel) {
+  return new Promise((resolve) => {
+    const dialog = $("dialog");
+    const done = (answer) => {
+      dialog.removeEventListener("close", onClose);
+      closeDialog();
+      resolve(answer);
+    };
+    const onClose = () => done(false);
+    const cancel = button("Cancel", () => done(false), { id: "dialog-cancel" });
+    openDialog(title, [h("p", { id: "dialog-text" }, text)],
+      [button(okLabel, () => done(true), { id: "dialog-ok", class: "danger" }), cancel]);
+    dialog.setAttribute("aria-describedby", "dialog-text");
+    dialog.addEventListener("close", onClose);
+    cancel.focus();   // the safe answer is the default
+  });
+}
+
+// A list over a paged route (clients, sessions, ...): a search box where the
+// API has a route per id, paging, a table, and the details of a clicked row.
+// cfg: {id, title, noun, list (path), one(query) (path), searchLabel,
+//       columns, key(row), details (bool), actions(row, page), refresh (ms)}
+function listPage(root, cfg) {
+  const id = cfg.id;
+  const state = { page: 1, size: 20, query: "", selected: null, rows: [], asked: 0, failed: false };
+  const page = { msg: messageLine(id), load };
+  const holder = h("div");
+  const info = h("span", { id: id + "-pageinfo", class: "pageinfo" });
+  const goTo = (n) => { state.page = n; load(); };
+  const prev = button("Previous", () => goTo(state.page - 1), { id: id + "-prev" });
+  const next = button("Next", () => goTo(state.page + 1), { id: id + "-next" });
+  const size = h("select", { id: id + "-size", onchange: () => { state.size = Number(size.value); goTo(1); } },
+    [10, 20, 50, 100].map((n) => h("option", { value: n, selected: n === state.size }, n)));
+  const details = h("section", { id: id + "-details", class: "details", "aria-label": cfg.noun, hidden: true });
+  const search = h("input", { id: id + "-search", type: "search", autocomplete: "off" });
+  const find = (query) => { search.value = state.query = query; goTo(1); };
+
+  add(root, h("h1", {}, cfg.title),
+    cfg.one && h("form", {
+      class: "toolbar", role: "search", onsubmit: (e) => { e.preventDefault(); find(search.value); },
+    },
+      h("label", { for: search.id }, cfg.searchLabel), search,
+      h("button", { type: "submit", id: id + "-search-button" }, "Search"), button("Show all", () => find(""))),
+    page.msg.nodes, holder,
+    h("div", { class: "pager" }, prev, info, next, h("label", { for: size.id }, "Rows per page"), size,
+      button("Refresh", load, { id: id + "-refresh" })),
+    details);
+
+  // With details, the first column is a button that shows them.
+  const columns = cfg.columns.map(([name, get], i) => (i === 0 && cfg.details
+    ? [name, (row) => button(cfg.key(row), () => select(row),
+      { class: "link", "aria-label": "Details of " + cfg.key(row) })]
+    : [name, get]));
+  if (cfg.actions) columns.push(["Actions", (row) => cfg.actions(row, page)]);
+
+  const render = () => fill(holder, table(id + "-table", cfg.title, columns, state.rows, {
+    key: cfg.key, selected: state.selected, empty: state.query ? "No match." : "None.",
+    onSelect: cfg.details ? select : null,
+  }));
+
+  function select(row) {
+    state.selected = row ? cfg.key(row) : null;
+    render();
+    showDetails();
+    if (row) details.querySelector("h2").focus();
+  }
+
+  function showDetails() {
+    details.hidden = state.selected === null;
+    if (details.hidden) return;
+    const row = state.rows.find((r) => cfg.key(r) === state.selected);
+    details.replaceChildren(h("h2", { tabindex: -1 }, cfg.noun + " " + state.selected),
+      button("Close", () => select(null)),
+      row ? h("dl", {}, Object.entries(row).map(([k, v]) => [h("dt", {}, k), h("dd", {}, show(v))]))
+        : h("p", {}, "Not in the list any more."));
+  }
+
+  async function load() {
+    const asked = ++state.asked;   // only the latest answer is shown
+    let result;
+    try {
+      result = await api("GET", state.query ? cfg.one(state.query)
+        : cfg.list + "?curr_page=" + state.page + "&page_size=" + state.size);
+    } catch (err) {
+      page.msg.fail(err);
+      state.failed = true;
+      return;
+    }
+    if (state.failed) page.msg.clearError();   // (an action's error stays)
+    state.failed = false;
+    if (asked !== state.asked) return;
+    if (!state.query && !result.objects.length && state.page > 1 && result.total_page >= 1) {
+      state.page = result.total_page;   // past the end (rows went away): the last page
+      return load();
+    }
+    state.rows = result.objects;
+    render();
+    info.textContent = state.query
+      ? state.rows.length + " found for " + JSON.stringify(state.query)
+      : "Page " + state.page + " of " + Math.max(1, result.total_page) + " (" + result.total_num + " in all)";
+    prev.disabled = Boolean(state.query) || state.page <= 1;
+    next.disabled = Boolean(state.query) || state.page >= result.total_page;
+    showDetails();
+  }
+
+  poll(load, cfg.refresh || 5000);
+}
+
+// A page whose content load() builds (a table, mostly), refreshed every `ms`.
+function simplePage(root, id, title, load, ms) {
+  const msg = pageHead(root, id, title);
+  const holder = add(root, h("div")).lastChild;
+  poll(async () => {
+    try {
+      fill(holder, await load());
+      msg.clearError();
+    } catch (err) {
+      msg.fail(err);
+    }
+  }, ms);
+  return holder;
+}
+
+// ---- 6. Pages -------------------------------------------------------------------
+
+// -- Overview: cards, and charts of the last ten minutes
+function overviewPage(root) {
+  const msg = pageHead(root, "overview", "Overview");
+  const cards = [["Node", "ov-node"], ["Version", "ov-version"], ["Uptime", "ov-uptime"],
+    ["Connections", "ov-connections"], ["Subscriptions", "ov-subscriptions"], ["Topics", "ov-topics"],
+    ["Retained", "ov-retained"], ["Messages received", "ov-received"], ["Messages sent", "ov-sent"]];
+  const charts = [
+    chart("chart-messages", "Messages per second", "messages/s", false, [
+      { key: "messages_in", label: "in", cls: "series-in", id: "chart-in-latest", unit: "/s" },
+      { key: "messages_out", label: "out", cls: "series-out", id: "chart-out-latest", unit: "/s" }]),
+    chart("chart-connections", "Connections", "connections", true, [
+      { key: "connections", label: "connections", cls: "series-conn", id: "chart-conn-latest", unit: "" }]),
+  ];
+  add(root, h("dl", { class: "cards" }, cards.map(([label, id]) =>
+    h("div", { class: id === "ov-node" ? "card wide" : "card" }, h("dt", {}, label), h("dd", { id }, "-")))),
+  h("div", { class: "charts" }, charts.map((c) => c.figure)));
+
+  poll(async () => {
+    try {
+      const node = enc(session.node);
+      const [nodes, stats, metrics] = await Promise.all([api("GET", "management/nodes"),
+        api("GET", "monitoring/stats/" + node), api("GET", "monitoring/metrics/" + node)]);
+      const info = nodes.find((n) => n.name === session.node) || nodes[0];
+      const values = {
+        "ov-node": info.name, "ov-version": info.version, "ov-uptime": info.uptime,
+        "ov-connections": stats["clients/count"], "ov-subscriptions": stats["subscriptions/count"],
+        "ov-topics": stats["topics/count"], "ov-retained": stats["retained/count"],
+        "ov-received": metrics["messages/received"], "ov-sent": metrics["messages/sent"],
+      };
+      for (const [id, value] of Object.entries(values)) $(id).textContent = show(value);
+      msg.clearError();
+    } catch (err) {
+      msg.fail(err);
+    }
+  }, 2000);
+
+  // The server samples every `interval` seconds; the page asks as often.
+  let interval = 2;
+  let samples = [];
+  const draw = () => charts.forEach((c) => c.draw(samples));
+  poll(async () => {
+    try {
+      const history = await api("GET", nodePath("history"));
+      interval = history.interval || 2;
+      samples = history.samples;
+      draw();
+    } catch (err) {
+      msg.fail(err);
+    }
+  }, () => interval * 1000);
+  window.addEventListener("resize", draw);
+  current.cleanups.push(() => window.removeEventListener("resize", draw));
+}
+
+// A chart: a <figure> with a caption, a legend with the latest values as
+// text ("in 20.0/s"), and an SVG line chart drawn to the figure's width.
+// series: [{key (a sample's field), label, cls (colour), id (of the latest value), unit}]
+function chart(id, caption, yTitle, integers, series) {
+  const plot = h("div", { class: "plot" });
+  const figure = h("figure", { id, class: "chart" },
+    h("figcaption", {}, h("span", { class: "chart-title" }, caption + ", last 10 minutes"),
+      h("span", { class: "legend" }, series.map((s) => h("span", { class: "legend-item" },
+        svg("svg", { width: 22, height: 10, "aria-hidden": "true" },
+          svg("line", { x1: 1, y1: 5, x2: 21, y2: 5, class: "line " + s.cls })),
+        s.label + " ", h("strong", { id: s.id }, "-"))))),
+    plot);
+  const format = (v) => (integers ? String(Math.round(v)) : v.toFixed(1));
+
+  function draw(samples) {
+    const last = samples[samples.length - 1];
+    const latest = series.map((s) => (last ? format(last[s.key]) + s.unit : "-"));
+    series.forEach((s, i) => { $(s.id).textContent = latest[i]; });
+    // Sizes in pixels, so the text stays legible at any width.
+    const width = Math.max(280, plot.clientWidth || 600);
+    const height = 240;
+    const m = { left: 56, right: 14, top: 12, bottom: 42 };   // room for the axes' labels
+    const w = width - m.left - m.right;
+    const ht = height - m.top - m.bottom;
+    // Time from 1 to 10 minutes back; values from 0 to a round number.
+    const end = last ? last.time : Date.now();
+    const start = Math.max(end - 600000, Math.min(samples.length ? samples[0].time : end, end - 60000));
+    const shown = samples.filter((p) => p.time >= start);
+    const yTicks = niceTicks(Math.max(0, ...shown.flatMap((p) => series.map((s) => p[s.key]))), integers);
+    const top = yTicks[yTicks.length - 1];
+    const x = (t) => m.left + ((t - start) / (end - start)) * w;
+    const y = (v) => m.top + ht - (v / top) * ht;
+    const text = (attrs, words) =>
+      svg("text", Object.assign({ class: "tick", "text-anchor": "middle" }, attrs), words);
+
+    const grid = yTicks.map((v) => [svg("line", { class: "grid", x1: m.left, x2: m.left + w, y1: y(v), y2: y(v) }),
+      text({ x: m.left - 6, y: y(v) + 4, "text-anchor": "end" }, v >= 10000 ? v / 1000 + "k" : v)]);
+    const step = [10, 15, 30, 60, 120, 300, 600].map((s) => s * 1000)
+      .find((s) => (end - start) / s <= Math.max(2, Math.floor(w / 80))) || 600000;
+    for (let t = Math.ceil(start / step) * step; x(t) <= width - 28; t += step) {   // room for the label
+      grid.push(svg("line", { class: "grid", x1: x(t), x2: x(t), y1: m.top, y2: m.top + ht }),
+        text({ x: x(t), y: m.top + ht + 16 }, step < 60000 ? clock(t) : clock(t).slice(0, 5)));
+    }
+    plot.replaceChildren(svg("svg", { width, height, viewBox: "0 0 " + width + " " + height, role: "img",
+      "aria-label": caption + ", now " + series.map((s, i) => s.label + " " + latest[i]).join(", ") },
+    grid,
+    svg("line", { class: "axis", x1: m.left, y1: m.top + ht, x2: m.left + w, y2: m.top + ht }),
+    svg("line", { class: "axis", x1: m.left, y1: m.top, x2: m.left, y2: m.top + ht }),
+    text({ class: "axis-title", x: m.left + w / 2, y: height - 6 }, "time"),
+    text({ class: "axis-title", transform: "translate(14 " + (m.top + ht / 2) + ") rotate(-90)" }, yTitle),
+    shown.length ? null : text({ x: m.left + w / 2, y: m.top + ht / 2 }, "No samples yet"),
+    series.map((s) => [svg("polyline", { class: "line " + s.cls,   // a line, and a dot at the latest value
+      points: shown.map((p) => x(p.time).toFixed(1) + "," + y(p[s.key]).toFixed(1)).join(" ") }),
+    last && svg("circle", { class: "dot " + s.cls, cx: x(last.time), cy: y(last[s.key]), r: 3 })])));
+  }
+
+  return { figure, draw };
+}
+
+// 0 and four or five round steps (1, 2 or 5 times a power of ten) up to at least `max`.
+function niceTicks(max, integers) {
+  const target = Math.max(max, integers ? 4 : 1);
+  const power = Math.pow(10, Math.floor(Math.log10(target / 4)));
+  let step = [1, 2, 5, 10].map((f) => f * power).find((s) => s >= target / 4);
+  if (integers) step = Math.max(1, Math.round(step));
+  const ticks = [0];
+  while (ticks[ticks.length - 1] < target) ticks.push(Number((ticks.length * step).toPrecision(6)));
+  return ticks;
+}
+
+// -- Clients, sessions, subscriptions, topics, retained messages: paged lists
+function clientsPage(root) {
+  listPage(root, {
+    id: "clients", title: "Clients", noun: "Client", refresh: 2000, details: true,
+    list: nodePath("clients"), one: (q) => nodePath("clients/" + enc(q)),
+    searchLabel: "Client ID (exact)", key: (r) => r.client_id,
+    columns: [["Client ID"], ["Username", "username"], ["IP address", "ipaddress"], ["Port", "port"],
+      ["Clean session", "clean_sess"], ["Protocol", "proto_ver"], ["Keepalive (s)", "keepalive"],
+      ["Connected at", "connected_at"]],
+    actions: (row, page) => button("Kick", async () => {
+      await act(page.msg, () => api("DELETE", "clients/" + enc(row.client_id)), "Kicked " + row.client_id + ".");
+      page.load();
+    }, { class: "danger small", "aria-label": "Kick " + row.client_id }),
+  });
+}
+
+function sessionsPage(root) {
+  listPage(root, {
+    id: "sessions", title: "Sessions", noun: "Session", details: true,
+    list: nodePath("sessions"), one: (q) => nodePath("sessions/" + enc(q)),
+    searchLabel: "Client ID (exact)", key: (r) => r.client_id,
+    columns: [["Client ID"], ["Clean session", "clean_sess"], ["Subscriptions", "subscriptions"],
+      ["Max inflight", "max_inflight"], ["Inflight", "inflight_len"], ["Queued", "mqueue_len"],
+      ["Dropped", "mqueue_dropped"], ["Awaiting PUBREL", "awaiting_rel_len"],
+      ["Delivered", "deliver_msg"], ["Enqueued", "enqueue_msg"], ["Created at", "created_at"]],
+  });
+}
+
+function subscriptionsPage(root) {
+  listPage(root, {
+    id: "subscriptions", title: "Subscriptions", noun: "Subscription",
+    list: nodePath("subscriptions"), one: (q) => nodePath("subscriptions/" + enc(q)),
+    searchLabel: "Client ID (exact)", key: (r) => r.client_id + " " + r.topic,
+    columns: [["Client ID", "client_id"], ["Topic filter", "topic"], ["QoS", "qos"]],
+  });
+}
+
+function topicsPage(root) {
+  listPage(root, {
+    id: "topics", title: "Topics", noun: "Topic", list: "routes", one: (q) => "routes/" + enc(q),
+    searchLabel: "Topic filter (exact)", key: (r) => r.topic,
+    columns: [["Topic filter", "topic"], ["Node", "node"]],
+  });
+}
+
+function retainedPage(root) {
+  listPage(root, {
+    id: "retained", title: "Retained messages", noun: "Retained message", details: true,
+    list: nodePath("retained"), key: (r) => r.topic,
+    columns: [["Topic"], ["Payload", (r) => payloadText(r, 80)], ["QoS", "qos"],
+      ["Stored at", (r) => (r.time ? clock(r.time, true) : "-")]],
+  });
+}
+
+// -- Publish: a form for POST mqtt/publish (remembered while the tab is open)
+const published = { topic: "test/dashboard", payload: "hello", qos: "0", retain: false };
+
+function publishPage(root) {
+  const msg = messageLine("publish");
+  const topic = h("input", { id: "pub-topic", value: published.topic, required: true, autocomplete: "off" });
+  const payload = h("textarea", { id: "pub-payload", rows: 4 }, published.payload);
+  const qos = h("select", { id: "pub-qos" },
+    [0, 1, 2].map((q) => h("option", { value: q, selected: String(q) === published.qos }, q)));
+  const retain = h("input", { id: "pub-retain", type: "checkbox", checked: published.retain });
+  const sender = h("input", { id: "pub-client", autocomplete: "off", placeholder: "http" });
+  const submit = (e) => {
+    e.preventDefault();
+    const body = { topic: topic.value, payload: payload.value, qos: Number(qos.value), retain: retain.checked };
+    Object.assign(published, body, { qos: qos.value });
+    if (sender.value) body.client_id = sender.value;
+    act(msg, () => api("POST", "mqtt/publish", body),
+      "Published to " + body.topic + " at " + clock(Date.now()) + ".");
+  };
+  add(root, h("h1", {}, "Publish"),
+    h("form", { id: "publish-form", class: "form", onsubmit: submit },
+      field("Topic", topic), field("Payload", payload), field("QoS", qos),
+      h("div", { class: "field check" }, retain, h("label", { for: retain.id }, "Retain")),
+      field("Publisher client ID", sender, 'Optional; the server says "http" without one.'),
+      h("button", { type: "submit", id: "pub-submit", class: "primary" }, "Publish")),
+    msg.nodes);
+}
+
+// -- Live: messages as they are routed (Server-Sent Events read with fetch(),
+// because EventSource cannot send the Authorization header). The view keeps
+// running while you visit other pages (publish, then come back); Stop or Log
+// out ends it. Newest first, at most 200 rows.
+const live = { controller: null, filter: "#", status: "Stopped.", error: "", count: 0, tbody: h("tbody") };
+
+function livePage(root) {
+  const input = h("input", { id: "live-topic", value: live.filter, required: true, autocomplete: "off" });
+  const clear = () => { live.tbody.replaceChildren(); live.count = 0; liveShow(); };
+  add(root, h("h1", {}, "Live messages"),
+    h("form", { class: "toolbar", onsubmit: (e) => { e.preventDefault(); liveStart(input.value); } },
+      h("label", { for: input.id }, "Topic filter"), input,
+      h("button", { type: "submit", id: "live-start", class: "primary" }, "Start"),
+      button("Stop", () => liveStop(), { id: "live-stop" }), button("Clear", clear, { id: "live-clear" })),
+    h("p", { id: "live-status", class: "status", role: "status" }),
+    h("p", { id: "live-error", class: "error", role: "alert" }),
+    h("div", { class: "table-wrap", tabindex: 0, role: "region", "aria-label": "Live messages" },
+      h("table", { id: "live-table" }, h("caption", { class: "visually-hidden" }, "Live messages, newest first"),
+        h("thead", {}, h("tr", {},
+          ["Time", "Topic", "QoS", "Retain", "Payload"].map((c) => h("th", { scope: "col" }, c)))),
+        live.tbody)));
+  liveShow();
+}
+
+// Show the view's state on its page (if shown) and in the navigation.
+function liveShow(status, error) {
+  if (status !== undefined) Object.assign(live, { status, error: error || "" });
+  const running = live.controller !== null;
+  if ($("live-status")) {
+    const count = live.count ? " " + live.count + " received (the last 200 are shown)." : "";
+    $("live-status").textContent = live.status + count;
+    $("live-error").textContent = live.error;
+    $("live-start").textContent = running ? "Restart" : "Start";
+    $("live-stop").disabled = !running;
+  }
+  document.querySelector('#nav a[href="#/live"]').textContent = running ? "Live (on)" : "Live";
+}
+
+async function liveStart(filter) {
+  liveStop();
+  const controller = new AbortController();
+  const mine = () => live.controller === controller;   // not stopped or restarted since
+  Object.assign(live, { controller, filter });
+  liveShow("Connecting...");
+  try {
+    const response = await apiFetch("GET", nodePath("live?topic=" + enc(filter)), undefined, controller.signal);
+    if (!(response.headers.get("Content-Type") || "").startsWith("text/event-stream")) {
+      await readResult(response);   // an error answer ({"code":102,...}): throws
+      throw new ApiError("HTTP " + response.status, "not an event stream");
+    }
+    liveShow("Live: messages on " + filter + " show up as they are routed.");
+    await readEvents(response.body, liveEvent);
+    if (mine()) liveShow("Stopped: the server ended the live view.");
+  } catch (err) {
+    if (mine()) liveShow("Stopped.", err.name === "AbortError" ? "" : errorText(err));
+  } finally {
+    if (mine()) live.controller = null;
+    liveShow();
+  }
+}
+
+function liveStop() {
+  const controller = live.controller;
+  live.controller = null;
+  if (controller) controller.abort();
+  liveShow("Stopped.");
+}
+
+function liveEvent(type, data) {
+  if (type === "dropped") live.error = JSON.parse(data).count + " messages were skipped: too many to show.";
+  if (type === "message") {
+    const m = JSON.parse(data);
+    live.tbody.prepend(h("tr", {}, h("td", {}, clock(m.time)), h("td", {}, m.topic), h("td", {}, m.qos),
+      h("td", {}, m.retain ? "yes" : "no"), h("td", { class: "payload" }, payloadText(m))));
+    while (live.tbody.rows.length > 200) live.tbody.lastElementChild.remove();
+    live.count += 1;
+  }
+  liveShow();
+}
+
+// Read a text/event-stream body, calling onEvent(type, data) per event;
+// comments (": keepalive") are skipped. Resolves when the stream ends.
+async function readEvents(body, onEvent) {
+  const reader = body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  let type = "message";
+  let data = [];
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buffer.indexOf(LF)) >= 0) {
+      let line = buffer.slice(0, end);
+      buffer = buffer.slice(end + 1);
+      if (line.endsWith(CR)) line = line.slice(0, -1);
+      const colon = line.indexOf(":");
+      const name = colon < 0 ? line : line.slice(0, colon);
+      const text = colon < 0 ? "" : line.slice(colon + (line[colon + 1] === " " ? 2 : 1));
+      if (line === "") {   // a blank line ends an event
+        if (data.length) onEvent(type, data.join(LF));
+        type = "message";
+        data = [];
+      } else if (name === "event") type = text;
+      else if (name === "data") data.push(text);
+    }
+  }
+}
+
+// -- Plugins: start and stop them; each one's settings in the dialog
+function pluginsPage(root) {
+  const msg = pageHead(root, "plugins", "Plugins");
+  const holder = add(root, h("div")).lastChild;
+
+  async function load() {
+    const plugins = await api("GET", nodePath("plugins")).catch((err) => msg.fail(err));
+    if (!plugins) return;
+    const actions = (p) => [
+      button(p.active ? "Stop" : "Start", () => toggle(p), { class: (p.active ? "danger" : "primary") + " small",
+        "aria-label": (p.active ? "Stop " : "Start ") + p.name }),
+      button("Settings", () => pluginSettings(p.name, msg),
+        { class: "small", "aria-label": "Settings of " + p.name })];
+    fill(holder, table("plugins-table", "Plugins", [["Name", "name"], ["Version", "version"],
+      ["Description", "description"], ["Status", (p) => (p.active ? "active" : "stopped")], ["Actions", actions]],
+    plugins));
+  }
+
+  async function toggle(plugin) {
+    const stop = plugin.active;
+    const dashboard = stop && plugin.name === "emqx_dashboard";
+    if (dashboard && !await confirmDialog("Stop the dashboard?",
+      "emqx_dashboard serves this page. If you stop it, this page will go away: it stops " +
+      "working until the plugin is started again (through the REST API).", "Stop dashboard")) {
+      msg.ok("The dashboard keeps running.");
+      return;
+    }
+    const done = await act(msg, () => api("PUT", nodePath("plugins/" + enc(plugin.name)), { active: !stop }),
+      (stop ? "Stopped " : "Started ") + plugin.name + ".");
+    if (done && dashboard) dashboardStopped();
+    else load();
+  }
+  load();
+}
+
+// The page after its own plugin was stopped: nothing polls any more.
+function dashboardStopped() {
+  leavePage();
+  liveStop();
+  history.replaceState(null, "", "#/stopped");
+  const heading = h("h1", { tabindex: -1 }, "The dashboard was stopped");
+  $("page").replaceChildren(heading,
+    h("p", {}, "emqx_dashboard is stopped, so this page has no server to talk to any more. Start the " +
+      "plugin again through the REST API (PUT /api/v2/nodes/" + session.node + "/plugins/emqx_dashboard " +
+      'with {"active": true}), then reload this page.'),
+    h("p", {}, h("a", { href: "#/plugins" }, "Back to the plugins")));
+  heading.focus();
+}
+
+// The settings form of one plugin, in the dialog; saved with one PUT.
+async function pluginSettings(name, msg) {
+  const path = nodePath("plugin_configs/" + enc(name));
+  const rows = await api("GET", path).catch((err) => msg.fail(err));
+  if (!rows) return;
+  const secret = (key) => key.toLowerCase().includes("password");
+  const inputs = rows.map((r, i) => h("input", {
+    id: "cfg-" + i, value: r.value, autocomplete: "off", required: r.required && !secret(r.key),
+    type: secret(r.key) ? "password" : "text", placeholder: secret(r.key) ? "unchanged" : null,
+  }));
+  const result = messageLine("dialog");
+  const save = async (e) => {
+    e.preventDefault();
+    const body = {};   // every key, but a password left empty (it stays as it is)
+    rows.forEach((r, i) => { if (!(secret(r.key) && !inputs[i].value)) body[r.key] = inputs[i].value; });
+    if (await act(result, () => api("PUT", path, body), "")) {
+      closeDialog();
+      msg.ok("Saved the settings of " + name + ".");
+    }
+  };
+  openDialog("Settings of " + name, [h("form", { id: "plugin-settings", class: "form", onsubmit: save },
+    rows.length ? rows.map((r, i) => field(r.key + (r.required ? " (required)" : ""), inputs[i],
+      r.desc + (secret(r.key) ? " Leave it empty to keep the current one." : "")))
+      : h("p", {}, "This plugin has no settings."), result.nodes)],
+  [h("button", { type: "submit", form: "plugin-settings", id: "dialog-ok", class: "primary" }, "Save"),
+    button("Cancel", closeDialog, { id: "dialog-cancel" })]);
+  if (inputs.length) inputs[0].focus();
+}
+
+// -- Listeners, metrics and stats, alarms: tables refreshed on a timer
+function listenersPage(root) {
+  simplePage(root, "listeners", "Listeners", async () => table("listeners-table", "Listeners",
+    [["Protocol", "protocol"], ["Listen on", "listen"], ["Acceptors", "acceptors"],
+      ["Max clients", "max_clients"], ["Current clients", "current_clients"],
+      ["Closed connections by reason", "shutdown_count"]],
+    await api("GET", "monitoring/listeners/" + enc(session.node))), 5000);
+}
+
+function metricsPage(root) {
+  const filter = h("input", { id: "metrics-filter", type: "search", autocomplete: "off" });
+  const rows = (obj) => Object.entries(obj).filter(([name]) => name.includes(filter.value.trim())).sort();
+  const columns = [["Name", (p) => p[0]], ["Value", (p) => p[1]]];
+  const holder = simplePage(root, "metrics", "Metrics and stats", async () => {
+    const [metrics, stats] = await Promise.all([api("GET", "monitoring/metrics/" + enc(session.node)),
+      api("GET", "monitoring/stats/" + enc(session.node))]);
+    return h("div", { class: "two-tables" },
+      h("section", {}, h("h2", {}, "Metrics"), table("metrics-table", "Metrics", columns, rows(metrics))),
+      h("section", {}, h("h2", {}, "Stats"), table("stats-table", "Stats", columns, rows(stats))));
+  }, 2000);
+  holder.before(h("div", { class: "toolbar" },
+    h("label", { for: filter.id }, "Show the names containing"), filter));
+}
+
+function alarmsPage(root) {
+  simplePage(root, "alarms", "Alarms", async () => {
+    const alarms = await api("GET", nodePath("alarms"));
+    if (!alarms.length) return h("p", { id: "alarms-empty", class: "empty" }, "No alarms.");
+    return table("alarms-table", "Alarms", Object.keys(alarms[0]).map((k) => [k, k]), alarms);
+  }, 5000);
+}
+
+// -- Users: the dashboard's users; add one, change a password, delete one
+function usersPage(root) {
+  const msg = pageHead(root, "users", "Users");
+  const holder = add(root, h("div")).lastChild;
+  const input = (id, type, value) =>
+    h("input", { id, type, value, autocomplete: type === "password" ? "new-password" : "off" });
+  const newUser = { name: input("user-new-name", "text"), password: input("user-new-password", "password"),
+    tags: input("user-new-tags", "text", "viewer") };
+  const pwd = { user: input("pwd-user", "text", session.user), old: input("pwd-old", "password"),
+    new: input("pwd-new", "password") };
+
+  async function load() {
+    const users = await api("GET", "users").catch((err) => msg.fail(err));
+    if (!users) return;
+    fill(holder, table("users-table", "Users", [["User", "username"], ["Tags", "tags"],
+      ["Actions", (u) => button("Delete", () => remove(u.username),
+        { class: "danger small", "aria-label": "Delete " + u.username })]], users));
+  }
+
+  async function remove(name) {
+    const sure = await confirmDialog("Delete the user " + name + "?",
+      name + " will no longer be able to log in.", "Delete user");
+    if (sure) await act(msg, () => api("DELETE", "users/" + enc(name)), "Deleted the user " + name + ".");
+    load();
+  }
+
+  async function addUser(e) {
+    e.preventDefault();
+    const body = { username: newUser.name.value, password: newUser.password.value, tags: newUser.tags.value };
+    if (await act(msg, () => api("POST", "users", body), "Added the user " + body.username + ".")) {
+      newUser.name.value = newUser.password.value = "";
+    }
+    load();
+  }
+
+  async function changePassword(e) {
+    e.preventDefault();
+    const [user, newPassword] = [pwd.user.value, pwd.new.value];
+    const body = { old_pwd: pwd.old.value, new_pwd: newPassword };
+    const path = "change_pwd/" + enc(user);
+    if (await act(msg, () => api("PUT", path, body), "Changed the password of " + user + ".")) {
+      pwd.old.value = pwd.new.value = "";
+      if (user === session.user) {   // ours: the next calls need the new one
+        session.password = newPassword;
+        sessionStorage.setItem("emqx_lite.password", newPassword);
+      }
+    }
+  }
+
+  add(root, h("div", { class: "forms" },
+    h("form", { id: "user-add", class: "form", onsubmit: addUser }, h("h2", {}, "Add a user"),
+      field("User", newUser.name), field("Password", newUser.password), field("Tags", newUser.tags),
+      h("button", { type: "submit", class: "primary" }, "Add user")),
+    h("form", { id: "user-password", class: "form", onsubmit: changePassword }, h("h2", {}, "Change a password"),
+      field("User", pwd.user), field("Old password", pwd.old), field("New password", pwd.new),
+      h("button", { type: "submit", class: "primary" }, "Change password"))));
+  load();
+}
+
+// -- Journal: the broker's record of the last packets in and out, filtered
+function journalPage(root) {
+  const msg = pageHead(root, "journal", "Journal",
+    "The last packets in and out of the broker, and what it decided about them.");
+  const input = (id, attrs) => h("input", Object.assign({ id, autocomplete: "off" }, attrs));
+  const filters = {
+    client_id: input("journal-client"),
+    type: input("journal-type", { placeholder: "PUBLISH" }),
+    direction: h("select", { id: "journal-direction" },
+      ["", "in", "out", "fault"].map((v) => h("option", { value: v }, v || "any"))),
+    topic: input("journal-topic", { placeholder: "a/+/c" }),
+    limit: input("journal-limit", { type: "number", min: 1, value: 100 }),
+  };
+  const holder = h("div");
+
+  async function load(e) {
+    if (e) e.preventDefault();
+    const query = new URLSearchParams();
+    for (const [name, control] of Object.entries(filters)) if (control.value) query.set(name, control.value);
+    try {
+      const entries = (await api("GET", nodePath("journal?" + query))).reverse();   // newest first
+      const time = (r) => clock(r.time * 1000) + "." + pad(Math.floor(r.time * 1000) % 1000, 3);   // seconds
+      fill(holder, table("journal-table", "Journal entries", [["Seq", "seq"], ["Time", time],
+        ["Dir.", "direction"], ["Type", "type"], ["Client ID", "client_id"], ["Topic", "topic"],
+        ["QoS", "qos"], ["Retain", "retain"], ["Packet ID", "packet_id"], ["Reason", "reason_code"],
+        ["Payload", "payload"], ["Note", "note"]], entries, { empty: "No entries match." }));
+      msg.ok(entries.length + " entries, newest first.");
+    } catch (err) {
+      msg.fail(err);
+    }
+  }
+
+  msg.nodes[0].before(h("form", { id: "journal-form", class: "filters", onsubmit: load },
+    field("Client ID", filters.client_id), field("Packet type", filters.type),
+    field("Direction", filters.direction), field("Topic (name or filter)", filters.topic),
+    field("Limit (the last N)", filters.limit),
+    h("button", { type: "submit", id: "journal-refresh", class: "primary" }, "Refresh")));
+  add(root, holder);
+  load();
+}
+
+// -- Settings: the broker's configuration, saved one key at a time. Rows are
+// {key, value, desc, required}; EMQ X's own {key, value, datatpye, app,
+// runtime} (sic) works too: a key with runtime false cannot be saved.
+function settingsPage(root) {
+  const msg = pageHead(root, "settings", "Settings",
+    "The broker's settings. Some can only be changed in its configuration file, and take effect after a restart.");
+  const holder = add(root, h("div")).lastChild;
+  const save = (r) => act(msg, () => api("PUT", nodePath("configs/" + enc(r.app || "emqx")),
+    { key: r.key, value: r.input.value }), "Saved " + r.key + " = " + r.input.value + ".");
+  const about = (r) => [r.desc || r.datatpye, r.required && "required",
+    r.runtime === false && "set in the configuration file"].filter(Boolean).join("; ");
+  api("GET", nodePath("configs")).then((rows) => {
+    for (const r of rows) {
+      r.input = h("input", { value: r.value, "aria-label": r.key, class: "wide", readonly: r.runtime === false });
+    }
+    fill(holder, table("settings-table", "Settings", [["Key", "key"], ["Value", "input"], ["About", about],
+      ["", (r) => button("Save", () => save(r),
+        { class: "small", "aria-label": "Save " + r.key, disabled: r.runtime === false })]], rows));
+  }, (err) => msg.fail(err));
+}
+
+// The pages, by the name in the URL (#/name): [title, function(root)]
+const PAGES = {
+  overview: ["Overview", overviewPage], clients: ["Clients", clientsPage],
+  sessions: ["Sessions", sessionsPage], subscriptions: ["Subscriptions", subscriptionsPage],
+  topics: ["Topics", topicsPage], retained: ["Retained", retainedPage], publish: ["Publish", publishPage],
+  live: ["Live", livePage], plugins: ["Plugins", pluginsPage], listeners: ["Listeners", listenersPage],
+  metrics: ["Metrics", metricsPage], users: ["Users", usersPage], alarms: ["Alarms", alarmsPage],
+  journal: ["Journal", journalPage], settings: ["Settings", settingsPage],
+};
+
+// ---- 7. Start-up ------------------------------------------------------------------
+function boot() {
+  $("login-form").addEventListener("submit", logIn);
+  $("logout").addEventListener("click", () => logOut(""));
+  $("menu-toggle").addEventListener("click", () => toggleMenu());
+  $("dialog").addEventListener("close", () => {
+    if (dialogReturn && dialogReturn.isConnected) dialogReturn.focus();
+    dialogReturn = null;
+  });
+  window.addEventListener("hashchange", () => route(true));
+  if (session.user === null) {
+    logOut("");
+    $("login-user").focus();
+  } else {
+    startApp().catch((err) => { if (session.user !== null) logOut(errorText(err)); });
+  }
+}
+
+boot();
+"""
+
+
+###############################################################################
 # REST API (EMQ X api/v2 blueprint) ###########################################
 ###############################################################################
 
@@ -5138,9 +6579,12 @@ def _raw_path(uri):
     return uri.split("?", 1)[0].split("#", 1)[0]
 
 
-def _needs_auth(path):
+def _needs_auth(path, settings):
     """Every /api/v2/ path but exactly /api/v2/auth needs Basic auth, checked
-    before routing: an unknown path answers 401 to a stranger (spec §1.2)."""
+    before routing: an unknown path answers 401 to a stranger (spec §1.2).
+    So does the Prometheus text, unless ``prometheus_auth`` is off."""
+    if path in _PROMETHEUS_PATHS:
+        return settings["prometheus_auth"]
     return path.startswith("/api/v2/") and path != "/api/v2/auth"
 
 
@@ -5277,14 +6721,111 @@ def _page(rows, args):
             "total_page": -(-len(rows) // size), "objects": rows[start:start + size]}
 
 
+def prometheus_text(metrics, stats, node):
+    """``metrics`` and ``stats`` in Prometheus's text exposition format (0.0.4).
+
+    Family names are EMQX's Prometheus plugin's: ``emqx_`` and the key with
+    ``/`` as ``_`` (``messages/received`` -> ``emqx_messages_received``).
+    Metrics are counters (``messages/retained``, a count of what is stored,
+    is a gauge), stats are gauges; every sample has a ``node`` label.
+    """
+    label = '{node="%s"}' % node.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    lines = []
+    for kind, values in (("metric", metrics), ("stat", stats)):
+        for key in sorted(values):
+            name = "emqx_" + key.replace("/", "_")
+            gauge = kind == "stat" or key == "messages/retained"
+            lines += ["# HELP %s The EMQ X %s %s%s." % (
+                          name, kind, key, "" if gauge else ", counted since the broker started"),
+                      "# TYPE %s %s" % (name, "gauge" if gauge else "counter"),
+                      "%s%s %d" % (name, label, values[key])]
+    return "\n".join(lines) + "\n"
+
+
+#: Paths of the Prometheus text (``prometheus.auth = off`` serves them open).
+_PROMETHEUS_PATHS = frozenset(("/api/v2/prometheus/stats", "/metrics"))
+
+
+def _payload_row(payload):
+    """A payload as JSON carries it: text if it is UTF-8, else base64."""
+    try:
+        return {"payload": payload.decode("utf-8"), "encoding": "utf-8"}
+    except UnicodeDecodeError:
+        return {"payload": base64.b64encode(payload).decode("ascii"), "encoding": "base64"}
+
+
+class LiveViews:
+    """The live message views (``nodes/{node}/live``) one HTTP server streams:
+    each holds one of its task threads, so there are at most ``limit``.
+
+    ``lock`` guards ``captures`` and ``closed`` (a leaf lock).
+    """
+    QUEUE = 1000   # messages kept for a view whose reader is slow; older ones are dropped
+
+    def __init__(self, broker, limit):
+        self.broker, self.limit = broker, limit
+        #: guards captures and closed
+        self.lock = threading.Lock()
+        self.captures = set()
+        self.closed = False
+
+    def open(self, topic_filter):
+        """A Capture of ``topic_filter`` for a new view; ApiError 102 if the
+        filter is invalid or every view is taken."""
+        if not validate_topic_filter(topic_filter):
+            raise ApiError(102, "invalid topic filter %r" % topic_filter)
+        core = self.broker._require_started()
+        capture = Capture(core, topic_filter, limit=self.QUEUE)
+        with self.lock:
+            if self.closed or len(self.captures) >= self.limit:
+                raise ApiError(102, "%d live views are open, the most this server streams at "
+                                    "once: close one" % self.limit)
+            self.captures.add(capture)
+        core.add_capture(capture)
+        return capture
+
+    def release(self, capture):
+        capture.close()
+        with self.lock:
+            self.captures.discard(capture)
+
+    def close(self):
+        """End every view (the server stops)."""
+        with self.lock:
+            self.closed = True
+            captures = list(self.captures)
+        for capture in captures:
+            capture.close()
+
+    def stream(self, capture):
+        """The view's Server-Sent Events: a ``message`` event a message, a
+        ``dropped`` event when a slow reader lost some, and a comment every
+        second, by which a reader that has gone is noticed."""
+        try:
+            yield ": live view of %s\n\n" % capture.topic_filter
+            while not capture.closed:
+                messages, dropped = capture.take(1.0)
+                events = ["event: dropped\ndata: {\"count\":%d}\n\n" % dropped] if dropped else []
+                for msg in messages:
+                    row = {"topic": msg.topic, "qos": msg.qos, "retain": bool(msg.retain),
+                           "time": int(time.time() * 1000)}
+                    row.update(_payload_row(msg.payload))
+                    events.append("event: message\ndata: %s\n\n"
+                                  % json.dumps(row, separators=(",", ":")))
+                yield "".join(events) or ": keepalive\n\n"
+        finally:
+            self.release(capture)
+
+
 #: The Faults methods the REST API offers.
 _FAULT_ACTIONS = ("disconnect", "freeze", "drop_next", "delay", "refuse_connect", "close_after",
                   "pause_listener", "clear")
 
 
-def create_api_blueprint(broker):
-    """The EMQ X 2.x api/v2 routes, as a Flask blueprint bound to ``broker``."""
-    from flask import Blueprint, request
+def create_api_blueprint(broker, live_views):
+    """The EMQ X 2.x api/v2 routes, as a Flask blueprint bound to ``broker``
+    (and emqx_lite's own: journal, faults, retained, history, live, prometheus)."""
+    from flask import Blueprint, Response, request
 
     bp = Blueprint("emqx_api_v2", __name__, url_prefix="/api/v2")
     rule = bp.route
@@ -5542,9 +7083,79 @@ def create_api_blueprint(broker):
             raise ApiError(111, "not_started")
         return ok()
 
+    # --- Settings: configs, nodes/{node}/configs[/{app}], nodes/{node}/plugin_configs/{name}
+    @rule("/configs", strict_slashes=False)
+    def list_configs():
+        return ok({broker.node: broker.configs()})   # keyed by node, no array (EMQ X 2.3)
+
+    @rule("/nodes/<node>/configs", strict_slashes=False)
+    def list_node_configs(node):
+        check_node(node)
+        return ok(broker.configs())
+
+    @rule("/configs/<app>", methods=["PUT"], strict_slashes=False)
+    @rule("/nodes/<node>/configs/<app>", methods=["PUT"], strict_slashes=False)
+    def set_config(app, node=None):
+        if node is not None:
+            check_node(node)
+        body = params(key=str, value=str)
+        try:
+            broker.set_config(body["key"], body["value"], _unquote(app))
+        except ValueError as exc:
+            raise ApiError(102, str(exc)) from None
+        return ok()
+
+    @rule("/nodes/<node>/plugin_configs/<name>", strict_slashes=False)
+    def get_plugin_config(node, name):
+        check_node(node)
+        name = _unquote(name)
+        if name not in PLUGINS:
+            raise _NotFound()
+        return ok(broker.plugin_config(name))
+
+    @rule("/nodes/<node>/plugin_configs/<name>", methods=["PUT"], strict_slashes=False)
+    def set_plugin_config(node, name):
+        check_node(node)
+        name = _unquote(name)
+        if name not in PLUGINS:
+            raise _NotFound()
+        try:
+            broker.set_plugin_config(name, params())
+        except ValueError as exc:
+            raise ApiError(102, str(exc)) from None
+        return ok()
+
     @rule("/nodes/<node>/alarms", strict_slashes=False)
     def list_alarms(node):
         return ok([])   # emqx_lite raises no alarms
+
+    # --- For the dashboard (emqx_lite's own): retained, history, live -----------------
+    @rule("/nodes/<node>/retained", strict_slashes=False)
+    def list_retained(node):
+        check_node(node)
+        rows = [dict({"topic": m["topic"], "qos": m["qos"], "time": int(m["time"] * 1000)},
+                     **_payload_row(m["payload"]))
+                for m in sorted(broker.core.retained_infos(times=True),
+                                key=lambda m: m["topic"])]
+        return ok(_page(rows, request.args))
+
+    @rule("/nodes/<node>/history", strict_slashes=False)
+    def get_history(node):
+        """The dashboard's charts: a sample every ``interval`` seconds, oldest first."""
+        check_node(node)
+        return ok({"interval": HISTORY_INTERVAL, "samples": broker.history()})
+
+    @rule("/nodes/<node>/live", strict_slashes=False)
+    def live(node):
+        """Server-Sent Events: every message routed to ``topic`` from now on."""
+        check_node(node)
+        capture = live_views.open(request.args.get("topic", "#"))
+        return Response(live_views.stream(capture), mimetype="text/event-stream",
+                        headers={"X-Accel-Buffering": "no"})
+
+    @rule("/prometheus/stats", strict_slashes=False)
+    def prometheus_stats():
+        return prometheus_response(broker)
 
     # --- Fault injection (emqx_lite's own): nodes/{node}/faults -------------------------
     @rule("/nodes/<node>/faults", methods=["POST"], strict_slashes=False)
@@ -5669,18 +7280,27 @@ def _json(obj, status=200):
                     mimetype="application/json")
 
 
+def prometheus_response(broker):
+    from flask import Response
+    return Response(prometheus_text(broker.metrics(), broker.stats(), broker.node),
+                    mimetype="text/plain", content_type="text/plain; version=0.0.4; charset=utf-8")
+
+
 def _empty(status):
     from flask import Response
     return Response(b"", status, mimetype="text/plain")
 
 
-def create_app(broker):
+def create_app(broker, dashboard=False, live_views=2):
     """The WSGI application: the api/v2 blueprint, /status, / and Basic auth,
-    with the cross-site and CORS rules and the security headers."""
+    with the cross-site and CORS rules and the security headers. The
+    dashboard's (``dashboard=True``) serves the page at / and /metrics too.
+    ``app.live_views`` streams at most ``live_views`` live views at once."""
     from flask import Flask, request
     from flask_httpauth import HTTPBasicAuth
 
     app = Flask("emqx_lite")
+    app.live_views = LiveViews(broker, live_views)
     auth = HTTPBasicAuth(realm="emqx control center")
     cors_origins = frozenset(broker.settings["api_cors_origins"])
 
@@ -5714,7 +7334,7 @@ def create_app(broker):
                          request.method, request.path, request.remote_addr,
                          request.headers.get("Origin", "none"))
             return _json({"code": 403, "message": "cross-site request refused"}, 403)
-        if _needs_auth(request.path):
+        if _needs_auth(request.path, broker.settings):
             return auth.login_required(lambda: None)()
         return None
 
@@ -5740,11 +7360,24 @@ def create_app(broker):
         return app.response_class("Node %s is started\nemqx_lite is running" % broker.node,
                                   mimetype="text/plain")
 
-    @app.route("/")
-    def index():
-        return _json({"paths": API_PATHS})
+    if dashboard:
+        def page(text, kind):
+            response = app.response_class(text, mimetype=kind)
+            response.headers["Content-Security-Policy"] = DASHBOARD_CSP
+            return response
 
-    app.register_blueprint(create_api_blueprint(broker))
+        app.add_url_rule("/", "dashboard", lambda: page(DASHBOARD_HTML, "text/html"))
+        app.add_url_rule("/dashboard.css", "dashboard_css",
+                         lambda: page(DASHBOARD_CSS, "text/css"))
+        app.add_url_rule("/dashboard.js", "dashboard_js",
+                         lambda: page(DASHBOARD_JS, "text/javascript"))
+        app.add_url_rule("/metrics", "metrics", lambda: prometheus_response(broker))
+    else:
+        @app.route("/")
+        def index():
+            return _json({"paths": API_PATHS})
+
+    app.register_blueprint(create_api_blueprint(broker, app.live_views))
 
     @app.errorhandler(ApiError)
     def api_error(exc):
@@ -5896,7 +7529,8 @@ class _ApiChannel(WaitressChannel):
     def judge(self, request):
         """Called when a request's headers are in, before its body is read."""
         # A CORS preflight carries no credentials; the application answers it.
-        if request.command == "OPTIONS" or not _needs_auth(_raw_path(request.request_uri)):
+        if request.command == "OPTIONS" or not _needs_auth(_raw_path(request.request_uri),
+                                                            self.server.settings):
             if request.chunked or request.content_length > _PUBLIC_BODY_MAX:
                 request.error = RequestEntityTooLarge(
                     "a request without credentials may carry %d bytes" % _PUBLIC_BODY_MAX)
@@ -6031,9 +7665,10 @@ class _ApiServer(WaitressServer):
     """waitress's TCP server for the API: poll(), timeouts, the verifier pool."""
     channel_class = _ApiChannel
 
-    def __init__(self, app, guard, settings, host, port):
-        s = settings
+    def __init__(self, app, guard, settings, host, port, threads=4):
+        s = self.settings = settings
         self.guard = guard
+        self.live_views = app.live_views
         self.idle_timeout = s["api_idle_timeout"]
         self.ssl_context = None
         if s["api_certfile"] or s["api_keyfile"]:
@@ -6043,7 +7678,7 @@ class _ApiServer(WaitressServer):
                                                 s["api_cacertfile"], s["api_verify"],
                                                 s["api_fail_if_no_peer_cert"])
         adj = WaitressAdjustments(
-            host=host, port=port, threads=4, ident="emqx_lite",
+            host=host, port=port, threads=threads, ident="emqx_lite",
             clear_untrusted_proxy_headers=True, asyncore_use_poll=True,
             connection_limit=s["api_max_clients"], cleanup_interval=1,
             channel_timeout=max(1, int(self.idle_timeout)),
@@ -6107,9 +7742,15 @@ class _ApiServer(WaitressServer):
         return super().readable()
 
     def stop(self, thread):
-        """Close every connection from inside the loop, which then ends, and
-        join ``thread`` (the one in ``run()``, if started), the task threads
-        and the verifier threads."""
+        """End the live views and let the requests being served finish (the
+        dashboard stopped from its own page answers that request), stop the
+        task and verifier threads; then close every connection from inside
+        the loop, which then ends, and join ``thread`` (the one in ``run()``,
+        if started). Once the task threads are gone nothing else wakes the
+        loop, so its last wake-up is ours."""
+        self.live_views.close()
+        self.task_dispatcher.shutdown()
+        self.verifier.shutdown()
         if thread is not None:
             def close_all():
                 for channel in list(self._map.values()):
@@ -6118,8 +7759,488 @@ class _ApiServer(WaitressServer):
             thread.join()
         else:
             self.close()
-        self.task_dispatcher.shutdown()
-        self.verifier.shutdown()
+
+
+###############################################################################
+# Settings: values and emq.conf keys #########################################
+###############################################################################
+#
+# Every setting has an emq.conf key (EMQ X 2.x names where EMQ X has one) and a
+# value parser; the configuration file, the REST API's configs routes and the
+# plugins' settings all read values through them.
+
+# --- configuration values ----------------------------------------------------
+
+_DURATION_UNITS = {"w": 604800, "d": 86400, "h": 3600, "m": 60, "s": 1}   # and "ms"
+_SIZE_UNITS = {"GB": 1024 ** 3, "MB": 1024 ** 2, "KB": 1024, "B": 1}
+
+
+def _parser(pattern, expected, convert=lambda m: m[0]):
+    """A value parser: the text must match ``pattern``; returns ``convert(match)``."""
+    def parse(text):
+        m = re.fullmatch(pattern, text)
+        if not m:
+            raise ValueError("expected %s, got %r" % (expected, text))
+        return convert(m)
+    return parse
+
+
+def _seconds(m):
+    return float(m[1]) / 1000 if m[2] == "ms" else float(m[1]) * _DURATION_UNITS[m[2] or "s"]
+
+
+#: Value parsers: str -> value, or ValueError("expected ..., got ...").
+parse_int = _parser(r"[0-9]+", "an integer", lambda m: int(m[0]))
+parse_bool = _parser(r"(?i)on|off|true|false", "on, off, true or false",
+                     lambda m: m[0].lower() in ("on", "true"))
+parse_bytesize = _parser(r"(?i)([0-9]+)(GB|MB|KB|B)?", "a size like 64KB",    # 1KB = 1024
+                         lambda m: int(m[1]) * _SIZE_UNITS[(m[2] or "B").upper()])
+parse_duration = _parser(r"([0-9]+(?:\.[0-9]+)?)(ms|[wdhms])?", "a duration like 20s", _seconds)
+_string = _parser(r"(?s).+", "a value")
+_directory = _parser(r"(?s).*", "a directory")   # empty: none
+_data_sync = _parser("normal|full", "normal or full")
+_qos = _parser(r"[012]", "0, 1 or 2", lambda m: int(m[0]))
+_mqtt_path = _parser(r"/.*", "a path like /mqtt")
+_verify = _parser("verify_peer|verify_none", "verify_peer or verify_none")
+_ORIGIN = r"https?://(?:[a-z0-9.-]+|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?"
+_origins = _parser(r"(?i)\s*{0}(?:\s*,\s*{0})*\s*".format(_ORIGIN),
+                   "origins like https://ops.example.com, http://localhost:3000",
+                   lambda m: tuple(o.strip().lower() for o in m[0].split(",")))
+# EMQ X closes a silent connection after keepalive * backoff * 2; ours after keepalive *
+# keepalive_backoff, so keepalive_backoff = backoff * 2 (EMQ X default 0.75 -> 1.5).
+_backoff = _parser(r"0\.[5-9][0-9]*|[1-9][0-9]*(\.[0-9]+)?", "a number >= 0.5",
+                   lambda m: float(m[0]) * 2)
+
+
+def parse_address(text):
+    """'0.0.0.0:1883', '1883', '[::1]:1883' or '::1:1883' -> (host, port), host default 0.0.0.0."""
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+        host = host if sep else "0.0.0.0"
+    try:
+        if ":" in host or host[:1].isdigit():
+            ipaddress.ip_address(host)
+        elif not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", host):
+            raise ValueError
+        if not re.fullmatch(r"[0-9]+", port) or int(port) > 65535:
+            raise ValueError
+    except ValueError:
+        raise ValueError("expected an address like 0.0.0.0:1883, got %r" % text) from None
+    return host, int(port)
+
+
+def _rewrite_rule(text):
+    """'"x/# ^x/y/(.+)$ z/y/$1"' (quotes optional) -> ('x/#', '^x/y/(.+)$', 'z/y/$1')."""
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        text = text[1:-1]
+    parts = text.split()
+    if len(parts) != 3:
+        raise ValueError("expected '<filter> <regex> <destination>', got %r" % text)
+    try:
+        re.compile(parts[1])
+    except re.error as exc:
+        raise ValueError("bad regex %r: %s" % (parts[1], exc)) from None
+    return tuple(parts)
+
+
+def _fmt_duration(seconds):
+    for unit, size in _DURATION_UNITS.items():
+        n = seconds / size
+        if n == int(n) and (n or unit == "s"):
+            return "%d%s" % (n, unit)
+    return "%rs" % float(seconds)
+
+
+def _fmt_bytesize(size):
+    for unit, scale in _SIZE_UNITS.items():
+        if size and size % scale == 0:
+            return "%d%s" % (size // scale, unit)
+    return "0"
+
+
+def _fmt_address(host, port):
+    return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
+
+
+#: value parser -> formatter for render_config (default: str)
+_FORMAT = {parse_duration: _fmt_duration, parse_bytesize: _fmt_bytesize,
+           parse_bool: lambda v: "true" if v else "false", _backoff: lambda v: repr(v / 2),
+           _origins: ", ".join,
+           _verify: lambda v: "verify_peer" if v in (True, "verify_peer") else "verify_none"}
+
+# --- configuration keys ------------------------------------------------------
+
+#: emq.conf key -> (Broker setting, value parser)
+SETTING_KEYS = {
+    "node.name": ("node", _string),
+    "node.data_dir": ("data_dir", _directory),
+    "node.data_sync": ("data_sync", _data_sync),
+    "mqtt.allow_anonymous": ("allow_anonymous", parse_bool),
+    "mqtt.acl_nomatch": ("acl_nomatch", _parser("allow|deny", "allow or deny")),
+    "mqtt.acl_file": ("acl_file", _string),
+    "mqtt.max_clientid_len": ("max_clientid_len", parse_int),
+    "mqtt.max_packet_size": ("max_packet_size", parse_bytesize),
+    "mqtt.keepalive_backoff": ("keepalive_backoff", _backoff),
+    "mqtt.client.idle_timeout": ("connect_timeout", parse_duration),
+    "mqtt.session.max_inflight": ("max_inflight", parse_int),
+    "mqtt.session.retry_interval": ("retry_interval", parse_duration),
+    "mqtt.session.max_awaiting_rel": ("max_awaiting_rel", parse_int),
+    "mqtt.session.await_rel_timeout": ("await_rel_timeout", parse_duration),
+    "mqtt.session.expiry_interval": ("session_expiry_interval", parse_duration),
+    "mqtt.mqueue.max_length": ("max_mqueue_len", parse_int),
+    "mqtt.mqueue.store_qos0": ("mqueue_store_qos0", parse_bool),
+    "mqtt.broker.sys_interval": ("sys_interval", parse_duration),
+    # emqx_lite's own keys, for limits EMQ X 2.x does not name in emq.conf:
+    "mqtt.max_topic_length": ("max_topic_length", parse_int),
+    "mqtt.max_topic_levels": ("max_topic_levels", parse_int),
+    "mqtt.max_subscriptions": ("max_subscriptions", parse_int),
+    "mqtt.max_keepalive": ("max_keepalive", parse_int),
+    "mqtt.client.max_outbuf": ("max_outbuf", parse_bytesize),
+    "mqtt.client.send_timeout": ("send_timeout", parse_duration),
+    "mqtt.max_topic_alias": ("max_topic_alias", parse_int),
+    "mqtt.topic_alias_out": ("topic_alias_out", parse_bool),
+    "mqtt.journal": ("journal", parse_int),
+    # The REST API's listener (EMQ X 2.x names max_clients; the rest are emqx_lite's):
+    "listener.api.mgmt.max_clients": ("api_max_clients", parse_int),
+    "listener.api.mgmt.idle_timeout": ("api_idle_timeout", parse_duration),
+    "listener.api.mgmt.cors_origins": ("api_cors_origins", _origins),
+    "listener.api.mgmt.max_auth_failures": ("api_max_auth_failures", parse_int),
+    "listener.api.mgmt.auth_failure_window": ("api_auth_failure_window", parse_duration),
+    "listener.api.mgmt.certfile": ("api_certfile", _string),
+    "listener.api.mgmt.keyfile": ("api_keyfile", _string),
+    "listener.api.mgmt.cacertfile": ("api_cacertfile", _string),
+    "listener.api.mgmt.verify": ("api_verify", _verify),
+    "listener.api.mgmt.fail_if_no_peer_cert": ("api_fail_if_no_peer_cert", parse_bool),
+    "dashboard.password_iterations": ("api_password_iterations", parse_int),
+    "prometheus.auth": ("prometheus_auth", parse_bool),
+    # The plugins' (EMQ X keeps them in etc/plugins/<plugin>.conf):
+    "retainer.max_message_num": ("retainer_max_messages", parse_int),
+    "retainer.max_payload_size": ("retainer_max_payload_size", parse_bytesize),
+    "retainer.expiry_interval": ("retainer_expiry_interval", parse_duration),
+}
+
+#: The settings a running broker takes (the REST API's configs routes): its
+#: limits and timeouts apply to what connects, subscribes or publishes from
+#: then on. The others need a restart, and the API refuses them.
+RUNTIME_KEYS = frozenset((
+    "mqtt.allow_anonymous", "mqtt.acl_nomatch", "mqtt.max_clientid_len", "mqtt.max_packet_size",
+    "mqtt.keepalive_backoff", "mqtt.client.idle_timeout", "mqtt.session.max_inflight",
+    "mqtt.session.retry_interval", "mqtt.session.max_awaiting_rel",
+    "mqtt.session.await_rel_timeout", "mqtt.session.expiry_interval", "mqtt.mqueue.max_length",
+    "mqtt.mqueue.store_qos0", "mqtt.broker.sys_interval", "mqtt.max_topic_length",
+    "mqtt.max_topic_levels", "mqtt.max_subscriptions", "mqtt.max_keepalive",
+    "mqtt.client.max_outbuf", "mqtt.client.send_timeout", "mqtt.max_topic_alias",
+    "mqtt.topic_alias_out", "listener.api.mgmt.max_auth_failures",
+    "listener.api.mgmt.auth_failure_window", "prometheus.auth", "retainer.max_message_num",
+    "retainer.max_payload_size", "retainer.expiry_interval"))
+
+#: value parser -> the data type the configs routes name (cuttlefish's names)
+_DATATYPES = {parse_int: "integer", parse_bool: "flag", parse_bytesize: "bytesize",
+              parse_duration: "duration", _backoff: "float", _qos: "integer"}
+
+
+def _refuse_unknown(values, plugin):
+    """ValueError naming the first of ``values``' keys (none are ``plugin``'s)."""
+    if values:
+        raise ValueError("%s: not a setting of %s" % (sorted(values)[0], plugin))
+
+
+def setting_app(key):
+    """The application a setting belongs to, as the configs routes name it."""
+    return {"retainer": "emqx_retainer", "dashboard": "emqx_dashboard"}.get(
+        key.split(".", 1)[0], "emqx")
+
+
+def format_setting(key, value):
+    """A setting's value as emq.conf text ('' for none)."""
+    parse = SETTING_KEYS[key][1]
+    return "" if value is None or value == () else _FORMAT.get(parse, str)(value)
+
+
+_ALL, _TLS = ("tcp", "ssl", "ws", "wss"), ("ssl", "wss")
+#: listener.<type>.<name>.<option> -> (value parser, listener types that take it)
+LISTENER_OPTIONS = {
+    "acceptors": (parse_int, _ALL),
+    "max_clients": (parse_int, _ALL),
+    "keyfile": (_string, _TLS),
+    "certfile": (_string, _TLS),
+    "cacertfile": (_string, _TLS),
+    "verify": (_verify, _TLS),
+    "fail_if_no_peer_cert": (parse_bool, _TLS),
+    "peer_cert_as_username": (_parser("cn|dn", "cn or dn"), _TLS),
+    "mqtt_path": (_mqtt_path, ("ws", "wss")),
+}
+LISTENER_DEFAULTS = dict(dict.fromkeys(LISTENER_OPTIONS), acceptors=1, max_clients=102400)
+
+
+###############################################################################
+# Configuration files (emq.conf) ##############################################
+###############################################################################
+#
+# emqx_lite reads EMQ X 2.x's emq.conf format: ``key = value`` lines (cuttlefish)
+# become Broker keyword arguments. The command line uses it; embedders may too.
+
+
+def parse_conf(text, filename="<string>"):
+    """emq.conf text -> [(lineno, key, value)].
+
+    As cuttlefish: a comment is a line whose first non-blank character is ``#``;
+    a ``#`` later in a line is part of the value. Blank lines are skipped.
+    """
+    entries = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        m = re.fullmatch(r"([^=\s]+)\s*=\s*(.*)", line)
+        if not m:
+            raise ConfigError("%s:%d: expected 'key = value', got %r" % (filename, lineno, line))
+        entries.append((lineno, m[1], m[2]))
+    return entries
+
+
+def env_overrides(environ, prefix="EMQX_LITE_"):
+    """Configuration entries from environment variables, to append to parse_conf()'s.
+
+    Rule: ``EMQX_LITE_<KEY>`` where ``__`` separates key levels and the key is
+    lowercased: ``EMQX_LITE_MQTT__MAX_PACKET_SIZE=64KB`` sets mqtt.max_packet_size,
+    ``EMQX_LITE_LISTENER__TCP__EXTERNAL=0.0.0.0:1884`` listener.tcp.external.
+    Returns [("$EMQX_LITE_...", key, value)] sorted by variable, so that
+    config_settings() errors name the variable.
+    """
+    entries = []
+    for var in sorted(environ):
+        if var.startswith(prefix):
+            levels = var[len(prefix):].lower().split("__")
+            if not all(levels):
+                raise ConfigError("$%s: expected %sLEVEL__LEVEL..., e.g. %sMQTT__MAX_PACKET_SIZE"
+                                  % (var, prefix, prefix))
+            entries.append(("$" + var, ".".join(levels), environ[var]))
+    return entries
+
+
+class _ConfigReader:
+    """What config_settings() collects, entry by entry: one method per kind
+    of key (``_KEY_KINDS``), then ``settings()`` puts the pieces together."""
+
+    def __init__(self):
+        self.values = {}      # Broker setting -> value
+        self.addresses = {}   # (listener type, name) -> (host, port)
+        self.options = []     # (where, key, (type, name), option, value)
+        self.pairs = {}       # n -> {"clientid"|"password": (where, key, value)}
+        self.subs = {}        # n -> {"at": (where, key), "topic": ..., "qos": ...}
+        self.rewrites = {}    # n -> (filter, regex, destination)
+        self.user = {}        # "login"/"password" -> value
+
+    # --- one method per kind of key: (match, value, where) ---------------------------
+    def setting(self, m, value, where):
+        name, parse = SETTING_KEYS[m[0]]
+        self.values[name] = parse(value)
+
+    def api_address(self, m, value, where):
+        self.values["http_bind"], self.values["http_port"] = parse_address(value)
+
+    def dashboard_address(self, m, value, where):
+        self.values["dashboard_bind"], self.values["dashboard_port"] = parse_address(value)
+
+    def listener(self, m, value, where):
+        ltype, lname, option = m.groups()
+        if option is None:
+            self.addresses[ltype, lname] = parse_address(value)
+            return
+        if option not in LISTENER_OPTIONS:
+            raise ValueError("unknown listener option %r" % option)
+        parse, types = LISTENER_OPTIONS[option]
+        if ltype not in types:
+            raise ValueError("not an option of %s listeners" % ltype)
+        self.options.append((where, m[0], (ltype, lname), option, parse(value)))
+
+    def client_pair(self, m, value, where):
+        self.pairs.setdefault(int(m[1]), {})[m[2]] = (where, m[0], _string(value))
+
+    def auth_client(self, m, value, where):
+        self.values.setdefault("auth_clientid", {})[m[1]] = _string(value)
+
+    def auth_username(self, m, value, where):
+        self.values.setdefault("auth_username", {})[m[1]] = _string(value)
+
+    def dashboard_user(self, m, value, where):
+        self.user[m[1]] = _string(value)
+
+    def module_subscription(self, m, value, where):
+        sub = self.subs.setdefault(int(m[1]), {"at": (where, m[0])})
+        sub[m[2]] = _qos(value) if m[2] == "qos" else _string(value)
+
+    def module_rewrite(self, m, value, where):
+        self.rewrites[int(m[1])] = _rewrite_rule(value)
+
+    # --- the pieces together ----------------------------------------------------------
+    def settings(self):
+        settings = self.values
+        for where, key, lst, _, _ in self.options:
+            if lst not in self.addresses:
+                raise ConfigError("%s: %s: listener.%s.%s has no address line"
+                                  % ((where, key) + lst))
+        if self.addresses:
+            settings["listeners"] = [self._listener(t, n, host, port)
+                                     for (t, n), (host, port) in self.addresses.items()]
+        for n, pair in sorted(self.pairs.items()):
+            if len(pair) != 2:
+                where, key, _ = next(iter(pair.values()))
+                raise ConfigError("%s: %s: auth.client.%d needs .clientid and .password"
+                                  % (where, key, n))
+            settings.setdefault("auth_clientid", {})[pair["clientid"][2]] = pair["password"][2]
+        for n, sub in self.subs.items():
+            if "topic" not in sub:
+                raise ConfigError("%s: %s: module.subscription.%d has no .topic"
+                                  % (sub["at"] + (n,)))
+        if self.subs:
+            settings["module_subscription"] = [(s["topic"], s.get("qos", 1))
+                                               for _, s in sorted(self.subs.items())]
+        if self.rewrites:
+            settings["module_rewrite"] = [rule for _, rule in sorted(self.rewrites.items())]
+        if self.user:
+            settings["users"] = {self.user.get("login", "admin"): self.user.get("password", "public")}
+        return settings
+
+    def _listener(self, ltype, lname, host, port):
+        lst = dict(type=ltype, name=lname, host=host, port=port, **LISTENER_DEFAULTS)
+        lst["mqtt_path"] = "/mqtt" if ltype in ("ws", "wss") else None
+        lst.update((opt, v) for _, _, at, opt, v in self.options if at == (ltype, lname))
+        return lst
+
+
+#: emq.conf key pattern -> _ConfigReader method; the first that matches the whole key wins.
+_KEY_KINDS = [
+    (re.compile("|".join(map(re.escape, SETTING_KEYS))), _ConfigReader.setting),
+    (re.compile(r"listener\.api\.mgmt"), _ConfigReader.api_address),
+    (re.compile(r"dashboard\.listener\.http"), _ConfigReader.dashboard_address),
+    (re.compile(r"listener\.(tcp|ssl|ws|wss)\.([A-Za-z0-9_-]+)(?:\.(.+))?"),
+     _ConfigReader.listener),
+    (re.compile(r"auth\.client\.([0-9]+)\.(clientid|password)"), _ConfigReader.client_pair),
+    (re.compile(r"auth\.client\.(.+)"), _ConfigReader.auth_client),
+    (re.compile(r"auth\.username\.(.+)"), _ConfigReader.auth_username),
+    (re.compile(r"dashboard\.default_user\.(login|password)"), _ConfigReader.dashboard_user),
+    (re.compile(r"module\.subscription\.([0-9]+)\.(topic|qos)"),
+     _ConfigReader.module_subscription),
+    (re.compile(r"module\.rewrite\.rule\.([0-9]+)"), _ConfigReader.module_rewrite),
+]
+
+
+def config_settings(entries, filename="<string>"):
+    """[(lineno or "$VAR", key, value)] -> Broker keyword arguments (only those set).
+
+    Later entries win. Besides SETTING_KEYS: ``listener.<tcp|ssl|ws|wss>.<name> =
+    address`` (+ LISTENER_OPTIONS) -> listeners; ``listener.api.mgmt`` ->
+    http_bind/http_port; ``auth.username.<name>`` and ``auth.client.<id>`` (or
+    ``auth.client.<n>.clientid``/``.password``) = password; ``dashboard.default_user.
+    login``/``.password`` -> users; ``module.subscription.<n>.topic``/``.qos`` (default
+    1); ``module.rewrite.rule.<n> = "<filter> <regex> <dest>"``.
+    """
+    reader = _ConfigReader()
+    for where, key, value in entries:
+        where = where if isinstance(where, str) else "%s:%d" % (filename, where)
+        try:
+            for pattern, read in _KEY_KINDS:
+                m = pattern.fullmatch(key)
+                if m:
+                    read(reader, m, value, where)
+                    break
+            else:
+                raise ValueError("unknown key")
+        except ValueError as exc:
+            raise ConfigError("%s: %s: %s" % (where, key, exc)) from None
+    return reader.settings()
+
+
+def _render_settings(settings):
+    lines = ["## Broker"]
+    for key, (name, parse) in SETTING_KEYS.items():
+        if name in settings:
+            value = settings[name]
+            lines.append("## %s is not set" % key if value is None or value == ()
+                         else "%s = %s" % (key, _FORMAT.get(parse, str)(value)))
+    return lines
+
+
+def _render_auth(settings):
+    lines = ["## Authentication and dashboard users"]
+    users = settings.get("users") or {}
+    if len(users) == 1:
+        (login, password), = users.items()
+        lines += ["dashboard.default_user.login = " + login,
+                  "dashboard.default_user.password = " + password]
+    elif users:
+        lines.append("## %d dashboard users: only one can be written here" % len(users))
+    lines += ["auth.username.%s = %s" % kv for kv in (settings.get("auth_username") or {}).items()]
+    for n, (client_id, password) in enumerate((settings.get("auth_clientid") or {}).items(), 1):
+        lines += ["auth.client.%d.clientid = %s" % (n, client_id),
+                  "auth.client.%d.password = %s" % (n, password)]
+    return lines
+
+
+def _render_modules(settings):
+    lines = ["## Modules"]
+    for n, (topic, qos) in enumerate(settings.get("module_subscription") or (), 1):
+        lines += ["module.subscription.%d.topic = %s" % (n, topic),
+                  "module.subscription.%d.qos = %d" % (n, qos)]
+    for n, rule in enumerate(settings.get("module_rewrite") or (), 1):
+        lines.append('module.rewrite.rule.%d = "%s"' % (n, " ".join(rule)))
+    return lines
+
+
+def _render_listeners(settings):
+    lines = ["## Listeners"]
+    if settings.get("http_port") is not None:
+        lines.append("listener.api.mgmt = " + _fmt_address(settings.get("http_bind") or "0.0.0.0",
+                                                           settings["http_port"]))
+    if settings.get("dashboard_port") is not None:
+        lines.append("dashboard.listener.http = " + _fmt_address(
+            settings.get("dashboard_bind") or "0.0.0.0", settings["dashboard_port"]))
+    for lst in settings.get("listeners") or ():
+        prefix = "listener.%s.%s" % (lst["type"], lst["name"])
+        lines.append("%s = %s" % (prefix, _fmt_address(lst["host"], lst["port"])))
+        lines += ["%s.%s = %s" % (prefix, opt, _FORMAT.get(parse, str)(lst[opt]))
+                  for opt, (parse, _) in LISTENER_OPTIONS.items() if lst.get(opt) is not None]
+    return lines
+
+
+#: Settings that a part above writes besides SETTING_KEYS'.
+_RENDERED = {"listeners", "http_bind", "http_port", "dashboard_bind", "dashboard_port", "users",
+             "auth_username", "auth_clientid", "module_subscription", "module_rewrite"}
+
+
+def _render_python_only(settings):
+    written = _RENDERED | {name for name, _ in SETTING_KEYS.values()}
+    rest = [name for name in settings if name not in written]
+    if not rest:
+        return []
+    return ["## Settings without an emq.conf key (Python only):"] + [
+        "##   %s = %r" % (name, settings[name]) for name in rest]
+
+
+def render_config(settings):
+    """Settings as emq.conf text (``--print-config``).
+
+    config_settings(parse_conf(render_config(s))) == s for what config_settings
+    returns; settings without an emq.conf key are listed as comments.
+    """
+    parts = [["## emqx_lite configuration (EMQ X 2.x emq.conf syntax)"]]
+    parts += [render(settings) for render in (_render_settings, _render_auth, _render_modules,
+                                              _render_listeners, _render_python_only)]
+    return "\n\n".join("\n".join(part) for part in parts if part) + "\n"
+
+
+def load_config(path=None, environ=None):
+    """Broker keyword arguments from an emq.conf-style file (if any) and then
+    the EMQX_LITE_... variables of ``environ``: ``Broker(**load_config(p))``."""
+    entries = []
+    if path is not None:
+        with open(path, encoding="utf-8") as f:
+            entries = parse_conf(f.read(), path)
+    return config_settings(entries + env_overrides(environ or {}), path or "<environment>")
 
 
 ###############################################################################
@@ -6378,7 +8499,9 @@ class Broker:
     from ``mqtt_port`` / ``http_port`` (and ``ssl_port``, ``ws_port``,
     ``wss_port``) after ``start()`` (or inside ``with``). ``None`` for a port
     means no such listener; ``http_port=None`` runs without the REST API.
-    TLS listeners take ``certfile``/``keyfile`` (and ``cacertfile``,
+    ``dashboard_port`` (default None: none) serves the dashboard, its
+    ``/metrics`` and the REST API again while the emqx_dashboard plugin runs;
+    read the port back from ``dashboard_port``. TLS listeners take ``certfile``/``keyfile`` (and ``cacertfile``,
     ``verify``, ``fail_if_no_peer_cert``); ``listeners`` replaces all of that
     with a list of ``Listener`` keyword dicts (what a config file gives).
     Every key of ``DEFAULTS`` can be given as a keyword argument. The methods
@@ -6389,7 +8512,8 @@ class Broker:
                  http_bind=None, ssl_port=None, ws_port=None, wss_port=None,
                  certfile=None, keyfile=None, cacertfile=None, verify=False,
                  fail_if_no_peer_cert=False, listeners=None, users=None,
-                 authenticate=None, auth_methods=None, clock=None, **settings):
+                 authenticate=None, auth_methods=None, clock=None, dashboard_port=None,
+                 dashboard_bind=None, **settings):
         unknown = set(settings) - set(DEFAULTS)
         if unknown:
             raise TypeError("unknown broker setting(s): %s" % ", ".join(sorted(unknown)))
@@ -6410,7 +8534,7 @@ class Broker:
         self.ssl_port = self.ws_port = self.wss_port = None
         #: the dashboard's management users (REST API Basic auth and users API);
         #: none without the API, so that an API-less broker pays no hashing
-        if http_port is None:
+        if http_port is None and dashboard_port is None:
             users = {}
         self.users = UserTable(users if users is not None else {"admin": "public"},
                                tags="administrator",
@@ -6473,6 +8597,16 @@ class Broker:
         #: serialises _settle_closed() (the service thread, and ManualClock.advance)
         self._settle_lock = threading.Lock()
         self._http = self._http_thread = None
+        #: the dashboard's listener: served while the emqx_dashboard plugin is active
+        self._dashboard_port_wanted = dashboard_port
+        self.dashboard_bind = dashboard_bind or self.http_bind
+        self.dashboard_port = None
+        self._dashboard = self._dashboard_thread = None
+        self._dashboard_stopper = None   # the thread stopping it when its plugin stopped
+        #: the dashboard's charts: a sample every HISTORY_INTERVAL s (service thread)
+        self._history = collections.deque(maxlen=HISTORY_SAMPLES)
+        self._last_sample = None   # (monotonic time, messages received, sent)
+        self._next_sample = 0.0
 
     # --- lifecycle -------------------------------------------------------------
     def __enter__(self):
@@ -6490,6 +8624,8 @@ class Broker:
                 raise RuntimeError("emqx_lite needs non-blocking sends (MSG_DONTWAIT): "
                                    "it runs on Linux and macOS")
             self._stopping = False
+            self._history.clear()
+            self._last_sample = None
             self._open_store()   # before anything can change state
             self.core = BrokerCore(self.settings, self._authenticate, self.acl, self.auth_methods,
                                    self._store, self.clock)
@@ -6515,6 +8651,8 @@ class Broker:
                     self._selector.register(lst.sock, selectors.EVENT_READ, lst)
                 if self._http_port_wanted is not None:
                     self._start_http()
+                if self._dashboard_port_wanted is not None and self.plugins()["emqx_dashboard"]:
+                    self._start_dashboard()
             except BaseException:
                 self._close_resources()
                 raise
@@ -6561,6 +8699,7 @@ class Broker:
             self._close_resources()
 
     def _close_resources(self):
+        self._stop_dashboard()
         self._stop_http()
         self._close_store()
         for lst in self.listeners:
@@ -6614,6 +8753,7 @@ class Broker:
             users.on_change = functools.partial(self._user_changed, table)
             for name, encoded, tags in users.rows():   # rows from the configuration
                 store.put(("user", table, name), (table, name, encoded, tags))
+        self._restore_settings(data["settings"])
         with self._plugins_lock:
             for name, active in data["plugins"]:
                 if name in self._plugins:
@@ -6624,6 +8764,30 @@ class Broker:
         _log.info("Restored %d sessions (%d messages queued or in flight) and %d retained "
                   "messages from %s", len(data["sessions"]), len(data["messages"]),
                   len(self.core.retained), store.path)
+
+    def _restore_settings(self, rows):
+        """The settings changed at run time, from the data file: they win over
+        the configuration's (they were made later)."""
+        changed = []
+        for key, text in sorted(rows):
+            try:
+                if key in SETTING_KEYS:
+                    self._set_setting(SETTING_KEYS[key][0], SETTING_KEYS[key][1](text))
+                elif key == "plugin_configs/emqx_modules":
+                    self._set_modules_config(json.loads(text))
+                elif key == "plugin_configs/emqx_dashboard":
+                    address = json.loads(text)["dashboard.listener.http"]
+                    if self._dashboard_port_wanted is None:   # no dashboard asked for
+                        continue
+                    self.dashboard_bind, self._dashboard_port_wanted = parse_address(address)
+                else:
+                    raise ValueError("unknown key")
+            except (ValueError, KeyError, TypeError) as exc:
+                _log.warning("Data file: the setting %s = %r is ignored: %s", key, text, exc)
+                continue
+            changed.append(key)
+        if changed:
+            _log.info("Settings changed at run time, from the data file: %s", ", ".join(changed))
 
     def _user_changed(self, table, name, record):
         store = self._store
@@ -6669,8 +8833,238 @@ class Broker:
                 self._store.put(("plugin", name), (name, int(active)))
         self._apply_plugins()
         self.sync()
+        if name == "emqx_dashboard" and self._service is not None \
+                and self._dashboard_port_wanted is not None:
+            if active:
+                self._start_dashboard()
+            else:
+                self._stop_dashboard(later=True)
         _log.info("Plugin %s %s", name, "started" if active else "stopped")
         return True
+
+    # --- settings at run time: the configs and plugin_configs routes -------------------
+    def configs(self):
+        """Every setting with an emq.conf key, as the configs routes list them:
+        [{"key", "value", "datatpye" (EMQ X's spelling), "app", "runtime"}]."""
+        return [{"key": key, "value": format_setting(key, self.settings[name]),
+                 "datatpye": _DATATYPES.get(parse, "string"), "app": setting_app(key),
+                 "runtime": key in RUNTIME_KEYS}
+                for key, (name, parse) in sorted(SETTING_KEYS.items())]
+
+    def set_config(self, key, value, app=None):
+        """Change the setting ``key`` to ``value`` (emq.conf text) while running,
+        and keep the change in the data file. ValueError, naming the key, if it
+        is unknown, not ``app``'s, cannot change at run time, or the value is bad."""
+        if key not in SETTING_KEYS:
+            raise ValueError("%s: unknown key" % key)
+        if app is not None and app != setting_app(key) and not (
+                app == "emqttd" and setting_app(key) == "emqx"):
+            raise ValueError("%s is a setting of %s, not of %s" % (key, setting_app(key), app))
+        if key not in RUNTIME_KEYS:
+            raise ValueError("%s cannot be changed while the broker runs: set it in the "
+                             "configuration file and restart" % key)
+        name, parse = SETTING_KEYS[key]
+        try:
+            parsed = parse(value)
+        except ValueError as exc:
+            raise ValueError("%s: %s" % (key, exc)) from None
+        self._require_writable()
+        self._set_setting(name, parsed)
+        self._keep_setting(key, format_setting(key, parsed))
+        self.sync()
+        _log.info("Setting %s = %s (changed at run time)", key, format_setting(key, parsed))
+
+    def _set_setting(self, name, value):
+        self.settings[name] = value
+        if name == "acl_nomatch":
+            self.acl.nomatch = value
+        elif name in ("api_max_auth_failures", "api_auth_failure_window"):
+            self.api_guard.max_failures = self.settings["api_max_auth_failures"]
+            self.api_guard.window = self.settings["api_auth_failure_window"]
+
+    def _keep_setting(self, key, text):
+        """Record a setting changed at run time in the data file (if any)."""
+        if self._store is not None:
+            self._store.put(("setting", key), (key, text))
+
+    def plugin_config(self, plugin):
+        """Plugin ``plugin``'s settings as the plugin_configs route lists them:
+        [{"key", "value", "desc", "required"}]. Passwords are never shown
+        (their value is ""); a key with ``$`` shows how to name a new entry.
+        KeyError for an unknown plugin."""
+        return [{"key": key, "value": value, "desc": desc, "required": required}
+                for key, value, desc, required in _PLUGIN_CONFIGS[plugin][0](self)]
+
+    def set_plugin_config(self, plugin, values):
+        """Replace plugin ``plugin``'s settings with ``values`` ({key: text}),
+        as EMQ X 2.3 does: a key left out takes its default, and a table entry
+        left out is removed; a password left "" keeps the one it has. Checked
+        whole first: ValueError naming the key, and nothing changed."""
+        if not all(isinstance(v, str) for v in values.values()):
+            raise ValueError("every value must be a string")
+        values = {k: v for k, v in values.items() if not ("$" in k and v == "")}
+        self._require_writable()
+        _PLUGIN_CONFIGS[plugin][1](self, values)
+        self.sync()
+        _log.info("Plugin %s: settings changed (%s)", plugin, ", ".join(sorted(values)) or "none")
+
+    def _retainer_config(self):
+        return [("retainer.storage_type", "disc" if self._store is not None else "ram",
+                 "Where retained messages live: disc (node.data_dir) or ram; set by node.data_dir",
+                 True),
+                ("retainer.max_message_num", format_setting(
+                    "retainer.max_message_num", self.settings["retainer_max_messages"]),
+                 "Retained messages kept at most (0: no limit)", True),
+                ("retainer.max_payload_size", format_setting(
+                    "retainer.max_payload_size", self.settings["retainer_max_payload_size"]),
+                 "The largest payload retained (0: no limit)", True),
+                ("retainer.expiry_interval", format_setting(
+                    "retainer.expiry_interval", self.settings["retainer_expiry_interval"]),
+                 "How long a retained message is kept (0: until replaced)", True)]
+
+    def _set_retainer_config(self, values):
+        storage = "disc" if self._store is not None else "ram"
+        given = values.pop("retainer.storage_type", storage)
+        if given != storage:
+            raise ValueError("retainer.storage_type: %s here (node.data_dir decides), not %s"
+                             % (storage, given))
+        parsed = {}
+        for key in ("retainer.max_message_num", "retainer.max_payload_size",
+                    "retainer.expiry_interval"):
+            name, parse = SETTING_KEYS[key]
+            if key in values:
+                try:
+                    parsed[name, key] = parse(values.pop(key))
+                except ValueError as exc:
+                    raise ValueError("%s: %s" % (key, exc)) from None
+            else:
+                parsed[name, key] = DEFAULTS[name]
+        _refuse_unknown(values, "emqx_retainer")
+        for (name, key), value in parsed.items():
+            self._set_setting(name, value)
+            self._keep_setting(key, format_setting(key, value))
+
+    def _modules_config(self):
+        rows = []
+        for n, (topic, qos) in enumerate(self.settings["module_subscription"], 1):
+            rows += [("module.subscription.%d.topic" % n, topic,
+                      "Subscribed for every client that connects (%c: client id, %u: username)",
+                      True),
+                     ("module.subscription.%d.qos" % n, str(qos), "Its QoS", True)]
+        for n, rule in enumerate(self.settings["module_rewrite"], 1):
+            rows.append(("module.rewrite.rule.%d" % n, " ".join(rule),
+                         "<filter> <regex> <destination>: topics matching rewritten", True))
+        return rows + [("module.subscription.$id.topic", "", "A subscription for every client",
+                        False),
+                       ("module.subscription.$id.qos", "", "Its QoS (default 1)", False),
+                       ("module.rewrite.rule.$id", "", "A topic rewrite rule", False)]
+
+    def _set_modules_config(self, values):
+        _refuse_unknown({k: v for k, v in values.items() if not k.startswith("module.")},
+                        "emqx_modules")
+        try:
+            parsed = config_settings([("plugin_configs", k, v) for k, v in values.items()])
+        except ConfigError as exc:
+            raise ValueError(str(exc).split(": ", 1)[1]) from None
+        subscriptions = tuple(parsed.get("module_subscription", ()))
+        rewrites = tuple(parsed.get("module_rewrite", ()))
+        self.settings["module_subscription"] = subscriptions
+        self.settings["module_rewrite"] = rewrites
+        self.core.set_rewrite_rules(rewrites)
+        self._keep_setting("plugin_configs/emqx_modules", json.dumps(values, sort_keys=True))
+
+    def _auth_username_config(self):
+        return [("auth.username.%s" % u["username"], "", "Password (never shown: \"\" keeps it)",
+                 True) for u in self.auth_username.list()] + [
+                ("auth.username.$name", "", "A username and its password", False)]
+
+    def _set_auth_username_config(self, values):
+        table = {}
+        for key, password in values.items():
+            m = re.fullmatch(r"auth\.username\.(.+)", key)
+            if not m:
+                raise ValueError("%s: not a setting of emqx_auth_username" % key)
+            table[m[1]] = password
+        self._replace_auth_table(self.auth_username, table, "auth.username.")
+
+    def _auth_clientid_config(self):
+        rows = []
+        for n, user in enumerate(self.auth_clientid.list(), 1):
+            rows += [("auth.client.%d.clientid" % n, user["username"], "Client id", True),
+                     ("auth.client.%d.password" % n, "", "Its password (never shown: \"\" "
+                                                        "keeps it)", True)]
+        return rows + [("auth.client.$n.clientid", "", "A client id", False),
+                       ("auth.client.$n.password", "", "Its password", False)]
+
+    def _set_auth_clientid_config(self, values):
+        pairs, table = {}, {}
+        for key, value in values.items():
+            m = re.fullmatch(r"auth\.client\.([0-9]+)\.(clientid|password)", key)
+            if m:
+                pairs.setdefault(m[1], {})[m[2]] = value
+                continue
+            m = re.fullmatch(r"auth\.client\.(.+)", key)
+            if not m:
+                raise ValueError("%s: not a setting of emqx_auth_clientid" % key)
+            table[m[1]] = value
+        for n, pair in sorted(pairs.items()):
+            if not pair.get("clientid"):
+                raise ValueError("auth.client.%s.clientid: missing or empty" % n)
+            table[pair["clientid"]] = pair.get("password", "")
+        self._replace_auth_table(self.auth_clientid, table, "auth.client.")
+
+    @staticmethod
+    def _replace_auth_table(users, table, prefix):
+        """Make ``users`` hold exactly ``table``'s names; a password "" keeps
+        the one a name has (and a new name must have one)."""
+        for name, password in table.items():
+            if not password and name not in users:
+                raise ValueError("%s%s: a new entry needs a password" % (prefix, name))
+        for user in users.list():
+            if user["username"] not in table:
+                users.delete(user["username"])
+        for name, password in table.items():
+            if password and not users.set_password(name, password):
+                users.add(name, password)
+
+    def _dashboard_config(self):
+        port = self.dashboard_port or self._dashboard_port_wanted
+        login = "admin" if "admin" in self.users else next(
+            (u["username"] for u in self.users.list()), "")
+        return [("dashboard.listener.http",
+                 "" if port is None else _fmt_address(self.dashboard_bind, port),
+                 "The dashboard's address, or its port (it moves there at once)", True),
+                ("dashboard.default_user.login", login,
+                 "A dashboard user; added if missing (it then needs the password)", True),
+                ("dashboard.default_user.password", "",
+                 "Its password (never shown: \"\" keeps it)", False)]
+
+    def _set_dashboard_config(self, values):
+        address = values.pop("dashboard.listener.http", None)
+        login = values.pop("dashboard.default_user.login", "")
+        password = values.pop("dashboard.default_user.password", "")
+        _refuse_unknown(values, "emqx_dashboard")
+        if address is not None:
+            try:
+                bind, port = parse_address(address)
+            except ValueError as exc:
+                raise ValueError("dashboard.listener.http: %s" % exc) from None
+        if login and login not in self.users and not password:
+            raise ValueError("dashboard.default_user.password: a new user %r needs one" % login)
+        if password and not login:
+            raise ValueError("dashboard.default_user.login: whose password is it?")
+        if login and password and not self.users.set_password(login, password):
+            self.users.add(login, password, "administrator")
+        if address is not None and (bind, port) != (self.dashboard_bind,
+                                                     self.dashboard_port or
+                                                     self._dashboard_port_wanted):
+            self.dashboard_bind, self._dashboard_port_wanted = bind, port
+            self.dashboard_port = None
+            self._keep_setting("plugin_configs/emqx_dashboard",
+                               json.dumps({"dashboard.listener.http": address}))
+            if self._dashboard is not None:
+                self._stop_dashboard(later=True, restart=True)
+            _log.info("Dashboard moves to %s", address)
 
     def _apply_plugins(self):
         plugins = self.plugins()
@@ -6723,6 +9117,64 @@ class Broker:
         self._http = self._http_thread = None
         if server is not None:
             server.stop(thread)
+
+    # --- the dashboard's listener ----------------------------------------------------------
+    def _start_dashboard(self):
+        """Serve the dashboard (the page, /metrics and every api/v2 route); on the
+        port it had before if it was stopped, so that an open page finds it again."""
+        stopper = self._dashboard_stopper
+        if stopper is not None and stopper is not threading.current_thread():
+            stopper.join()
+        if self._stopping:
+            return
+        app = create_app(self, dashboard=True, live_views=DASHBOARD_LIVE_VIEWS)
+        port = self.dashboard_port or self._dashboard_port_wanted
+        try:
+            server = _ApiServer(app, self.api_guard, self.settings, self.dashboard_bind, port,
+                                threads=4 + DASHBOARD_LIVE_VIEWS)
+        except OSError:
+            if port == self._dashboard_port_wanted:
+                raise
+            server = _ApiServer(app, self.api_guard, self.settings, self.dashboard_bind,
+                                self._dashboard_port_wanted, threads=4 + DASHBOARD_LIVE_VIEWS)
+        self._dashboard = server
+        self.dashboard_port = int(server.effective_port)
+        self._dashboard_thread = _start_thread(server.run, "emqx_lite-dashboard")
+        tls = server.ssl_context is not None
+        _log.info("Dashboard on %s://%s:%d/", "https" if tls else "http", self.dashboard_bind,
+                  self.dashboard_port)
+        if not tls and not _is_loopback(self.dashboard_bind):
+            _log.warning("The dashboard listens on %s without TLS: its passwords cross the "
+                         "network in clear text (set listener.api.mgmt.certfile and .keyfile, "
+                         "or dashboard.listener.http = 127.0.0.1:%d)", self.dashboard_bind,
+                         self.dashboard_port)
+
+    def _stop_dashboard(self, later=False, restart=False):
+        """Stop serving the dashboard. ``later`` (its plugin was stopped or it
+        moves, perhaps by a request to the dashboard itself, which is answered
+        first): on a thread of its own, which stop() joins and which starts it
+        again with ``restart``."""
+        stopper = self._dashboard_stopper
+        if not later and stopper is not None:
+            stopper.join()   # first: it may start a server
+            self._dashboard_stopper = None
+        server, thread = self._dashboard, self._dashboard_thread
+        self._dashboard = self._dashboard_thread = None
+        if server is None:
+            return
+        if not later:
+            server.stop(thread)
+            return
+
+        def stop_then_restart():
+            server.stop(thread)
+            if restart:
+                try:
+                    self._start_dashboard()
+                except OSError as exc:
+                    _log.error("Dashboard: cannot listen on %s:%s: %s", self.dashboard_bind,
+                               self._dashboard_port_wanted, exc)
+        self._dashboard_stopper = _start_thread(stop_then_restart, "emqx_lite-dashboard-stop")
 
     # --- the service thread --------------------------------------------------------------
     def _wake(self):
@@ -6834,9 +9286,13 @@ class Broker:
         interval = self.settings["sys_interval"]
         self._next_tick = now + min(0.5, interval, 1.0)
         closed = self._tick(now)
+        if now >= self._next_sample:
+            self._next_sample = now + HISTORY_INTERVAL
+            self._sample_history(now)
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + min(1.0, interval)
             self._publish_sys_heartbeat()
+            self.core.expire_retained(now)
         if now >= self._next_sys:
             self._next_sys = now + interval
             self._publish_sys_retained()
@@ -6846,6 +9302,23 @@ class Broker:
                 if conn.thread is not None:
                     conn.thread.join(self.settings["connect_timeout"])
             self._settle_closed()
+
+    def _sample_history(self, now):
+        """One sample for the dashboard's charts: message rates since the last
+        sample, connections and subscriptions now."""
+        core = self.core
+        received, sent = core.message_totals()
+        last, self._last_sample = self._last_sample, (now, received, sent)
+        if last is None or now <= last[0]:
+            return
+        elapsed = now - last[0]
+        stats = core.stats()
+        self._history.append({
+            "time": int(core.wall() * 1000),
+            "messages_in": round((received - last[1]) / elapsed, 2),
+            "messages_out": round((sent - last[2]) / elapsed, 2),
+            "connections": stats["clients/count"],
+            "subscriptions": stats["subscriptions/count"]})
 
     def _pause_listeners(self, seconds):
         """Faults.pause_listener: unwatch the listening sockets for ``seconds``
@@ -7149,6 +9622,11 @@ class Broker:
     def stats(self):
         return self._require_started().stats()
 
+    def history(self):
+        """The dashboard's chart samples, oldest first (the last
+        HISTORY_SAMPLES, one every HISTORY_INTERVAL seconds)."""
+        return list(self._history)
+
     def listener_infos(self):
         self._require_started()
         return [lst.info() for lst in self.listeners]
@@ -7243,426 +9721,14 @@ class Broker:
             self._listener_specs, self._http_port_wanted = specs, http_wanted
 
 
-###############################################################################
-# Configuration files (emq.conf) ##############################################
-###############################################################################
-#
-# emqx_lite reads EMQ X 2.x's emq.conf format: ``key = value`` lines (cuttlefish)
-# become Broker keyword arguments. The command line uses it; embedders may too.
-
-# --- configuration values ----------------------------------------------------
-
-_DURATION_UNITS = {"w": 604800, "d": 86400, "h": 3600, "m": 60, "s": 1}   # and "ms"
-_SIZE_UNITS = {"GB": 1024 ** 3, "MB": 1024 ** 2, "KB": 1024, "B": 1}
-
-
-def _parser(pattern, expected, convert=lambda m: m[0]):
-    """A value parser: the text must match ``pattern``; returns ``convert(match)``."""
-    def parse(text):
-        m = re.fullmatch(pattern, text)
-        if not m:
-            raise ValueError("expected %s, got %r" % (expected, text))
-        return convert(m)
-    return parse
-
-
-def _seconds(m):
-    return float(m[1]) / 1000 if m[2] == "ms" else float(m[1]) * _DURATION_UNITS[m[2] or "s"]
-
-
-#: Value parsers: str -> value, or ValueError("expected ..., got ...").
-parse_int = _parser(r"[0-9]+", "an integer", lambda m: int(m[0]))
-parse_bool = _parser(r"(?i)on|off|true|false", "on, off, true or false",
-                     lambda m: m[0].lower() in ("on", "true"))
-parse_bytesize = _parser(r"(?i)([0-9]+)(GB|MB|KB|B)?", "a size like 64KB",    # 1KB = 1024
-                         lambda m: int(m[1]) * _SIZE_UNITS[(m[2] or "B").upper()])
-parse_duration = _parser(r"([0-9]+(?:\.[0-9]+)?)(ms|[wdhms])?", "a duration like 20s", _seconds)
-_string = _parser(r"(?s).+", "a value")
-_directory = _parser(r"(?s).*", "a directory")   # empty: none
-_data_sync = _parser("normal|full", "normal or full")
-_qos = _parser(r"[012]", "0, 1 or 2", lambda m: int(m[0]))
-_mqtt_path = _parser(r"/.*", "a path like /mqtt")
-_verify = _parser("verify_peer|verify_none", "verify_peer or verify_none")
-_ORIGIN = r"https?://(?:[a-z0-9.-]+|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?"
-_origins = _parser(r"(?i)\s*{0}(?:\s*,\s*{0})*\s*".format(_ORIGIN),
-                   "origins like https://ops.example.com, http://localhost:3000",
-                   lambda m: tuple(o.strip().lower() for o in m[0].split(",")))
-# EMQ X closes a silent connection after keepalive * backoff * 2; ours after keepalive *
-# keepalive_backoff, so keepalive_backoff = backoff * 2 (EMQ X default 0.75 -> 1.5).
-_backoff = _parser(r"0\.[5-9][0-9]*|[1-9][0-9]*(\.[0-9]+)?", "a number >= 0.5",
-                   lambda m: float(m[0]) * 2)
-
-
-def parse_address(text):
-    """'0.0.0.0:1883', '1883', '[::1]:1883' or '::1:1883' -> (host, port), host default 0.0.0.0."""
-    if text.startswith("["):
-        host, sep, port = text[1:].partition("]:")
-    else:
-        host, sep, port = text.rpartition(":")
-        host = host if sep else "0.0.0.0"
-    try:
-        if ":" in host or host[:1].isdigit():
-            ipaddress.ip_address(host)
-        elif not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", host):
-            raise ValueError
-        if not re.fullmatch(r"[0-9]+", port) or int(port) > 65535:
-            raise ValueError
-    except ValueError:
-        raise ValueError("expected an address like 0.0.0.0:1883, got %r" % text) from None
-    return host, int(port)
-
-
-def _rewrite_rule(text):
-    """'"x/# ^x/y/(.+)$ z/y/$1"' (quotes optional) -> ('x/#', '^x/y/(.+)$', 'z/y/$1')."""
-    if len(text) >= 2 and text[0] == text[-1] == '"':
-        text = text[1:-1]
-    parts = text.split()
-    if len(parts) != 3:
-        raise ValueError("expected '<filter> <regex> <destination>', got %r" % text)
-    try:
-        re.compile(parts[1])
-    except re.error as exc:
-        raise ValueError("bad regex %r: %s" % (parts[1], exc)) from None
-    return tuple(parts)
-
-
-def _fmt_duration(seconds):
-    for unit, size in _DURATION_UNITS.items():
-        n = seconds / size
-        if n == int(n) and (n or unit == "s"):
-            return "%d%s" % (n, unit)
-    return "%rs" % float(seconds)
-
-
-def _fmt_bytesize(size):
-    for unit, scale in _SIZE_UNITS.items():
-        if size and size % scale == 0:
-            return "%d%s" % (size // scale, unit)
-    return "0"
-
-
-def _fmt_address(host, port):
-    return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
-
-
-#: value parser -> formatter for render_config (default: str)
-_FORMAT = {parse_duration: _fmt_duration, parse_bytesize: _fmt_bytesize,
-           parse_bool: lambda v: "true" if v else "false", _backoff: lambda v: repr(v / 2),
-           _origins: ", ".join,
-           _verify: lambda v: "verify_peer" if v in (True, "verify_peer") else "verify_none"}
-
-# --- configuration keys ------------------------------------------------------
-
-#: emq.conf key -> (Broker setting, value parser)
-SETTING_KEYS = {
-    "node.name": ("node", _string),
-    "node.data_dir": ("data_dir", _directory),
-    "node.data_sync": ("data_sync", _data_sync),
-    "mqtt.allow_anonymous": ("allow_anonymous", parse_bool),
-    "mqtt.acl_nomatch": ("acl_nomatch", _parser("allow|deny", "allow or deny")),
-    "mqtt.acl_file": ("acl_file", _string),
-    "mqtt.max_clientid_len": ("max_clientid_len", parse_int),
-    "mqtt.max_packet_size": ("max_packet_size", parse_bytesize),
-    "mqtt.keepalive_backoff": ("keepalive_backoff", _backoff),
-    "mqtt.client.idle_timeout": ("connect_timeout", parse_duration),
-    "mqtt.session.max_inflight": ("max_inflight", parse_int),
-    "mqtt.session.retry_interval": ("retry_interval", parse_duration),
-    "mqtt.session.max_awaiting_rel": ("max_awaiting_rel", parse_int),
-    "mqtt.session.await_rel_timeout": ("await_rel_timeout", parse_duration),
-    "mqtt.session.expiry_interval": ("session_expiry_interval", parse_duration),
-    "mqtt.mqueue.max_length": ("max_mqueue_len", parse_int),
-    "mqtt.mqueue.store_qos0": ("mqueue_store_qos0", parse_bool),
-    "mqtt.broker.sys_interval": ("sys_interval", parse_duration),
-    # emqx_lite's own keys, for limits EMQ X 2.x does not name in emq.conf:
-    "mqtt.max_topic_length": ("max_topic_length", parse_int),
-    "mqtt.max_topic_levels": ("max_topic_levels", parse_int),
-    "mqtt.max_subscriptions": ("max_subscriptions", parse_int),
-    "mqtt.max_keepalive": ("max_keepalive", parse_int),
-    "mqtt.client.max_outbuf": ("max_outbuf", parse_bytesize),
-    "mqtt.client.send_timeout": ("send_timeout", parse_duration),
-    "mqtt.max_topic_alias": ("max_topic_alias", parse_int),
-    "mqtt.topic_alias_out": ("topic_alias_out", parse_bool),
-    "mqtt.journal": ("journal", parse_int),
-    # The REST API's listener (EMQ X 2.x names max_clients; the rest are emqx_lite's):
-    "listener.api.mgmt.max_clients": ("api_max_clients", parse_int),
-    "listener.api.mgmt.idle_timeout": ("api_idle_timeout", parse_duration),
-    "listener.api.mgmt.cors_origins": ("api_cors_origins", _origins),
-    "listener.api.mgmt.max_auth_failures": ("api_max_auth_failures", parse_int),
-    "listener.api.mgmt.auth_failure_window": ("api_auth_failure_window", parse_duration),
-    "listener.api.mgmt.certfile": ("api_certfile", _string),
-    "listener.api.mgmt.keyfile": ("api_keyfile", _string),
-    "listener.api.mgmt.cacertfile": ("api_cacertfile", _string),
-    "listener.api.mgmt.verify": ("api_verify", _verify),
-    "listener.api.mgmt.fail_if_no_peer_cert": ("api_fail_if_no_peer_cert", parse_bool),
-    "dashboard.password_iterations": ("api_password_iterations", parse_int),
+#: plugin -> (its settings for plugin_configs, the method that replaces them)
+_PLUGIN_CONFIGS = {
+    "emqx_auth_clientid": (Broker._auth_clientid_config, Broker._set_auth_clientid_config),
+    "emqx_auth_username": (Broker._auth_username_config, Broker._set_auth_username_config),
+    "emqx_dashboard": (Broker._dashboard_config, Broker._set_dashboard_config),
+    "emqx_modules": (Broker._modules_config, Broker._set_modules_config),
+    "emqx_retainer": (Broker._retainer_config, Broker._set_retainer_config),
 }
-
-_ALL, _TLS = ("tcp", "ssl", "ws", "wss"), ("ssl", "wss")
-#: listener.<type>.<name>.<option> -> (value parser, listener types that take it)
-LISTENER_OPTIONS = {
-    "acceptors": (parse_int, _ALL),
-    "max_clients": (parse_int, _ALL),
-    "keyfile": (_string, _TLS),
-    "certfile": (_string, _TLS),
-    "cacertfile": (_string, _TLS),
-    "verify": (_verify, _TLS),
-    "fail_if_no_peer_cert": (parse_bool, _TLS),
-    "peer_cert_as_username": (_parser("cn|dn", "cn or dn"), _TLS),
-    "mqtt_path": (_mqtt_path, ("ws", "wss")),
-}
-LISTENER_DEFAULTS = dict(dict.fromkeys(LISTENER_OPTIONS), acceptors=1, max_clients=102400)
-
-def parse_conf(text, filename="<string>"):
-    """emq.conf text -> [(lineno, key, value)].
-
-    As cuttlefish: a comment is a line whose first non-blank character is ``#``;
-    a ``#`` later in a line is part of the value. Blank lines are skipped.
-    """
-    entries = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        m = re.fullmatch(r"([^=\s]+)\s*=\s*(.*)", line)
-        if not m:
-            raise ConfigError("%s:%d: expected 'key = value', got %r" % (filename, lineno, line))
-        entries.append((lineno, m[1], m[2]))
-    return entries
-
-
-def env_overrides(environ, prefix="EMQX_LITE_"):
-    """Configuration entries from environment variables, to append to parse_conf()'s.
-
-    Rule: ``EMQX_LITE_<KEY>`` where ``__`` separates key levels and the key is
-    lowercased: ``EMQX_LITE_MQTT__MAX_PACKET_SIZE=64KB`` sets mqtt.max_packet_size,
-    ``EMQX_LITE_LISTENER__TCP__EXTERNAL=0.0.0.0:1884`` listener.tcp.external.
-    Returns [("$EMQX_LITE_...", key, value)] sorted by variable, so that
-    config_settings() errors name the variable.
-    """
-    entries = []
-    for var in sorted(environ):
-        if var.startswith(prefix):
-            levels = var[len(prefix):].lower().split("__")
-            if not all(levels):
-                raise ConfigError("$%s: expected %sLEVEL__LEVEL..., e.g. %sMQTT__MAX_PACKET_SIZE"
-                                  % (var, prefix, prefix))
-            entries.append(("$" + var, ".".join(levels), environ[var]))
-    return entries
-
-
-class _ConfigReader:
-    """What config_settings() collects, entry by entry: one method per kind
-    of key (``_KEY_KINDS``), then ``settings()`` puts the pieces together."""
-
-    def __init__(self):
-        self.values = {}      # Broker setting -> value
-        self.addresses = {}   # (listener type, name) -> (host, port)
-        self.options = []     # (where, key, (type, name), option, value)
-        self.pairs = {}       # n -> {"clientid"|"password": (where, key, value)}
-        self.subs = {}        # n -> {"at": (where, key), "topic": ..., "qos": ...}
-        self.rewrites = {}    # n -> (filter, regex, destination)
-        self.user = {}        # "login"/"password" -> value
-
-    # --- one method per kind of key: (match, value, where) ---------------------------
-    def setting(self, m, value, where):
-        name, parse = SETTING_KEYS[m[0]]
-        self.values[name] = parse(value)
-
-    def api_address(self, m, value, where):
-        self.values["http_bind"], self.values["http_port"] = parse_address(value)
-
-    def listener(self, m, value, where):
-        ltype, lname, option = m.groups()
-        if option is None:
-            self.addresses[ltype, lname] = parse_address(value)
-            return
-        if option not in LISTENER_OPTIONS:
-            raise ValueError("unknown listener option %r" % option)
-        parse, types = LISTENER_OPTIONS[option]
-        if ltype not in types:
-            raise ValueError("not an option of %s listeners" % ltype)
-        self.options.append((where, m[0], (ltype, lname), option, parse(value)))
-
-    def client_pair(self, m, value, where):
-        self.pairs.setdefault(int(m[1]), {})[m[2]] = (where, m[0], _string(value))
-
-    def auth_client(self, m, value, where):
-        self.values.setdefault("auth_clientid", {})[m[1]] = _string(value)
-
-    def auth_username(self, m, value, where):
-        self.values.setdefault("auth_username", {})[m[1]] = _string(value)
-
-    def dashboard_user(self, m, value, where):
-        self.user[m[1]] = _string(value)
-
-    def module_subscription(self, m, value, where):
-        sub = self.subs.setdefault(int(m[1]), {"at": (where, m[0])})
-        sub[m[2]] = _qos(value) if m[2] == "qos" else _string(value)
-
-    def module_rewrite(self, m, value, where):
-        self.rewrites[int(m[1])] = _rewrite_rule(value)
-
-    # --- the pieces together ----------------------------------------------------------
-    def settings(self):
-        settings = self.values
-        for where, key, lst, _, _ in self.options:
-            if lst not in self.addresses:
-                raise ConfigError("%s: %s: listener.%s.%s has no address line"
-                                  % ((where, key) + lst))
-        if self.addresses:
-            settings["listeners"] = [self._listener(t, n, host, port)
-                                     for (t, n), (host, port) in self.addresses.items()]
-        for n, pair in sorted(self.pairs.items()):
-            if len(pair) != 2:
-                where, key, _ = next(iter(pair.values()))
-                raise ConfigError("%s: %s: auth.client.%d needs .clientid and .password"
-                                  % (where, key, n))
-            settings.setdefault("auth_clientid", {})[pair["clientid"][2]] = pair["password"][2]
-        for n, sub in self.subs.items():
-            if "topic" not in sub:
-                raise ConfigError("%s: %s: module.subscription.%d has no .topic"
-                                  % (sub["at"] + (n,)))
-        if self.subs:
-            settings["module_subscription"] = [(s["topic"], s.get("qos", 1))
-                                               for _, s in sorted(self.subs.items())]
-        if self.rewrites:
-            settings["module_rewrite"] = [rule for _, rule in sorted(self.rewrites.items())]
-        if self.user:
-            settings["users"] = {self.user.get("login", "admin"): self.user.get("password", "public")}
-        return settings
-
-    def _listener(self, ltype, lname, host, port):
-        lst = dict(type=ltype, name=lname, host=host, port=port, **LISTENER_DEFAULTS)
-        lst["mqtt_path"] = "/mqtt" if ltype in ("ws", "wss") else None
-        lst.update((opt, v) for _, _, at, opt, v in self.options if at == (ltype, lname))
-        return lst
-
-
-#: emq.conf key pattern -> _ConfigReader method; the first that matches the whole key wins.
-_KEY_KINDS = [
-    (re.compile("|".join(map(re.escape, SETTING_KEYS))), _ConfigReader.setting),
-    (re.compile(r"listener\.api\.mgmt"), _ConfigReader.api_address),
-    (re.compile(r"listener\.(tcp|ssl|ws|wss)\.([A-Za-z0-9_-]+)(?:\.(.+))?"),
-     _ConfigReader.listener),
-    (re.compile(r"auth\.client\.([0-9]+)\.(clientid|password)"), _ConfigReader.client_pair),
-    (re.compile(r"auth\.client\.(.+)"), _ConfigReader.auth_client),
-    (re.compile(r"auth\.username\.(.+)"), _ConfigReader.auth_username),
-    (re.compile(r"dashboard\.default_user\.(login|password)"), _ConfigReader.dashboard_user),
-    (re.compile(r"module\.subscription\.([0-9]+)\.(topic|qos)"),
-     _ConfigReader.module_subscription),
-    (re.compile(r"module\.rewrite\.rule\.([0-9]+)"), _ConfigReader.module_rewrite),
-]
-
-
-def config_settings(entries, filename="<string>"):
-    """[(lineno or "$VAR", key, value)] -> Broker keyword arguments (only those set).
-
-    Later entries win. Besides SETTING_KEYS: ``listener.<tcp|ssl|ws|wss>.<name> =
-    address`` (+ LISTENER_OPTIONS) -> listeners; ``listener.api.mgmt`` ->
-    http_bind/http_port; ``auth.username.<name>`` and ``auth.client.<id>`` (or
-    ``auth.client.<n>.clientid``/``.password``) = password; ``dashboard.default_user.
-    login``/``.password`` -> users; ``module.subscription.<n>.topic``/``.qos`` (default
-    1); ``module.rewrite.rule.<n> = "<filter> <regex> <dest>"``.
-    """
-    reader = _ConfigReader()
-    for where, key, value in entries:
-        where = where if isinstance(where, str) else "%s:%d" % (filename, where)
-        try:
-            for pattern, read in _KEY_KINDS:
-                m = pattern.fullmatch(key)
-                if m:
-                    read(reader, m, value, where)
-                    break
-            else:
-                raise ValueError("unknown key")
-        except ValueError as exc:
-            raise ConfigError("%s: %s: %s" % (where, key, exc)) from None
-    return reader.settings()
-
-
-def _render_settings(settings):
-    lines = ["## Broker"]
-    for key, (name, parse) in SETTING_KEYS.items():
-        if name in settings:
-            value = settings[name]
-            lines.append("## %s is not set" % key if value is None or value == ()
-                         else "%s = %s" % (key, _FORMAT.get(parse, str)(value)))
-    return lines
-
-
-def _render_auth(settings):
-    lines = ["## Authentication and dashboard users"]
-    users = settings.get("users") or {}
-    if len(users) == 1:
-        (login, password), = users.items()
-        lines += ["dashboard.default_user.login = " + login,
-                  "dashboard.default_user.password = " + password]
-    elif users:
-        lines.append("## %d dashboard users: only one can be written here" % len(users))
-    lines += ["auth.username.%s = %s" % kv for kv in (settings.get("auth_username") or {}).items()]
-    for n, (client_id, password) in enumerate((settings.get("auth_clientid") or {}).items(), 1):
-        lines += ["auth.client.%d.clientid = %s" % (n, client_id),
-                  "auth.client.%d.password = %s" % (n, password)]
-    return lines
-
-
-def _render_modules(settings):
-    lines = ["## Modules"]
-    for n, (topic, qos) in enumerate(settings.get("module_subscription") or (), 1):
-        lines += ["module.subscription.%d.topic = %s" % (n, topic),
-                  "module.subscription.%d.qos = %d" % (n, qos)]
-    for n, rule in enumerate(settings.get("module_rewrite") or (), 1):
-        lines.append('module.rewrite.rule.%d = "%s"' % (n, " ".join(rule)))
-    return lines
-
-
-def _render_listeners(settings):
-    lines = ["## Listeners"]
-    if settings.get("http_port") is not None:
-        lines.append("listener.api.mgmt = " + _fmt_address(settings.get("http_bind") or "0.0.0.0",
-                                                           settings["http_port"]))
-    for lst in settings.get("listeners") or ():
-        prefix = "listener.%s.%s" % (lst["type"], lst["name"])
-        lines.append("%s = %s" % (prefix, _fmt_address(lst["host"], lst["port"])))
-        lines += ["%s.%s = %s" % (prefix, opt, _FORMAT.get(parse, str)(lst[opt]))
-                  for opt, (parse, _) in LISTENER_OPTIONS.items() if lst.get(opt) is not None]
-    return lines
-
-
-#: Settings that a part above writes besides SETTING_KEYS'.
-_RENDERED = {"listeners", "http_bind", "http_port", "users", "auth_username", "auth_clientid",
-             "module_subscription", "module_rewrite"}
-
-
-def _render_python_only(settings):
-    written = _RENDERED | {name for name, _ in SETTING_KEYS.values()}
-    rest = [name for name in settings if name not in written]
-    if not rest:
-        return []
-    return ["## Settings without an emq.conf key (Python only):"] + [
-        "##   %s = %r" % (name, settings[name]) for name in rest]
-
-
-def render_config(settings):
-    """Settings as emq.conf text (``--print-config``).
-
-    config_settings(parse_conf(render_config(s))) == s for what config_settings
-    returns; settings without an emq.conf key are listed as comments.
-    """
-    parts = [["## emqx_lite configuration (EMQ X 2.x emq.conf syntax)"]]
-    parts += [render(settings) for render in (_render_settings, _render_auth, _render_modules,
-                                              _render_listeners, _render_python_only)]
-    return "\n\n".join("\n".join(part) for part in parts if part) + "\n"
-
-
-def load_config(path=None, environ=None):
-    """Broker keyword arguments from an emq.conf-style file (if any) and then
-    the EMQX_LITE_... variables of ``environ``: ``Broker(**load_config(p))``."""
-    entries = []
-    if path is not None:
-        with open(path, encoding="utf-8") as f:
-            entries = parse_conf(f.read(), path)
-    return config_settings(entries + env_overrides(environ or {}), path or "<environment>")
 
 
 ###############################################################################
@@ -7687,6 +9753,9 @@ def _cli_parse(argv):
         help="MQTT TCP port; 0 picks a free port (default: 1883)")
     opt("--http-port", type=int, metavar="N",
         help="REST API port; 0 picks a free port, -1 disables the API (default: 8080)")
+    opt("--dashboard-port", type=int, metavar="N",
+        help="dashboard port (the page, /metrics and the REST API); 0 picks a free port, "
+             "-1 turns the dashboard off (default: 18083)")
     opt("--data-dir", metavar="DIR",
         help="keep retained messages, persistent sessions, users and plugin states in "
              "DIR/emqx_lite.db; '' keeps them in memory only (default: ./data)")
@@ -7709,6 +9778,7 @@ def _cli_settings(args, environ):
                                  "port": 1883}])
     kw.setdefault("http_bind", "0.0.0.0")
     kw.setdefault("http_port", 8080)
+    kw.setdefault("dashboard_port", 18083)   # EMQ X's dashboard.listener.http
     kw.setdefault("data_dir", "data")   # as EMQ X keeps its data/ directory
     kw.setdefault("journal", 0)         # a broker in production keeps no packet journal
     if args.trace:
@@ -7716,7 +9786,7 @@ def _cli_settings(args, environ):
     if args.data_dir is not None:
         kw["data_dir"] = args.data_dir
     if args.bind is not None:
-        kw["http_bind"] = args.bind
+        kw["http_bind"] = kw["dashboard_bind"] = args.bind
         for listener in kw["listeners"]:
             listener["host"] = args.bind
     if args.mqtt_port is not None:
@@ -7728,8 +9798,11 @@ def _cli_settings(args, environ):
                                        "host": kw["http_bind"], "port": args.mqtt_port})
     if args.http_port is not None:
         kw["http_port"] = args.http_port
-    if kw["http_port"] is not None and kw["http_port"] < 0:
-        kw["http_port"] = None
+    if args.dashboard_port is not None:
+        kw["dashboard_port"] = args.dashboard_port
+    for name in ("http_port", "dashboard_port"):
+        if kw[name] is not None and kw[name] < 0:
+            kw[name] = None
     if args.node is not None:
         kw["node"] = args.node
     return kw

@@ -44,6 +44,7 @@ import threading
 import time
 import types
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -1780,6 +1781,10 @@ SIMPLE_CASES = [
     ("listener.api.mgmt.verify", "verify_peer", "api_verify", "verify_peer"),
     ("listener.api.mgmt.fail_if_no_peer_cert", "true", "api_fail_if_no_peer_cert", True),
     ("dashboard.password_iterations", "900000", "api_password_iterations", 900000),
+    ("prometheus.auth", "off", "prometheus_auth", False),
+    ("retainer.max_message_num", "10", "retainer_max_messages", 10),
+    ("retainer.max_payload_size", "64KB", "retainer_max_payload_size", 65536),
+    ("retainer.expiry_interval", "1h", "retainer_expiry_interval", 3600.0),
 ]
 
 
@@ -2013,6 +2018,11 @@ listener.api.mgmt.cacertfile = ca.pem
 listener.api.mgmt.verify = verify_none
 listener.api.mgmt.fail_if_no_peer_cert = false
 dashboard.password_iterations = 700000
+dashboard.listener.http = 127.0.0.1:18084
+prometheus.auth = off
+retainer.max_message_num = 100
+retainer.max_payload_size = 1KB
+retainer.expiry_interval = 10m
 listener.tcp.external = 1883
 listener.ssl.external = 127.0.0.1:8883
 listener.ssl.external.certfile = cert.pem
@@ -2024,7 +2034,7 @@ listener.wss.external.max_clients = 64
 
 def test_render_round_trip():
     settings = settings_of(FULL_CONF)
-    assert len(settings) == len(SETTING_KEYS) + 8
+    assert len(settings) == len(SETTING_KEYS) + 10
     text = render_config(settings)
     assert config_settings(parse_conf(text)) == settings
 
@@ -9276,3 +9286,982 @@ class TestMassEvents:
         finally:
             for c in old + new:
                 c.close()
+
+
+###############################################################################
+# The dashboard's listener, Prometheus, live views, chart history
+###############################################################################
+
+NODE = emqx_lite.DEFAULTS["node"]
+
+
+@pytest.fixture
+def dash_broker():
+    """A broker with the REST API and the dashboard, both on ephemeral ports."""
+    with emqx_lite.Broker("127.0.0.1", mqtt_port=0, http_port=0, dashboard_port=0,
+                          **FAST_HASH) as b:
+        yield b
+
+
+@pytest.fixture
+def dash_mqtt(dash_broker):
+    """dash_mqtt(client_id, ...) -> PahoClient on dash_broker."""
+    clients = Clients(PahoClient, dash_broker.mqtt_port)
+    yield clients
+    clients.close()
+
+
+def refused(port):
+    """True if nothing listens on ``port`` any more."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    except ConnectionResetError:   # in the backlog as the listener closed: try again
+        pass
+    return False
+
+
+class LiveView:
+    """GET nodes/{node}/live: reads the Server-Sent Events one at a time."""
+
+    def __init__(self, port, topic_filter, password="public"):
+        import http.client
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        token = base64.b64encode(("admin:" + password).encode()).decode()
+        self.conn.request("GET", "/api/v2/nodes/%s/live?topic=%s"
+                          % (NODE, urllib.parse.quote(topic_filter, safe="")),
+                          headers={"Authorization": "Basic " + token})
+        self.resp = self.conn.getresponse()
+        self.kind = self.resp.headers["Content-Type"]
+
+    def event(self):
+        """The next event as (name, data as JSON); comments are skipped."""
+        name = data = None
+        while True:
+            line = self.resp.readline().decode()
+            if not line:
+                raise EOFError("the stream ended")
+            if line == "\n" and data is not None:
+                return name, json.loads(data)
+            if line.startswith("event: "):
+                name = line[7:].strip()
+            elif line.startswith("data: "):
+                data = line[6:].strip()
+
+    def close(self):
+        self.conn.close()
+
+
+class TestPrometheus:
+    """GET api/v2/prometheus/stats and /metrics: the text exposition format."""
+
+    def test_every_metric_and_stat_as_an_emqx_family_matching_the_api(self, dash_broker,
+                                                                      dash_mqtt):
+        from prometheus_client.parser import text_string_to_metric_families
+        sub = dash_mqtt("prom-sub")
+        sub.subscribe("prom/#", 1)
+        dash_mqtt("prom-pub").publish("prom/x", b"1", qos=1)
+        assert sub.get().payload == b"1"
+        b = dash_broker
+        taken = []
+
+        def still():   # metrics and stats taken at the same moment as the text
+            before = (b.metrics(), b.stats())
+            taken[:] = [before, Api(b.http_port).request("GET", "prometheus/stats")]
+            return (b.metrics(), b.stats()) == before
+        assert wait_until(still)
+        before, (status, headers, body) = taken
+        assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+        wanted = {"emqx_" + key.replace("/", "_"): ("counter", value)
+                  for key, value in before[0].items()}
+        wanted["emqx_messages_retained"] = ("gauge", before[0]["messages/retained"])
+        wanted.update({"emqx_" + key.replace("/", "_"): ("gauge", value)
+                       for key, value in before[1].items()})
+        assert set(families) == set(wanted)   # only emqx_ families, every one of them
+        for name, (kind, value) in wanted.items():
+            family = families[name]
+            assert family.type == kind and family.documentation, name
+            (sample,) = family.samples
+            assert sample.labels == {"node": NODE} and sample.value == value, name
+        assert families["emqx_messages_received"].samples[0].value >= 1
+        assert families["emqx_clients_count"].samples[0].value == 2
+
+    def test_metrics_on_the_dashboard_listener_is_the_same_text(self, dash_broker):
+        api, dash = Api(dash_broker.http_port), Api(dash_broker.dashboard_port)
+        assert dash.request("GET", "/metrics")[2] == api.request("GET", "prometheus/stats")[2]
+
+    def test_needs_basic_auth_as_the_api_does(self, dash_broker):
+        for port, path in ((dash_broker.http_port, "prometheus/stats"),
+                           (dash_broker.dashboard_port, "/metrics")):
+            status, headers, _ = Api(port).request("GET", path, auth=False)
+            assert status == 401 and "Basic" in headers["WWW-Authenticate"]
+            assert Api(port, password="wrong").request("GET", path)[0] == 401
+
+    def test_prometheus_auth_off_serves_it_open_and_nothing_else(self):
+        with emqx_lite.Broker("127.0.0.1", mqtt_port=0, http_port=0, dashboard_port=0,
+                              prometheus_auth=False, **FAST_HASH) as b:
+            api, dash = Api(b.http_port), Api(b.dashboard_port)
+            assert api.request("GET", "prometheus/stats", auth=False)[0] == 200
+            assert dash.request("GET", "/metrics", auth=False)[0] == 200
+            assert api.request("GET", "monitoring/metrics", auth=False)[0] == 401
+            assert dash.request("GET", "monitoring/stats", auth=False)[0] == 401
+
+    def test_node_label_is_escaped(self):
+        text = emqx_lite.prometheus_text({"bytes/sent": 3}, {}, 'a"b\\c')
+        assert 'emqx_bytes_sent{node="a\\"b\\\\c"} 3' in text.splitlines()
+
+
+class TestDashboardListener:
+    """dashboard.listener.http: the page, /metrics and every api/v2 route, while
+    the emqx_dashboard plugin is active."""
+
+    def test_page_script_and_style_with_a_strict_policy(self, dash_broker):
+        dash = Api(dash_broker.dashboard_port)
+        for path, kind in (("/", "text/html"), ("/dashboard.js", "text/javascript"),
+                           ("/dashboard.css", "text/css")):
+            status, headers, body = dash.request("GET", path, auth=False)
+            assert status == 200 and headers["Content-Type"].startswith(kind) and body
+            assert "script-src 'self'" in headers["Content-Security-Policy"]
+            assert "unsafe-inline" not in headers["Content-Security-Policy"]
+        status, _, body = dash.request("GET", "/", auth=False)
+        assert b'<script src="/dashboard.js"' in body and b'href="/dashboard.css"' in body
+
+    def test_the_api_routes_with_the_same_credentials(self, dash_broker):
+        dash = Api(dash_broker.dashboard_port)
+        assert dash.result("GET", "management/nodes")[0]["name"] == NODE
+        assert dash.request("GET", "management/nodes", auth=False)[0] == 401
+        assert dash.json("POST", "auth", {"username": "admin", "password": "nope"},
+                         auth=False) == {"code": 103, "message": "Password error"}
+
+    def test_embedded_broker_has_no_dashboard_unless_asked(self, api_broker):
+        assert api_broker.dashboard_port is None
+
+    def test_stopping_the_plugin_closes_the_listener_and_starting_reopens_it(self, dash_broker):
+        port, api = dash_broker.dashboard_port, Api(dash_broker.http_port)
+        plugin = "nodes/%s/plugins/emqx_dashboard" % NODE
+        assert api.result("PUT", plugin, {"active": False}) == []
+        assert wait_until(lambda: refused(port))
+        assert api.result("PUT", plugin, {"active": True}) == []
+        assert dash_broker.dashboard_port == port   # the same port: an open page finds it again
+        assert Api(port).result("GET", "management/nodes")[0]["name"] == NODE
+
+    def test_stopped_from_its_own_page_it_answers_then_goes(self, dash_broker):
+        port = dash_broker.dashboard_port
+        reply = Api(port).json("PUT", "nodes/%s/plugins/emqx_dashboard" % NODE, {"active": False})
+        assert reply == {"code": 0, "result": []}
+        assert wait_until(lambda: refused(port))
+        assert Api(dash_broker.http_port).result("GET", "nodes/%s/plugins" % NODE)[2] == {
+            "name": "emqx_dashboard", "version": emqx_lite.__version__,
+            "description": "EMQ X Dashboard", "active": False}
+        dash_broker.set_plugin("emqx_dashboard", True)
+        assert Api(port).result("GET", "management/nodes")[0]["name"] == NODE
+
+    def test_stop_joins_every_thread_of_a_stopped_dashboard(self):
+        threads = len(broker_threads())
+        b = emqx_lite.Broker("127.0.0.1", mqtt_port=0, http_port=0, dashboard_port=0, **FAST_HASH)
+        b.start()
+        Api(b.dashboard_port).result("PUT", "nodes/%s/plugins/emqx_dashboard" % NODE,
+                                     {"active": False})
+        b.stop()
+        assert len(broker_threads()) == threads
+
+    def test_cli_flag_and_config_key(self, tmp_path):
+        conf = tmp_path / "emqx.conf"
+        conf.write_text("dashboard.listener.http = 127.0.0.1:0\n")
+        cli = _CliBroker("--mqtt-port", "0", "--http-port", "0", "--data-dir", "",
+                         "--config", str(conf))
+        try:
+            assert wait_until(lambda: any("Dashboard on" in l for l in cli.lines)
+                              or cli.lines.append(cli.proc.stdout.readline()), timeout=10)
+            port = int(re.search(r"Dashboard on http://127\.0\.0\.1:(\d+)/",
+                                 "".join(cli.lines)).group(1))
+            assert Api(port).request("GET", "/", auth=False)[0] == 200
+        finally:
+            cli.stop()
+        code, out = _CliBroker("--mqtt-port", "0", "--http-port", "0", "--data-dir", "",
+                               "--dashboard-port", "-1").stop()
+        assert code == 0 and "Dashboard on" not in out
+        out = _run_cli("--print-config", "--dashboard-port", "18090").stdout
+        assert "dashboard.listener.http = 0.0.0.0:18090" in out.splitlines()
+
+
+class TestLiveView:
+    """GET nodes/{node}/live?topic=F: Server-Sent Events of the messages routed to F."""
+
+    def test_messages_stream_as_events_text_or_base64(self, dash_broker, dash_mqtt):
+        view = LiveView(dash_broker.dashboard_port, "live/#")
+        try:
+            assert view.kind.startswith("text/event-stream")
+            pub = dash_mqtt("live-pub")
+            pub.publish("live/a", b"hello", qos=1, retain=True)
+            pub.publish("other", b"not this one")
+            pub.publish("live/b", b"\xff\x00", qos=2)
+            name, first = view.event()
+            assert name == "message" and {k: first[k] for k in (
+                "topic", "payload", "encoding", "qos", "retain")} == {
+                "topic": "live/a", "payload": "hello", "encoding": "utf-8", "qos": 1,
+                "retain": True}
+            assert abs(first["time"] / 1000 - time.time()) < 60
+            name, second = view.event()
+            assert (second["topic"], second["payload"], second["encoding"]) == (
+                "live/b", base64.b64encode(b"\xff\x00").decode(), "base64")
+        finally:
+            view.close()
+
+    def test_a_bad_filter_is_refused_with_a_message(self, dash_broker):
+        view = LiveView(dash_broker.dashboard_port, "a/#/b")
+        try:
+            assert view.kind.startswith("application/json")
+            reply = json.loads(view.resp.read())
+            assert reply["code"] == 102 and "a/#/b" in reply["message"]
+        finally:
+            view.close()
+
+    def test_at_most_four_views_and_a_closed_one_frees_its_place(self, dash_broker):
+        views = [LiveView(dash_broker.dashboard_port, "v/%d" % n) for n in range(4)]
+        try:
+            extra = LiveView(dash_broker.dashboard_port, "v/extra")
+            reply = json.loads(extra.resp.read())
+            extra.close()
+            assert reply["code"] == 102 and "live views" in reply["message"]
+            views.pop().close()   # noticed at the next keepalive comment
+
+            def one_more():
+                view = LiveView(dash_broker.dashboard_port, "v/again")
+                if view.kind.startswith("text/event-stream"):
+                    views.append(view)
+                    return True
+                view.close()
+                return False
+            assert wait_until(one_more, timeout=10, interval=0.2)
+            # the API answers meanwhile: the views do not hold its other threads
+            assert Api(dash_broker.dashboard_port).result("GET", "management/nodes")
+        finally:
+            for view in views:
+                view.close()
+
+    def test_stop_ends_open_views(self):
+        b = emqx_lite.Broker("127.0.0.1", mqtt_port=0, http_port=0, dashboard_port=0, **FAST_HASH)
+        b.start()
+        view = LiveView(b.dashboard_port, "#")
+        try:
+            b.stop()
+            with pytest.raises((EOFError, OSError)):
+                while True:
+                    view.event()
+        finally:
+            view.close()
+
+
+class TestDashboardData:
+    """The routes the dashboard's pages read besides EMQ X's: retained, history."""
+
+    def test_retained_messages_paged_with_their_payloads(self, dash_broker):
+        for n in range(3):
+            dash_broker.publish("keep/%d" % n, b"v%d" % n, qos=1, retain=True)
+        dash_broker.publish("keep/bin", b"\x80", retain=True)
+        api = Api(dash_broker.http_port)
+        page = api.result("GET", "nodes/%s/retained?page_size=2&curr_page=2" % NODE)
+        keep = [r for r in api.result("GET", "nodes/%s/retained?page_size=100" % NODE)["objects"]
+                if r["topic"].startswith("keep/")]
+        assert all(abs(r.pop("time") / 1000 - time.time()) < 60 for r in keep)
+        assert keep == [{"topic": "keep/0", "qos": 1, "payload": "v0", "encoding": "utf-8"},
+                        {"topic": "keep/1", "qos": 1, "payload": "v1", "encoding": "utf-8"},
+                        {"topic": "keep/2", "qos": 1, "payload": "v2", "encoding": "utf-8"},
+                        {"topic": "keep/bin", "qos": 0, "payload": "gA==", "encoding": "base64"}]
+        assert page["current_page"] == 2 and len(page["objects"]) == 2
+        assert page["total_num"] == len(dash_broker.retained())
+
+    def test_history_samples_rates_on_the_broker_clock(self):
+        clock = emqx_lite.ManualClock()
+        with emqx_lite.Broker("127.0.0.1", mqtt_port=0, http_port=0, clock=clock,
+                              **FAST_HASH) as b:
+            api = Api(b.http_port)
+            sub = PahoClient(b.mqtt_port, "hist-sub")
+            pub = PahoClient(b.mqtt_port, "hist-pub")
+            try:
+                sub.subscribe("h/#", 0)
+                clock.advance(2)          # the first sample's baseline
+                for n in range(10):
+                    pub.publish("h/x", b"%d" % n)
+                for _ in range(10):
+                    sub.get()
+                clock.advance(2)
+                history = api.result("GET", "nodes/%s/history" % NODE)
+            finally:
+                sub.close()
+                pub.close()
+        assert history["interval"] == emqx_lite.HISTORY_INTERVAL
+        last = history["samples"][-1]
+        assert (last["messages_in"], last["messages_out"]) == (5.0, 5.0)   # 10 in 2 s
+        assert (last["connections"], last["subscriptions"]) == (2, 1)
+        assert abs(last["time"] / 1000 - time.time()) < 60
+
+
+class TestConfigsRoutes:
+    """configs, nodes/{node}/configs and PUT .../configs/{app}: the broker's
+    settings by their emq.conf keys, changed at run time where that is safe."""
+
+    def test_every_setting_listed_by_node_and_on_the_node(self, api):
+        everywhere = api.result("GET", "configs")
+        rows = api.result("GET", "nodes/%s/configs" % NODE)
+        assert everywhere == {NODE: rows}   # keyed by node, as EMQ X 2.3
+        assert [r["key"] for r in rows] == sorted(SETTING_KEYS)
+        by_key = {r["key"]: r for r in rows}
+        assert by_key["mqtt.allow_anonymous"] == {"key": "mqtt.allow_anonymous", "value": "true",
+                                                  "datatpye": "flag", "app": "emqx",
+                                                  "runtime": True}
+        assert by_key["mqtt.max_packet_size"]["value"] == "1MB"
+        assert by_key["retainer.max_message_num"]["app"] == "emqx_retainer"
+        assert by_key["node.name"]["runtime"] is False
+        assert api.request("GET", "nodes/other@host/configs")[0] == 404
+
+    def test_a_runtime_change_takes_effect_for_the_next_client(self, api, api_broker):
+        api_broker.set_config("mqtt.allow_anonymous", "true")
+        assert api.result("PUT", "nodes/%s/configs/emqx" % NODE,
+                          {"key": "mqtt.allow_anonymous", "value": "false"}) == []
+        r = RawClient(api_broker.mqtt_port)
+        try:
+            assert r.connect("anon") == (0, emqx_lite.CONNACK_NOT_AUTHORIZED)
+        finally:
+            r.close()
+        assert api.result("PUT", "configs/emqttd",   # EMQ X 2.3's application name works too
+                          {"key": "mqtt.max_clientid_len", "value": "4"}) == []
+        r = RawClient(api_broker.mqtt_port)
+        try:
+            api.result("PUT", "configs/emqx", {"key": "mqtt.allow_anonymous", "value": "on"})
+            assert r.connect("toolong") == (0, emqx_lite.CONNACK_IDENTIFIER_REJECTED)
+        finally:
+            r.close()
+        RawClient.connected(api_broker.mqtt_port, "four").close()
+        assert {r["key"]: r["value"] for r in api.result("GET", "nodes/%s/configs" % NODE)}[
+            "mqtt.max_clientid_len"] == "4"
+
+    @pytest.mark.parametrize("body, words", [
+        ({"key": "mqtt.acl_file", "value": "x.conf"},
+         ["mqtt.acl_file", "cannot be changed while the broker runs"]),
+        ({"key": "node.name", "value": "x@y"}, ["node.name", "restart"]),
+        ({"key": "mqtt.session.max_inflight", "value": "many"},
+         ["mqtt.session.max_inflight", "expected an integer, got 'many'"]),
+        ({"key": "mqtt.no_such_key", "value": "1"}, ["mqtt.no_such_key", "unknown key"]),
+    ])
+    def test_refusals_name_the_key_and_change_nothing(self, api, api_broker, body, words):
+        before = dict(api_broker.settings)
+        reply = api.json("PUT", "nodes/%s/configs/emqx" % NODE, body)
+        assert reply["code"] == 102 and all(w in reply["message"] for w in words), reply
+        assert api_broker.settings == before
+
+    def test_the_application_must_own_the_key(self, api):
+        reply = api.json("PUT", "configs/emqx_retainer",
+                         {"key": "mqtt.max_inflight", "value": "1"})
+        assert reply["code"] == 102
+        reply = api.json("PUT", "configs/emqx_modules",
+                         {"key": "retainer.max_message_num", "value": "1"})
+        assert reply["code"] == 102 and "emqx_retainer" in reply["message"]
+
+    def test_parameters_are_checked_as_emq_x_does(self, api):
+        path = "nodes/%s/configs/emqx" % NODE
+        assert api.json("PUT", path, {"key": "mqtt.max_keepalive"})["code"] == 107
+        assert api.json("PUT", path, {"key": "mqtt.max_keepalive", "value": 5})["code"] == 108
+
+
+class TestPluginConfigs:
+    """nodes/{node}/plugin_configs/{plugin}: each plugin's settings, replaced
+    whole by a PUT of {key: value}, with real effect."""
+
+    def path(self, plugin):
+        return "nodes/%s/plugin_configs/%s" % (NODE, plugin)
+
+    def test_every_plugin_lists_key_value_desc_required(self, api):
+        for plugin in emqx_lite.PLUGINS:
+            rows = api.result("GET", self.path(plugin))
+            assert rows, plugin
+            for row in rows:
+                assert set(row) == {"key", "value", "desc", "required"}
+                assert isinstance(row["value"], str) and row["desc"]
+                assert isinstance(row["required"], bool)
+        assert api.request("GET", self.path("emqx_nothing"))[0] == 404
+        assert api.request("GET", "nodes/other@host/plugin_configs/emqx_retainer")[0] == 404
+
+    def test_retainer_limits(self, api, api_broker):
+        """A payload above retainer.max_payload_size is delivered, not retained."""
+        assert api.result("PUT", self.path("emqx_retainer"), {
+            "retainer.max_message_num": "50", "retainer.max_payload_size": "4B"}) == []
+        rows = {r["key"]: r["value"] for r in api.result("GET", self.path("emqx_retainer"))}
+        assert rows == {"retainer.storage_type": "ram", "retainer.max_message_num": "50",
+                        "retainer.max_payload_size": "4B", "retainer.expiry_interval": "0s"}
+        with api_broker.capture("lim/#") as live:
+            api_broker.publish("lim/big", b"12345", retain=True)
+            api_broker.publish("lim/small", b"1234", retain=True)
+            assert [m.topic for m in live.wait(2)] == ["lim/big", "lim/small"]
+        assert sorted(m["topic"] for m in api_broker.retained()
+                      if m["topic"].startswith("lim/")) == ["lim/small"]
+        assert api.result("PUT", self.path("emqx_retainer"), {}) == []   # back to defaults
+        assert api_broker.settings["retainer_max_payload_size"] == 1024 * 1024
+
+    def test_retainer_count_limit_keeps_replacements(self, api_broker):
+        """At retainer.max_message_num ($SYS ones count) a new topic is not
+        retained; a retained topic can still be replaced."""
+        api_broker.set_plugin_config("emqx_retainer", {"retainer.max_message_num": str(
+            len(api_broker.retained()) + 1)})
+        api_broker.publish("one/a", b"1", retain=True)
+        api_broker.publish("one/b", b"2", retain=True)   # no room
+        api_broker.publish("one/a", b"3", retain=True)   # a replacement
+        kept = {m["topic"]: m["payload"] for m in api_broker.retained()
+                if m["topic"].startswith("one/")}
+        assert kept == {"one/a": b"3"}
+
+    def test_retainer_expiry_on_the_broker_clock(self):
+        clock = emqx_lite.ManualClock()
+        with emqx_lite.Broker("127.0.0.1", mqtt_port=0, http_port=None, clock=clock,
+                              retainer_expiry_interval=10.0) as b:
+            b.publish("exp/a", b"x", retain=True)
+            clock.advance(5)
+            b.publish("exp/b", b"y", retain=True)
+            clock.advance(5)
+            assert sorted(m["topic"] for m in b.retained() if m["topic"].startswith("exp/")) \
+                == ["exp/b"]
+            r = RawClient.connected(b.mqtt_port, "late")
+            try:
+                r.subscribe([("exp/#", 0)])
+                assert r.read_publish()["topic"] == "exp/b"
+            finally:
+                r.close()
+
+    def test_a_bad_value_or_key_changes_nothing(self, api, api_broker):
+        before = dict(api_broker.settings)
+        for body, words in (({"retainer.max_message_num": "lots"}, "retainer.max_message_num"),
+                            ({"retainer.max_message_num": "5", "retainer.nope": "1"},
+                             "retainer.nope"),
+                            ({"retainer.storage_type": "disc"}, "node.data_dir"),
+                            ({"retainer.max_message_num": 5}, "string")):
+            reply = api.json("PUT", self.path("emqx_retainer"), body)
+            assert reply["code"] == 102 and words in reply["message"], reply
+        assert api_broker.settings == before
+
+    def test_modules_subscriptions_and_rewrites(self, api, api_broker):
+        assert api.result("PUT", self.path("emqx_modules"), {
+            "module.subscription.1.topic": "inbox/%c", "module.subscription.1.qos": "1",
+            "module.rewrite.rule.1": "old/# ^old/(.+)$ new/$1"}) == []
+        rows = {r["key"]: r["value"] for r in api.result("GET", self.path("emqx_modules"))}
+        assert rows["module.subscription.1.topic"] == "inbox/%c"
+        assert rows["module.rewrite.rule.1"] == "old/# ^old/(.+)$ new/$1"
+        r = RawClient.connected(api_broker.mqtt_port, "dev7")
+        try:
+            assert api_broker.wait_for_subscription("dev7", "inbox/dev7")["qos"] == 1
+            r.subscribe([("new/#", 0)])
+            api_broker.publish("old/x", b"moved")
+            assert r.read_publish()["topic"] == "new/x"
+        finally:
+            r.close()
+        assert api.result("PUT", self.path("emqx_modules"), {}) == []   # all of it removed
+        assert api_broker.settings["module_subscription"] == ()
+        reply = api.json("PUT", self.path("emqx_modules"), {"module.rewrite.rule.1": "x ( y"})
+        assert reply["code"] == 102 and "module.rewrite.rule.1" in reply["message"]
+
+    def test_auth_table_passwords_are_write_only(self, api, api_broker):
+        api_broker.set_plugin("emqx_auth_username", True)
+        api_broker.set_config("mqtt.allow_anonymous", "false")
+        path = self.path("emqx_auth_username")
+        assert api.result("PUT", path, {"auth.username.bob": "s3cret",
+                                        "auth.username.amy": "pw-amy"}) == []
+        status, _, body = api.request("GET", path)
+        assert b"s3cret" not in body and b"pw-amy" not in body
+        rows = {r["key"]: r["value"] for r in json.loads(body)["result"]}
+        assert rows["auth.username.bob"] == rows["auth.username.amy"] == ""
+
+        def login(user, password):
+            r = RawClient(api_broker.mqtt_port)
+            try:
+                return r.connect("c-" + user, username=user, password=password)[1]
+            finally:
+                r.close()
+        assert login("bob", b"s3cret") == 0 and login("bob", b"wrong") != 0
+        # "" keeps bob's password; amy, left out, is removed
+        assert api.result("PUT", path, {"auth.username.bob": ""}) == []
+        assert login("bob", b"s3cret") == 0 and login("amy", b"pw-amy") != 0
+        reply = api.json("PUT", path, {"auth.username.new": ""})
+        assert reply["code"] == 102 and "needs a password" in reply["message"]
+
+    def test_auth_clientid_pairs(self, api, api_broker):
+        path = self.path("emqx_auth_clientid")
+        assert api.result("PUT", path, {"auth.client.1.clientid": "dev1",
+                                        "auth.client.1.password": "p1"}) == []
+        rows = api.result("GET", path)
+        assert {"key": "auth.client.1.clientid", "value": "dev1", "required": True} \
+            .items() <= rows[0].items()
+        assert rows[1]["key"] == "auth.client.1.password" and rows[1]["value"] == ""
+        assert api_broker.auth_clientid.check("dev1", "p1") is True
+        reply = api.json("PUT", path, {"auth.client.1.password": "p"})
+        assert reply["code"] == 102 and "auth.client.1.clientid" in reply["message"]
+
+    def test_dashboard_moves_and_default_user(self, dash_broker):
+        api = Api(dash_broker.http_port)
+        old = dash_broker.dashboard_port
+        # asked through the dashboard itself: it answers, then moves
+        reply = Api(old).json("PUT", self.path("emqx_dashboard"), {
+            "dashboard.listener.http": "127.0.0.1:0", "dashboard.default_user.login": "ops",
+            "dashboard.default_user.password": "ops-pw"})
+        assert reply == {"code": 0, "result": []}
+        assert wait_until(lambda: dash_broker.dashboard_port not in (None, old))
+        assert Api(dash_broker.dashboard_port, "ops", "ops-pw").result("GET", "management/nodes")
+        rows = {r["key"]: r["value"] for r in api.result("GET", self.path("emqx_dashboard"))}
+        assert rows["dashboard.listener.http"] == "127.0.0.1:%d" % dash_broker.dashboard_port
+        assert rows["dashboard.default_user.password"] == ""
+        reply = api.json("PUT", self.path("emqx_dashboard"),
+                         {"dashboard.default_user.login": "someone"})
+        assert reply["code"] == 102 and "needs one" in reply["message"]
+
+
+class TestSettingsSurviveRestart:
+    """Settings changed at run time are kept in the data file and win over
+    the configuration's at the next start."""
+
+    def test_configs_and_plugin_configs_come_back(self, tmp_path, caplog):
+        kw = dict(bind="127.0.0.1", mqtt_port=0, http_port=None, data_dir=str(tmp_path))
+        with emqx_lite.Broker(**kw) as b:
+            b.set_config("mqtt.max_clientid_len", "8")
+            b.set_plugin_config("emqx_retainer", {"retainer.max_message_num": "77"})
+            b.set_plugin_config("emqx_modules", {"module.subscription.1.topic": "in/%c"})
+            b.set_plugin_config("emqx_auth_username", {"auth.username.eve": "pw"})
+        with caplog.at_level("INFO", logger="emqx_lite"):
+            with emqx_lite.Broker(max_clientid_len=100, **kw) as b:
+                assert b.settings["max_clientid_len"] == 8   # the later change wins
+                assert b.settings["retainer_max_messages"] == 77
+                assert b.settings["module_subscription"] == (("in/%c", 1),)
+                assert b.auth_username.check("eve", "pw") is True
+        assert any("Settings changed at run time, from the data file" in r.getMessage()
+                   for r in caplog.records)
+
+    def test_an_older_data_file_is_migrated(self, tmp_path):
+        import sqlite3
+        with emqx_lite.Broker("127.0.0.1", mqtt_port=0, http_port=None,
+                              data_dir=str(tmp_path)) as b:
+            b.publish("kept", b"1", retain=True)
+        db = sqlite3.connect(str(tmp_path / emqx_lite.STORE_FILE))
+        db.execute("DROP TABLE settings")
+        db.execute("PRAGMA user_version = 1")   # as version 1 wrote it
+        db.commit()
+        db.close()
+        with emqx_lite.Broker("127.0.0.1", mqtt_port=0, http_port=None,
+                              data_dir=str(tmp_path)) as b:
+            assert any(m["topic"] == "kept" for m in b.retained())
+            b.set_config("mqtt.max_keepalive", "30")
+        db = sqlite3.connect(str(tmp_path / emqx_lite.STORE_FILE))
+        assert db.execute("PRAGMA user_version").fetchone()[0] == emqx_lite.SCHEMA_VERSION
+        assert db.execute("SELECT * FROM settings").fetchall() == [("mqtt.max_keepalive", "30")]
+        db.close()
+
+
+###############################################################################
+# The dashboard in a real browser (Selenium, headless Chromium)
+###############################################################################
+#
+# Debian's chromium and chromium-driver (.ci/run installs them) and selenium
+# from PyPI. Where no browser can be had, these tests skip and say why. A
+# failing test leaves a screenshot and the browser's log, named in its report.
+
+try:
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+except ImportError:   # the browser tests skip, and say why (needs_browser)
+    pass
+
+
+def _browser_paths():
+    """(chromium, chromedriver) paths, or a reason why there is no browser."""
+    try:
+        import selenium   # noqa: F401
+    except ImportError:
+        return "selenium is not installed: pip install -r requirements.txt"
+    import shutil
+    browser = next(filter(None, map(shutil.which, ("chromium", "chromium-browser",
+                                                  "google-chrome"))), None)
+    driver = shutil.which("chromedriver")
+    if browser is None or driver is None:
+        return ("no %s: apt-get install chromium chromium-driver (.ci/run does)"
+                % " or ".join(n for n, p in (("chromium", browser), ("chromedriver", driver))
+                              if p is None))
+    return browser, driver
+
+
+_BROWSER = _browser_paths()
+needs_browser = pytest.mark.skipif(isinstance(_BROWSER, str), reason=str(_BROWSER))
+WAIT = 10   # seconds any one explicit wait in a browser test may take
+SCREENSHOTS = os.environ.get("EMQXLITE_TEST_SCREENSHOTS",
+                             os.path.join(tempfile.gettempdir(), "emqx_lite-screenshots"))
+
+
+def browser_test(test):
+    """A browser test: needs a browser, and on failure saves a screenshot and
+    the browser's log (their paths are added to the failure's report)."""
+    import functools
+
+    @functools.wraps(test)
+    def run(**fixtures):
+        try:
+            return test(**fixtures)
+        except BaseException as exc:
+            driver = fixtures.get("driver")
+            if driver is not None:
+                exc.add_note(_save_screenshot(driver, test.__name__))
+            raise
+    return needs_browser(run)
+
+
+def _save_screenshot(driver, name):
+    os.makedirs(SCREENSHOTS, exist_ok=True)
+    base = os.path.join(SCREENSHOTS, name)
+    try:
+        driver.save_screenshot(base + ".png")
+        lines = ["%(level)s %(message)s" % e for e in driver.get_log("browser")]
+        with open(base + ".log", "w", encoding="utf-8") as f:
+            f.write("url: %s\n%s\n" % (driver.current_url, "\n".join(lines)))
+    except Exception as exc:   # a screenshot that fails must not hide the failure
+        return "no screenshot: %s" % exc
+    return "screenshot: %s.png (browser log: %s.log)" % (base, base)
+
+
+class _Dashboard:
+    """A started Broker with the dashboard on an ephemeral port."""
+
+    def __init__(self):
+        self.broker = emqx_lite.Broker("127.0.0.1", mqtt_port=0, http_port=None,
+                                       dashboard_port=0, **FAST_HASH)
+        self.broker.start()
+        self.url = "http://127.0.0.1:%d" % self.broker.dashboard_port
+        self.mqtt_port = self.broker.mqtt_port
+
+
+@pytest.fixture
+def dashboard():
+    """The dashboard's broker (.url, .broker, .mqtt_port); stopped after the
+    test, and no thread it started may be left running."""
+    before = set(threading.enumerate())
+    server = _Dashboard()
+    try:
+        yield server
+    finally:
+        server.broker.stop()
+    leaked = [t for t in threading.enumerate() if t not in before]
+    for thread in leaked:
+        thread.join(5)
+    assert not [t for t in leaked if t.is_alive()], "threads left running: %s" % leaked
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    options = webdriver.ChromeOptions()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                "--window-size=1280,900"):
+        options.add_argument(arg)
+    options.binary_location = _BROWSER[0]
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(_BROWSER[1]), options=options)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture
+def driver(browser, dashboard):
+    """The browser on the dashboard's log-in page."""
+    browser.set_window_size(1280, 900)
+    browser.get(dashboard.url + "/")
+    browser.get_log("browser")   # drop what earlier tests logged
+    yield browser
+    problems = [e["message"] for e in browser.get_log("browser")
+                if "Content Security Policy" in e["message"] or "Uncaught" in e["message"]]
+    browser.get("about:blank")   # the page stops polling before its server stops
+    assert not problems, "the page broke its CSP or threw: %s" % problems
+
+
+@pytest.fixture
+def mqtt_client(dashboard):
+    """connect(client_id) -> a connected paho client (VERSION2 callbacks);
+    each is disconnected and its loop stopped after the test."""
+    clients = []
+
+    def connect(client_id):
+        client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id)
+        client.reconnect_delay_set(30, 60)   # a kicked client stays away during the test
+        connected = threading.Event()
+        client.on_connect = lambda *args: connected.set()
+        client.connect("127.0.0.1", dashboard.mqtt_port)
+        client.loop_start()
+        clients.append(client)
+        assert connected.wait(WAIT), "%s did not connect" % client_id
+        return client
+
+    yield connect
+    for client in clients:
+        client.disconnect()
+        client.loop_stop()
+
+
+# --- helpers ---
+def wait(driver, condition, timeout=WAIT):
+    return WebDriverWait(driver, timeout).until(condition)
+
+
+def by_label(label):
+    return (By.CSS_SELECTOR, '[aria-label="%s"]' % label)
+
+
+def text_of(driver, element_id):
+    return driver.find_element(By.ID, element_id).text
+
+
+def click(driver, locator):
+    """Click the element once it is there and clickable; tables are redrawn
+    every few seconds, so a reference gone stale is looked up again."""
+    def attempt(d):
+        try:
+            element = EC.element_to_be_clickable(locator)(d)
+            if element:
+                element.click()
+                return True
+        except StaleElementReferenceException:
+            pass
+        return False
+    wait(driver, attempt)
+
+
+def log_in(driver, user="admin", password="public"):
+    wait(driver, EC.visibility_of_element_located((By.ID, "login-user")))
+    for element_id, value in (("login-user", user), ("login-password", password)):
+        field = driver.find_element(By.ID, element_id)
+        field.clear()
+        field.send_keys(value)
+    driver.find_element(By.ID, "login-submit").click()
+
+
+def go(driver, page, heading):
+    """Open a page from the navigation; wait for its heading."""
+    click(driver, (By.CSS_SELECTOR, '#nav a[href="#/%s"]' % page))
+    wait(driver, EC.text_to_be_present_in_element((By.CSS_SELECTOR, "#page h1"), heading))
+
+
+def rest(dashboard, method, path, body=None, user="admin", password="public"):
+    """Call the REST API directly (not through the page) -> the JSON answer."""
+    request = urllib.request.Request(
+        dashboard.url + "/api/v2/" + path, method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Authorization": "Basic " + base64.b64encode(
+            ("%s:%s" % (user, password)).encode()).decode()})
+    with urllib.request.urlopen(request, timeout=WAIT) as response:
+        return json.loads(response.read())
+
+
+def plugin_active(dashboard, name):
+    answer = rest(dashboard, "GET", "nodes/%s/plugins" % dashboard.broker.node)
+    return {p["name"]: p["active"] for p in answer["result"]}[name]
+
+
+# ---- 1. Log-in and log-out -------------------------------------------------------------
+@browser_test
+def test_dashboard_log_in_wrong_password_and_log_out(driver, dashboard):
+    log_in(driver, password="wrong")
+    wait(driver, EC.text_to_be_present_in_element((By.ID, "login-error"), "Password error"))
+    assert driver.find_element(By.ID, "login-form").is_displayed()
+    assert not driver.find_element(By.ID, "nav").is_displayed()
+
+    log_in(driver, user="nobody", password="x")
+    wait(driver, EC.text_to_be_present_in_element((By.ID, "login-error"), "User not found"))
+
+    log_in(driver)
+    wait(driver, EC.text_to_be_present_in_element((By.ID, "ov-node"), dashboard.broker.node))
+    assert not driver.find_element(By.ID, "login-form").is_displayed()
+
+    go(driver, "clients", "Clients")   # a reload keeps the session and the page
+    driver.refresh()
+    wait(driver, EC.text_to_be_present_in_element((By.CSS_SELECTOR, "#page h1"), "Clients"))
+
+    driver.find_element(By.ID, "logout").click()
+    wait(driver, EC.visibility_of_element_located((By.ID, "login-form")))
+    assert driver.execute_script("return sessionStorage.length") == 0
+    assert not driver.find_element(By.ID, "nav").is_displayed()
+
+
+# ---- 2. A client shows up, and is kicked ------------------------------------------------
+@browser_test
+def test_dashboard_new_client_appears_and_can_be_kicked(driver, dashboard, mqtt_client):
+    log_in(driver)
+    go(driver, "clients", "Clients")
+    client = mqtt_client("dash-kick-1")
+    disconnected = threading.Event()
+    client.on_disconnect = lambda *args: disconnected.set()
+
+    click(driver, by_label("Kick dash-kick-1"))   # it appears within a refresh or two
+    assert disconnected.wait(WAIT), "paho's on_disconnect did not fire"
+    wait(driver, lambda d: not d.find_elements(*by_label("Kick dash-kick-1")))
+    wait(driver, EC.text_to_be_present_in_element((By.ID, "clients-status"), "Kicked dash-kick-1"))
+    assert not dashboard.broker.is_connected("dash-kick-1")
+
+
+# ---- 3. Publish from the form: a subscriber and the live view get it -----------------------
+@browser_test
+def test_dashboard_publish_reaches_subscriber_and_live_view(driver, dashboard, mqtt_client):
+    received = queue.Queue()
+    subscriber = mqtt_client("dash-sub-1")
+    subscriber.on_message = lambda client, userdata, message: received.put(message)
+    subscriber.subscribe("dash/test/#", qos=1)
+    dashboard.broker.wait_for_subscription("dash-sub-1", "dash/test/#", timeout=WAIT)
+
+    log_in(driver)
+    go(driver, "live", "Live messages")
+    topic = driver.find_element(By.ID, "live-topic")
+    topic.clear()
+    topic.send_keys("dash/test/#")
+    driver.find_element(By.ID, "live-start").click()
+    wait(driver, EC.text_to_be_present_in_element((By.ID, "live-status"), "Live:"))
+
+    go(driver, "publish", "Publish")
+    for element_id, value in (("pub-topic", "dash/test/1"), ("pub-payload", "hello from the form")):
+        element = driver.find_element(By.ID, element_id)
+        element.clear()
+        element.send_keys(value)
+    Select(driver.find_element(By.ID, "pub-qos")).select_by_value("1")
+    driver.find_element(By.ID, "pub-submit").click()
+    wait(driver, EC.text_to_be_present_in_element((By.ID, "publish-status"), "Published to dash/test/1"))
+
+    message = received.get(timeout=WAIT)
+    assert (message.topic, message.payload, message.qos) == ("dash/test/1", b"hello from the form", 1)
+
+    go(driver, "live", "Live messages")
+    wait(driver, EC.text_to_be_present_in_element((By.ID, "live-table"), "hello from the form"))
+    row = driver.find_element(By.CSS_SELECTOR, "#live-table tbody tr")   # the newest, at the top
+    assert "dash/test/1" in row.text and "hello from the form" in row.text
+    driver.find_element(By.ID, "live-stop").click()
+    wait(driver, EC.text_to_be_present_in_element((By.ID, "live-status"), "Stopped"))
+
+
+# ---- 4. Stop and start a plugin ------------------------------------------------------------
+@browser_test
+def test_dashboard_toggle_retainer(driver, dashboard):
+    log_in(driver)
+    go(driver, "plugins", "Plugins")
+    click(driver, by_label("Stop emqx_retainer"))
+    wait(driver, EC.presence_of_element_located(by_label("Start emqx_retainer")))
+    assert plugin_active(dashboard, "emqx_retainer") is False
+
+    click(driver, by_label("Start emqx_retainer"))
+    wait(driver, EC.presence_of_element_located(by_label("Stop emqx_retainer")))
+    assert plugin_active(dashboard, "emqx_retainer") is True
+
+
+# ---- 5. The charts show the load ------------------------------------------------------------
+@browser_test
+def test_dashboard_chart_shows_message_rate(driver, dashboard, mqtt_client):
+    log_in(driver)
+    wait(driver, EC.text_to_be_present_in_element((By.ID, "ov-node"), dashboard.broker.node))
+    publisher = mqtt_client("dash-load-1")
+    stop = threading.Event()
+
+    def load():   # about 20 messages a second
+        while not stop.wait(0.05):
+            publisher.publish("dash/load", b"x" * 10, qos=0)
+    thread = threading.Thread(target=load)
+    thread.start()
+    try:
+        def rate_in(d):
+            text = text_of(d, "chart-in-latest")   # e.g. "20.0/s"
+            return text != "-" and float(text.split("/")[0]) > 0
+        wait(driver, rate_in, timeout=15)
+    finally:
+        stop.set()
+        thread.join()
+    points = driver.find_element(By.CSS_SELECTOR, "#chart-messages polyline.series-in").get_attribute("points")
+    assert points.split(), "no line drawn"
+    assert driver.find_elements(By.CSS_SELECTOR, "#chart-messages circle.series-in")   # the latest value
+    assert int(text_of(driver, "chart-conn-latest")) >= 1
+
+
+# ---- 6. Stopping the dashboard asks first -----------------------------------------------------
+@browser_test
+def test_dashboard_stopping_it_asks_for_confirmation(driver, dashboard):
+    log_in(driver)
+    go(driver, "plugins", "Plugins")
+    click(driver, by_label("Stop emqx_dashboard"))
+    dialog = wait(driver, EC.visibility_of_element_located((By.ID, "dialog")))
+    assert "this page will go away" in dialog.text
+    assert driver.find_element(By.ID, "dialog-ok").text == "Stop dashboard"
+    driver.find_element(By.ID, "dialog-cancel").click()
+    wait(driver, EC.invisibility_of_element_located((By.ID, "dialog")))
+    wait(driver, EC.text_to_be_present_in_element((By.ID, "plugins-status"), "keeps running"))
+    assert plugin_active(dashboard, "emqx_dashboard") is True
+    assert driver.find_elements(*by_label("Stop emqx_dashboard"))
+
+
+# ---- More: every page, errors, an expired log-in, a narrow window ---------------------------------
+PAGES = {   # page -> (heading, an element its data fills)
+    "overview": ("Overview", "chart-messages"), "clients": ("Clients", "clients-table"),
+    "sessions": ("Sessions", "sessions-table"), "subscriptions": ("Subscriptions", "subscriptions-table"),
+    "topics": ("Topics", "topics-table"), "retained": ("Retained messages", "retained-table"),
+    "publish": ("Publish", "publish-form"), "live": ("Live messages", "live-table"),
+    "plugins": ("Plugins", "plugins-table"), "listeners": ("Listeners", "listeners-table"),
+    "metrics": ("Metrics and stats", "stats-table"), "users": ("Users", "users-table"),
+    "alarms": ("Alarms", "alarms-empty"), "journal": ("Journal", "journal-table"),
+    "settings": ("Settings", "settings-table"),
+}
+
+
+@browser_test
+def test_dashboard_every_page_renders_without_errors(driver, dashboard, mqtt_client):
+    mqtt_client("dash-pages-1").publish("dash/retained", b"kept", qos=1, retain=True)
+    log_in(driver)
+    wait(driver, EC.text_to_be_present_in_element((By.ID, "ov-node"), dashboard.broker.node))
+    for page, (heading, filled) in PAGES.items():
+        go(driver, page, heading)
+        wait(driver, EC.presence_of_element_located((By.ID, filled)))
+        alerts = [a.text for a in driver.find_elements(By.CSS_SELECTOR, "#page [role=alert]") if a.text]
+        assert not alerts, "%s: %s" % (page, alerts)
+        assert driver.title.startswith(PAGES[page][0].split()[0])
+    go(driver, "retained", "Retained messages")
+    wait(driver, EC.text_to_be_present_in_element((By.ID, "retained-table"), "dash/retained"))
+
+
+@browser_test
+def test_dashboard_refused_request_shows_code_and_message(driver, dashboard):
+    log_in(driver)
+    go(driver, "publish", "Publish")
+    topic = driver.find_element(By.ID, "pub-topic")
+    topic.clear()
+    topic.send_keys("not/a/#/name")
+    driver.find_element(By.ID, "pub-submit").click()
+    error = wait(driver, EC.visibility_of_element_located((By.ID, "publish-error")))
+    wait(driver, EC.text_to_be_present_in_element((By.ID, "publish-error"), "Error 102: validate topic"))
+    assert error.get_attribute("role") == "alert"
+
+
+@browser_test
+def test_dashboard_401_while_logged_in_returns_to_log_in(driver, dashboard):
+    log_in(driver)
+    go(driver, "clients", "Clients")   # polls every 2 s
+    answer = rest(dashboard, "PUT", "change_pwd/admin", {"old_pwd": "public", "new_pwd": "changed"})
+    assert answer["code"] == 0
+    wait(driver, EC.visibility_of_element_located((By.ID, "login-form")))
+    wait(driver, EC.text_to_be_present_in_element((By.ID, "login-error"), "HTTP 401"))
+
+
+@browser_test
+def test_dashboard_narrow_window(driver, dashboard, mqtt_client):
+    driver.set_window_size(400, 800)
+    mqtt_client("a-client-with-a-rather-long-identifier-0123456789")
+    log_in(driver)
+    wait(driver, EC.text_to_be_present_in_element((By.ID, "ov-node"), dashboard.broker.node))
+    menu = driver.find_element(By.ID, "menu-toggle")
+    assert menu.is_displayed() and not driver.find_element(By.ID, "nav").is_displayed()
+    menu.click()
+    assert menu.get_attribute("aria-expanded") == "true"
+    go(driver, "clients", "Clients")   # choosing a page folds the menu again
+    assert not driver.find_element(By.ID, "nav").is_displayed()
+    wait(driver, EC.presence_of_element_located(by_label("Kick a-client-with-a-rather-long-identifier-0123456789")))
+    box = driver.find_element(By.CSS_SELECTOR, "#clients-table").find_element(By.XPATH, "..")
+    assert driver.execute_script("return arguments[0].scrollWidth > arguments[0].clientWidth", box)
+    assert driver.execute_script("return document.documentElement.scrollWidth") <= 400
