@@ -37,6 +37,7 @@ The module reads top to bottom: each section uses only the sections above it.
     REST API server (waitress: limits, credentials first, TLS)
     Settings: values and emq.conf keys
     Configuration files (emq.conf)
+    Bridges (emqx_bridge_mqtt)
     Application control
     Command-line interface
     Test kit: the pytest plugin
@@ -93,8 +94,9 @@ one reader thread per connection, the REST API's: waitress's loop thread
 (every HTTP socket), four task threads (the application) and two verifier
 threads (password hashes); the dashboard's listener, the same with eight
 task threads (four may stream live views), and while its plugin stops or it
-moves, a thread that stops it (and starts it again); with a data directory,
-the Store's writer (group commits to SQLite); with ``--trace``, a printer;
+moves, a thread that stops it (and starts it again); a thread per bridge (its
+socket: connect, read, write, keep time); with a data directory, the
+Store's writer (group commits to SQLite); with ``--trace``, a printer;
 and while a test's fault holds a packet back, a timer thread for it
 (``Faults.later``).
 
@@ -122,7 +124,11 @@ and while a test's fault holds a packet back, a timer thread for it
 ``BrokerCore.counts_lock``, ``Listener.lock``, ``UserTable.lock`` (users and
 remembered credentials), ``ApiGuard.lock`` (failed logins per address) and
 ``Broker._plugins_lock`` guard small registries and tables, and
-``LiveViews.lock`` one HTTP server's live views.
+``LiveViews.lock`` one HTTP server's live views. ``Bridge.lock`` guards one
+bridge's queue, in-flight messages, counters and state (only ``Store.lock``
+is taken under it). ``Broker._settings_lock`` serialises changes of settings
+at run time and ``Broker._dashboard_lock`` the dashboard's listener (taken in
+that order, each with no other lock held; ``_plugins_lock`` under them).
 ``Broker._lifecycle_lock`` serialises start() and stop(); ``Broker._settle_lock``
 the settling of closed connections (it takes ``Listener.lock``,
 ``BrokerCore.lock`` and ``counts_lock`` in turn). ``ManualClock.lock``
@@ -190,6 +196,7 @@ import logging
 import math
 import os
 import queue
+import random
 import re
 import secrets
 import selectors
@@ -299,9 +306,12 @@ def _is_loopback(host):
         return host == "localhost"
 
 
-def _start_thread(target, name, args=()):
-    """Start a daemon thread with a small stack; return it."""
+def _start_thread(target, name, args=(), before=None):
+    """Start a daemon thread with a small stack; return it. ``before(thread)``
+    runs first (to record the thread where the thread itself may look)."""
     thread = threading.Thread(target=target, name=name, args=args, daemon=True)
+    if before is not None:
+        before(thread)
     with _stack_size_lock:
         old = threading.stack_size(_THREAD_STACK_SIZE)
         try:
@@ -580,7 +590,8 @@ DEFAULTS = {
 
 #: Plugins active when the broker starts (EMQ X 2.x defaults).
 PLUGINS_ACTIVE = {"emqx_auth_clientid": False, "emqx_auth_username": False,
-                  "emqx_dashboard": True, "emqx_modules": True, "emqx_retainer": True}
+                  "emqx_bridge_mqtt": True, "emqx_dashboard": True, "emqx_modules": True,
+                  "emqx_retainer": True}
 
 
 ###############################################################################
@@ -900,15 +911,18 @@ class Will(_Packet):
 
 
 class Connect(_Packet):
+    """``bridge``: a 3.x protocol level with the bridge bit (0x80), which
+    mosquitto's and EMQ X's bridges send: what the client subscribes to does
+    not come back to it as its own messages, and keeps its retain flag."""
     __slots__ = ("proto_name", "proto_ver", "clean_session", "keepalive",
-                 "client_id", "will", "username", "password", "properties")
+                 "client_id", "will", "username", "password", "properties", "bridge")
 
     def __init__(self, proto_name, proto_ver, clean_session, keepalive, client_id,
-                 will=None, username=None, password=None, properties=None):
+                 will=None, username=None, password=None, properties=None, bridge=False):
         self.proto_name, self.proto_ver = proto_name, proto_ver
         self.clean_session, self.keepalive, self.client_id = clean_session, keepalive, client_id
         self.will, self.username, self.password = will, username, password
-        self.properties = properties
+        self.properties, self.bridge = properties, bridge
 
 
 class Publish(_Packet):
@@ -991,6 +1005,9 @@ def decode_connect(flags, body, version=None):
         raise MalformedPacket("CONNECT without protocol level")
     level = body[pos]
     pos += 1
+    bridge = level & 0x80 and level & 0x7F in (MQTT_V31, MQTT_V311)
+    if bridge:
+        level &= 0x7F
     if name not in ("MQTT", "MQIsdp"):
         raise ProtocolError("unknown protocol name %r [MQTT-3.1.2-1]" % name)
     if level not in SUPPORTED_LEVELS or PROTOCOL_NAMES[level] != name:
@@ -1033,7 +1050,7 @@ def decode_connect(flags, body, version=None):
     if pos != len(body):
         raise MalformedPacket("trailing bytes after CONNECT payload")
     return Connect(name, level, bool(cflags & 0x02), keepalive, client_id, will,
-                   username, password, properties)
+                   username, password, properties, bool(bridge))
 
 
 # Encoders: ``encode_<type>(pkt, version) -> bytes``, one per packet type. The
@@ -1056,7 +1073,8 @@ def encode_connect(pkt, version):
     if pkt.password is not None:
         flags |= 0x40
         payload += encode_binary(pkt.password)
-    body = (encode_string(pkt.proto_name) + bytes((pkt.proto_ver, flags))
+    level = pkt.proto_ver | (0x80 if pkt.bridge else 0)
+    body = (encode_string(pkt.proto_name) + bytes((level, flags))
             + pkt.keepalive.to_bytes(2, "big")
             + (encode_properties(pkt.properties) if v5 else b"") + payload)
     return _fixed_header(CONNECT, 0, len(body)) + body
@@ -1525,7 +1543,7 @@ class TopicTree:
 
 STORE_FILE = "emqx_lite.db"
 _APPLICATION_ID = 0x454D514C   # "EMQL": PRAGMA application_id of our files
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: Schema migrations: _MIGRATIONS[n] turns a version-n file into version n + 1
 #: (version 0 is a new, empty file). A step runs in the transaction that sets
@@ -1554,6 +1572,12 @@ _MIGRATIONS = [
     """
     CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    """
+    CREATE TABLE bridge_queue (bridge TEXT, seq INTEGER, topic TEXT NOT NULL,
+                               payload BLOB NOT NULL, qos INTEGER NOT NULL,
+                               retain INTEGER NOT NULL, properties BLOB, expires_at REAL,
+                               sender TEXT, PRIMARY KEY (bridge, seq)) WITHOUT ROWID;
+    """,
 ]
 
 #: Record kind -> (table, its number of columns, its key columns). A record
@@ -1567,6 +1591,7 @@ _STORE_TABLES = {
     "user": ("users", 4, ("tbl", "name")),
     "plugin": ("plugins", 2, ("name",)),
     "setting": ("settings", 2, ("key",)),
+    "bridgeq": ("bridge_queue", 9, ("bridge", "seq")),
 }
 #: Rows per statement: rows are written many to a statement (SQLite runs each
 #: statement without the GIL, once), in a few shapes that are compiled once;
@@ -1782,6 +1807,8 @@ class Store:
             "users": db.execute("SELECT * FROM users").fetchall(),
             "plugins": db.execute("SELECT * FROM plugins").fetchall(),
             "settings": db.execute("SELECT * FROM settings").fetchall(),
+            "bridge_queue": db.execute(
+                "SELECT * FROM bridge_queue ORDER BY bridge, seq").fetchall(),
         }
 
     # --- recording changes (any thread) ---------------------------------------------
@@ -3429,13 +3456,19 @@ class Capture:
         self._core = core
         self._changed = threading.Condition()   # its lock guards messages, dropped, closed
 
+    def wants(self, topic, msg):
+        return topic_matches(self.topic_filter, topic)
+
     def record(self, msg):
+        """Keep ``msg`` (a tap: BrokerCore.add_tap). Returns False: a capture
+        watches, it does not deliver."""
         with self._changed:
             self.messages.append(msg)
             if self.limit is not None and len(self.messages) > self.limit:
                 del self.messages[0]
                 self.dropped += 1
             self._changed.notify_all()
+        return False
 
     def take(self, timeout):
         """(messages, dropped) recorded since the last take, both then
@@ -3484,7 +3517,7 @@ class Capture:
 
     def stop(self):
         """Stop recording (the end of a ``with`` block does it too)."""
-        self._core.remove_capture(self)
+        self._core.remove_tap(self)
 
     def __enter__(self):
         return self
@@ -3530,6 +3563,7 @@ class BrokerCore:
         self.retained = {}       # topic -> Message
         self.retained_at = {}    # topic -> when it was retained (the retainer's expiry_interval)
         self._retain_warned_until = 0.0   # _retain_refused logs again after this
+        self.retain_refusals = 0   # messages the retainer's limits did not keep (under lock)
         self.routes = {}         # topic filter (no share prefix) -> number of subscribers
         self.subscription_count = 0
         self.sys_subscriptions = 0   # filters that can match $SYS topics [MQTT-4.7.2-1]
@@ -3540,7 +3574,12 @@ class BrokerCore:
         self.retainer_enabled = True   # the emqx_retainer plugin
         self.modules_enabled = True    # the emqx_modules plugin (presence, rewrite, subscription)
         self.set_rewrite_rules(settings["module_rewrite"])
-        self.captures = ()       # Capture objects recording (replaced whole, under lock)
+        #: what else sees routed messages: Captures and Bridges' forwards (replaced
+        #: whole, under lock; read without it)
+        self.taps = ()
+        #: client ids connected with the bridge bit (a remote's bridge): what they
+        #: publish is never bridged again (split horizon)
+        self.bridge_clients = set()
         self.journal = None      # the Journal recording packets, or None (off)
         self.faults = None       # the Broker's Faults (refused CONNECTs), set at start
         self.observed = False    # the journal is on or faults were injected: look per packet
@@ -3730,6 +3769,7 @@ class BrokerCore:
                 if session is None or self.connections.get(conn.client_id) is not conn:
                     continue  # never CONNECTed, or taken over by a newer connection
                 del self.connections[conn.client_id]
+                self.bridge_clients.discard(conn.client_id)
                 if session.clean_session and self.sessions.get(conn.client_id) is session:
                     self._discard_session_locked(session)
 
@@ -3881,14 +3921,14 @@ class BrokerCore:
             return self.retained.pop(topic, None) is not None
         s = self.settings
         if s["retainer_max_payload_size"] and len(msg.payload) > s["retainer_max_payload_size"]:
-            self._retain_refused(topic, "its payload of %d bytes is above retainer.max_payload_"
-                                        "size" % len(msg.payload))
+            self.retain_refusals += 1
             return False
         limit = s["retainer_max_messages"]
         if limit and len(self.retained) >= limit and topic not in self.retained:
-            self._retain_refused(topic, "retainer.max_message_num (%d) are kept" % limit)
+            self.retain_refusals += 1
             return False
         self.retained[topic] = msg
+        self.retained_at.pop(topic, None)   # kept in the order retained: oldest first
         self.retained_at[topic] = self.now()
         if len(self.retained) > self.stats_max["retained"]:
             self.stats_max["retained"] = len(self.retained)
@@ -3898,12 +3938,17 @@ class BrokerCore:
         expiry = self.settings["retainer_expiry_interval"]
         return expiry and now - self.retained_at.get(topic, now) >= expiry
 
-    def _retain_refused(self, topic, why):
-        """Log a message the retainer's limits turned away: once a minute at most."""
+    def _retain_refused(self, topic):
+        """Log (without the lock) that the retainer's limits turned a message
+        away: once a minute at most."""
         now = time.monotonic()
         if now >= self._retain_warned_until:
             self._retain_warned_until = now + 60.0
-            _log.warning("Retainer: %s not retained: %s (logged once a minute)", topic, why)
+            s = self.settings
+            _log.warning("Retainer: %s not retained: above retainer.max_payload_size (%d bytes) "
+                         "or retainer.max_message_num (%d) kept; %d so far (logged once a "
+                         "minute)", topic, s["retainer_max_payload_size"],
+                         s["retainer_max_messages"], self.retain_refusals)
 
     def expire_retained(self, now):
         """Drop the retained messages older than retainer.expiry_interval (0: never)."""
@@ -3911,7 +3956,8 @@ class BrokerCore:
         if not expiry:
             return
         with self.lock:
-            old = [t for t, at in self.retained_at.items() if now - at >= expiry]
+            old = list(itertools.takewhile(lambda t: now - self.retained_at[t] >= expiry,
+                                           self.retained_at))   # oldest first
             for topic in old:
                 del self.retained[topic], self.retained_at[topic]
                 if self.store is not None:
@@ -3989,10 +4035,12 @@ class BrokerCore:
         topic = msg.topic
         if self.rewrite_rules and self.modules_enabled:
             topic = msg.topic = self.rewrite(topic)
-        if self.captures:
-            for capture in self.captures:
-                if topic_matches(capture.topic_filter, topic):
-                    capture.record(msg)
+        tapped = False   # a Bridge took it to forward
+        refusals = self.retain_refusals
+        if self.taps:
+            for tap in self.taps:
+                if tap.wants(topic, msg):
+                    tapped = tap.record(msg) or tapped
         targets = None if msg.retain else self._route_cache.get(topic)
         shared = False
         if targets is None:
@@ -4011,12 +4059,14 @@ class BrokerCore:
                     if len(self._route_cache) >= _ROUTE_CACHE_SIZE:
                         self._route_cache.clear()
                     self._route_cache[topic] = targets
+        if self.retain_refusals != refusals:
+            self._retain_refused(topic)
         if note is not None:
             note.append(("routed", targets, shared))
         if not targets:
-            if not msg.sys:
+            if not (msg.sys or tapped):
                 self.counts()["messages/dropped"] += 1
-            return False
+            return tapped
         qos = msg.qos
         for session, route in targets:
             if route < 4:   # the granted QoS alone (3.x, or 5.0 without options)
@@ -4038,13 +4088,15 @@ class BrokerCore:
         batch.add(session, msg, msg.qos if msg.qos < granted else granted,
                   msg.retain and route & _RETAIN_AS_PUBLISHED)
 
-    def add_capture(self, capture):
+    def add_tap(self, tap):
+        """``tap.record(msg)`` for each message routed where ``tap.wants(topic,
+        msg)`` (called without any lock held, on the routing thread)."""
         with self.lock:
-            self.captures = self.captures + (capture,)
+            self.taps = self.taps + (tap,)
 
-    def remove_capture(self, capture):
+    def remove_tap(self, tap):
         with self.lock:
-            self.captures = tuple(c for c in self.captures if c is not capture)
+            self.taps = tuple(t for t in self.taps if t is not tap)
 
     def changed(self):
         """Something the Broker's awaits look at changed (no lock held)."""
@@ -4107,9 +4159,14 @@ class TlsTransport:
     """TLS through ``ssl.MemoryBIO`` so that reads and writes can come from
     different threads (one ``SSLObject``, always used under the caller's lock)."""
 
-    def __init__(self, context):
+    def __init__(self, context, server_hostname=None):
+        """A server's side; a client's (a bridge) with the ``server_hostname``
+        it checks the certificate against. A client's first ``feed(b"")``
+        gives its ClientHello."""
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
+        self.tls = context.wrap_bio(self.incoming, self.outgoing,
+                                    server_side=server_hostname is None,
+                                    server_hostname=server_hostname)
         self.handshaken = False
         self.closed = False
         self.peer_cn = None
@@ -4294,7 +4351,7 @@ class Connection:
                  "blocked_since", "_closed", "_batch", "_disconnecting", "held",
                  "held_since", "waiting_on", "_recv_size", "receive_maximum",
                  "max_packet_out", "topic_aliases", "auth", "_pending", "alias_max_out",
-                 "barrier", "acks_pending", "_note", "faults")
+                 "barrier", "acks_pending", "_note", "faults", "is_bridge")
 
     def __init__(self, hooks, core, sock, peer, listener):
         self.hooks = hooks
@@ -4307,6 +4364,7 @@ class Connection:
         self.client_id = None
         self.username = None
         self.proto_ver = None
+        self.is_bridge = False        # CONNECTed with the bridge bit (Connect.bridge)
         self.keepalive = 0
         self.clean_session = True
         self.will = None
@@ -4563,6 +4621,9 @@ class Connection:
         client_id, username, v5 = self.client_id, self.username, pkt.proto_ver == MQTT_V5
         props = pkt.properties or {}
         self.clean_session, self.will = pkt.clean_session, pkt.will
+        if pkt.bridge:
+            self.is_bridge = True
+            self.core.bridge_clients.add(client_id)
         self.acl = self.core.acl.for_client(client_id, username, self.peer[0])
         self.connected_at = self.core.wall()
         if v5:   # the session lasts Session Expiry Interval seconds after the connection
@@ -4718,6 +4779,8 @@ class Connection:
             raise ProtocolError("Subscription Identifier 0 or twice [MQTT-3.8.2-*]")
         check = self.acl.check
         allowed = [(f, q) for f, q in pkt.topics if check("subscribe", parse_share(f)[1])]
+        if self.is_bridge:   # a remote's bridge: not its own messages back, retain as published
+            allowed = [(f, q | _NO_LOCAL | _RETAIN_AS_PUBLISHED) for f, q in allowed]
         codes, retained = self.core.subscribe(self.session, allowed, subscription_ids[0])
         if len(allowed) < len(pkt.topics):   # a denied filter gets 0x87/0x80 [MQTT-3.9.3-2]
             granted = iter(codes)
@@ -6309,16 +6372,16 @@ async function pluginSettings(name, msg) {
   const path = nodePath("plugin_configs/" + enc(name));
   const rows = await api("GET", path).catch((err) => msg.fail(err));
   if (!rows) return;
-  const secret = (key) => key.toLowerCase().includes("password");
+  const secret = (row) => row.secret || row.key.toLowerCase().includes("password");
   const inputs = rows.map((r, i) => h("input", {
-    id: "cfg-" + i, value: r.value, autocomplete: "off", required: r.required && !secret(r.key),
-    type: secret(r.key) ? "password" : "text", placeholder: secret(r.key) ? "unchanged" : null,
+    id: "cfg-" + i, value: r.value, autocomplete: "off", required: r.required && !secret(r),
+    type: secret(r) ? "password" : "text", placeholder: secret(r) ? "unchanged" : null,
   }));
   const result = messageLine("dialog");
   const save = async (e) => {
     e.preventDefault();
     const body = {};   // every key, but a password left empty (it stays as it is)
-    rows.forEach((r, i) => { if (!(secret(r.key) && !inputs[i].value)) body[r.key] = inputs[i].value; });
+    rows.forEach((r, i) => { if (!(secret(r) && !inputs[i].value)) body[r.key] = inputs[i].value; });
     if (await act(result, () => api("PUT", path, body), "")) {
       closeDialog();
       msg.ok("Saved the settings of " + name + ".");
@@ -6326,7 +6389,7 @@ async function pluginSettings(name, msg) {
   };
   openDialog("Settings of " + name, [h("form", { id: "plugin-settings", class: "form", onsubmit: save },
     rows.length ? rows.map((r, i) => field(r.key + (r.required ? " (required)" : ""), inputs[i],
-      r.desc + (secret(r.key) ? " Leave it empty to keep the current one." : "")))
+      r.desc + (secret(r) ? " Leave it empty to keep the current one." : "")))
       : h("p", {}, "This plugin has no settings."), result.nodes)],
   [h("button", { type: "submit", form: "plugin-settings", id: "dialog-ok", class: "primary" }, "Save"),
     button("Cancel", closeDialog, { id: "dialog-cancel" })]);
@@ -6526,6 +6589,7 @@ boot();
 PLUGINS = {
     "emqx_auth_clientid": "EMQ X Authentication with ClientId/Password",
     "emqx_auth_username": "EMQ X Authentication with Username/Password",
+    "emqx_bridge_mqtt": "EMQ X Bridge MQTT",
     "emqx_dashboard": "EMQ X Dashboard",
     "emqx_modules": "EMQ X Modules",
     "emqx_retainer": "EMQ X Retainer",
@@ -6781,7 +6845,7 @@ class LiveViews:
                 raise ApiError(102, "%d live views are open, the most this server streams at "
                                     "once: close one" % self.limit)
             self.captures.add(capture)
-        core.add_capture(capture)
+        core.add_tap(capture)
         return capture
 
     def release(self, capture):
@@ -7125,6 +7189,24 @@ def create_api_blueprint(broker, live_views):
             raise ApiError(102, str(exc)) from None
         return ok()
 
+    # --- Bridges (emqx_bridge_mqtt): nodes/{node}/bridges[/{name}/start|stop] -------------
+    @rule("/nodes/<node>/bridges", strict_slashes=False)
+    def list_bridges(node):
+        check_node(node)
+        return ok([bridge.info() for _, bridge in sorted(broker.bridges.items())])
+
+    @rule("/nodes/<node>/bridges/<name>/<action>", methods=["POST"], strict_slashes=False)
+    def bridge_action(node, name, action):
+        check_node(node)
+        bridge = broker.bridges.get(_unquote(name))
+        if bridge is None or action not in ("start", "stop"):
+            raise ApiError(102, "no bridge named %r" % _unquote(name) if bridge is None
+                           else "unknown action %r (start or stop)" % action)
+        if not (bridge.start() if action == "start" else bridge.stop()):
+            raise ApiError(110, "already_started") if action == "start" \
+                else ApiError(111, "not_started")
+        return ok()
+
     @rule("/nodes/<node>/alarms", strict_slashes=False)
     def list_alarms(node):
         return ok([])   # emqx_lite raises no alarms
@@ -7150,8 +7232,11 @@ def create_api_blueprint(broker, live_views):
         """Server-Sent Events: every message routed to ``topic`` from now on."""
         check_node(node)
         capture = live_views.open(request.args.get("topic", "#"))
-        return Response(live_views.stream(capture), mimetype="text/event-stream",
-                        headers={"X-Accel-Buffering": "no"})
+        response = Response(live_views.stream(capture), mimetype="text/event-stream",
+                            headers={"X-Accel-Buffering": "no"})
+        # also when the stream never starts (HEAD, or a reader gone at once)
+        response.call_on_close(functools.partial(live_views.release, capture))
+        return response
 
     @rule("/prometheus/stats", strict_slashes=False)
     def prometheus_stats():
@@ -7974,6 +8059,94 @@ LISTENER_OPTIONS = {
 }
 LISTENER_DEFAULTS = dict(dict.fromkeys(LISTENER_OPTIONS), acceptors=1, max_clients=102400)
 
+def _host_port(text):
+    """'host:port' for a bridge's remote (a port alone names no host)."""
+    if ":" not in text:
+        raise ValueError("expected host:port, got %r" % text)
+    return parse_address(text)
+
+
+#: bridge.mqtt.<name>.<option> -> value parser (EMQ X's emqx_bridge_mqtt keys)
+BRIDGE_OPTIONS = {
+    "address": lambda text: _host_port(text),
+    "proto_ver": _parser("mqttv3|mqttv4|mqttv5", "mqttv3, mqttv4 or mqttv5",
+                         lambda m: {"mqttv3": MQTT_V31, "mqttv4": MQTT_V311,
+                                    "mqttv5": MQTT_V5}[m[0]]),
+    "clientid": _string,
+    "clean_start": parse_bool,
+    "username": _string,
+    "password": _string,
+    "keepalive": parse_duration,
+    "reconnect_interval": parse_duration,
+    "retry_interval": parse_duration,
+    "max_inflight": parse_int,
+    "bridge_mode": parse_bool,
+    "ssl": parse_bool,
+    "cacertfile": _string,
+    "certfile": _string,
+    "keyfile": _string,
+    "ciphers": _string,
+    "tls_versions": _parser(r"(?i)\s*tlsv1\.[0-3](\s*,\s*tlsv1\.[0-3])*\s*",
+                            "versions like tlsv1.2,tlsv1.3",
+                            lambda m: tuple(v.strip().lower() for v in m[0].split(","))),
+    "verify": _verify,
+    "forwards": _parser(r"(?s).*", "filters like a/#,b/#",
+                        lambda m: tuple(f.strip() for f in m[0].split(",") if f.strip())),
+    "forward_mountpoint": _directory,
+    "receive_mountpoint": _directory,
+    "queue.max_total_size": parse_bytesize,
+    "queue.replayq_dir": _directory,
+}
+#: What a bridge takes unless its configuration says otherwise (EMQ X's defaults;
+#: the queue bound is kept to what memory holds).
+BRIDGE_DEFAULTS = {
+    "address": None, "proto_ver": MQTT_V311, "clientid": None, "clean_start": True,
+    "username": None, "password": None, "keepalive": 60.0, "reconnect_interval": 30.0,
+    "retry_interval": 20.0, "max_inflight": 32, "bridge_mode": True, "ssl": False,
+    "cacertfile": None, "certfile": None, "keyfile": None, "ciphers": None,
+    "tls_versions": None, "verify": "verify_peer", "forwards": (), "forward_mountpoint": "",
+    "receive_mountpoint": "", "queue.max_total_size": 64 * 1024 * 1024,
+    "queue.replayq_dir": "", "subscriptions": (),
+}
+
+
+def bridge_config(name, options):
+    """A bridge's settings from ``{option: text or value}`` (``subscription.<n>.
+    topic``/``.qos`` among them): BRIDGE_DEFAULTS completed and checked.
+    ValueError naming the option."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        raise ValueError("bridge name %r: letters, digits, _ and - only" % name)
+    config, subs = dict(BRIDGE_DEFAULTS), {}
+    for option, value in options.items():
+        m = re.fullmatch(r"subscription\.([0-9]+)\.(topic|qos)", option)
+        text = value if isinstance(value, str) else (
+            ("on" if value else "off") if isinstance(value, bool) else
+            ",".join(value) if isinstance(value, (list, tuple)) else str(value))
+        try:
+            if m:
+                subs.setdefault(int(m[1]), {})[m[2]] = _qos(text) if m[2] == "qos" \
+                    else _string(text)
+            elif option in BRIDGE_OPTIONS:
+                config[option] = BRIDGE_OPTIONS[option](text)
+            else:
+                raise ValueError("unknown option")
+        except ValueError as exc:
+            raise ValueError("bridge.mqtt.%s.%s: %s" % (name, option, exc)) from None
+    for n, sub in sorted(subs.items()):
+        if "topic" not in sub or not validate_topic_filter(sub["topic"]):
+            raise ValueError("bridge.mqtt.%s.subscription.%d.topic: a topic filter is needed"
+                             % (name, n))
+    config["subscriptions"] = tuple((s["topic"], s.get("qos", 1)) for _, s in sorted(subs.items()))
+    for topic_filter in config["forwards"]:
+        if not validate_topic_filter(topic_filter):
+            raise ValueError("bridge.mqtt.%s.forwards: %r is not a topic filter"
+                             % (name, topic_filter))
+    if config["address"] is None:
+        raise ValueError("bridge.mqtt.%s.address: missing (host:port)" % name)
+    if config["clientid"] is None:
+        config["clientid"] = "bridge_" + name
+    return config
+
 
 ###############################################################################
 # Configuration files (emq.conf) ##############################################
@@ -8033,6 +8206,7 @@ class _ConfigReader:
         self.subs = {}        # n -> {"at": (where, key), "topic": ..., "qos": ...}
         self.rewrites = {}    # n -> (filter, regex, destination)
         self.user = {}        # "login"/"password" -> value
+        self.bridge_at = {}   # bridge name -> where its first key was
 
     # --- one method per kind of key: (match, value, where) ---------------------------
     def setting(self, m, value, where):
@@ -8041,6 +8215,18 @@ class _ConfigReader:
 
     def api_address(self, m, value, where):
         self.values["http_bind"], self.values["http_port"] = parse_address(value)
+
+    def bridge(self, m, value, where):
+        name, option = m[1], m[2]
+        sub = re.fullmatch(r"subscription\.([0-9]+)\.(topic|qos)", option)
+        if sub:
+            (_qos if sub[2] == "qos" else _string)(value)
+        elif option in BRIDGE_OPTIONS:
+            BRIDGE_OPTIONS[option](value)
+        else:
+            raise ValueError("unknown bridge option %r" % option)
+        self.bridge_at.setdefault(name, where)
+        self.values.setdefault("bridges", {}).setdefault(name, {})[option] = value
 
     def dashboard_address(self, m, value, where):
         self.values["dashboard_bind"], self.values["dashboard_port"] = parse_address(value)
@@ -8103,6 +8289,11 @@ class _ConfigReader:
             settings["module_rewrite"] = [rule for _, rule in sorted(self.rewrites.items())]
         if self.user:
             settings["users"] = {self.user.get("login", "admin"): self.user.get("password", "public")}
+        for name, options in settings.get("bridges", {}).items():
+            try:
+                bridge_config(name, options)
+            except ValueError as exc:
+                raise ConfigError("%s: %s" % (self.bridge_at[name], exc)) from None
         return settings
 
     def _listener(self, ltype, lname, host, port):
@@ -8117,6 +8308,7 @@ _KEY_KINDS = [
     (re.compile("|".join(map(re.escape, SETTING_KEYS))), _ConfigReader.setting),
     (re.compile(r"listener\.api\.mgmt"), _ConfigReader.api_address),
     (re.compile(r"dashboard\.listener\.http"), _ConfigReader.dashboard_address),
+    (re.compile(r"bridge\.mqtt\.([A-Za-z0-9_-]+)\.(.+)"), _ConfigReader.bridge),
     (re.compile(r"listener\.(tcp|ssl|ws|wss)\.([A-Za-z0-9_-]+)(?:\.(.+))?"),
      _ConfigReader.listener),
     (re.compile(r"auth\.client\.([0-9]+)\.(clientid|password)"), _ConfigReader.client_pair),
@@ -8191,6 +8383,15 @@ def _render_modules(settings):
     return lines
 
 
+def _render_bridges(settings):
+    bridges = settings.get("bridges") or {}
+    if not bridges:
+        return []
+    return ["## Bridges"] + ["bridge.mqtt.%s.%s = %s" % (name, option, value)
+                             for name, options in bridges.items()
+                             for option, value in options.items()]
+
+
 def _render_listeners(settings):
     lines = ["## Listeners"]
     if settings.get("http_port") is not None:
@@ -8209,7 +8410,8 @@ def _render_listeners(settings):
 
 #: Settings that a part above writes besides SETTING_KEYS'.
 _RENDERED = {"listeners", "http_bind", "http_port", "dashboard_bind", "dashboard_port", "users",
-             "auth_username", "auth_clientid", "module_subscription", "module_rewrite"}
+             "auth_username", "auth_clientid", "module_subscription", "module_rewrite",
+             "bridges"}
 
 
 def _render_python_only(settings):
@@ -8229,7 +8431,8 @@ def render_config(settings):
     """
     parts = [["## emqx_lite configuration (EMQ X 2.x emq.conf syntax)"]]
     parts += [render(settings) for render in (_render_settings, _render_auth, _render_modules,
-                                              _render_listeners, _render_python_only)]
+                                              _render_listeners, _render_bridges,
+                                              _render_python_only)]
     return "\n\n".join("\n".join(part) for part in parts if part) + "\n"
 
 
@@ -8241,6 +8444,655 @@ def load_config(path=None, environ=None):
         with open(path, encoding="utf-8") as f:
             entries = parse_conf(f.read(), path)
     return config_settings(entries + env_overrides(environ or {}), path or "<environment>")
+
+
+###############################################################################
+# Bridges (emqx_bridge_mqtt) ##################################################
+###############################################################################
+#
+# A bridge is this broker as an MQTT client of another one (EMQX, mosquitto,
+# HiveMQ, another emqx_lite): the messages routed here to its ``forwards``
+# filters go to the remote, and what its ``subscriptions`` bring there is
+# published here. Each bridge has one thread that owns its socket: it
+# connects, reads, writes what the socket takes and keeps time, in a selector
+# loop. Local clients only append to the bridge's queue (a tap on routing,
+# BrokerCore.add_tap) and wake it: a slow or dead remote never stalls them.
+# Its settings (BRIDGE_OPTIONS) are with the others, above.
+
+_BRIDGE_ACCEPTS = frozenset((CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP, SUBACK,
+                             UNSUBACK, PINGRESP, DISCONNECT))
+_BRIDGE_BACKOFF = 0.5     # seconds before the first reconnect; doubled up to reconnect_interval
+_BRIDGE_CONNECT_TIMEOUT = 10.0   # seconds for TCP, TLS and CONNACK together
+_BRIDGE_FINGERPRINTS = 10000     # forwarded messages remembered to spot their echo
+_BRIDGE_QOS0_QUEUE = 10000       # QoS 0 messages waiting for the bridge's thread, at most
+
+class _BridgeDown(Exception):
+    """The connection to the remote ended (the message says why)."""
+
+
+class _Forward:
+    """A message waiting for the remote: queued, then in flight under a packet id."""
+    __slots__ = ("seq", "msg", "topic", "qos", "size", "packet_id", "state", "sent_at")
+
+    def __init__(self, seq, msg, topic, qos):
+        self.seq, self.msg, self.topic, self.qos = seq, msg, topic, qos
+        self.size = len(msg.payload) + len(topic) + 32
+        self.packet_id = self.sent_at = None
+        self.state = WAIT_ACK
+
+
+class Bridge:
+    """One bridge: this broker as an MQTT client of a remote (emqx_bridge_mqtt).
+
+    Local -> remote: messages routed here whose topic matches ``forwards``
+    are published to the remote under ``forward_mountpoint`` (``${node}`` is
+    this node's name), QoS and retain flag kept. QoS 1/2 messages wait in a
+    queue bounded by ``queue.max_total_size`` bytes (the oldest go first when
+    it is full; kept in the data file with ``queue.replayq_dir`` set) until the
+    remote acknowledges them; QoS 0 messages go only while connected.
+    Remote -> local: ``subscriptions`` are made at every connect; what they
+    bring is published here under ``receive_mountpoint``.
+
+    No loops: a message this bridge published here is never forwarded back;
+    on 5.0 the remote subscriptions have No Local, on 3.x the bridge bit asks
+    the remote for the same, and where the remote refuses the bit the echo of
+    a forwarded message is recognised by its topic and payload and dropped.
+
+    ``lock`` guards ``queue``, ``queued_bytes``, ``inflight``, the counters,
+    ``state`` and ``last_error`` (a leaf lock, but Store.lock is taken under
+    it to record the queue in order). The rest belongs to the bridge's thread.
+    """
+
+    def __init__(self, broker, name, config):
+        self.broker, self.name, self.config = broker, name, config
+        self.tag = "$bridge/" + name   # the sender of what it publishes here
+        self.lock = threading.Lock()
+        self.queue = collections.deque()   # _Forward, in order, not yet acknowledged
+        self.queued_bytes = 0
+        self.inflight = {}                 # packet id -> _Forward
+        self.counts = dict.fromkeys(("forwarded", "received", "dropped", "dropped_qos0",
+                                     "dropped_overflow", "dropped_refused"), 0)
+        self.state, self.last_error, self.connected_at = "stopped", None, None
+        self._seq = 0
+        self._qos0 = collections.deque()   # QoS 0 messages to send now
+        self._thread = None
+        self._stop = threading.Event()
+        self._wake_r = self._wake_w = None
+        self._overflow_logged = 0.0
+        self._fingerprints = collections.OrderedDict()   # (topic, payload hash) -> count
+        self._inbound = set()   # QoS 2 packet ids from the remote whose PUBREL has not come
+        self._mountpoint = config["forward_mountpoint"].replace("${node}", broker.node)
+        self._durable = bool(config["queue.replayq_dir"])
+        self.sock = self.tls = self._selector = None
+        self._out, self._in = bytearray(), bytearray()
+        self.proto_ver = config["proto_ver"]
+        self._bridge_bit = config["bridge_mode"] and self.proto_ver != MQTT_V5
+
+    # --- local side: the tap ------------------------------------------------------
+    def wants(self, topic, msg):
+        if msg.sender == self.tag or msg.sender in self.broker.core.bridge_clients:
+            return False   # it came from a bridge: never bridged again (no loops)
+        return any(topic_matches(f, topic) for f in self.config["forwards"])
+
+    def record(self, msg):
+        """A message for the remote (BrokerCore.publish's thread). Returns True:
+        it is taken for delivery."""
+        topic = self._mountpoint + msg.topic
+        if not msg.qos:
+            with self.lock:
+                if self.state != "connected" or len(self._qos0) >= _BRIDGE_QOS0_QUEUE:
+                    self.counts["dropped"] += 1
+                    self.counts["dropped_qos0"] += 1
+                    return True
+                self._qos0.append((topic, msg))
+            self._wake()
+            return True
+        store = self.broker.core.store if self._durable else None
+        with self.lock:
+            self._seq += 1
+            entry = _Forward(self._seq, msg, topic, msg.qos)
+            self.queue.append(entry)
+            self.queued_bytes += entry.size
+            if store is not None:
+                store.put(("bridgeq", self.name, entry.seq),
+                          (self.name, entry.seq, topic, msg.payload, msg.qos, int(msg.retain),
+                           msg.encoded_properties() if msg.properties else None,
+                           _wall_deadline(msg.expires_at, self.broker.clock), msg.sender),
+                          new=True)
+            dropped = self._trim_locked(store)
+        if dropped:
+            self._overflowed(dropped)
+        self._wake()
+        return True
+
+    def _trim_locked(self, store):
+        """Drop the oldest queued messages beyond the bound; those in flight
+        (at the front, at most a window of them) stay."""
+        dropped, limit = 0, self.config["queue.max_total_size"]
+        in_flight = []
+        while self.queue and self.queued_bytes > limit:
+            entry = self.queue.popleft()
+            if entry.packet_id is not None:
+                in_flight.append(entry)
+                continue
+            self.queued_bytes -= entry.size
+            dropped += 1
+            if store is not None:
+                store.delete(("bridgeq", self.name, entry.seq))
+        self.queue.extendleft(reversed(in_flight))
+        self.counts["dropped"] += dropped
+        self.counts["dropped_overflow"] += dropped
+        return dropped
+
+    def _overflowed(self, dropped):
+        now = time.monotonic()
+        if now >= self._overflow_logged:
+            self._overflow_logged = now + 60.0
+            _log.warning("Bridge %s: its queue is full (queue.max_total_size %s): dropped the "
+                         "oldest message(s); %d dropped so far (logged once a minute)",
+                         self.name, _fmt_bytesize(self.config["queue.max_total_size"]),
+                         self.counts["dropped_overflow"])
+
+    def restore(self, rows):
+        """The queue from the data file: [(seq, topic, payload, qos, retain,
+        properties, expires_at, sender)] in order."""
+        with self.lock:
+            for seq, topic, payload, qos, retain, props, expires_at, sender in rows:
+                msg = Message.from_row(topic, payload, qos, retain, props, expires_at, sender,
+                                       self.broker.clock)
+                entry = _Forward(seq, msg, topic, qos)
+                self.queue.append(entry)
+                self.queued_bytes += entry.size
+                self._seq = max(self._seq, seq)
+
+    # --- start, stop, status ----------------------------------------------------------
+    def start(self):
+        if self._thread is not None:
+            return False
+        self._stop.clear()
+        self._durable = bool(self.config["queue.replayq_dir"]) and self.broker.core.store is not None
+        if self.config["queue.replayq_dir"] and not self._durable:
+            _log.warning("Bridge %s: queue.replayq_dir is set but the broker keeps no data "
+                         "file (node.data_dir): its queue is in memory only", self.name)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._set_state("connecting")
+        self.broker.core.add_tap(self)
+        self._thread = _start_thread(self._run, "emqx_lite-bridge-" + self.name)
+        _log.info("Bridge %s started: %s:%d", self.name, *self.config["address"])
+        return True
+
+    def stop(self):
+        thread = self._thread
+        if thread is None:
+            return False
+        self._stop.set()
+        self._wake()
+        thread.join()
+        self._thread = None
+        self.broker.core.remove_tap(self)
+        for sock in (self._wake_r, self._wake_w):
+            sock.close()
+        self._wake_r = self._wake_w = None
+        with self.lock:   # what never went out is sent again after a restart
+            for entry in self.queue:
+                entry.packet_id = None
+            self.inflight.clear()
+            self._qos0.clear()
+        self._set_state("stopped")
+        _log.info("Bridge %s stopped", self.name)
+        return True
+
+    def info(self):
+        host, port = self.config["address"]
+        with self.lock:
+            return {"name": self.name, "state": self.state,
+                    "remote": _fmt_address(host, port),
+                    "proto_ver": {MQTT_V31: "mqttv3", MQTT_V311: "mqttv4",
+                                  MQTT_V5: "mqttv5"}[self.config["proto_ver"]],
+                    "clientid": self.config["clientid"],
+                    "forwards": list(self.config["forwards"]),
+                    "subscriptions": [{"topic": t, "qos": q}
+                                      for t, q in self.config["subscriptions"]],
+                    "forwarded": self.counts["forwarded"], "received": self.counts["received"],
+                    "dropped": self.counts["dropped"], "queued": len(self.queue),
+                    "queued_bytes": self.queued_bytes, "inflight": len(self.inflight),
+                    "last_error": self.last_error,
+                    "connected_at": _strftime(self.connected_at) if self.connected_at
+                    else None}
+
+    def _set_state(self, state, error=None):
+        with self.lock:
+            changed = state != self.state
+            self.state = state
+            if error is not None:
+                self.last_error = error
+            if state == "connected":
+                self.connected_at = self.broker.core.wall()
+        if changed:
+            self.broker._sys_publish("bridges/%s/status" % self.name, state, retain=True)
+
+    def _wake(self):
+        try:
+            self._wake_w.send(b"\0")
+        except (OSError, AttributeError):   # full (it is awake anyway) or stopped
+            pass
+
+    # --- the thread ------------------------------------------------------------------
+    def _run(self):
+        attempt, logged = 0, None
+        while not self._stop.is_set():
+            self._set_state("connecting")
+            try:
+                self._session()
+                error = "the remote closed the connection"
+            except _BridgeDown as exc:
+                error = str(exc)
+            except (OSError, MQTTError, ssl.SSLError, StoreError) as exc:
+                error = "%s: %s" % (type(exc).__name__, exc)
+            finally:
+                self._close_socket()
+            if self._stop.is_set():
+                break
+            connected = self.state == "connected"
+            self._set_state("disconnected", error)
+            attempt = 0 if connected else attempt + 1
+            if error != logged or connected:   # a crash loop logs each new error once
+                _log.warning("Bridge %s: %s; reconnecting", self.name, error)
+                logged = error
+            delay = min(self.config["reconnect_interval"],
+                        _BRIDGE_BACKOFF * 2 ** min(attempt, 16))
+            self._stop.wait(delay * random.uniform(0.5, 1.0))
+        core = self.broker.core
+        core.fold_counts([core.take_counts()])
+
+    def _close_socket(self):
+        if self._selector is not None:
+            self._selector.close()
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+        self.sock = self.tls = self._selector = None
+        with self.lock:
+            self._qos0.clear()
+
+    def _session(self):
+        """One connection: connect, CONNACK, subscribe, then serve until it ends."""
+        c = self.config
+        host, port = c["address"]
+        self.sock = sock = socket.socket(
+            socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self._selector.register(sock, selectors.EVENT_READ)
+        self._out = bytearray()
+        self._in = bytearray()
+        self._last_in = self._last_out = time.monotonic()
+        deadline = time.monotonic() + _BRIDGE_CONNECT_TIMEOUT
+        try:
+            sock.connect((host, port))
+        except BlockingIOError:
+            pass
+        except socket.gaierror as exc:
+            raise _BridgeDown("cannot resolve %s: %s" % (host, exc)) from None
+        self._wait(deadline, write=True)
+        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            raise _BridgeDown("cannot connect to %s: %s" % (_fmt_address(host, port),
+                                                           os.strerror(error)))
+        if c["ssl"]:
+            self.tls = TlsTransport(self._ssl_context(), server_hostname=host)
+            self._send_raw(self.tls.feed(b"")[1])   # the ClientHello
+            while not self.tls.handshaken:
+                self._wait(deadline)
+                self._read()
+        connect = Connect("MQTT" if self.proto_ver != MQTT_V31 else "MQIsdp", self.proto_ver,
+                          c["clean_start"], int(c["keepalive"]), c["clientid"], None,
+                          c["username"], c["password"].encode() if c["password"] else None,
+                          {"session_expiry_interval": 0 if c["clean_start"] else 0xFFFFFFFF}
+                          if self.proto_ver == MQTT_V5 else None, self._bridge_bit)
+        self._send(encode_connect(connect, self.proto_ver))
+        connack = None
+        while connack is None:
+            self._wait(deadline)
+            for first_byte, body in self._read():
+                packet = decode_packet(first_byte, body, self.proto_ver, _BRIDGE_ACCEPTS)
+                if first_byte >> 4 != CONNACK:
+                    raise _BridgeDown("%s before CONNACK" % PACKET_NAMES[first_byte >> 4])
+                connack = packet
+        if connack.return_code:
+            if connack.return_code == CONNACK_UNACCEPTABLE_PROTOCOL and self._bridge_bit:
+                self._bridge_bit = False   # the remote does not know the bridge bit
+                raise _BridgeDown("the remote refused the bridge bit (protocol level 0x%x): "
+                                  "connecting without it" % (0x80 | self.proto_ver))
+            raise _BridgeDown("the remote refused the connection: CONNACK %d (%s)" % (
+                connack.return_code, _CONNACK_NAMES.get(connack.return_code, "refused")))
+        props = connack.properties or {}
+        self._max_qos = props.get("maximum_qos", 2)
+        self._window = min(c["max_inflight"], props.get("receive_maximum", 65535))
+        if not connack.session_present:
+            self._inbound.clear()   # a new session: its ids start afresh
+        self._next_id = 0
+        self._resend(connack.session_present)
+        if c["subscriptions"]:
+            options = _NO_LOCAL | _RETAIN_AS_PUBLISHED if self.proto_ver == MQTT_V5 else 0
+            self._send(encode_subscribe(Subscribe(self._packet_id(), [
+                (t, q | options) for t, q in c["subscriptions"]]), self.proto_ver))
+        self._set_state("connected")
+        _log.info("Bridge %s connected to %s", self.name, _fmt_address(host, port))
+        self._serve()
+
+    def _ssl_context(self):
+        c = self.config
+        context = ssl.create_default_context(cafile=c["cacertfile"])
+        if c["verify"] == "verify_none":
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        if c["certfile"]:
+            context.load_cert_chain(c["certfile"], c["keyfile"])
+        if c["ciphers"]:
+            context.set_ciphers(c["ciphers"])
+        if c["tls_versions"]:
+            versions = [getattr(ssl.TLSVersion, "TLSv1_%s" % v[-1]) for v in c["tls_versions"]]
+            context.minimum_version, context.maximum_version = min(versions), max(versions)
+        return context
+
+    # --- bytes in and out ----------------------------------------------------------------
+    def _select(self, timeout, write=False):
+        """Wait up to ``timeout`` seconds for the socket (or a wake-up); write
+        what it takes. Returns (readable, writable)."""
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if write or self._out else 0)
+        self._selector.modify(self.sock, events)
+        readable = writable = False
+        for key, mask in self._selector.select(timeout):
+            if key.fileobj is self._wake_r:
+                self._drain_wake()
+            else:
+                readable, writable = bool(mask & selectors.EVENT_READ), bool(
+                    mask & selectors.EVENT_WRITE)
+        if writable:
+            self._flush()
+        return readable, writable
+
+    def _wait(self, deadline, write=False):
+        """Until the socket is readable (or writable); _BridgeDown at
+        ``deadline`` or when stopping."""
+        while True:
+            if self._stop.is_set():
+                raise _BridgeDown("stopped")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _BridgeDown("the remote did not answer within %gs"
+                                  % _BRIDGE_CONNECT_TIMEOUT)
+            readable, writable = self._select(left, write)
+            if readable or (write and writable):
+                return
+
+    def _drain_wake(self):
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    def _read(self):
+        """Read what is there; the complete packets, as (first byte, body)."""
+        try:
+            raw = self.sock.recv(65536)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
+            return []
+        if not raw:
+            raise _BridgeDown("the remote closed the connection")
+        self._last_in = time.monotonic()
+        if self.tls is not None:
+            raw, reply = self.tls.feed(raw)
+            if reply:
+                self._send_raw(reply)
+        self._in += raw
+        packets, pos = [], 0
+        while True:
+            framed = split_packet(self._in, pos)
+            if framed is None:
+                break
+            first_byte, body, pos = framed
+            packets.append((first_byte, bytes(body)))
+        del self._in[:pos]
+        return packets
+
+    def _send(self, data):
+        self._send_raw(self.tls.wrap(data) if self.tls is not None else data)
+
+    def _send_raw(self, data):
+        self._out += data
+        self._last_out = time.monotonic()
+        self._flush()
+
+    def _flush(self):
+        while self._out:
+            try:
+                sent = self.sock.send(self._out)
+            except (BlockingIOError, InterruptedError):
+                return
+            del self._out[:sent]
+
+    # --- the connected loop --------------------------------------------------------------
+    def _serve(self):
+        keepalive = self.config["keepalive"]
+        while not self._stop.is_set():
+            self._send_queued()
+            now = time.monotonic()
+            timeout = 1.0
+            if keepalive:
+                if now - self._last_in > keepalive * 1.5:
+                    raise _BridgeDown("no answer from the remote for %gs (keepalive)"
+                                      % (keepalive * 1.5))
+                if now - self._last_out >= keepalive:
+                    self._send(encode_pingreq(EMPTY, self.proto_ver))
+                timeout = min(timeout, keepalive / 2)
+            self._retry(now)
+            readable, _ = self._select(timeout)
+            if readable:
+                for first_byte, body in self._read():
+                    self._handle(first_byte >> 4,
+                                 decode_packet(first_byte, body, self.proto_ver, _BRIDGE_ACCEPTS))
+        if self.sock is not None:   # stopping: say goodbye
+            self._send(encode_disconnect(Disconnect(), self.proto_ver))
+
+    def _packet_id(self):
+        for _ in range(MAX_PACKET_ID):
+            self._next_id = self._next_id % MAX_PACKET_ID + 1
+            if self._next_id not in self.inflight:
+                return self._next_id
+        raise _BridgeDown("no free packet id")
+
+    def _send_queued(self):
+        """QoS 0 messages, then queued QoS 1/2 ones while the window has room."""
+        with self.lock:
+            qos0, self._qos0 = self._qos0, collections.deque()
+            fresh = []
+            if len(self.inflight) < self._window:
+                for entry in self.queue:
+                    if entry.packet_id is None:
+                        entry.packet_id = self._packet_id()
+                        self.inflight[entry.packet_id] = entry
+                        fresh.append(entry)
+                        if len(self.inflight) >= self._window:
+                            break
+        for topic, msg in qos0:
+            self._publish(topic, msg, 0, None, False)
+            with self.lock:
+                self.counts["forwarded"] += 1
+        for entry in fresh:
+            self._send_entry(entry, False)
+
+    def _publish(self, topic, msg, qos, packet_id, dup):
+        properties = None
+        if self.proto_ver == MQTT_V5 and msg.properties:
+            properties = forwarded_properties(msg.properties)
+            if msg.expires_at is not None:
+                properties["message_expiry_interval"] = max(
+                    0, int(msg.expires_at - self.broker.clock.monotonic()))
+        if not qos:
+            packet_id = None
+        if not self._bridge_bit and self.proto_ver != MQTT_V5:   # our own marking
+            key = (topic, hash(msg.payload))
+            self._fingerprints[key] = self._fingerprints.get(key, 0) + 1
+            if len(self._fingerprints) > _BRIDGE_FINGERPRINTS:
+                self._fingerprints.popitem(last=False)
+        self._send(encode_publish(Publish(topic, msg.payload, qos, msg.retain, dup, packet_id,
+                                          properties), self.proto_ver))
+
+    def _send_entry(self, entry, dup):
+        """A queued message's PUBLISH (or its PUBREL once the remote has it).
+        At the remote's Maximum QoS 0 it is done once sent."""
+        entry.sent_at = time.monotonic()
+        if entry.state == WAIT_COMP:
+            self._send(encode_pubrel(Ack(entry.packet_id), self.proto_ver))
+            return
+        qos = min(entry.qos, self._max_qos)
+        self._publish(entry.topic, entry.msg, qos, entry.packet_id, dup)
+        if not qos:
+            self._complete(entry.packet_id)
+
+    def _resend(self, session_present):
+        """After a (re)connect: what was in flight goes again, in order (DUP
+        when the remote kept the session); a QoS 2 message whose PUBREC came
+        goes on with PUBREL, or is done if the remote forgot the session."""
+        with self.lock:
+            entries = sorted(self.inflight.values(), key=lambda e: e.seq)
+            self.inflight.clear()
+            done = []
+            for entry in entries:
+                if entry.state == WAIT_COMP and not session_present:
+                    done.append(entry)   # delivered: the remote sent its PUBREC
+                    continue
+                self.inflight[entry.packet_id] = entry
+        for entry in done:
+            self._complete(entry.packet_id, entry)
+        for entry in entries:
+            if entry not in done:
+                self._send_entry(entry, session_present)
+
+    def _retry(self, now):
+        """3.x: resend what waited retry_interval for its ack (5.0 resends only
+        on a new connection [MQTT-4.4.0-1])."""
+        if self.proto_ver == MQTT_V5:
+            return
+        cutoff = now - self.config["retry_interval"]
+        with self.lock:
+            late = [e for e in self.inflight.values() if e.sent_at is not None
+                    and e.sent_at <= cutoff]
+        for entry in late:
+            self._send_entry(entry, True)
+
+    def _complete(self, packet_id, entry=None, refused=False):
+        """The remote has this message (or refused it): off the queue and the disk."""
+        store = self.broker.core.store if self._durable else None
+        with self.lock:
+            entry = self.inflight.pop(packet_id, None) or entry
+            if entry is None:
+                return
+            try:
+                self.queue.remove(entry)
+                self.queued_bytes -= entry.size
+            except ValueError:
+                pass
+            if refused:
+                self.counts["dropped"] += 1
+                self.counts["dropped_refused"] += 1
+            else:
+                self.counts["forwarded"] += 1
+            if store is not None:
+                store.delete(("bridgeq", self.name, entry.seq))
+        self._wake()
+
+    # --- packets from the remote ---------------------------------------------------------
+    def _handle(self, packet_type, pkt):
+        if packet_type == PUBLISH:
+            self._received(pkt)
+        elif packet_type == PUBACK:
+            self._complete(pkt.packet_id, refused=pkt.reason_code >= 0x80)
+        elif packet_type == PUBREC:
+            if pkt.reason_code >= 0x80:
+                self._complete(pkt.packet_id, refused=True)
+                return
+            with self.lock:
+                entry = self.inflight.get(pkt.packet_id)
+                if entry is not None:
+                    entry.state, entry.sent_at = WAIT_COMP, time.monotonic()
+            self._send(encode_pubrel(Ack(pkt.packet_id), self.proto_ver))
+        elif packet_type == PUBCOMP:
+            self._complete(pkt.packet_id)
+        elif packet_type == PUBREL:
+            self._inbound.discard(pkt.packet_id)
+            self._send(encode_pubcomp(Ack(pkt.packet_id), self.proto_ver))
+        elif packet_type == SUBACK:
+            refused = [t for (t, _), code in zip(self.config["subscriptions"], pkt.return_codes)
+                       if code >= 0x80]
+            if refused:
+                with self.lock:
+                    self.last_error = "the remote refused the subscription(s) %s" % ", ".join(
+                        refused)
+                _log.warning("Bridge %s: %s", self.name, self.last_error)
+        elif packet_type == DISCONNECT:
+            reason = getattr(pkt, "reason_code", 0)
+            raise _BridgeDown("the remote disconnected (reason 0x%02x)" % reason)
+
+    def _received(self, pkt):
+        """A PUBLISH from the remote: published here, then acknowledged (after
+        the data file has it, when a persistent session here got it)."""
+        if pkt.qos == 2 and pkt.packet_id in self._inbound:   # a resend: delivered already
+            self._send(encode_pubrec(Ack(pkt.packet_id), self.proto_ver))
+            return
+        if self._fingerprints:
+            key = (pkt.topic, hash(bytes(pkt.payload)))
+            count = self._fingerprints.get(key)
+            if count:   # the echo of what this bridge forwarded: not published again
+                if count == 1:
+                    del self._fingerprints[key]
+                else:
+                    self._fingerprints[key] = count - 1
+                self._ack(pkt)
+                return
+        properties = forwarded_properties(pkt.properties) if pkt.properties else None
+        core = self.broker.core
+        msg = Message(self.config["receive_mountpoint"] + pkt.topic, bytes(pkt.payload),
+                      pkt.qos, pkt.retain, self.tag, False, properties, core.clock)
+        batch = Batch()
+        core.publish(msg, batch)
+        batch.run()
+        with self.lock:
+            self.counts["received"] += 1
+        if pkt.qos and core.store is not None:
+            core.store.wait()   # what this promises is on disk first
+        if pkt.qos == 2:
+            self._inbound.add(pkt.packet_id)
+        self._ack(pkt)
+
+    def _ack(self, pkt):
+        if pkt.qos == 1:
+            self._send(encode_puback(Ack(pkt.packet_id), self.proto_ver))
+        elif pkt.qos == 2:
+            self._inbound.add(pkt.packet_id)
+            self._send(encode_pubrec(Ack(pkt.packet_id), self.proto_ver))
+
+
+#: CONNACK return code -> what it means (3.1.1 table 3.1; 5.0 reason codes too)
+_CONNACK_NAMES = {
+    CONNACK_UNACCEPTABLE_PROTOCOL: "unacceptable protocol version",
+    CONNACK_IDENTIFIER_REJECTED: "identifier rejected",
+    CONNACK_SERVER_UNAVAILABLE: "server unavailable",
+    CONNACK_BAD_USERNAME_PASSWORD: "bad user name or password",
+    CONNACK_NOT_AUTHORIZED: "not authorized",
+    0x84: "unsupported protocol version", 0x85: "client identifier not valid",
+    0x86: "bad user name or password", 0x87: "not authorized", 0x88: "server unavailable",
+    0x89: "server busy", 0x8A: "banned",
+}
 
 
 ###############################################################################
@@ -8513,7 +9365,7 @@ class Broker:
                  certfile=None, keyfile=None, cacertfile=None, verify=False,
                  fail_if_no_peer_cert=False, listeners=None, users=None,
                  authenticate=None, auth_methods=None, clock=None, dashboard_port=None,
-                 dashboard_bind=None, **settings):
+                 dashboard_bind=None, bridges=None, **settings):
         unknown = set(settings) - set(DEFAULTS)
         if unknown:
             raise TypeError("unknown broker setting(s): %s" % ", ".join(sorted(unknown)))
@@ -8601,10 +9453,22 @@ class Broker:
         self._dashboard_port_wanted = dashboard_port
         self.dashboard_bind = dashboard_bind or self.http_bind
         self.dashboard_port = None
+        self._dashboard_configured = (self.dashboard_bind, dashboard_port)
+        #: serialises changes of settings at run time (set_config, set_plugin_config),
+        #: so that the running value and the kept one agree (before _dashboard_lock)
+        self._settings_lock = threading.Lock()
+        #: guards _dashboard, _dashboard_thread, _dashboard_stopper and the
+        #: dashboard's address (taken with no lock held; _plugins_lock under it)
+        self._dashboard_lock = threading.Lock()
         self._dashboard = self._dashboard_thread = None
-        self._dashboard_stopper = None   # the thread stopping it when its plugin stopped
+        self._dashboard_stopper = None   # the thread retiring a server (plugin stopped, moved)
         #: the dashboard's charts: a sample every HISTORY_INTERVAL s (service thread)
         self._history = collections.deque(maxlen=HISTORY_SAMPLES)
+        #: name -> Bridge (emqx_bridge_mqtt): {name: {option: value}} as a
+        #: configuration file's bridge.mqtt.<name>.<option> keys give them
+        self.bridges = {name: Bridge(self, name, bridge_config(name, options))
+                        for name, options in (bridges or {}).items()}
+        self._bridge_options = {name: dict(options) for name, options in (bridges or {}).items()}
         self._last_sample = None   # (monotonic time, messages received, sent)
         self._next_sample = 0.0
 
@@ -8651,12 +9515,14 @@ class Broker:
                     self._selector.register(lst.sock, selectors.EVENT_READ, lst)
                 if self._http_port_wanted is not None:
                     self._start_http()
-                if self._dashboard_port_wanted is not None and self.plugins()["emqx_dashboard"]:
-                    self._start_dashboard()
+                self._sync_dashboard()
             except BaseException:
                 self._close_resources()
                 raise
             self._publish_sys_retained()
+            if self.plugins()["emqx_bridge_mqtt"]:
+                for bridge in self.bridges.values():
+                    bridge.start()
             now, interval = self.clock.monotonic(), self.settings["sys_interval"]
             self._next_tick = now + min(0.5, interval, 1.0)
             self._next_heartbeat = now + min(1.0, interval)
@@ -8685,6 +9551,8 @@ class Broker:
             if self.clock.manual:
                 self.clock.detach(self)
             self.faults.clear()
+            for bridge in self.bridges.values():   # they publish here: first
+                bridge.stop()
             self._stopping = True
             self._wake()
             self._service.join()
@@ -8754,6 +9622,7 @@ class Broker:
             for name, encoded, tags in users.rows():   # rows from the configuration
                 store.put(("user", table, name), (table, name, encoded, tags))
         self._restore_settings(data["settings"])
+        self._restore_bridges(data["bridge_queue"])
         with self._plugins_lock:
             for name, active in data["plugins"]:
                 if name in self._plugins:
@@ -8764,6 +9633,19 @@ class Broker:
         _log.info("Restored %d sessions (%d messages queued or in flight) and %d retained "
                   "messages from %s", len(data["sessions"]), len(data["messages"]),
                   len(self.core.retained), store.path)
+
+    def _restore_bridges(self, rows):
+        """The bridges' queues (kept with queue.replayq_dir): sent first."""
+        for name, group in itertools.groupby(rows, key=lambda row: row[0]):
+            group = [row[1:] for row in group]
+            bridge = self.bridges.get(name)
+            if bridge is None:
+                _log.warning("Data file: %d message(s) queued for a bridge %r that is no longer "
+                             "configured are kept", len(group), name)
+                continue
+            bridge.restore(group)
+            _log.info("Bridge %s: %d message(s) queued for the remote, from the data file",
+                      name, len(group))
 
     def _restore_settings(self, rows):
         """The settings changed at run time, from the data file: they win over
@@ -8833,12 +9715,15 @@ class Broker:
                 self._store.put(("plugin", name), (name, int(active)))
         self._apply_plugins()
         self.sync()
-        if name == "emqx_dashboard" and self._service is not None \
-                and self._dashboard_port_wanted is not None:
-            if active:
-                self._start_dashboard()
-            else:
-                self._stop_dashboard(later=True)
+        if name == "emqx_bridge_mqtt" and self._service is not None:
+            for bridge in self.bridges.values():
+                bridge.start() if active else bridge.stop()
+        if name == "emqx_dashboard" and self._service is not None:
+            try:
+                self._sync_dashboard()
+            except OSError as exc:
+                _log.error("Dashboard: cannot listen on %s: %s", _fmt_address(
+                    self.dashboard_bind, self._dashboard_port_wanted), exc)
         _log.info("Plugin %s %s", name, "started" if active else "stopped")
         return True
 
@@ -8869,8 +9754,9 @@ class Broker:
         except ValueError as exc:
             raise ValueError("%s: %s" % (key, exc)) from None
         self._require_writable()
-        self._set_setting(name, parsed)
-        self._keep_setting(key, format_setting(key, parsed))
+        with self._settings_lock:   # what runs and what is kept stay the same
+            self._set_setting(name, parsed)
+            self._keep_setting(key, format_setting(key, parsed))
         self.sync()
         _log.info("Setting %s = %s (changed at run time)", key, format_setting(key, parsed))
 
@@ -8892,7 +9778,8 @@ class Broker:
         [{"key", "value", "desc", "required"}]. Passwords are never shown
         (their value is ""); a key with ``$`` shows how to name a new entry.
         KeyError for an unknown plugin."""
-        return [{"key": key, "value": value, "desc": desc, "required": required}
+        return [{"key": key, "value": value, "desc": desc, "required": required,
+                 "secret": bool(_WRITE_ONLY.fullmatch(key))}
                 for key, value, desc, required in _PLUGIN_CONFIGS[plugin][0](self)]
 
     def set_plugin_config(self, plugin, values):
@@ -8903,8 +9790,12 @@ class Broker:
         if not all(isinstance(v, str) for v in values.values()):
             raise ValueError("every value must be a string")
         values = {k: v for k, v in values.items() if not ("$" in k and v == "")}
+        for key in values:
+            if "$" in key:
+                raise ValueError("%s: replace the part with $ by a name" % key)
         self._require_writable()
-        _PLUGIN_CONFIGS[plugin][1](self, values)
+        with self._settings_lock:
+            _PLUGIN_CONFIGS[plugin][1](self, values)
         self.sync()
         _log.info("Plugin %s: settings changed (%s)", plugin, ", ".join(sorted(values)) or "none")
 
@@ -9053,18 +9944,35 @@ class Broker:
             raise ValueError("dashboard.default_user.password: a new user %r needs one" % login)
         if password and not login:
             raise ValueError("dashboard.default_user.login: whose password is it?")
-        if login and password and not self.users.set_password(login, password):
-            self.users.add(login, password, "administrator")
         if address is not None and (bind, port) != (self.dashboard_bind,
                                                      self.dashboard_port or
                                                      self._dashboard_port_wanted):
-            self.dashboard_bind, self._dashboard_port_wanted = bind, port
-            self.dashboard_port = None
+            try:
+                self._move_dashboard(bind, port)
+            except OSError as exc:
+                raise ValueError("dashboard.listener.http: cannot listen on %s: %s"
+                                 % (address, exc.strerror or exc)) from None
             self._keep_setting("plugin_configs/emqx_dashboard",
                                json.dumps({"dashboard.listener.http": address}))
-            if self._dashboard is not None:
-                self._stop_dashboard(later=True, restart=True)
             _log.info("Dashboard moves to %s", address)
+        if login and password and not self.users.set_password(login, password):
+            self.users.add(login, password, "administrator")
+
+    def _bridge_config(self):
+        rows = []
+        for name, options in sorted(self._bridge_options.items()):
+            for option, value in options.items():
+                secret = option == "password"
+                rows.append(("bridge.mqtt.%s.%s" % (name, option), "" if secret else (
+                    value if isinstance(value, str) else str(value)),
+                    "Read at start (never shown)" if secret else "Read at start", True))
+        return rows + [("bridge.mqtt.$name.address", "", "A bridge: the remote's host:port",
+                        False)]
+
+    def _set_bridge_config(self, values):
+        raise ValueError("bridges are set in the configuration file (bridge.mqtt.<name>.*) and "
+                         "read at start; start and stop one with POST nodes/{node}/bridges/"
+                         "{name}/start or stop")
 
     def _apply_plugins(self):
         plugins = self.plugins()
@@ -9119,62 +10027,103 @@ class Broker:
             server.stop(thread)
 
     # --- the dashboard's listener ----------------------------------------------------------
-    def _start_dashboard(self):
-        """Serve the dashboard (the page, /metrics and every api/v2 route); on the
-        port it had before if it was stopped, so that an open page finds it again."""
-        stopper = self._dashboard_stopper
-        if stopper is not None and stopper is not threading.current_thread():
-            stopper.join()
-        if self._stopping:
-            return
+    def _bind_dashboard(self, bind, port):
+        """A dashboard server listening on (bind, port), not serving yet."""
         app = create_app(self, dashboard=True, live_views=DASHBOARD_LIVE_VIEWS)
-        port = self.dashboard_port or self._dashboard_port_wanted
-        try:
-            server = _ApiServer(app, self.api_guard, self.settings, self.dashboard_bind, port,
-                                threads=4 + DASHBOARD_LIVE_VIEWS)
-        except OSError:
-            if port == self._dashboard_port_wanted:
-                raise
-            server = _ApiServer(app, self.api_guard, self.settings, self.dashboard_bind,
-                                self._dashboard_port_wanted, threads=4 + DASHBOARD_LIVE_VIEWS)
-        self._dashboard = server
+        return _ApiServer(app, self.api_guard, self.settings, bind, port,
+                          threads=4 + DASHBOARD_LIVE_VIEWS)
+
+    def _serve_dashboard(self, server, bind):
+        """Serve ``server`` as the dashboard (``_dashboard_lock`` held)."""
+        self._dashboard, self.dashboard_bind = server, bind
         self.dashboard_port = int(server.effective_port)
         self._dashboard_thread = _start_thread(server.run, "emqx_lite-dashboard")
         tls = server.ssl_context is not None
-        _log.info("Dashboard on %s://%s:%d/", "https" if tls else "http", self.dashboard_bind,
+        _log.info("Dashboard on %s://%s:%d/", "https" if tls else "http", bind,
                   self.dashboard_port)
-        if not tls and not _is_loopback(self.dashboard_bind):
+        if not tls and not _is_loopback(bind):
             _log.warning("The dashboard listens on %s without TLS: its passwords cross the "
                          "network in clear text (set listener.api.mgmt.certfile and .keyfile, "
-                         "or dashboard.listener.http = 127.0.0.1:%d)", self.dashboard_bind,
-                         self.dashboard_port)
+                         "or dashboard.listener.http = 127.0.0.1:%d)", bind, self.dashboard_port)
 
-    def _stop_dashboard(self, later=False, restart=False):
-        """Stop serving the dashboard. ``later`` (its plugin was stopped or it
-        moves, perhaps by a request to the dashboard itself, which is answered
-        first): on a thread of its own, which stop() joins and which starts it
-        again with ``restart``."""
-        stopper = self._dashboard_stopper
-        if not later and stopper is not None:
-            stopper.join()   # first: it may start a server
-            self._dashboard_stopper = None
+    def _sync_dashboard(self):
+        """Serve the dashboard while the emqx_dashboard plugin is active (and the
+        broker runs), and only then: on the port it had before if it was
+        stopped, so that an open page finds it again. One that must go is
+        stopped on a thread of its own (the request that stopped it, perhaps
+        to the dashboard itself, is answered first), which syncs again after."""
+        with self._dashboard_lock:
+            if self._dashboard_stopper is not None:
+                return   # it syncs when it is done
+            wanted = self._dashboard_port_wanted is not None and not self._stopping \
+                and self.plugins()["emqx_dashboard"]
+            if wanted and self._dashboard is None:
+                bind, port = self.dashboard_bind, self.dashboard_port or self._dashboard_port_wanted
+                try:
+                    server = self._bind_dashboard(bind, port)
+                except OSError as exc:
+                    if (bind, port) == self._dashboard_configured:
+                        raise
+                    _log.warning("Dashboard: cannot listen on %s: %s; on %s as configured",
+                                 _fmt_address(bind, port), exc,
+                                 _fmt_address(*self._dashboard_configured))
+                    bind, port = self._dashboard_configured
+                    self._dashboard_port_wanted = port
+                    server = self._bind_dashboard(bind, port)
+                self._serve_dashboard(server, bind)
+            elif not wanted and self._dashboard is not None:
+                self._retire_dashboard()
+
+    def _retire_dashboard(self, successor=None):
+        """Stop the dashboard's server on a thread of its own, then serve
+        ``successor`` (a server bound elsewhere) if the dashboard is still
+        wanted (``_dashboard_lock`` held)."""
         server, thread = self._dashboard, self._dashboard_thread
         self._dashboard = self._dashboard_thread = None
-        if server is None:
-            return
-        if not later:
-            server.stop(thread)
-            return
 
-        def stop_then_restart():
+        def retire():
             server.stop(thread)
-            if restart:
-                try:
-                    self._start_dashboard()
-                except OSError as exc:
-                    _log.error("Dashboard: cannot listen on %s:%s: %s", self.dashboard_bind,
-                               self._dashboard_port_wanted, exc)
-        self._dashboard_stopper = _start_thread(stop_then_restart, "emqx_lite-dashboard-stop")
+            with self._dashboard_lock:
+                self._dashboard_stopper = None
+                if successor is not None:
+                    wanted = not self._stopping and self.plugins()["emqx_dashboard"]
+                    if wanted and self._dashboard is None:
+                        self._serve_dashboard(successor, self.dashboard_bind)
+                    else:
+                        successor.stop(None)
+            try:
+                self._sync_dashboard()
+            except OSError as exc:
+                _log.error("Dashboard: cannot listen on %s: %s", _fmt_address(
+                    self.dashboard_bind, self._dashboard_port_wanted), exc)
+        self._dashboard_stopper = _start_thread(retire, "emqx_lite-dashboard-stop")
+
+    def _move_dashboard(self, bind, port):
+        """dashboard.listener.http changed: the new address is listened on
+        first (OSError: nothing changes), then the old one closes."""
+        with self._dashboard_lock:
+            if self._dashboard is None or self._dashboard_stopper is not None:
+                probe = self._bind_dashboard(bind, port)   # can it listen there?
+                probe.stop(None)
+                self.dashboard_bind, self._dashboard_port_wanted = bind, port
+                self.dashboard_port = None
+                return
+            successor = self._bind_dashboard(bind, port)
+            self.dashboard_bind, self._dashboard_port_wanted = bind, port
+            self._retire_dashboard(successor)
+
+    def _stop_dashboard(self):
+        """At stop(): the thread retiring a server first (it may serve a moved
+        one), then the server."""
+        with self._dashboard_lock:
+            stopper = self._dashboard_stopper
+        if stopper is not None:
+            stopper.join()
+        with self._dashboard_lock:
+            server, thread = self._dashboard, self._dashboard_thread
+            self._dashboard = self._dashboard_thread = None
+        if server is not None:
+            server.stop(thread)
 
     # --- the service thread --------------------------------------------------------------
     def _wake(self):
@@ -9372,7 +10321,10 @@ class Broker:
             conn = Connection(self._hooks, self.core, sock, peer, listener)
             self.core.add_socket(conn)
             try:
-                conn.thread = _start_thread(conn.run, "emqx_lite-conn-%s:%s" % peer[:2])
+                # conn.thread is set before it runs: a takeover or a ManualClock tick
+                # that closes it joins it
+                _start_thread(conn.run, "emqx_lite-conn-%s:%s" % peer[:2],
+                              before=functools.partial(setattr, conn, "thread"))
             except RuntimeError as exc:   # "can't start new thread": threads, memory, maps
                 self.core.disconnect([conn])
                 sock.close()
@@ -9691,7 +10643,7 @@ class Broker:
         ``Capture`` (a context manager: the recording ends with the block)."""
         core = self._require_started()
         capture = Capture(core, topic_filter)
-        core.add_capture(capture)
+        core.add_tap(capture)
         return capture
 
     def reset(self):
@@ -9704,7 +10656,7 @@ class Broker:
             self._listener_specs = [dict(spec, port=lst.port)
                                     for spec, lst in zip(specs, self.listeners)]
             self._http_port_wanted = self.http_port if http_wanted is not None else None
-        captures = self.core.captures
+        captures = [t for t in self.core.taps if isinstance(t, Capture)]
         try:
             self.stop()
             self.journal.clear()
@@ -9716,15 +10668,20 @@ class Broker:
             self.start()
             for capture in captures:   # the test's recordings go on
                 capture._core = self.core
-                self.core.add_capture(capture)
+                self.core.add_tap(capture)
         finally:
             self._listener_specs, self._http_port_wanted = specs, http_wanted
 
+
+#: The plugin settings that are passwords: never shown (plugin_configs rows say
+#: ``"secret": true``), and "" in a PUT keeps the one there is.
+_WRITE_ONLY = re.compile(r"auth\.username\.[^$].*|.*\.password")
 
 #: plugin -> (its settings for plugin_configs, the method that replaces them)
 _PLUGIN_CONFIGS = {
     "emqx_auth_clientid": (Broker._auth_clientid_config, Broker._set_auth_clientid_config),
     "emqx_auth_username": (Broker._auth_username_config, Broker._set_auth_username_config),
+    "emqx_bridge_mqtt": (Broker._bridge_config, Broker._set_bridge_config),
     "emqx_dashboard": (Broker._dashboard_config, Broker._set_dashboard_config),
     "emqx_modules": (Broker._modules_config, Broker._set_modules_config),
     "emqx_retainer": (Broker._retainer_config, Broker._set_retainer_config),

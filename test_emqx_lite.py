@@ -1091,7 +1091,9 @@ class _CliBroker:
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=self.cwd,
             env=dict(os.environ, **(env or {})))
         self.ports, self.lines = {}, []
-        while "mqtt:tcp" not in self.ports or "api" not in self.ports:
+        wanted = {"mqtt:tcp"} | (set() if "-1" in args[args.index("--http-port") + 1:][:1]
+                                 else {"api"}) if "--http-port" in args else {"mqtt:tcp", "api"}
+        while not wanted <= set(self.ports):
             line = self.proc.stdout.readline()
             if not line:
                 raise AssertionError("broker exited: %s" % "".join(self.lines))
@@ -6696,7 +6698,8 @@ class TestRestPluginsMetricsStatsListeners:
         plugins = api.result("GET", "nodes/%s/plugins" % NODE)
         assert [(p["name"], p["active"]) for p in plugins] == [
             ("emqx_auth_clientid", False), ("emqx_auth_username", False),
-            ("emqx_dashboard", True), ("emqx_modules", True), ("emqx_retainer", True)]
+            ("emqx_bridge_mqtt", True), ("emqx_dashboard", True), ("emqx_modules", True),
+            ("emqx_retainer", True)]
         assert all(set(p) == {"name", "version", "description", "active"} for p in plugins)
 
     def test_retainer_off_neither_stores_nor_delivers(self, api, api_broker, api_mqtt):
@@ -9452,9 +9455,9 @@ class TestDashboardListener:
         reply = Api(port).json("PUT", "nodes/%s/plugins/emqx_dashboard" % NODE, {"active": False})
         assert reply == {"code": 0, "result": []}
         assert wait_until(lambda: refused(port))
-        assert Api(dash_broker.http_port).result("GET", "nodes/%s/plugins" % NODE)[2] == {
-            "name": "emqx_dashboard", "version": emqx_lite.__version__,
-            "description": "EMQ X Dashboard", "active": False}
+        plugins = Api(dash_broker.http_port).result("GET", "nodes/%s/plugins" % NODE)
+        assert {"name": "emqx_dashboard", "version": emqx_lite.__version__,
+                "description": "EMQ X Dashboard", "active": False} in plugins
         dash_broker.set_plugin("emqx_dashboard", True)
         assert Api(port).result("GET", "management/nodes")[0]["name"] == NODE
 
@@ -9541,6 +9544,18 @@ class TestLiveView:
         finally:
             for view in views:
                 view.close()
+
+    def test_a_head_request_holds_no_view(self, dash_broker):
+        api = Api(dash_broker.http_port)
+        for _ in range(3):   # more than the API listener's 2 views
+            assert api.request("HEAD", "nodes/%s/live?topic=h" % NODE)[0] == 200
+        assert wait_until(lambda: not [t for t in dash_broker.core.taps
+                                       if isinstance(t, emqx_lite.Capture)])
+        view = LiveView(dash_broker.http_port, "h")
+        try:
+            assert view.kind.startswith("text/event-stream")
+        finally:
+            view.close()
 
     def test_stop_ends_open_views(self):
         b = emqx_lite.Broker("127.0.0.1", mqtt_port=0, http_port=0, dashboard_port=0, **FAST_HASH)
@@ -9679,7 +9694,7 @@ class TestPluginConfigs:
             rows = api.result("GET", self.path(plugin))
             assert rows, plugin
             for row in rows:
-                assert set(row) == {"key", "value", "desc", "required"}
+                assert set(row) == {"key", "value", "desc", "required", "secret"}
                 assert isinstance(row["value"], str) and row["desc"]
                 assert isinstance(row["required"], bool)
         assert api.request("GET", self.path("emqx_nothing"))[0] == 404
@@ -9784,6 +9799,9 @@ class TestPluginConfigs:
         assert login("bob", b"s3cret") == 0 and login("amy", b"pw-amy") != 0
         reply = api.json("PUT", path, {"auth.username.new": ""})
         assert reply["code"] == 102 and "needs a password" in reply["message"]
+        reply = api.json("PUT", path, {"auth.username.$name": "pw"})   # the template row
+        assert reply["code"] == 102 and "replace" in reply["message"]
+        assert [r["secret"] for r in api.result("GET", path)] == [True, False]
 
     def test_auth_clientid_pairs(self, api, api_broker):
         path = self.path("emqx_auth_clientid")
@@ -9814,6 +9832,15 @@ class TestPluginConfigs:
                          {"dashboard.default_user.login": "someone"})
         assert reply["code"] == 102 and "needs one" in reply["message"]
 
+    def test_moving_the_dashboard_to_a_busy_port_is_refused(self, dash_broker):
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            reply = Api(dash_broker.dashboard_port).json("PUT", self.path("emqx_dashboard"), {
+                "dashboard.listener.http": "127.0.0.1:%d" % busy.getsockname()[1]})
+        assert reply["code"] == 102 and "cannot listen" in reply["message"]
+        assert Api(dash_broker.dashboard_port).result("GET", "management/nodes")
+
 
 class TestSettingsSurviveRestart:
     """Settings changed at run time are kept in the data file and win over
@@ -9842,6 +9869,7 @@ class TestSettingsSurviveRestart:
             b.publish("kept", b"1", retain=True)
         db = sqlite3.connect(str(tmp_path / emqx_lite.STORE_FILE))
         db.execute("DROP TABLE settings")
+        db.execute("DROP TABLE bridge_queue")
         db.execute("PRAGMA user_version = 1")   # as version 1 wrote it
         db.commit()
         db.close()
@@ -9889,8 +9917,12 @@ def _browser_paths():
     return browser, driver
 
 
+#: What must be there ("browser", "mosquitto"): .ci/run sets it, so that a test
+#: that needs a missing program fails there instead of skipping.
+REQUIRED = os.environ.get("EMQXLITE_TEST_REQUIRE", "").split()
 _BROWSER = _browser_paths()
-needs_browser = pytest.mark.skipif(isinstance(_BROWSER, str), reason=str(_BROWSER))
+needs_browser = pytest.mark.skipif(isinstance(_BROWSER, str) and "browser" not in REQUIRED,
+                                   reason=str(_BROWSER))
 WAIT = 10   # seconds any one explicit wait in a browser test may take
 SCREENSHOTS = os.environ.get("EMQXLITE_TEST_SCREENSHOTS",
                              os.path.join(tempfile.gettempdir(), "emqx_lite-screenshots"))
@@ -9955,6 +9987,8 @@ def dashboard():
 
 @pytest.fixture(scope="module")
 def browser():
+    if isinstance(_BROWSER, str):
+        pytest.fail("EMQXLITE_TEST_REQUIRE has browser: " + _BROWSER)
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     options = webdriver.ChromeOptions()
@@ -10265,3 +10299,394 @@ def test_dashboard_narrow_window(driver, dashboard, mqtt_client):
     box = driver.find_element(By.CSS_SELECTOR, "#clients-table").find_element(By.XPATH, "..")
     assert driver.execute_script("return arguments[0].scrollWidth > arguments[0].clientWidth", box)
     assert driver.execute_script("return document.documentElement.scrollWidth") <= 400
+
+
+###############################################################################
+# Bridges (emqx_bridge_mqtt): to mosquitto, to another emqx_lite, and back
+###############################################################################
+
+def free_port():
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+class Mosquitto:
+    """A real mosquitto on a free port (Debian's mosquitto package; .ci/run
+    installs it), stopped and started again on the same port at will."""
+
+    def __init__(self, tmp_path, port=None, extra=""):
+        import shutil
+        self.binary = shutil.which("mosquitto") or (
+            "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
+        if self.binary is None:
+            why = "mosquitto is not installed: apt-get install mosquitto (.ci/run does)"
+            if "mosquitto" in os.environ.get("EMQXLITE_TEST_REQUIRE", "").split():
+                pytest.fail(why)
+            pytest.skip(why)
+        self.port = port or free_port()
+        self.conf = tmp_path / "mosquitto.conf"
+        self.conf.write_text("listener %d 127.0.0.1\nallow_anonymous true\n%s" % (self.port, extra))
+        self.proc = None
+
+    def start(self):
+        self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert wait_until(lambda: not refused(self.port) or self.proc.poll() is not None)
+        assert self.proc.poll() is None, "mosquitto exited"
+        return self
+
+    def stop(self):
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@pytest.fixture
+def mosquitto(tmp_path):
+    m = Mosquitto(tmp_path).start()
+    yield m
+    m.stop()
+
+
+@pytest.fixture
+def bridged():
+    """bridged(remote_port, **options) -> a started local Broker with bridge
+    "up" to 127.0.0.1:remote_port (options as bridge.mqtt.up.* keys)."""
+    brokers = []
+
+    def make(remote_port, broker_kw=None, **options):
+        options = dict({"address": "127.0.0.1:%d" % remote_port, "reconnect_interval": "1s"},
+                       **{k.replace("__", "."): v for k, v in options.items()})
+        b = emqx_lite.Broker(HOST, mqtt_port=0, http_port=0, bridges={"up": options},
+                             **dict(FAST_HASH, **(broker_kw or {})))
+        b.start()
+        brokers.append(b)
+        return b
+
+    yield make
+    for b in brokers:
+        b.stop()
+
+
+def bridge_state(b, state="connected"):
+    assert wait_until(lambda: b.bridges["up"].state == state, timeout=10), b.bridges["up"].info()
+    return b.bridges["up"].info()
+
+
+class TestBridge:
+    """The emqx_bridge_mqtt plugin's bridges, against real remotes."""
+
+    def test_messages_cross_both_ways_with_mountpoints(self, mosquitto, bridged):
+        b = bridged(mosquitto.port, forwards="a/#,b/#", forward_mountpoint="edge/${node}/",
+                    subscription__1__topic="cmd/#", subscription__1__qos="2",
+                    receive_mountpoint="remote/")
+        bridge_state(b)
+        remote = PahoClient(mosquitto.port, "remote-app")
+        local = PahoClient(b.mqtt_port, "local-app")
+        try:
+            remote.subscribe("edge/#", 2)
+            local.subscribe("remote/#", 2)
+            local.publish("a/1", b"up", qos=2)
+            local.publish("c/1", b"not forwarded", qos=1)
+            local.publish("b/2", b"retained", qos=1, retain=True)
+            got = sorted((m.topic, m.payload, m.qos) for m in (remote.get(), remote.get()))
+            assert got == [("edge/%s/a/1" % NODE, b"up", 2), ("edge/%s/b/2" % NODE, b"retained", 1)]
+            late = PahoClient(mosquitto.port, "late")   # the retain flag went with it
+            try:
+                late.subscribe("edge/+/b/2", 1)
+                m = late.get()
+                assert (m.payload, m.retain) == (b"retained", True)
+            finally:
+                late.close()
+            remote.publish("cmd/reboot", b"now", qos=2)
+            m = local.get()
+            assert (m.topic, m.payload, m.qos) == ("remote/cmd/reboot", b"now", 2)
+            info = b.bridges["up"].info()
+            assert (info["forwarded"], info["received"], info["queued"]) == (2, 1, 0)
+            remote.expect_nothing()
+        finally:
+            remote.close()
+            local.close()
+
+    def test_qos_1_and_2_wait_for_a_remote_restart_in_order(self, tmp_path, bridged):
+        """The remote (another emqx_lite process, with a data directory) goes
+        down; what is published meanwhile waits and arrives once, in order."""
+        remote = _CliBroker("--mqtt-port", "0", "--http-port", "-1", "--dashboard-port", "-1",
+                            "--data-dir", str(tmp_path / "remote"))
+        port = remote.ports["mqtt:tcp"]
+        sub = PahoClient(port, "far-sub", clean_session=False)
+        sub.subscribe("edge/#", 2)
+        sub.close()
+        b = bridged(port, forwards="t/#", forward_mountpoint="edge/")
+        bridge_state(b)
+        remote.stop()
+        bridge_state(b, "disconnected")
+        for n in range(20):
+            b.publish("t/%d" % n, b"%d" % n, qos=1 + n % 2)
+        info = b.bridges["up"].info()
+        assert info["queued"] == 20 and info["last_error"], info
+        remote = _CliBroker("--mqtt-port", str(port), "--http-port", "-1", "--dashboard-port",
+                            "-1", "--data-dir", str(tmp_path / "remote"))
+        try:
+            bridge_state(b)
+            assert wait_until(lambda: b.bridges["up"].info()["queued"] == 0, timeout=10)
+            sub = PahoClient(port, "far-sub", clean_session=False)
+            try:
+                got = [sub.get() for _ in range(20)]
+                for qos in (1, 2):   # in order per QoS (paho hands a QoS 2 one over at PUBREL)
+                    assert [m.payload for m in got if m.qos == qos] == [
+                        b"%d" % n for n in range(20) if 1 + n % 2 == qos]
+                sub.expect_nothing()   # no duplicates
+            finally:
+                sub.close()
+        finally:
+            remote.stop()
+
+    def test_the_queue_bound_drops_the_oldest(self, bridged, caplog):
+        port = free_port()   # nothing listens there yet
+        b = bridged(port, forwards="q/#", queue__max_total_size="2KB")
+        bridge_state(b, "disconnected")
+        with caplog.at_level("WARNING", logger="emqx_lite"):
+            for n in range(40):
+                b.publish("q/x", b"%02d" % n + b"." * 98, qos=1)
+        info = b.bridges["up"].info()
+        assert info["queued_bytes"] <= 2048 and info["dropped"] == 40 - info["queued"] > 0
+        assert len([r for r in caplog.records if "queue is full" in r.getMessage()]) == 1
+        b.publish("q/zero", b"qos 0 while down", qos=0)
+        assert b.bridges["up"].info()["dropped"] == info["dropped"] + 1
+        kept = info["queued"]
+        with emqx_lite.Broker(HOST, mqtt_port=port, http_port=None) as remote:
+            with remote.capture("q/#") as arrived:
+                bridge_state(b)
+                msgs = arrived.wait(kept)
+                assert [m.payload[:2] for m in msgs] == [b"%02d" % n for n in range(40 - kept, 40)]
+
+    def test_a_tls_remote(self, pki, bridged):
+        with emqx_lite.Broker(HOST, mqtt_port=None, http_port=None, ssl_port=0,
+                              certfile=pki["server.pem"], keyfile=pki["server.key"]) as remote:
+            b = bridged(remote.ssl_port, forwards="s/#", ssl="on", cacertfile=pki["ca.pem"],
+                        tls_versions="tlsv1.2,tlsv1.3")
+            bridge_state(b)
+            with remote.capture("s/#") as arrived:
+                b.publish("s/1", b"over TLS", qos=1)
+                assert arrived.wait()[0].payload == b"over TLS"
+            assert remote.clients()[0]["client_id"] == "bridge_up"
+
+    def test_a_remote_with_an_unknown_certificate_is_an_error_not_a_crash(self, pki, bridged):
+        with emqx_lite.Broker(HOST, mqtt_port=None, http_port=None, ssl_port=0,
+                              certfile=pki["server.pem"], keyfile=pki["server.key"]) as remote:
+            b = bridged(remote.ssl_port, forwards="s/#", ssl="on")   # no CA: not trusted
+            assert wait_until(lambda: "CERTIFICATE_VERIFY_FAILED" in str(
+                b.bridges["up"].info()["last_error"]), timeout=10)
+
+    @pytest.mark.parametrize("options", [
+        {"proto_ver": "mqttv4"},                          # the bridge bit: the remote's No Local
+        {"proto_ver": "mqttv4", "bridge_mode": "off"},    # our own marking
+        {"proto_ver": "mqttv5"},                          # No Local
+    ], ids=["bridge-bit", "marking", "mqttv5"])
+    def test_no_loop_when_forwards_and_subscriptions_overlap(self, bridged, options):
+        with emqx_lite.Broker(HOST, mqtt_port=0, http_port=None) as remote:
+            b = bridged(remote.mqtt_port, forwards="loop/#", subscription__1__topic="loop/#",
+                        subscription__1__qos="1", **options)
+            bridge_state(b)
+            remote.wait_for_subscription("bridge_up", "loop/#")
+            local = PahoClient(b.mqtt_port, "local-sub")
+            far = PahoClient(remote.mqtt_port, "far-sub")
+            try:
+                local.subscribe("loop/#", 1)
+                far.subscribe("loop/#", 1)
+                local.publish("loop/here", b"from here", qos=1)
+                far.publish("loop/there", b"from there", qos=1)
+                assert sorted(m.payload for m in (local.get(), local.get())) == [
+                    b"from here", b"from there"]
+                assert sorted(m.payload for m in (far.get(), far.get())) == [
+                    b"from here", b"from there"]
+                local.publish("loop/end", b"end", qos=1)   # after the echoes would be
+                assert local.get().payload == b"end" and far.get().payload == b"end"
+                local.expect_nothing()
+                far.expect_nothing()
+                info = b.bridges["up"].info()
+                assert (info["forwarded"], info["received"]) == (2, 1), info
+            finally:
+                local.close()
+                far.close()
+
+    def test_two_emqx_lite_processes_bridged_both_ways(self, bridged):
+        """The remote is `python emqx_lite.py`: its bridge-bit client gets No Local."""
+        remote = _CliBroker("--mqtt-port", "0", "--http-port", "-1", "--dashboard-port", "-1",
+                            "--data-dir", "")
+        port = remote.ports["mqtt:tcp"]
+        try:
+            b = bridged(port, forwards="x/#", subscription__1__topic="x/#")
+            bridge_state(b)
+            far = PahoClient(port, "far")
+            local = PahoClient(b.mqtt_port, "local")
+            try:
+                far.subscribe("x/#", 1)
+                local.subscribe("x/#", 1)
+                local.publish("x/out", b"out", qos=1)
+                far.publish("x/in", b"in", qos=1)
+                assert sorted(m.payload for m in (far.get(), far.get())) == [b"in", b"out"]
+                assert sorted(m.payload for m in (local.get(), local.get())) == [b"in", b"out"]
+                local.expect_nothing()
+                far.expect_nothing()
+            finally:
+                far.close()
+                local.close()
+        finally:
+            remote.stop()
+
+    def test_bad_credentials_show_the_connack_error_without_a_crash_loop(self, bridged):
+        with emqx_lite.Broker(HOST, mqtt_port=0, http_port=None, allow_anonymous=False,
+                              auth_username={"edge": "right"}) as remote:
+            remote.set_plugin("emqx_auth_username", True)
+            b = bridged(remote.mqtt_port, forwards="a/#", username="edge", password="wrong",
+                        reconnect_interval="30s")
+            info = bridge_state(b, "disconnected")
+            assert "CONNACK 4" in info["last_error"] and "bad user name" in info["last_error"]
+            connects = remote.metrics()["packets/connect"]
+            assert connects <= 3   # backing off, not hammering the remote
+            status = Api(b.http_port).result("GET", "nodes/%s/bridges" % NODE)
+            assert status[0]["state"] == "disconnected" and "CONNACK 4" in status[0]["last_error"]
+
+    def test_status_start_stop_and_sys_topic(self, bridged):
+        with emqx_lite.Broker(HOST, mqtt_port=0, http_port=None) as remote:
+            b = bridged(remote.mqtt_port, forwards="a/#")
+            bridge_state(b)
+            api = Api(b.http_port)
+            (row,) = api.result("GET", "nodes/%s/bridges" % NODE)
+            assert {k: row[k] for k in ("name", "state", "remote", "proto_ver", "clientid")} == {
+                "name": "up", "state": "connected", "remote": "127.0.0.1:%d" % remote.mqtt_port,
+                "proto_ver": "mqttv4", "clientid": "bridge_up"}
+            status = "$SYS/brokers/%s/bridges/up/status" % NODE
+            sys_sub = PahoClient(b.mqtt_port, "watcher")
+            try:
+                sys_sub.subscribe(status, 0)
+                assert sys_sub.get().payload == b"connected"   # retained
+                assert api.result("POST", "nodes/%s/bridges/up/stop" % NODE) == []
+                assert sys_sub.get().payload == b"stopped"
+                assert remote.wait_for_client("bridge_up", connected=False) is None
+                assert api.json("POST", "nodes/%s/bridges/up/stop" % NODE)["code"] == 111
+                assert api.result("POST", "nodes/%s/bridges/up/start" % NODE) == []
+                assert [sys_sub.get().payload for _ in range(2)] == [b"connecting", b"connected"]
+                assert api.json("POST", "nodes/%s/bridges/nope/start" % NODE)["code"] == 102
+                # the plugin starts and stops every bridge
+                b.set_plugin("emqx_bridge_mqtt", False)
+                assert b.bridges["up"].state == "stopped"
+                b.set_plugin("emqx_bridge_mqtt", True)
+                bridge_state(b)
+            finally:
+                sys_sub.close()
+
+    def test_the_queue_survives_a_restart_with_replayq(self, tmp_path):
+        port = free_port()
+        kw = dict(mqtt_port=0, http_port=None, data_dir=str(tmp_path / "data"), bridges={
+            "up": {"address": "127.0.0.1:%d" % port, "forwards": "d/#",
+                   "queue.replayq_dir": "on", "reconnect_interval": "1s"}})
+        with emqx_lite.Broker(HOST, **kw) as b:
+            for n in range(5):
+                b.publish("d/%d" % n, b"%d" % n, qos=1)
+            assert b.bridges["up"].info()["queued"] == 5
+        with emqx_lite.Broker(HOST, **kw) as b:
+            assert b.bridges["up"].info()["queued"] == 5
+            with emqx_lite.Broker(HOST, mqtt_port=port, http_port=None) as remote:
+                with remote.capture("d/#") as arrived:
+                    assert [m.payload for m in arrived.wait(5)] == [b"%d" % n for n in range(5)]
+            assert wait_until(lambda: b.bridges["up"].info()["queued"] == 0)
+
+    def test_a_remote_that_refuses_the_bridge_bit(self, bridged):
+        """A remote that answers the bridge bit with CONNACK 1 gets a plain
+        3.1.1 CONNECT next, and the bridge marks what it forwards itself."""
+        server = socket.socket()
+        server.bind((HOST, 0))
+        server.listen(8)
+        server.settimeout(0.1)
+        levels, conns, done = [], [], threading.Event()
+
+        def serve():
+            while not done.is_set():
+                try:
+                    conn, _ = server.accept()
+                except socket.timeout:
+                    continue
+                conn.settimeout(TIMEOUT)
+                conns.append(conn)
+                data = conn.recv(1024)
+                level = data[8]   # after the fixed header and "MQTT"
+                levels.append(level)
+                conn.sendall(bytes((0x20, 2, 0, 1 if level & 0x80 else 0)))
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        try:
+            b = bridged(server.getsockname()[1], forwards="a/#")
+            bridge_state(b)
+            assert levels[:2] == [0x84, 0x04]
+            assert "bridge bit" in b.bridges["up"].info()["last_error"]
+        finally:
+            done.set()
+            thread.join()
+            server.close()
+            for conn in conns:
+                conn.close()
+
+
+class TestBridgeConfig:
+    """bridge.mqtt.<name>.* keys in the configuration file."""
+
+    def test_keys_become_a_bridge(self):
+        settings = settings_of("bridge.mqtt.aws.address = 127.0.0.1:1883\n"
+                               "bridge.mqtt.aws.proto_ver = mqttv5\n"
+                               "bridge.mqtt.aws.forwards = a/#, b/#\n"
+                               "bridge.mqtt.aws.subscription.1.topic = cmd/#\n"
+                               "bridge.mqtt.aws.subscription.1.qos = 1\n"
+                               "bridge.mqtt.aws.keepalive = 30s\n")
+        config = emqx_lite.bridge_config("aws", settings["bridges"]["aws"])
+        assert config["address"] == ("127.0.0.1", 1883) and config["proto_ver"] == 5
+        assert config["forwards"] == ("a/#", "b/#") and config["keepalive"] == 30.0
+        assert config["subscriptions"] == (("cmd/#", 1),) and config["clientid"] == "bridge_aws"
+        text = render_config(dict(emqx_lite.DEFAULTS, **settings))
+        assert config_settings(parse_conf(text))["bridges"] == settings["bridges"]
+
+    @pytest.mark.parametrize("text, words", [
+        ("bridge.mqtt.x.address = 127.0.0.1:1883\nbridge.mqtt.x.nope = 1\n",
+         ["emqx_lite.conf:2", "bridge.mqtt.x.nope", "unknown bridge option"]),
+        ("bridge.mqtt.x.forwards = a/#\n", ["emqx_lite.conf:1", "address: missing"]),
+        ("bridge.mqtt.x.address = 1883\n", ["emqx_lite.conf:1", "expected host:port"]),
+        ("bridge.mqtt.x.address = h:1\nbridge.mqtt.x.proto_ver = mqttv9\n",
+         ["emqx_lite.conf:2", "mqttv3, mqttv4 or mqttv5"]),
+        ("bridge.mqtt.x.address = h:1\nbridge.mqtt.x.forwards = a/#/b\n",
+         ["emqx_lite.conf:1", "not a topic filter"]),
+    ])
+    def test_bad_keys_name_the_file_line_and_key(self, text, words):
+        message = config_error(text)
+        assert all(w in message for w in words), message
+
+    def test_broker_keyword(self):
+        with pytest.raises(ValueError, match="bridge.mqtt.b.address"):
+            emqx_lite.Broker(HOST, bridges={"b": {"forwards": "a/#"}})
+
+
+class TestBridgeBit:
+    """A 3.x CONNECT with the bridge bit (protocol level 0x84), as mosquitto's
+    and EMQ X's bridges send it: its own messages do not come back to it, and
+    retained flags are kept as published."""
+
+    def test_no_local_and_retain_as_published_for_a_bridge_client(self, broker):
+        bridge = RawClient(broker.mqtt_port)
+        other = RawClient.connected(broker.mqtt_port, "other")
+        try:
+            bridge.send(gen_connect("their-bridge", proto=0x84))
+            ptype, _, body = bridge.read_packet()
+            assert (ptype, body[1]) == (CONNACK, 0)
+            assert bridge.subscribe([("t/#", 1)]) == [1]
+            bridge.send(gen_publish("t/mine", b"mine", qos=0))
+            other.send(gen_publish("t/theirs", b"theirs", qos=0, retain=True))
+            m = bridge.read_publish()
+            assert (m["topic"], m["payload"], m["retain"]) == ("t/theirs", b"theirs", True)
+            bridge.expect_nothing()
+        finally:
+            bridge.close()
+            other.close()
