@@ -4624,6 +4624,8 @@ class Connection:
         if pkt.bridge:
             self.is_bridge = True
             self.core.bridge_clients.add(client_id)
+        else:
+            self.core.bridge_clients.discard(client_id)   # a takeover by a plain client
         self.acl = self.core.acl.for_client(client_id, username, self.peer[0])
         self.connected_at = self.core.wall()
         if v5:   # the session lasts Session Expiry Interval seconds after the connection
@@ -5293,6 +5295,7 @@ DASHBOARD_HTML = """\
         <li><a href="#/live">Live</a></li>
         <li><a href="#/plugins">Plugins</a></li>
         <li><a href="#/listeners">Listeners</a></li>
+        <li><a href="#/bridges">Bridges</a></li>
         <li><a href="#/metrics">Metrics</a></li>
         <li><a href="#/users">Users</a></li>
         <li><a href="#/alarms">Alarms</a></li>
@@ -6405,6 +6408,30 @@ function listenersPage(root) {
     await api("GET", "monitoring/listeners/" + enc(session.node))), 5000);
 }
 
+// -- Bridges (emqx_bridge_mqtt): state, remote, counters and last error; start and stop
+function bridgesPage(root) {
+  const msg = pageHead(root, "bridges", "Bridges");
+  const holder = add(root, h("div")).lastChild;
+  const verb = (b) => (b.state === "stopped" ? "Start" : "Stop");
+  const toggle = (b) => act(msg, () => api("POST", nodePath("bridges/" + enc(b.name) + "/" +
+    verb(b).toLowerCase())), verb(b) + (b.state === "stopped" ? "ed " : "ped ") + b.name).then(load);
+  async function load() {
+    try {
+      const bridges = await api("GET", nodePath("bridges"));
+      fill(holder, table("bridges-table", "Bridges", [["Name", "name"], ["State", "state"],
+        ["Remote", "remote"], ["Protocol", "proto_ver"], ["Forwarded", "forwarded"],
+        ["Received", "received"], ["Dropped", "dropped"], ["Queued", "queued"],
+        ["Last error", (b) => b.last_error || "-"],
+        ["Actions", (b) => button(verb(b), () => toggle(b),
+          { class: "small", "aria-label": verb(b) + " bridge " + b.name })]], bridges,
+      { empty: "No bridges: they are configured with bridge.mqtt.<name>.* keys." }));
+    } catch (err) {
+      msg.fail(err);
+    }
+  }
+  poll(load, 2000);
+}
+
 function metricsPage(root) {
   const filter = h("input", { id: "metrics-filter", type: "search", autocomplete: "off" });
   const rows = (obj) => Object.entries(obj).filter(([name]) => name.includes(filter.value.trim())).sort();
@@ -6555,6 +6582,7 @@ const PAGES = {
   sessions: ["Sessions", sessionsPage], subscriptions: ["Subscriptions", subscriptionsPage],
   topics: ["Topics", topicsPage], retained: ["Retained", retainedPage], publish: ["Publish", publishPage],
   live: ["Live", livePage], plugins: ["Plugins", pluginsPage], listeners: ["Listeners", listenersPage],
+  bridges: ["Bridges", bridgesPage],
   metrics: ["Metrics", metricsPage], users: ["Users", usersPage], alarms: ["Alarms", alarmsPage],
   journal: ["Journal", journalPage], settings: ["Settings", settingsPage],
 };
@@ -7202,6 +7230,8 @@ def create_api_blueprint(broker, live_views):
         if bridge is None or action not in ("start", "stop"):
             raise ApiError(102, "no bridge named %r" % _unquote(name) if bridge is None
                            else "unknown action %r (start or stop)" % action)
+        if action == "start" and not broker.plugins()["emqx_bridge_mqtt"]:
+            raise ApiError(102, "the emqx_bridge_mqtt plugin is stopped: start it first")
         if not (bridge.start() if action == "start" else bridge.stop()):
             raise ApiError(110, "already_started") if action == "start" \
                 else ApiError(111, "not_started")
@@ -8086,7 +8116,7 @@ BRIDGE_OPTIONS = {
     "certfile": _string,
     "keyfile": _string,
     "ciphers": _string,
-    "tls_versions": _parser(r"(?i)\s*tlsv1\.[0-3](\s*,\s*tlsv1\.[0-3])*\s*",
+    "tls_versions": _parser(r"(?i)\s*tlsv1\.[23](\s*,\s*tlsv1\.[23])*\s*",
                             "versions like tlsv1.2,tlsv1.3",
                             lambda m: tuple(v.strip().lower() for v in m[0].split(","))),
     "verify": _verify,
@@ -8143,6 +8173,17 @@ def bridge_config(name, options):
                              % (name, topic_filter))
     if config["address"] is None:
         raise ValueError("bridge.mqtt.%s.address: missing (host:port)" % name)
+    for option, ok, what in (
+            ("max_inflight", 1 <= config["max_inflight"] <= 65535, "1 to 65535"),
+            ("keepalive", config["keepalive"] <= 65535, "at most 65535s"),
+            ("reconnect_interval", config["reconnect_interval"] >= 0.1, "at least 100ms"),
+            ("retry_interval", config["retry_interval"] >= 0.1, "at least 100ms"),
+            ("forward_mountpoint", not set("+#") & set(config["forward_mountpoint"]),
+             "a topic prefix without + or #"),
+            ("receive_mountpoint", not set("+#") & set(config["receive_mountpoint"]),
+             "a topic prefix without + or #")):
+        if not ok:
+            raise ValueError("bridge.mqtt.%s.%s: expected %s" % (name, option, what))
     if config["clientid"] is None:
         config["clientid"] = "bridge_" + name
     return config
@@ -8465,6 +8506,7 @@ _BRIDGE_BACKOFF = 0.5     # seconds before the first reconnect; doubled up to re
 _BRIDGE_CONNECT_TIMEOUT = 10.0   # seconds for TCP, TLS and CONNACK together
 _BRIDGE_FINGERPRINTS = 10000     # forwarded messages remembered to spot their echo
 _BRIDGE_QOS0_QUEUE = 10000       # QoS 0 messages waiting for the bridge's thread, at most
+_BRIDGE_MAX_OUT = 1024 * 1024    # bytes the socket has not taken, beyond which QoS 0 is dropped
 
 class _BridgeDown(Exception):
     """The connection to the remote ended (the message says why)."""
@@ -8472,10 +8514,12 @@ class _BridgeDown(Exception):
 
 class _Forward:
     """A message waiting for the remote: queued, then in flight under a packet id."""
-    __slots__ = ("seq", "msg", "topic", "qos", "size", "packet_id", "state", "sent_at")
+    __slots__ = ("seq", "msg", "topic", "qos", "size", "packet_id", "state", "sent_at",
+                 "stored")
 
-    def __init__(self, seq, msg, topic, qos):
+    def __init__(self, seq, msg, topic, qos, stored=False):
         self.seq, self.msg, self.topic, self.qos = seq, msg, topic, qos
+        self.stored = stored   # a row in the data file
         self.size = len(msg.payload) + len(topic) + 32
         self.packet_id = self.sent_at = None
         self.state = WAIT_ACK
@@ -8506,6 +8550,8 @@ class Bridge:
     def __init__(self, broker, name, config):
         self.broker, self.name, self.config = broker, name, config
         self.tag = "$bridge/" + name   # the sender of what it publishes here
+        #: serialises start() and stop() (taken with no lock held; joins the thread)
+        self._control = threading.Lock()
         self.lock = threading.Lock()
         self.queue = collections.deque()   # _Forward, in order, not yet acknowledged
         self.queued_bytes = 0
@@ -8515,6 +8561,7 @@ class Bridge:
         self.state, self.last_error, self.connected_at = "stopped", None, None
         self._seq = 0
         self._qos0 = collections.deque()   # QoS 0 messages to send now
+        self._waking = False   # a wake-up is on its way to the thread (under lock)
         self._thread = None
         self._stop = threading.Event()
         self._wake_r = self._wake_w = None
@@ -8545,12 +8592,14 @@ class Bridge:
                     self.counts["dropped_qos0"] += 1
                     return True
                 self._qos0.append((topic, msg))
-            self._wake()
+                wake, self._waking = not self._waking, True
+            if wake:
+                self._wake()
             return True
         store = self.broker.core.store if self._durable else None
         with self.lock:
             self._seq += 1
-            entry = _Forward(self._seq, msg, topic, msg.qos)
+            entry = _Forward(self._seq, msg, topic, msg.qos, stored=store is not None)
             self.queue.append(entry)
             self.queued_bytes += entry.size
             if store is not None:
@@ -8560,9 +8609,11 @@ class Bridge:
                            _wall_deadline(msg.expires_at, self.broker.clock), msg.sender),
                           new=True)
             dropped = self._trim_locked(store)
+            wake, self._waking = not self._waking, True
         if dropped:
             self._overflowed(dropped)
-        self._wake()
+        if wake:   # once until the thread has looked (a wake-up per message costs a syscall)
+            self._wake()
         return True
 
     def _trim_locked(self, store):
@@ -8577,8 +8628,8 @@ class Bridge:
                 continue
             self.queued_bytes -= entry.size
             dropped += 1
-            if store is not None:
-                store.delete(("bridgeq", self.name, entry.seq))
+            if entry.stored:
+                self.broker.core.store.delete(("bridgeq", self.name, entry.seq))
         self.queue.extendleft(reversed(in_flight))
         self.counts["dropped"] += dropped
         self.counts["dropped_overflow"] += dropped
@@ -8600,15 +8651,21 @@ class Bridge:
             for seq, topic, payload, qos, retain, props, expires_at, sender in rows:
                 msg = Message.from_row(topic, payload, qos, retain, props, expires_at, sender,
                                        self.broker.clock)
-                entry = _Forward(seq, msg, topic, qos)
+                entry = _Forward(seq, msg, topic, qos, stored=True)
                 self.queue.append(entry)
                 self.queued_bytes += entry.size
                 self._seq = max(self._seq, seq)
 
     # --- start, stop, status ----------------------------------------------------------
     def start(self):
-        if self._thread is not None:
-            return False
+        """Start it (False if it runs, or the broker is stopping)."""
+        with self._control:
+            if self._thread is not None or self.broker._stopping:
+                return False
+            self._start_locked()
+            return True
+
+    def _start_locked(self):
         self._stop.clear()
         self._durable = bool(self.config["queue.replayq_dir"]) and self.broker.core.store is not None
         if self.config["queue.replayq_dir"] and not self._durable:
@@ -8621,12 +8678,17 @@ class Bridge:
         self.broker.core.add_tap(self)
         self._thread = _start_thread(self._run, "emqx_lite-bridge-" + self.name)
         _log.info("Bridge %s started: %s:%d", self.name, *self.config["address"])
-        return True
 
     def stop(self):
-        thread = self._thread
-        if thread is None:
-            return False
+        """Stop it (False if it was not running)."""
+        with self._control:
+            thread = self._thread
+            if thread is None:
+                return False
+            self._stop_locked(thread)
+            return True
+
+    def _stop_locked(self, thread):
         self._stop.set()
         self._wake()
         thread.join()
@@ -8635,14 +8697,10 @@ class Bridge:
         for sock in (self._wake_r, self._wake_w):
             sock.close()
         self._wake_r = self._wake_w = None
-        with self.lock:   # what never went out is sent again after a restart
-            for entry in self.queue:
-                entry.packet_id = None
-            self.inflight.clear()
+        with self.lock:   # in flight stays in flight: resent at the next connect
             self._qos0.clear()
         self._set_state("stopped")
         _log.info("Bridge %s stopped", self.name)
-        return True
 
     def info(self):
         host, port = self.config["address"]
@@ -8656,7 +8714,10 @@ class Bridge:
                     "subscriptions": [{"topic": t, "qos": q}
                                       for t, q in self.config["subscriptions"]],
                     "forwarded": self.counts["forwarded"], "received": self.counts["received"],
-                    "dropped": self.counts["dropped"], "queued": len(self.queue),
+                    "dropped": self.counts["dropped"],
+                    "dropped_overflow": self.counts["dropped_overflow"],
+                    "dropped_qos0": self.counts["dropped_qos0"],
+                    "dropped_refused": self.counts["dropped_refused"], "queued": len(self.queue),
                     "queued_bytes": self.queued_bytes, "inflight": len(self.inflight),
                     "last_error": self.last_error,
                     "connected_at": _strftime(self.connected_at) if self.connected_at
@@ -8691,6 +8752,9 @@ class Bridge:
                 error = str(exc)
             except (OSError, MQTTError, ssl.SSLError, StoreError) as exc:
                 error = "%s: %s" % (type(exc).__name__, exc)
+            except Exception as exc:   # a bug must not leave it "connecting" for ever
+                _log.exception("Bridge %s failed", self.name)
+                error = "internal error: %s: %s" % (type(exc).__name__, exc)
             finally:
                 self._close_socket()
             if self._stop.is_set():
@@ -8757,14 +8821,16 @@ class Bridge:
                           {"session_expiry_interval": 0 if c["clean_start"] else 0xFFFFFFFF}
                           if self.proto_ver == MQTT_V5 else None, self._bridge_bit)
         self._send(encode_connect(connect, self.proto_ver))
-        connack = None
+        connack, early = None, []
         while connack is None:
             self._wait(deadline)
             for first_byte, body in self._read():
-                packet = decode_packet(first_byte, body, self.proto_ver, _BRIDGE_ACCEPTS)
+                if connack is not None:   # what a kept session sends at once
+                    early.append((first_byte, body))
+                    continue
                 if first_byte >> 4 != CONNACK:
                     raise _BridgeDown("%s before CONNACK" % PACKET_NAMES[first_byte >> 4])
-                connack = packet
+                connack = decode_packet(first_byte, body, self.proto_ver, _BRIDGE_ACCEPTS)
         if connack.return_code:
             if connack.return_code == CONNACK_UNACCEPTABLE_PROTOCOL and self._bridge_bit:
                 self._bridge_bit = False   # the remote does not know the bridge bit
@@ -8785,6 +8851,9 @@ class Bridge:
                 (t, q | options) for t, q in c["subscriptions"]]), self.proto_ver))
         self._set_state("connected")
         _log.info("Bridge %s connected to %s", self.name, _fmt_address(host, port))
+        for first_byte, body in early:
+            self._handle(first_byte >> 4,
+                         decode_packet(first_byte, body, self.proto_ver, _BRIDGE_ACCEPTS))
         self._serve()
 
     def _ssl_context(self):
@@ -8868,9 +8937,10 @@ class Bridge:
         self._send_raw(self.tls.wrap(data) if self.tls is not None else data)
 
     def _send_raw(self, data):
+        """Queue bytes for the remote; the loop sends them all in one go
+        (one send per turn, not per message: each send gives the GIL up)."""
         self._out += data
         self._last_out = time.monotonic()
-        self._flush()
 
     def _flush(self):
         while self._out:
@@ -8895,6 +8965,7 @@ class Bridge:
                     self._send(encode_pingreq(EMPTY, self.proto_ver))
                 timeout = min(timeout, keepalive / 2)
             self._retry(now)
+            self._flush()
             readable, _ = self._select(timeout)
             if readable:
                 for first_byte, body in self._read():
@@ -8902,6 +8973,7 @@ class Bridge:
                                  decode_packet(first_byte, body, self.proto_ver, _BRIDGE_ACCEPTS))
         if self.sock is not None:   # stopping: say goodbye
             self._send(encode_disconnect(Disconnect(), self.proto_ver))
+            self._flush()
 
     def _packet_id(self):
         for _ in range(MAX_PACKET_ID):
@@ -8913,6 +8985,7 @@ class Bridge:
     def _send_queued(self):
         """QoS 0 messages, then queued QoS 1/2 ones while the window has room."""
         with self.lock:
+            self._waking = False
             qos0, self._qos0 = self._qos0, collections.deque()
             fresh = []
             if len(self.inflight) < self._window:
@@ -8923,10 +8996,18 @@ class Bridge:
                         fresh.append(entry)
                         if len(self.inflight) >= self._window:
                             break
+        sent = dropped = 0
         for topic, msg in qos0:
+            if len(self._out) > _BRIDGE_MAX_OUT:   # the remote reads slowly: QoS 0 goes
+                dropped += 1
+                continue
             self._publish(topic, msg, 0, None, False)
+            sent += 1
+        if qos0:
             with self.lock:
-                self.counts["forwarded"] += 1
+                self.counts["forwarded"] += sent
+                self.counts["dropped"] += dropped
+                self.counts["dropped_qos0"] += dropped
         for entry in fresh:
             self._send_entry(entry, False)
 
@@ -8939,8 +9020,9 @@ class Bridge:
                     0, int(msg.expires_at - self.broker.clock.monotonic()))
         if not qos:
             packet_id = None
-        if not self._bridge_bit and self.proto_ver != MQTT_V5:   # our own marking
-            key = (topic, hash(msg.payload))
+        if not (dup or self._bridge_bit or self.proto_ver == MQTT_V5) and any(
+                topic_matches(f, topic) for f, _ in self.config["subscriptions"]):
+            key = (topic, hash(msg.payload))   # our own marking: its echo will come
             self._fingerprints[key] = self._fingerprints.get(key, 0) + 1
             if len(self._fingerprints) > _BRIDGE_FINGERPRINTS:
                 self._fingerprints.popitem(last=False)
@@ -8966,17 +9048,14 @@ class Bridge:
         with self.lock:
             entries = sorted(self.inflight.values(), key=lambda e: e.seq)
             self.inflight.clear()
-            done = []
             for entry in entries:
                 if entry.state == WAIT_COMP and not session_present:
-                    done.append(entry)   # delivered: the remote sent its PUBREC
-                    continue
+                    # The remote forgot the exchange (some deliver at PUBREL): sent
+                    # again as new, at least once rather than maybe never.
+                    entry.state = WAIT_ACK
                 self.inflight[entry.packet_id] = entry
-        for entry in done:
-            self._complete(entry.packet_id, entry)
         for entry in entries:
-            if entry not in done:
-                self._send_entry(entry, session_present)
+            self._send_entry(entry, session_present and entry.state == WAIT_ACK)
 
     def _retry(self, now):
         """3.x: resend what waited retry_interval for its ack (5.0 resends only
@@ -8992,7 +9071,7 @@ class Bridge:
 
     def _complete(self, packet_id, entry=None, refused=False):
         """The remote has this message (or refused it): off the queue and the disk."""
-        store = self.broker.core.store if self._durable else None
+        store = self.broker.core.store
         with self.lock:
             entry = self.inflight.pop(packet_id, None) or entry
             if entry is None:
@@ -9007,9 +9086,8 @@ class Bridge:
                 self.counts["dropped_refused"] += 1
             else:
                 self.counts["forwarded"] += 1
-            if store is not None:
+            if entry.stored and store is not None:
                 store.delete(("bridgeq", self.name, entry.seq))
-        self._wake()
 
     # --- packets from the remote ---------------------------------------------------------
     def _handle(self, packet_type, pkt):
@@ -9551,9 +9629,9 @@ class Broker:
             if self.clock.manual:
                 self.clock.detach(self)
             self.faults.clear()
+            self._stopping = True   # from now on no bridge starts
             for bridge in self.bridges.values():   # they publish here: first
                 bridge.stop()
-            self._stopping = True
             self._wake()
             self._service.join()
             self._service = None

@@ -10239,6 +10239,7 @@ PAGES = {   # page -> (heading, an element its data fills)
     "topics": ("Topics", "topics-table"), "retained": ("Retained messages", "retained-table"),
     "publish": ("Publish", "publish-form"), "live": ("Live messages", "live-table"),
     "plugins": ("Plugins", "plugins-table"), "listeners": ("Listeners", "listeners-table"),
+    "bridges": ("Bridges", "bridges-table"),
     "metrics": ("Metrics and stats", "stats-table"), "users": ("Users", "users-table"),
     "alarms": ("Alarms", "alarms-empty"), "journal": ("Journal", "journal-table"),
     "settings": ("Settings", "settings-table"),
@@ -10551,6 +10552,48 @@ class TestBridge:
             status = Api(b.http_port).result("GET", "nodes/%s/bridges" % NODE)
             assert status[0]["state"] == "disconnected" and "CONNACK 4" in status[0]["last_error"]
 
+    def test_in_flight_at_a_disconnect_goes_again_and_qos2_once(self, bridged):
+        """The acks of a QoS 1 and a QoS 2 message are lost and the connection
+        dies: after the reconnect (the remote kept the session) the QoS 1 one
+        comes again with DUP, the QoS 2 one goes on with PUBREL, arrives once."""
+        with emqx_lite.Broker(HOST, mqtt_port=0, http_port=None) as remote:
+            b = bridged(remote.mqtt_port, forwards="f/#", clean_start="off")
+            bridge_state(b)
+            far = PahoClient(remote.mqtt_port, "far")
+            try:
+                far.subscribe("f/#", 2)
+                remote.faults.drop_next("bridge_up", "PUBCOMP")
+                remote.faults.drop_next("bridge_up", "PUBACK")
+                b.publish("f/2", b"two", qos=2)
+                b.publish("f/1", b"one", qos=1)
+                assert sorted(far.get().payload for _ in range(2)) == [b"one", b"two"]
+                assert wait_until(lambda: b.bridges["up"].info()["inflight"] == 2)
+                remote.faults.disconnect("bridge_up")
+                assert wait_until(lambda: b.bridges["up"].info()["queued"] == 0, timeout=10)
+                again = []
+                while True:
+                    try:
+                        again.append(far.get(timeout=0.5).payload)
+                    except queue.Empty:
+                        break
+                assert b"two" not in again and set(again) <= {b"one"}
+            finally:
+                far.close()
+
+    def test_what_a_kept_session_sends_with_the_connack_arrives(self, bridged):
+        with emqx_lite.Broker(HOST, mqtt_port=0, http_port=None) as remote:
+            b = bridged(remote.mqtt_port, clean_start="off", subscription__1__topic="cmd/#",
+                        subscription__1__qos="1")
+            bridge_state(b)
+            remote.wait_for_subscription("bridge_up", "cmd/#")
+            b.bridges["up"].stop()
+            for n in range(5):   # queued at the remote for the bridge's session
+                remote.publish("cmd/%d" % n, b"%d" % n, qos=1)
+            with b.capture("cmd/#") as arrived:
+                b.bridges["up"].start()
+                assert [m.payload for m in arrived.wait(5)] == [b"%d" % n for n in range(5)]
+            assert b.bridges["up"].info()["last_error"] is None
+
     def test_status_start_stop_and_sys_topic(self, bridged):
         with emqx_lite.Broker(HOST, mqtt_port=0, http_port=None) as remote:
             b = bridged(remote.mqtt_port, forwards="a/#")
@@ -10659,6 +10702,12 @@ class TestBridgeConfig:
          ["emqx_lite.conf:2", "mqttv3, mqttv4 or mqttv5"]),
         ("bridge.mqtt.x.address = h:1\nbridge.mqtt.x.forwards = a/#/b\n",
          ["emqx_lite.conf:1", "not a topic filter"]),
+        ("bridge.mqtt.x.address = h:1\nbridge.mqtt.x.max_inflight = 0\n",
+         ["bridge.mqtt.x.max_inflight", "1 to 65535"]),
+        ("bridge.mqtt.x.address = h:1\nbridge.mqtt.x.forward_mountpoint = a/+/\n",
+         ["forward_mountpoint", "without + or #"]),
+        ("bridge.mqtt.x.address = h:1\nbridge.mqtt.x.tls_versions = tlsv1.0\n",
+         ["emqx_lite.conf:2", "tlsv1.2,tlsv1.3"]),
     ])
     def test_bad_keys_name_the_file_line_and_key(self, text, words):
         message = config_error(text)
@@ -10690,3 +10739,29 @@ class TestBridgeBit:
         finally:
             bridge.close()
             other.close()
+
+
+@browser_test
+def test_dashboard_bridges_page_shows_and_stops_a_bridge(browser, tmp_path):
+    """The bridge, its state and counters on the Bridges page; its Stop button
+    stops it (the API agrees) and Start starts it again."""
+    with emqx_lite.Broker(HOST, mqtt_port=0, http_port=None) as remote:
+        with emqx_lite.Broker(HOST, mqtt_port=0, http_port=None, dashboard_port=0, bridges={
+                "cloud": {"address": "127.0.0.1:%d" % remote.mqtt_port, "forwards": "a/#"}},
+                **FAST_HASH) as b:
+            driver = browser
+            driver.get("http://127.0.0.1:%d/" % b.dashboard_port)
+            try:
+                log_in(driver)
+                go(driver, "bridges", "Bridges")
+                wait(driver, EC.text_to_be_present_in_element((By.ID, "bridges-table"), "connected"))
+                click(driver, by_label("Stop bridge cloud"))
+                wait(driver, EC.presence_of_element_located(by_label("Start bridge cloud")))
+                assert b.bridges["cloud"].state == "stopped"
+                click(driver, by_label("Start bridge cloud"))
+                wait(driver, EC.text_to_be_present_in_element((By.ID, "bridges-table"), "connected"))
+            except BaseException as exc:
+                exc.add_note(_save_screenshot(driver, "bridges_page"))
+                raise
+            finally:
+                driver.get("about:blank")
