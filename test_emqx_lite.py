@@ -10750,6 +10750,7 @@ def test_dashboard_bridges_page_shows_and_stops_a_bridge(browser, tmp_path):
                 "cloud": {"address": "127.0.0.1:%d" % remote.mqtt_port, "forwards": "a/#"}},
                 **FAST_HASH) as b:
             driver = browser
+            driver.set_window_size(1280, 900)   # as the driver fixture leaves it
             driver.get("http://127.0.0.1:%d/" % b.dashboard_port)
             try:
                 log_in(driver)
