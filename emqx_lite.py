@@ -6813,15 +6813,33 @@ def _page(rows, args):
             "total_page": -(-len(rows) // size), "objects": rows[start:start + size]}
 
 
-def prometheus_text(metrics, stats, node):
+def _label_value(text):
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+#: A bridge's counters in the Prometheus text: info() key -> (type, help)
+_BRIDGE_FAMILIES = {
+    "forwarded": ("counter", "Messages the bridge delivered to its remote"),
+    "received": ("counter", "Messages the bridge received from its remote"),
+    "dropped": ("counter", "Messages for the remote the bridge dropped, for any reason"),
+    "dropped_overflow": ("counter", "QoS 1/2 messages dropped, oldest first, from a full queue"),
+    "dropped_qos0": ("counter", "QoS 0 messages dropped while the remote was down or slow"),
+    "dropped_refused": ("counter", "Messages the remote refused with a reason code"),
+    "queued": ("gauge", "QoS 1/2 messages waiting for the remote's acknowledgement"),
+}
+
+
+def prometheus_text(metrics, stats, node, bridges=()):
     """``metrics`` and ``stats`` in Prometheus's text exposition format (0.0.4).
 
     Family names are EMQX's Prometheus plugin's: ``emqx_`` and the key with
     ``/`` as ``_`` (``messages/received`` -> ``emqx_messages_received``).
     Metrics are counters (``messages/retained``, a count of what is stored,
     is a gauge), stats are gauges; every sample has a ``node`` label.
+    ``bridges`` (Bridge.info() rows) add ``emqx_bridge_<counter>`` families
+    with a ``bridge`` label too.
     """
-    label = '{node="%s"}' % node.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    label = '{node="%s"}' % _label_value(node)
     lines = []
     for kind, values in (("metric", metrics), ("stat", stats)):
         for key in sorted(values):
@@ -6831,6 +6849,13 @@ def prometheus_text(metrics, stats, node):
                           name, kind, key, "" if gauge else ", counted since the broker started"),
                       "# TYPE %s %s" % (name, "gauge" if gauge else "counter"),
                       "%s%s %d" % (name, label, values[key])]
+    if bridges:
+        for key, (kind, about) in _BRIDGE_FAMILIES.items():
+            name = "emqx_bridge_" + key
+            lines += ["# HELP %s %s." % (name, about), "# TYPE %s %s" % (name, kind)]
+            lines += ['%s{node="%s",bridge="%s"} %d' % (name, _label_value(node),
+                                                       _label_value(b["name"]), b[key])
+                      for b in bridges]
     return "\n".join(lines) + "\n"
 
 
@@ -7397,7 +7422,8 @@ def _json(obj, status=200):
 
 def prometheus_response(broker):
     from flask import Response
-    return Response(prometheus_text(broker.metrics(), broker.stats(), broker.node),
+    bridges = [bridge.info() for _, bridge in sorted(broker.bridges.items())]
+    return Response(prometheus_text(broker.metrics(), broker.stats(), broker.node, bridges),
                     mimetype="text/plain", content_type="text/plain; version=0.0.4; charset=utf-8")
 
 

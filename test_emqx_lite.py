@@ -10457,6 +10457,14 @@ class TestBridge:
         assert len([r for r in caplog.records if "queue is full" in r.getMessage()]) == 1
         b.publish("q/zero", b"qos 0 while down", qos=0)
         assert b.bridges["up"].info()["dropped"] == info["dropped"] + 1
+        from prometheus_client.parser import text_string_to_metric_families
+        text = Api(b.http_port).request("GET", "prometheus/stats")[2].decode()
+        samples = {f.name: f.samples[0] for f in text_string_to_metric_families(text)
+                   if f.name.startswith("emqx_bridge_")}
+        assert samples["emqx_bridge_dropped_overflow"].labels == {"node": NODE, "bridge": "up"}
+        assert samples["emqx_bridge_dropped_overflow"].value == info["dropped"]
+        assert samples["emqx_bridge_dropped_qos0"].value == 1
+        assert samples["emqx_bridge_queued"].value == info["queued"]
         kept = info["queued"]
         with emqx_lite.Broker(HOST, mqtt_port=port, http_port=None) as remote:
             with remote.capture("q/#") as arrived:
