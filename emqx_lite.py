@@ -6373,27 +6373,56 @@ function dashboardStopped() {
 // The settings form of one plugin, in the dialog; saved with one PUT.
 async function pluginSettings(name, msg) {
   const path = nodePath("plugin_configs/" + enc(name));
-  const rows = await api("GET", path).catch((err) => msg.fail(err));
-  if (!rows) return;
+  const got = await api("GET", path).catch((err) => msg.fail(err));
+  if (!got) return;
   const secret = (row) => row.secret || row.key.toLowerCase().includes("password");
+  // A PUT replaces the whole settings: a table entry left out is removed, so each
+  // entry (auth.username.x, or the rows of auth.client.1.*) gets a Remove box. A
+  // row with "$" names a new entry: $name asks for a name, $n/$id take the next number.
+  const group = (key) => key.replace(/^((?:auth|module)[.][a-z]+[.](?:rule[.])?[0-9]+)[.].*$/, "$1");
+  const next = 1 + Math.max(0, ...got.map((r) => Number((r.key.match(/[.]([0-9]+)(?:[.]|$)/) || [])[1] || 0)));
+  const rows = got.map((r) => Object.assign({}, r, { key: r.key.replace(/[$](?:n|id)(?![a-z])/, String(next)),
+    template: r.key.includes("$"), named: r.key.includes("$name") }));
   const inputs = rows.map((r, i) => h("input", {
-    id: "cfg-" + i, value: r.value, autocomplete: "off", required: r.required && !secret(r),
+    id: "cfg-" + i, value: r.value, autocomplete: "off",
+    required: r.required && !secret(r) && !r.template,
     type: secret(r) ? "password" : "text", placeholder: secret(r) ? "unchanged" : null,
   }));
+  const names = rows.map((r, i) => (r.named ? h("input", { id: "cfg-name-" + i, autocomplete: "off" }) : null));
+  const entry = (r) => !r.template && r.required && /^(auth[.]username[.]|auth[.]client[.]|module[.])/.test(r.key);
+  const firsts = new Set();
+  const removes = rows.map((r, i) => {
+    if (!entry(r) || firsts.has(group(r.key))) return null;
+    firsts.add(group(r.key));
+    return h("input", { type: "checkbox", id: "cfg-remove-" + i, "aria-label": "Remove " + group(r.key) });
+  });
   const result = messageLine("dialog");
   const save = async (e) => {
     e.preventDefault();
+    const gone = new Set(rows.filter((r, i) => removes[i] && removes[i].checked).map((r) => group(r.key)));
     const body = {};   // every key, but a password left empty (it stays as it is)
-    rows.forEach((r, i) => { if (!(secret(r) && !inputs[i].value)) body[r.key] = inputs[i].value; });
+    rows.forEach((r, i) => {
+      const key = r.named ? r.key.replace("$name", names[i].value.trim()) : r.key;
+      if (gone.has(group(r.key)) || (r.template && !inputs[i].value)) return;
+      if (r.named && !names[i].value.trim()) return;
+      if (!(secret(r) && !inputs[i].value)) body[key] = inputs[i].value;
+    });
     if (await act(result, () => api("PUT", path, body), "")) {
       closeDialog();
       msg.ok("Saved the settings of " + name + ".");
     }
   };
+  const fieldOf = (r, i) => {
+    const label = r.template ? "New: " + r.key : r.key + (r.required ? " (required)" : "");
+    const hint = r.desc + (secret(r) && !r.template ? " Leave it empty to keep the current one." : "");
+    const rows = [r.named ? field("New entry's name (" + r.key + ")", names[i]) : null,
+      field(label, inputs[i], hint)];
+    if (removes[i]) rows.push(h("div", { class: "field" }, h("label", { for: removes[i].id }, removes[i],
+      " Remove " + group(r.key))));
+    return rows;
+  };
   openDialog("Settings of " + name, [h("form", { id: "plugin-settings", class: "form", onsubmit: save },
-    rows.length ? rows.map((r, i) => field(r.key + (r.required ? " (required)" : ""), inputs[i],
-      r.desc + (secret(r) ? " Leave it empty to keep the current one." : "")))
-      : h("p", {}, "This plugin has no settings."), result.nodes)],
+    rows.length ? rows.map(fieldOf) : h("p", {}, "This plugin has no settings."), result.nodes)],
   [h("button", { type: "submit", form: "plugin-settings", id: "dialog-ok", class: "primary" }, "Save"),
     button("Cancel", closeDialog, { id: "dialog-cancel" })]);
   if (inputs.length) inputs[0].focus();

@@ -10774,3 +10774,30 @@ def test_dashboard_bridges_page_shows_and_stops_a_bridge(browser, tmp_path):
                 raise
             finally:
                 driver.get("about:blank")
+
+
+@browser_test
+def test_dashboard_plugin_settings_add_and_remove_a_table_entry(driver, dashboard):
+    """The emqx_auth_username table from its settings dialog: a new entry by
+    its template row, then its Remove box (a PUT replaces the whole table)."""
+    table = dashboard.broker.auth_username
+    log_in(driver)
+    go(driver, "plugins", "Plugins")
+
+    def open_settings():
+        click(driver, by_label("Settings of emqx_auth_username"))
+        wait(driver, EC.visibility_of_element_located((By.ID, "dialog")))
+    open_settings()
+    name = wait(driver, EC.visibility_of_element_located(
+        (By.CSS_SELECTOR, "#dialog input[id^=cfg-name-]")))
+    name.send_keys("dave")
+    password = driver.find_element(By.ID, name.get_attribute("id").replace("cfg-name-", "cfg-"))
+    password.send_keys("dave-pw")
+    driver.find_element(By.ID, "dialog-ok").click()
+    wait(driver, EC.text_to_be_present_in_element((By.ID, "plugins-status"), "Saved"))
+    assert table.check("dave", "dave-pw") is True
+    open_settings()
+    click(driver, by_label("Remove auth.username.dave"))
+    driver.find_element(By.ID, "dialog-ok").click()
+    wait(driver, EC.invisibility_of_element_located((By.ID, "dialog")))
+    assert wait_until(lambda: "dave" not in table)
