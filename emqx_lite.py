@@ -3915,18 +3915,16 @@ class BrokerCore:
         payload delete it [MQTT-3.3.1-10, -11]. The retainer's limits (EMQ X's
         emq_retainer): a payload above retainer.max_payload_size, or a new topic
         when retainer.max_message_num are kept, is delivered but not retained.
-        Returns whether the retained store changed."""
+        Returns whether the retained store changed: None when refused."""
         if not msg.payload:
             self.retained_at.pop(topic, None)
             return self.retained.pop(topic, None) is not None
         s = self.settings
-        if s["retainer_max_payload_size"] and len(msg.payload) > s["retainer_max_payload_size"]:
-            self.retain_refusals += 1
-            return False
         limit = s["retainer_max_messages"]
-        if limit and len(self.retained) >= limit and topic not in self.retained:
+        if (s["retainer_max_payload_size"] and len(msg.payload) > s["retainer_max_payload_size"]) \
+                or (limit and len(self.retained) >= limit and topic not in self.retained):
             self.retain_refusals += 1
-            return False
+            return None
         self.retained[topic] = msg
         self.retained_at.pop(topic, None)   # kept in the order retained: oldest first
         self.retained_at[topic] = self.now()
@@ -4036,7 +4034,6 @@ class BrokerCore:
         if self.rewrite_rules and self.modules_enabled:
             topic = msg.topic = self.rewrite(topic)
         tapped = False   # a Bridge took it to forward
-        refusals = self.retain_refusals
         if self.taps:
             for tap in self.taps:
                 if tap.wants(topic, msg):
@@ -4045,7 +4042,9 @@ class BrokerCore:
         shared = False
         if targets is None:
             with self.lock:
-                if msg.retain and self.retainer_enabled and self._retain_locked(topic, msg):
+                kept = msg.retain and self.retainer_enabled and self._retain_locked(topic, msg)
+                refused = kept is None   # by the retainer's limits: logged after the lock
+                if kept:
                     if self.store is not None and not msg.sys:
                         self.store.put(("retained", topic), (
                             topic, msg.payload, msg.qos,
@@ -4059,8 +4058,8 @@ class BrokerCore:
                     if len(self._route_cache) >= _ROUTE_CACHE_SIZE:
                         self._route_cache.clear()
                     self._route_cache[topic] = targets
-        if self.retain_refusals != refusals:
-            self._retain_refused(topic)
+            if refused:
+                self._retain_refused(topic)
         if note is not None:
             note.append(("routed", targets, shared))
         if not targets:
@@ -6918,10 +6917,11 @@ class LiveViews:
     def open(self, topic_filter):
         """A Capture of ``topic_filter`` for a new view; ApiError 102 if the
         filter is invalid or every view is taken."""
-        if not validate_topic_filter(topic_filter):
-            raise ApiError(102, "invalid topic filter %r" % topic_filter)
         core = self.broker._require_started()
-        capture = Capture(core, topic_filter, limit=self.QUEUE)
+        try:
+            capture = Capture(core, topic_filter, limit=self.QUEUE)
+        except ValueError as exc:
+            raise ApiError(102, str(exc)) from None
         with self.lock:
             if self.closed or len(self.captures) >= self.limit:
                 raise ApiError(102, "%d live views are open, the most this server streams at "
@@ -8602,8 +8602,10 @@ class Bridge:
     it to record the queue in order). The rest belongs to the bridge's thread.
     """
 
-    def __init__(self, broker, name, config):
-        self.broker, self.name, self.config = broker, name, config
+    def __init__(self, broker, name, options):
+        #: the bridge.mqtt.<name>.* options as given, and what they mean
+        self.options, self.config = dict(options), bridge_config(name, options)
+        self.broker, self.name, config = broker, name, self.config
         self.tag = "$bridge/" + name   # the sender of what it publishes here
         #: serialises start() and stop() (taken with no lock held; joins the thread)
         self._control = threading.Lock()
@@ -8624,7 +8626,7 @@ class Bridge:
         self._fingerprints = collections.OrderedDict()   # (topic, payload hash) -> count
         self._inbound = set()   # QoS 2 packet ids from the remote whose PUBREL has not come
         self._mountpoint = config["forward_mountpoint"].replace("${node}", broker.node)
-        self._durable = bool(config["queue.replayq_dir"])
+        self._durable = False   # the queue in the data file (decided at start())
         self.sock = self.tls = self._selector = None
         self._out, self._in = bytearray(), bytearray()
         self.proto_ver = config["proto_ver"]
@@ -9599,9 +9601,8 @@ class Broker:
         self._history = collections.deque(maxlen=HISTORY_SAMPLES)
         #: name -> Bridge (emqx_bridge_mqtt): {name: {option: value}} as a
         #: configuration file's bridge.mqtt.<name>.<option> keys give them
-        self.bridges = {name: Bridge(self, name, bridge_config(name, options))
+        self.bridges = {name: Bridge(self, name, options)
                         for name, options in (bridges or {}).items()}
-        self._bridge_options = {name: dict(options) for name, options in (bridges or {}).items()}
         self._last_sample = None   # (monotonic time, messages received, sent)
         self._next_sample = 0.0
 
@@ -10093,8 +10094,8 @@ class Broker:
 
     def _bridge_config(self):
         rows = []
-        for name, options in sorted(self._bridge_options.items()):
-            for option, value in options.items():
+        for name, bridge in sorted(self.bridges.items()):
+            for option, value in bridge.options.items():
                 secret = option == "password"
                 rows.append(("bridge.mqtt.%s.%s" % (name, option), "" if secret else (
                     value if isinstance(value, str) else str(value)),
@@ -10235,15 +10236,13 @@ class Broker:
         """dashboard.listener.http changed: the new address is listened on
         first (OSError: nothing changes), then the old one closes."""
         with self._dashboard_lock:
-            if self._dashboard is None or self._dashboard_stopper is not None:
-                probe = self._bind_dashboard(bind, port)   # can it listen there?
-                probe.stop(None)
-                self.dashboard_bind, self._dashboard_port_wanted = bind, port
-                self.dashboard_port = None
-                return
             successor = self._bind_dashboard(bind, port)
             self.dashboard_bind, self._dashboard_port_wanted = bind, port
-            self._retire_dashboard(successor)
+            if self._dashboard is not None and self._dashboard_stopper is None:
+                self._retire_dashboard(successor)
+                return
+            self.dashboard_port = None   # not serving: it was a check that it can listen there
+        successor.stop(None)   # joins its threads: not under the lock
 
     def _stop_dashboard(self):
         """At stop(): the thread retiring a server first (it may serve a moved
