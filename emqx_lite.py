@@ -48,10 +48,11 @@ Architecture
 
     service thread (one per Broker)          reader threads (one per socket)
     +---------------------------------+      +-------------------------------+
-    | selector: listening sockets,    |      | recv 64 KiB, decode every     |
-    |   blocked writers, wake pipe    |----->| complete packet, handle_*     |
-    | tick: keepalive, retries,       |spawn | (routing via BrokerCore)      |
-    |   expiry, $SYS                  |      | flush touched connections     |
+    | selector: listening sockets,    |      | recv (up to 64 KiB), decode   |
+    |   blocked writers, wake pipe    |----->| every complete packet,        |
+    | tick: keepalive (a heap of      |spawn | handle_* (routing via         |
+    |   deadlines), retries, expiry,  |      | BrokerCore), flush touched    |
+    |   $SYS                          |      | connections                   |
     +---------------------------------+      +-------------------------------+
                  |                                  |  BrokerCore.publish(msg)
                  | on writable: finish the send     v
@@ -90,7 +91,8 @@ socket.
 Threads and locks
 -----------------
 Threads: one service thread (accepts, finishes blocked writes, runs timers),
-one reader thread per connection, the REST API's: waitress's loop thread
+one reader thread per connection (a bare thread, started without a
+threading.Thread: see ``_start_bare_thread``), the REST API's: waitress's loop thread
 (every HTTP socket), four task threads (the application) and two verifier
 threads (password hashes); the dashboard's listener, the same with eight
 task threads (four may stream live views), and while its plugin stops or it
@@ -131,7 +133,8 @@ at run time and ``Broker._dashboard_lock`` the dashboard's listener (taken in
 that order, each with no other lock held; ``_plugins_lock`` under them).
 ``Broker._lifecycle_lock`` serialises start() and stop(); ``Broker._settle_lock``
 the settling of closed connections (it takes ``Listener.lock``,
-``BrokerCore.lock`` and ``counts_lock`` in turn). ``ManualClock.lock``
+``BrokerCore.lock`` and ``counts_lock`` in turn) and guards the set of reader
+threads to join. ``ManualClock.lock``
 serialises advance(), which runs the brokers' timers (so it comes before
 every lock above, ``_settle_lock`` included; an embedding test holds no lock
 when it calls advance()). The test kit's leaves: ``Broker._state_cv`` (the
@@ -187,7 +190,9 @@ import collections
 import errno
 import fcntl
 import functools
+import gc
 import hashlib
+import heapq
 import hmac
 import ipaddress
 import itertools
@@ -207,6 +212,7 @@ import ssl
 import sys
 import threading
 import time
+import _thread
 
 try:   # the REST API's HTTP server; MQTT runs without it (http_port=None)
     from waitress.adjustments import Adjustments as WaitressAdjustments
@@ -306,12 +312,9 @@ def _is_loopback(host):
         return host == "localhost"
 
 
-def _start_thread(target, name, args=(), before=None):
-    """Start a daemon thread with a small stack; return it. ``before(thread)``
-    runs first (to record the thread where the thread itself may look)."""
+def _start_thread(target, name, args=()):
+    """Start a daemon thread with a small stack; return it."""
     thread = threading.Thread(target=target, name=name, args=args, daemon=True)
-    if before is not None:
-        before(thread)
     with _stack_size_lock:
         old = threading.stack_size(_THREAD_STACK_SIZE)
         try:
@@ -319,6 +322,43 @@ def _start_thread(target, name, args=(), before=None):
         finally:
             threading.stack_size(old)
     return thread
+
+
+def _start_bare_thread(target, running):
+    """Run ``target()`` on a thread of its own, with the small stack, without
+    a threading.Thread: a connection's reader. Thread.start() waits until the
+    new thread has run (a round trip of the GIL between the two threads, for
+    every connection of a connect storm), and its objects cost memory for as
+    long as the connection lasts. ``running`` is an acquired lock, released
+    when the thread ends: acquiring it joins the thread. RuntimeError (and
+    ``running`` released) when no thread can be started."""
+    with _stack_size_lock:
+        old = threading.stack_size(_THREAD_STACK_SIZE)
+        try:
+            _thread.start_new_thread(_bare_thread, (target, running))
+        except BaseException:
+            running.release()
+            raise
+        finally:
+            threading.stack_size(old)
+
+
+def _bare_thread(target, running):
+    try:
+        target()
+    finally:
+        _forget_dummy_thread()
+        running.release()
+
+
+def _forget_dummy_thread():
+    """threading.current_thread() (logging asks it for every record) makes a
+    _DummyThread for a thread the threading module did not start, and keeps
+    it for good: a bare thread that logged forgets its own when it ends."""
+    ident = _thread.get_ident()
+    if isinstance(threading._active.get(ident), threading._DummyThread):
+        with threading._active_limbo_lock:
+            threading._active.pop(ident, None)
 
 
 def _strftime(ts):
@@ -530,7 +570,9 @@ _ROUTE_CACHE_SIZE = 10000   # topics whose match result is cached
 #: SUBSCRIBE and UNSUBSCRIBE.
 _DURABLE_REPLIES = frozenset((PUBREC, PUBREL, SUBSCRIBE, UNSUBSCRIBE))
 _NO_LOCAL, _RETAIN_AS_PUBLISHED = 0x04, 0x08   # SUBSCRIBE option bits kept in the router
-_RECV_MIN, _RECV_MAX = 1024, 65536   # bytes one recv asks for, adaptively
+#: Bytes one recv asks for, adaptively. An idle client's reader waits in a
+#: recv holding a buffer of the current size, so idle connections shrink to 256.
+_RECV_MIN, _RECV_MAX = 256, 65536
 
 #: Default settings; every one can be given to Broker() as a keyword.
 DEFAULTS = {
@@ -2214,6 +2256,7 @@ class FlowControl:
 
     def __init__(self, settings, clock=SystemClock):
         self.now = clock.monotonic
+        self.holding = set()   # publishers with acks held (added and removed under their out_lock)
         self.timeout = settings["flow_control_timeout"]
         mark = max(2 * settings["max_inflight"], 64)
         if settings["max_mqueue_len"]:
@@ -2233,7 +2276,10 @@ class FlowControl:
         publisher's batch fed, emptied here) is still over the mark."""
         if congested:
             with publisher.out_lock:
-                publisher.waiting_on.update(congested)
+                if publisher.waiting_on:
+                    publisher.waiting_on.update(congested)
+                else:
+                    publisher.waiting_on = set(congested)
             for session in congested:
                 with session.lock:
                     waits = self.congested(session)
@@ -2248,6 +2294,7 @@ class FlowControl:
             if publisher.waiting_on or publisher.held:
                 if not publisher.held:
                     publisher.held_since = self.now()
+                    self.holding.add(publisher)
                 publisher.held.append(data)
             else:
                 publisher.write_locked((data,), flush=False)
@@ -2257,12 +2304,13 @@ class FlowControl:
         (``session=None``: whatever it waits for, the timeout case)."""
         with publisher.out_lock:
             if session is None:
-                publisher.waiting_on.clear()
-            else:
+                publisher.waiting_on = ()
+            elif publisher.waiting_on:
                 publisher.waiting_on.discard(session)
             if publisher.waiting_on or not publisher.held:
                 return
             held, publisher.held, publisher.held_since = publisher.held, [], None
+            self.holding.discard(publisher)
             publisher.write_locked(held, flush=True)
 
     def settle(self, session):
@@ -2282,9 +2330,14 @@ class FlowControl:
             self.release(publisher, session)
 
     def expire(self, publisher, now):
-        """Service thread: no ack is held longer than ``timeout``."""
-        held_since = publisher.held_since
-        if held_since is not None and now - held_since > self.timeout:
+        """Service thread, for each of ``holding``: no ack is held longer
+        than ``timeout``."""
+        with publisher.out_lock:
+            held_since = publisher.held_since
+            if held_since is None or publisher._closed:
+                self.holding.discard(publisher)
+                return
+        if now - held_since > self.timeout:
             self.release(publisher)
 
 
@@ -2308,7 +2361,7 @@ class Batch:
     def __init__(self):
         self.deliveries = {}   # Session -> [(msg, qos, retain), ...]
         self.touched = set()   # Connections appended to, to flush
-        self.congested = set() # Sessions a QoS 1/2 message went to that are over the mark
+        self.congested = None  # Sessions a QoS 1/2 message went to that are over the mark (a set)
         self.rels = []         # (Session, packet id): inbound QoS 2 ids to write
         self.store = None      # the Store, once a persistent session is in the batch
 
@@ -2316,6 +2369,8 @@ class Batch:
         if qos and session.store is not None:   # QoS 0 is never written
             self.store = session.store
         if qos and not retain and session.core.flow.congested(session):
+            if self.congested is None:
+                self.congested = set()
             self.congested.add(session)
         items = self.deliveries.get(session)
         if items is None:
@@ -4346,7 +4401,7 @@ class Connection:
     __slots__ = ("hooks", "core", "settings", "sock", "peer", "listener", "transport",
                  "client_id", "username", "proto_ver", "keepalive", "clean_session", "will",
                  "session", "acl", "connected_at", "opened_at", "last_recv", "close_reason",
-                 "thread", "out_lock", "_out", "_wire", "out_bytes", "blocked",
+                 "running", "out_lock", "_out", "_wire", "out_bytes", "blocked",
                  "blocked_since", "_closed", "_batch", "_disconnecting", "held",
                  "held_since", "waiting_on", "_recv_size", "receive_maximum",
                  "max_packet_out", "topic_aliases", "auth", "_pending", "alias_max_out",
@@ -4372,7 +4427,7 @@ class Connection:
         self.connected_at = None
         self.opened_at = self.last_recv = core.now()
         self.close_reason = None      # set by whoever decided to close
-        self.thread = None
+        self.running = None           # held by the reader thread while it runs (start_reader)
         #: guards _out, _wire, out_bytes, blocked, _closed, held, waiting_on,
         #: held_since, the transport's state and the non-blocking send
         self.out_lock = threading.Lock()
@@ -4385,7 +4440,7 @@ class Connection:
         self._batch = Batch()         # what this reader routed from its current recv
         self.held = []                # PUBACK/PUBREC held by FlowControl, in order
         self.held_since = None
-        self.waiting_on = set()       # congested sessions the held acks wait for
+        self.waiting_on = ()          # congested sessions the held acks wait for (a set)
         # Durable state: packets in _out leave only once the Store has committed
         # change ``barrier`` (their acks, or the rows of the messages they carry),
         # and not while the reader thread is still settling its acks' barrier.
@@ -4407,6 +4462,23 @@ class Connection:
         return "<Connection %s %s:%s>" % (self.client_id, self.peer[0], self.peer[1])
 
     # --- the reader thread ----------------------------------------------------
+    def start_reader(self):
+        """Start the reader thread (RuntimeError if the system has none to
+        give). ``running`` is set first: a takeover or a ManualClock tick that
+        closes this connection, even before its thread runs, can join it."""
+        self.running = _thread.allocate_lock()
+        self.running.acquire()
+        _start_bare_thread(self.run, self.running)
+
+    def join(self, timeout=-1):
+        """Wait up to ``timeout`` seconds (-1: for ever) for the reader thread
+        to end; False if it has not."""
+        running = self.running
+        if running is None or not running.acquire(timeout=timeout):
+            return running is None
+        running.release()
+        return True
+
     def run(self):
         reason = "closed"
         try:
@@ -4639,10 +4711,10 @@ class Connection:
         if old_conn is not None:
             self._decided("took the client id over from %s:%s" % old_conn.peer)
             old_conn.shutdown("conflict")   # takeover [MQTT-3.1.4-2]
-            if self.core.store is not None and old_conn.thread is not None:
+            if self.core.store is not None:
                 # What its last packets changed is recorded before this client's
                 # resends are judged against it (a QoS 2 id seen, a message routed).
-                old_conn.thread.join(self.settings["connect_timeout"])
+                old_conn.join(self.settings["connect_timeout"])
         _log.debug("Received CONNECT from %s (p%d, c%d, k%d)", client_id,
                    pkt.proto_ver, pkt.clean_session, pkt.keepalive)
         connack = Connack(present, CONNACK_ACCEPTED)
@@ -4934,6 +5006,7 @@ class Connection:
                 return
             self._out.clear()
             self.held.clear()
+            self.held_since = None
             self.out_bytes = len(self._wire)
         self.shutdown("store_error")
 
@@ -5208,7 +5281,8 @@ class Listener:
             sock, peer = self.sock.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return None
-        sock.setblocking(True)
+        if sock.gettimeout() is not None:   # only under socket.setdefaulttimeout()
+            sock.setblocking(True)          # (one syscall less per connection)
         with self.lock:
             if self.current_clients >= self.max_clients:
                 self.shutdown_count["max_clients"] = self.shutdown_count.get("max_clients", 0) + 1
@@ -7042,7 +7116,7 @@ def create_api_blueprint(broker, live_views):
         return {"name": broker.node,
                 "otp_release": "Python/" + ".".join(map(str, sys.version_info[:3])),
                 "memory_total": _kmg(total), "memory_used": _kmg(used),
-                "process_available": available, "process_used": threading.active_count(),
+                "process_available": available, "process_used": broker.thread_count(),
                 "max_fds": max_fds, "clients": len(broker.core.connections),
                 "node_status": "Running",
                 "load1": "%.2f" % load[0], "load5": "%.2f" % load[1], "load15": "%.2f" % load[2]}
@@ -9575,7 +9649,22 @@ class Broker:
         self._wake_r = self._wake_w = None
         self._service = None
         self._stopping = False
-        self._threads = set()       # reader threads started (pruned by the service thread)
+        #: connections whose reader thread runs, and those settled whose reader
+        #: is still ending (under _settle_lock): stop() joins them all
+        self._readers = set()
+        self._ending = []
+        #: the connections' timers, kept by whoever runs the timers (the service
+        #: thread, or ManualClock.advance()): a heap of (due, n, kind, conn),
+        #: kind "connect" (connect timeout) or "keepalive", on the broker's
+        #: clock; any thread hands a connection to schedule through _timers_new
+        #: (accepted, or just CONNECTed). _timers_dead counts closed connections
+        #: still in the heap, _timers_stale asks for every due to be worked out
+        #: again (a timeout setting changed).
+        self._timers, self._timers_new = [], collections.deque()
+        self._timers_seq = itertools.count()
+        self._timers_dead = 0
+        self._timers_stale = False
+        self._blocked = set()   # connections with a blocked write (send timeout)
         self._hooks = ConnectionHooks(self._watch_writable, self._unwatch_writable,
                                       self._client_connected, self._connection_closed)
         #: (Connection, reason, its thread's counters) closed by reader threads and
@@ -9694,9 +9783,10 @@ class Broker:
             conns = self.core.live_connections()
             for conn in conns:
                 conn.shutdown("shutdown")
-            for thread in self._threads:
-                thread.join()
-            self._threads.clear()
+            with self._settle_lock:
+                readers = list(self._readers) + self._ending
+            for conn in readers:
+                conn.join()
             self._settle_closed()
             self._close_resources()
 
@@ -9896,6 +9986,8 @@ class Broker:
 
     def _set_setting(self, name, value):
         self.settings[name] = value
+        if name in ("connect_timeout", "keepalive_backoff"):
+            self._timers_stale = True   # every timer is worked out again at the next tick
         if name == "acl_nomatch":
             self.acl.nomatch = value
         elif name in ("api_max_auth_failures", "api_auth_failure_window"):
@@ -10266,6 +10358,7 @@ class Broker:
 
     def _watch_writable(self, conn):
         """Ask the service thread to finish a blocked write (any thread, out_lock held)."""
+        self._blocked.add(conn)
         with self._selector_lock:
             if self._selector is not None:
                 try:
@@ -10274,6 +10367,7 @@ class Broker:
                     pass
 
     def _unwatch_writable(self, conn):
+        self._blocked.discard(conn)
         with self._selector_lock:
             if self._selector is not None:
                 try:
@@ -10310,9 +10404,10 @@ class Broker:
                         data.on_writable()
                 if self._closed:
                     self._settle_closed()
-                if time.monotonic() >= next_prune:   # forget reader threads that ended
+                if self._ending and time.monotonic() >= next_prune:
                     next_prune = time.monotonic() + 1.0
-                    self._threads = {t for t in self._threads if t.is_alive()}
+                    with self._settle_lock:   # forget the reader threads that ended
+                        self._ending = [c for c in self._ending if c.running.locked()]
                 now = self.clock.monotonic()
                 if not manual and now >= self._next_tick and not self._stopping:
                     self._run_timers(now)
@@ -10328,6 +10423,12 @@ class Broker:
         self._closed.append((conn, reason, counts))
         if first:
             self._wake()
+
+    def thread_count(self):
+        """The process's threads: the threading module's and the readers."""
+        with self._settle_lock:
+            return (threading.active_count() + len(self._readers)
+                    + sum(conn.running.locked() for conn in self._ending))
 
     def _settle_closed(self):
         """The bookkeeping of every connection closed since the last call:
@@ -10346,8 +10447,12 @@ class Broker:
                 by_listener[conn.listener].append(reason)
             for listener, reasons in by_listener.items():
                 listener.connections_closed(reasons)
+            conns = [conn for conn, _, _ in batch]
+            self._timers_dead += len(conns)
+            self._readers.difference_update(conns)
+            self._ending.extend(conns)   # their readers end now: pruned once ended
             core = self.core
-            core.disconnect([conn for conn, _, _ in batch])
+            core.disconnect(conns)
             core.fold_counts([counts for _, _, counts in batch])
         for conn, reason, _ in batch:
             if conn.session is not None:
@@ -10380,8 +10485,7 @@ class Broker:
             self._publish_sys_stats()
         if self.clock.manual:
             for conn in closed:
-                if conn.thread is not None:
-                    conn.thread.join(self.settings["connect_timeout"])
+                conn.join(self.settings["connect_timeout"])
             self._settle_closed()
 
     def _sample_history(self, now):
@@ -10452,19 +10556,20 @@ class Broker:
             sock, peer = accepted
             conn = Connection(self._hooks, self.core, sock, peer, listener)
             self.core.add_socket(conn)
+            self._timers_new.append(("connect", conn))
+            with self._settle_lock:
+                self._readers.add(conn)
             try:
-                # conn.thread is set before it runs: a takeover or a ManualClock tick
-                # that closes it joins it
-                _start_thread(conn.run, "emqx_lite-conn-%s:%s" % peer[:2],
-                              before=functools.partial(setattr, conn, "thread"))
+                conn.start_reader()
             except RuntimeError as exc:   # "can't start new thread": threads, memory, maps
+                with self._settle_lock:
+                    self._readers.discard(conn)
                 self.core.disconnect([conn])
                 sock.close()
                 listener.connections_closed(["thread_limit"])
                 self._resource_refusal("thread_limit", "cannot start a thread for a new "
                                        "connection (%s): see the limits logged at start" % exc)
                 return
-            self._threads.add(conn.thread)
 
     def _refuse_pending(self, listener, exc):
         """Out of descriptors: give back the spare one, so that the pending
@@ -10500,11 +10605,10 @@ class Broker:
         """The timers, every half second: connections, sessions, expiry.
         Returns the connections it closed."""
         core = self.core
-        conns, sessions = core.live_connections(), core.sessions_with_timers()
-        closed = [conn for conn in conns if self._check_timeouts(conn, now)]
-        for conn in conns:
+        closed = self._connection_timers(now)
+        for conn in list(core.flow.holding):
             core.flow.expire(conn, now)
-        for session in sessions:
+        for session in core.sessions_with_timers():
             self._resend(session, now)
         wills = core.expire_sessions(now) + core.due_wills(now)
         if wills:
@@ -10514,22 +10618,52 @@ class Broker:
             batch.run()
         return closed
 
-    def _check_timeouts(self, conn, now):
-        """Connect timeout, keepalive [MQTT-3.1.2-24] and send timeout; True
-        if it closed the connection."""
-        s = self.settings
-        reason = None
-        if conn.session is None:
-            if now - conn.opened_at > s["connect_timeout"]:
-                reason = "idle_timeout"
-        elif conn.keepalive and now - conn.last_recv > conn.keepalive * s["keepalive_backoff"]:
-            reason = "keepalive_timeout"
-        blocked_since = conn.blocked_since
-        if blocked_since is not None and now - blocked_since > s["send_timeout"]:
-            reason = "send_timeout"
-        if reason is not None:
-            conn.shutdown(reason)
-        return reason is not None
+    def _connection_timers(self, now):
+        """Connect timeout, keepalive [MQTT-3.1.2-24] and send timeout: closes
+        the connections past one and returns them. Only the timers that fall
+        due are looked at (a heap), not every connection at every tick: with
+        10,000 clients a full pass held the GIL for 5 ms twice a second."""
+        heap, new, seq = self._timers, self._timers_new, self._timers_seq
+        if self._timers_stale or self._timers_dead > len(heap) // 2 + 64:
+            self._timers_stale, self._timers_dead = False, 0
+            new.extend((kind, conn) for _, _, kind, conn in heap)
+            heap.clear()
+        while new:
+            kind, conn = new.popleft()
+            due = self._due(kind, conn)
+            if due is not None:
+                heapq.heappush(heap, (due, next(seq), kind, conn))
+        closed = []
+        while heap and heap[0][0] < now:   # strictly past: a limit reached is not exceeded
+            _, _, kind, conn = heapq.heappop(heap)
+            due = self._due(kind, conn)
+            if due is None:
+                continue
+            if due < now:
+                conn.shutdown("idle_timeout" if kind == "connect" else "keepalive_timeout")
+                closed.append(conn)
+            else:   # it has been heard from since
+                heapq.heappush(heap, (due, next(seq), kind, conn))
+        limit = self.settings["send_timeout"]
+        for conn in list(self._blocked):
+            blocked_since = conn.blocked_since
+            if blocked_since is not None and now - blocked_since > limit:
+                conn.shutdown("send_timeout")
+                closed.append(conn)
+        return closed
+
+    def _due(self, kind, conn):
+        """When ``conn``'s ``kind`` of timer runs out, or None once it cannot
+        (closed; CONNECTed, for the connect timeout; keepalive 0)."""
+        if conn._closed or conn.close_reason is not None:
+            return None
+        if kind == "connect":
+            if conn.session is not None:
+                return None
+            return conn.opened_at + self.settings["connect_timeout"]
+        if not conn.keepalive:
+            return None
+        return conn.last_recv + conn.keepalive * self.settings["keepalive_backoff"]
 
     @staticmethod
     def _resend(session, now):
@@ -10567,7 +10701,10 @@ class Broker:
             self._sys_publish("metrics/" + name, str(value))
 
     def _client_connected(self, conn):
-        """emqx_modules on CONNACK: the presence event, then auto-subscriptions."""
+        """On CONNACK: its keepalive, then emqx_modules (the presence event,
+        then auto-subscriptions)."""
+        if conn.keepalive:
+            self._timers_new.append(("keepalive", conn))
         self._state_changed()
         if not self.core.modules_enabled:
             return
@@ -10853,6 +10990,9 @@ def _cli_parse(argv):
              "the MQTT spec statements it exercises (a teaching aid)")
     opt("--node", metavar="NAME",
         help="node name used by the REST API and $SYS topics (default: %s)" % DEFAULTS["node"])
+    opt("--cpu", default="auto", metavar="auto|all|N",
+        help="the CPU the broker runs on: auto (the one it starts on), a CPU number, or all "
+             "(wherever the system schedules it); see README, Performance (default: auto)")
     opt("--log-level", default="info",
         choices=("debug", "info", "warning", "error", "critical"),
         help="logging level (default: %(default)s)")
@@ -10895,6 +11035,57 @@ def _cli_settings(args, environ):
     if args.node is not None:
         kw["node"] = args.node
     return kw
+
+
+def _pin_cpu(choice):
+    """--cpu: keep the whole process on one CPU; returns (cpu, allowed) or
+    None when it runs wherever the system schedules it. Only one thread holds
+    the GIL at a time, and each hand-over between threads on different CPUs
+    costs a cross-CPU wake-up: on one CPU, a storm of 10,000 connections is
+    accepted at 8,000 a second instead of 4,600 (README, Performance). Called
+    before any thread starts; threads inherit the affinity."""
+    if choice == "all" or not hasattr(os, "sched_setaffinity"):
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    if choice == "auto":
+        if len(allowed) == 1:
+            return None
+        cpu = _current_cpu()
+        if cpu not in allowed:
+            cpu = allowed[-1]
+    else:
+        try:
+            cpu = int(choice)
+        except ValueError:
+            raise ValueError("--cpu takes auto, all or a CPU number, not %r" % choice) from None
+        if cpu not in allowed:
+            raise ValueError("--cpu %d: this process may run on CPUs %s only"
+                             % (cpu, _cpu_list(allowed)))
+    for task in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else [0]:
+        os.sched_setaffinity(int(task), {cpu})   # every thread there is (on Linux, per thread)
+    return cpu, allowed
+
+
+def _current_cpu():
+    """The CPU this thread last ran on (/proc/self/stat, field 39), or None:
+    the scheduler starts a process on a CPU with room, so several brokers
+    started with --cpu auto spread out."""
+    try:
+        with open("/proc/thread-self/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[36])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _cpu_list(cpus):
+    """[0, 1, 2, 5] -> '0-2,5' (as /sys and taskset write CPU lists)."""
+    ranges = []
+    for cpu in cpus:
+        if ranges and ranges[-1][1] == cpu - 1:
+            ranges[-1][1] = cpu
+        else:
+            ranges.append([cpu, cpu])
+    return ",".join("%d" % a if a == b else "%d-%d" % (a, b) for a, b in ranges)
 
 
 def _raise_fd_limit():
@@ -10940,19 +11131,36 @@ def _tracer():
 #: The GIL switch interval of `python emqx_lite.py` (seconds; CPython's default
 #: is 0.005). A thread waiting for the GIL wakes up every interval to ask for it:
 #: when thousands of reader threads wake at once (a NAT gateway restarts and
-#: every client is reset), 0.005 s makes those wake-ups alone keep both cores
-#: busy for tens of seconds. Reader threads give the GIL up at every recv and
-#: send anyway, so a longer interval costs routing nothing (bench/massbench.py).
-SWITCH_INTERVAL = 0.1
+#: every client is reset), 0.005 s makes those wake-ups alone keep the CPU busy
+#: for tens of seconds, and on one CPU (--cpu) so did 0.1 s in 2 of 5 storms of
+#: 10,000 (none in 5 at 0.25 s). Reader threads give the GIL up at every recv
+#: and send anyway, so a longer interval costs routing nothing (bench/massbench.py).
+SWITCH_INTERVAL = 0.25
+
+#: The garbage collector's thresholds under `python emqx_lite.py` (CPython's
+#: are 700, 10, 10). Every connection allocates a few dozen objects, and with
+#: the defaults a connect storm runs a young collection every few connections
+#: and full ones (each walking every object of every session) often enough
+#: that a healthy client waited 50 ms behind them. The objects of start-up are
+#: frozen out of the collections (gc.freeze()).
+GC_THRESHOLDS = (10000, 50, 100)
 
 
 def main(argv=None):
     """Run the broker until SIGINT or SIGTERM; returns the exit status."""
     args = _cli_parse(argv)
+    try:
+        pinned = _pin_cpu(args.cpu)
+    except (ValueError, OSError) as exc:
+        sys.stderr.write("emqx_lite.py: error: %s\n" % exc)
+        return 2
     _raise_fd_limit()
     sys.setswitchinterval(SWITCH_INTERVAL)
+    gc.set_threshold(*GC_THRESHOLDS)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if pinned is not None:
+        _log.info("Running on CPU %d of %s (--cpu all: on any)", pinned[0], _cpu_list(pinned[1]))
     stop = threading.Event()   # handlers first: a signal during start-up must stop cleanly too
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
@@ -10969,6 +11177,7 @@ def main(argv=None):
     except (ConfigError, StoreError, OSError, ValueError) as exc:
         _log.error("cannot start: %s", exc)
         return 1
+    gc.freeze()   # what start-up made lives as long as the process
     try:
         while not stop.wait(3600):
             pass

@@ -29,6 +29,7 @@ import collections
 import hashlib
 import ipaddress
 import json
+import logging
 import os
 import queue
 import random
@@ -6088,7 +6089,14 @@ class TestRaces:
 ###############################################################################
 
 def broker_threads():
+    """The broker's named threads (its connections' readers are bare threads:
+    os_threads() counts those)."""
     return [t for t in threading.enumerate() if t.name.startswith("emqx_lite")]
+
+
+def os_threads():
+    """This process's threads as the kernel counts them, bare ones included."""
+    return len(os.listdir("/proc/self/task"))
 
 
 def fd_count():
@@ -6101,7 +6109,7 @@ class TestEmbedding:
         """200 start/stop cycles (some with a client still connected at stop)
         leave no thread and no file descriptor behind."""
         assert wait_until(lambda: not broker_threads())
-        threads_before = threading.active_count()
+        threads_before, os_before = threading.active_count(), os_threads()
         fds_before = fd_count()
         for i in range(200):
             with emqx_lite.Broker(HOST, mqtt_port=0, http_port=None) as b:
@@ -6114,19 +6122,42 @@ class TestEmbedding:
                     r.close()
         assert broker_threads() == []
         assert threading.active_count() <= threads_before
+        assert wait_until(lambda: os_threads() <= os_before), (os_threads(), os_before)
         assert wait_until(lambda: fd_count() <= fds_before), (fd_count(), fds_before)
 
     def test_stop_joins_connection_threads(self, make_broker):
+        os_before = os_threads()
         b = make_broker()
         rs = [RawClient(b.mqtt_port) for _ in range(5)]
         for i, r in enumerate(rs):
             r.connect("t%d" % i)
-        assert len(broker_threads()) >= 6
+        assert os_threads() >= os_before + 6   # the service thread and 5 readers
+        assert b.thread_count() >= threading.active_count() + 5
         b.stop()
         assert broker_threads() == []
+        assert wait_until(lambda: os_threads() <= os_before), (os_threads(), os_before)
         for r in rs:
             assert r.expect_closed()
             r.close()
+
+    def test_readers_that_log_leave_no_dummy_thread(self, make_broker, caplog):
+        """A connection's reader is a bare thread: when it logs, logging asks
+        threading.current_thread(), which registers a stand-in for it; the
+        reader removes that when it ends, so logging clients leave nothing
+        in threading.enumerate()."""
+        caplog.set_level(logging.DEBUG, logger="emqx_lite")
+        b = make_broker()
+        before = set(threading.enumerate())
+        for i in range(20):
+            r = RawClient(b.mqtt_port)
+            r.sock.sendall(b"\x30\x03\x00\x01t")   # PUBLISH before CONNECT [MQTT-3.1.0-1]
+            assert r.expect_closed()
+            r.close()
+        assert wait_until(lambda: not b.core.sockets)
+        assert any("first packet must be CONNECT" in m for m in caplog.messages)
+        assert wait_until(lambda: set(threading.enumerate()) <= before), \
+            set(threading.enumerate()) - before
+        b.stop()
 
     def test_two_brokers_are_independent(self, make_broker):
         b1, b2 = make_broker(), make_broker()
@@ -6420,6 +6451,47 @@ class TestCommandLine:
             code, log = broker.stop()
         assert code == 0, log
         assert "Stopping" in log
+
+    @pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                        reason="needs a process that may run on two CPUs or more")
+    def test_cpu_keeps_every_thread_on_one_cpu(self):
+        """--cpu N: the process and every thread it starts (service, REST,
+        connection readers) run on CPU N only; --cpu all leaves them where
+        the system puts them; auto picks one of the allowed CPUs."""
+        allowed = sorted(os.sched_getaffinity(0))
+
+        def affinities(proc):
+            tasks = os.listdir("/proc/%d/task" % proc.pid)
+            return {frozenset(os.sched_getaffinity(int(t))) for t in tasks}, len(tasks)
+
+        for arg, expect in ((str(allowed[-1]), {frozenset({allowed[-1]})}),
+                            ("all", {frozenset(allowed)}), ("auto", None)):
+            broker = _CliBroker("--bind", "127.0.0.1", "--mqtt-port", "0", "--http-port", "0",
+                                "--dashboard-port", "-1", "--data-dir", "", "--cpu", arg)
+            try:
+                client = RawClient.connected(broker.ports["mqtt:tcp"], "pinned")
+                seen, threads = affinities(broker.proc)
+                client.close()
+            finally:
+                code, log = broker.stop()
+            assert code == 0, log
+            assert threads >= 4, log   # main, service, REST, the client's reader
+            if expect is None:   # one CPU, the same for every thread, one of those allowed
+                assert len(seen) == 1 and len(next(iter(seen))) == 1, seen
+                assert next(iter(seen)) <= set(allowed)
+                assert re.search(r"Running on CPU \d+ of [\d,-]+", log), log
+            else:
+                assert seen == expect, (arg, seen)
+
+    @pytest.mark.parametrize("arg,message", [
+        ("many", "--cpu takes auto, all or a CPU number, not 'many'"),
+        ("99999", "--cpu 99999: this process may run on CPUs"),
+    ])
+    def test_bad_cpu_stops_startup(self, arg, message):
+        proc = subprocess.run([sys.executable, emqx_lite.__file__, "--cpu", arg],
+                              capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 2
+        assert message in proc.stderr
 
     def test_sigint_stops_cleanly(self):
         broker = _CliBroker("--bind", "127.0.0.1", "--mqtt-port", "0", "--http-port", "0")
@@ -7292,7 +7364,7 @@ class TestLiveFuzz:
         gets every one of its QoS 1 messages, in order."""
         rng = random.Random(20261125)
         with emqx_lite.Broker("127.0.0.1", 0, None, connect_timeout=1) as b:
-            threads_before = {t for t in threading.enumerate()}
+            threads_before, os_before = set(threading.enumerate()), os_threads()
             sub = PahoClient(b.mqtt_port, "fz-healthy-sub")
             sub.subscribe("healthy/t", 1)
             pub = PahoClient(b.mqtt_port, "fz-healthy-pub", max_inflight=1000)
@@ -7327,7 +7399,8 @@ class TestLiveFuzz:
             sub.disconnect()
             pub.disconnect()
             assert wait_until(lambda: not b.core.sockets, timeout=10)
-            assert wait_until(lambda: {t for t in threading.enumerate()} <= threads_before)
+            assert wait_until(lambda: set(threading.enumerate()) <= threads_before)
+            assert wait_until(lambda: os_threads() <= os_before)
             assert b.stats()["clients/count"] == 0
 
 
@@ -7393,7 +7466,7 @@ class TestSoak:
         clients, threads and sockets return to where they started."""
         subscribers, publishers = 6, 4
         with emqx_lite.Broker("127.0.0.1", 0, 0, max_mqueue_len=0, retry_interval=1, **FAST_HASH) as b:
-            threads_before = set(threading.enumerate())
+            threads_before, os_before = set(threading.enumerate()), os_threads()
             fds_before = len(os.listdir("/proc/self/fd"))
             api = Api(b.http_port)
             stop = threading.Event()
@@ -7520,6 +7593,7 @@ class TestSoak:
                       sum(len(g[1]) + len(g[2]) for g in received.values())))
             assert wait_until(lambda: b.stats()["clients/count"] == 0)
             assert wait_until(lambda: set(threading.enumerate()) <= threads_before)
+            assert wait_until(lambda: os_threads() <= os_before)
             assert wait_until(lambda: len(os.listdir("/proc/self/fd")) <= fds_before)
 
 
@@ -9020,6 +9094,28 @@ class TestTestKitClock:
             assert r.expect_closed()
         finally:
             r.close()
+
+    def test_keepalive_backoff_changed_at_run_time(self, clocked):
+        """mqtt.keepalive_backoff changed while clients are connected counts
+        for them at once: at 0.5 (EMQ X doubles it: 1.0 x keepalive), silent
+        for 10.5 s with keepalive 10, closed; a client that keeps talking
+        stays [MQTT-3.1.2-24]."""
+        clock, b = clocked
+        quiet = RawClient.connected(b.mqtt_port, "quiet", keepalive=10)
+        chatty = RawClient5.connected(b.mqtt_port, "chatty", keepalive=10)
+        try:
+            clock.advance(0.5)   # their timers are set, at 1.5 x keepalive
+            b.set_config("mqtt.keepalive_backoff", "0.5")
+            for _ in range(5):   # 10.5 s in all: past 1.0 x 10 s, short of 1.5 x
+                clock.advance(2)
+                chatty.until_pingresp()
+            assert not b.is_connected("quiet") and b.is_connected("chatty")
+            assert quiet.expect_closed()
+            clock.advance(10.5)   # and silent now
+            assert not b.is_connected("chatty")
+        finally:
+            quiet.close()
+            chatty.close()
 
     def test_the_real_clock_behaves_the_same(self, make_broker):
         """The same keepalive rule on real time (keepalive 1: closed after 1.5 s)."""

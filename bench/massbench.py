@@ -77,6 +77,7 @@ import collections
 import errno
 import http.client
 import json
+import shlex
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -876,7 +877,8 @@ class Broker(ManagedBroker):
             raise RuntimeError("emqx_lite.py not found at %s (use --emqx-lite PATH)" % path)
         self.api_port = free_port()
         return [sys.executable, path, "--bind", "127.0.0.1", "--mqtt-port", str(port),
-                "--http-port", str(self.api_port), "--data-dir", "", "--log-level", "warning"]
+                "--http-port", str(self.api_port), "--dashboard-port", "-1", "--data-dir", "",
+                "--log-level", "warning", *shlex.split(self.opts.emqx_lite_args)]
 
     def _mosquitto_argv(self, port):
         argv = super()._mosquitto_argv(port)
@@ -1570,6 +1572,9 @@ def parse_args(argv=None):
     g.add_argument("--label", help="label of the --target broker (default: target)")
     g.add_argument("--emqx-lite", default=os.path.join(os.path.dirname(here), "emqx_lite.py"), metavar="PATH",
                    help="emqx_lite.py to start (default: %(default)s)")
+    g.add_argument("--emqx-lite-args", metavar="ARGS", default="",
+                   help="extra command-line arguments for the emqx_lite that --start launches, "
+                        "split as a shell does, e.g. \"--cpu all\"")
     g.add_argument("--scenarios", default=",".join(SCENARIOS),
                    help="comma-separated, from %s (default: all)" % ",".join(SCENARIOS))
     g = p.add_argument_group("load shape")
