@@ -160,12 +160,19 @@ timers: a slow-client hint), a session's ``conn``, ``mqueue`` length and
 ``send_ack`` asks again under the session's lock before it waits), a
 session's ``waiters`` in ``FlowControl.settle`` (a waiter added after the
 session's last change saw the session as it is and is settled by the next
-change), ``held_since``, ``keepalive``, ``last_recv`` and ``blocked_since`` in
-the service thread's timeouts, the queue and window lengths that pick
+change), ``keepalive``, ``last_recv`` and ``blocked_since`` in the service
+thread's timeouts, the queue and window lengths that pick
 ``BrokerCore.sessions_with_timers``, ``Store.committed`` (written by the
 writer only; a stale value holds output until the writer's own flush), and a
 session's ``seq`` when a new connection takes it over (read after joining the
 old reader thread, the last to write it).
+
+Shared without a lock, each changed by single operations that are atomic in
+CPython (``add``, ``discard``, ``append``, ``popleft``, an assignment) and
+copied with ``list()`` before a loop: ``FlowControl.holding``,
+``Broker._blocked``, ``Broker._timers_new``, ``Broker._closed`` and a timer
+entry's connection (cleared when the connection is settled). The timer heap
+itself belongs to whoever runs the timers.
 
 Metrics are counted in per-thread dictionaries (each written by one thread
 only) and summed when read, so counting needs no lock on the hot path.
@@ -240,6 +247,10 @@ _log.addHandler(logging.NullHandler())   # a library stays quiet unless the app 
 #: Non-blocking send flag. The socket stays in blocking mode for its reader
 #: thread; writers use this flag so that a full socket buffer never blocks.
 _MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+
+#: accept() gives the new socket the listener's O_NONBLOCK on macOS and the BSDs;
+#: on Linux it is blocking already (unless socket.setdefaulttimeout() was called).
+_ACCEPT_INHERITS_NONBLOCK = not sys.platform.startswith("linux")
 
 #: Stack size for the threads the broker starts: small enough for 10k clients.
 _THREAD_STACK_SIZE = 256 * 1024
@@ -347,8 +358,10 @@ def _bare_thread(target, running):
     try:
         target()
     finally:
-        _forget_dummy_thread()
-        running.release()
+        try:
+            _forget_dummy_thread()
+        finally:
+            running.release()
 
 
 def _forget_dummy_thread():
@@ -4346,8 +4359,9 @@ class ConnectionHooks:
     """What a Connection needs from the application above it, handed over at
     construction: the service thread finishes a blocked write
     (``watch_writable(conn)`` / ``unwatch_writable(conn)``, called with the
-    connection's ``out_lock`` held), the emqx_modules duties run when a
-    client has connected (``connected(conn)``, after CONNACK), and a reader
+    connection's ``out_lock`` held), its keepalive timer starts and the
+    emqx_modules duties run when a client has connected (``connected(conn)``,
+    after CONNACK), and a reader
     thread's last act hands its connection's bookkeeping over
     (``closed(conn, reason, counters)``)."""
     __slots__ = ("watch_writable", "unwatch_writable", "connected", "closed")
@@ -4405,7 +4419,7 @@ class Connection:
                  "blocked_since", "_closed", "_batch", "_disconnecting", "held",
                  "held_since", "waiting_on", "_recv_size", "receive_maximum",
                  "max_packet_out", "topic_aliases", "auth", "_pending", "alias_max_out",
-                 "barrier", "acks_pending", "_note", "faults", "is_bridge")
+                 "barrier", "acks_pending", "_note", "faults", "is_bridge", "timer")
 
     def __init__(self, hooks, core, sock, peer, listener):
         self.hooks = hooks
@@ -4428,6 +4442,7 @@ class Connection:
         self.opened_at = self.last_recv = core.now()
         self.close_reason = None      # set by whoever decided to close
         self.running = None           # held by the reader thread while it runs (start_reader)
+        self.timer = None             # its keepalive entry in the Broker's timer heap
         #: guards _out, _wire, out_bytes, blocked, _closed, held, waiting_on,
         #: held_since, the transport's state and the non-blocking send
         self.out_lock = threading.Lock()
@@ -4469,6 +4484,10 @@ class Connection:
         self.running = _thread.allocate_lock()
         self.running.acquire()
         _start_bare_thread(self.run, self.running)
+
+    def reading(self):
+        """True while the reader thread runs."""
+        return self.running is not None and self.running.locked()
 
     def join(self, timeout=-1):
         """Wait up to ``timeout`` seconds (-1: for ever) for the reader thread
@@ -5281,8 +5300,8 @@ class Listener:
             sock, peer = self.sock.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return None
-        if sock.gettimeout() is not None:   # only under socket.setdefaulttimeout()
-            sock.setblocking(True)          # (one syscall less per connection)
+        if _ACCEPT_INHERITS_NONBLOCK or sock.gettimeout() is not None:
+            sock.setblocking(True)   # Linux: already blocking (one syscall less a connection)
         with self.lock:
             if self.current_clients >= self.max_clients:
                 self.shutdown_count["max_clients"] = self.shutdown_count.get("max_clients", 0) + 1
@@ -9654,15 +9673,14 @@ class Broker:
         self._readers = set()
         self._ending = []
         #: the connections' timers, kept by whoever runs the timers (the service
-        #: thread, or ManualClock.advance()): a heap of (due, n, kind, conn),
+        #: thread, or ManualClock.advance()): a heap of [due, n, kind, conn],
         #: kind "connect" (connect timeout) or "keepalive", on the broker's
         #: clock; any thread hands a connection to schedule through _timers_new
-        #: (accepted, or just CONNECTed). _timers_dead counts closed connections
-        #: still in the heap, _timers_stale asks for every due to be worked out
-        #: again (a timeout setting changed).
+        #: (accepted, or just CONNECTed); settling a closed connection clears
+        #: the conn of its keepalive entry (conn.timer). _timers_stale asks for
+        #: every due to be worked out again (a timeout setting changed).
         self._timers, self._timers_new = [], collections.deque()
         self._timers_seq = itertools.count()
-        self._timers_dead = 0
         self._timers_stale = False
         self._blocked = set()   # connections with a blocked write (send timeout)
         self._hooks = ConnectionHooks(self._watch_writable, self._unwatch_writable,
@@ -9788,6 +9806,12 @@ class Broker:
             for conn in readers:
                 conn.join()
             self._settle_closed()
+            with self._settle_lock:
+                self._readers.clear()
+                self._ending = []
+            self._timers.clear()
+            self._timers_new.clear()
+            self._blocked.clear()
             self._close_resources()
 
     def _close_resources(self):
@@ -10407,7 +10431,7 @@ class Broker:
                 if self._ending and time.monotonic() >= next_prune:
                     next_prune = time.monotonic() + 1.0
                     with self._settle_lock:   # forget the reader threads that ended
-                        self._ending = [c for c in self._ending if c.running.locked()]
+                        self._ending = [c for c in self._ending if c.reading()]
                 now = self.clock.monotonic()
                 if not manual and now >= self._next_tick and not self._stopping:
                     self._run_timers(now)
@@ -10428,7 +10452,7 @@ class Broker:
         """The process's threads: the threading module's and the readers."""
         with self._settle_lock:
             return (threading.active_count() + len(self._readers)
-                    + sum(conn.running.locked() for conn in self._ending))
+                    + sum(conn.reading() for conn in self._ending))
 
     def _settle_closed(self):
         """The bookkeeping of every connection closed since the last call:
@@ -10448,7 +10472,9 @@ class Broker:
             for listener, reasons in by_listener.items():
                 listener.connections_closed(reasons)
             conns = [conn for conn, _, _ in batch]
-            self._timers_dead += len(conns)
+            for conn in conns:
+                if conn.timer is not None:   # out of the timer heap: nothing keeps it alive
+                    conn.timer[3] = conn.timer = None
             self._readers.difference_update(conns)
             self._ending.extend(conns)   # their readers end now: pruned once ended
             core = self.core
@@ -10556,7 +10582,6 @@ class Broker:
             sock, peer = accepted
             conn = Connection(self._hooks, self.core, sock, peer, listener)
             self.core.add_socket(conn)
-            self._timers_new.append(("connect", conn))
             with self._settle_lock:
                 self._readers.add(conn)
             try:
@@ -10570,6 +10595,7 @@ class Broker:
                 self._resource_refusal("thread_limit", "cannot start a thread for a new "
                                        "connection (%s): see the limits logged at start" % exc)
                 return
+            self._timers_new.append(("connect", conn))
 
     def _refuse_pending(self, listener, exc):
         """Out of descriptors: give back the spare one, so that the pending
@@ -10623,34 +10649,42 @@ class Broker:
         the connections past one and returns them. Only the timers that fall
         due are looked at (a heap), not every connection at every tick: with
         10,000 clients a full pass held the GIL for 5 ms twice a second."""
-        heap, new, seq = self._timers, self._timers_new, self._timers_seq
-        if self._timers_stale or self._timers_dead > len(heap) // 2 + 64:
-            self._timers_stale, self._timers_dead = False, 0
-            new.extend((kind, conn) for _, _, kind, conn in heap)
-            heap.clear()
-        while new:
-            kind, conn = new.popleft()
-            due = self._due(kind, conn)
-            if due is not None:
-                heapq.heappush(heap, (due, next(seq), kind, conn))
         closed = []
-        while heap and heap[0][0] < now:   # strictly past: a limit reached is not exceeded
-            _, _, kind, conn = heapq.heappop(heap)
-            due = self._due(kind, conn)
-            if due is None:
-                continue
-            if due < now:
-                conn.shutdown("idle_timeout" if kind == "connect" else "keepalive_timeout")
-                closed.append(conn)
-            else:   # it has been heard from since
-                heapq.heappush(heap, (due, next(seq), kind, conn))
         limit = self.settings["send_timeout"]
         for conn in list(self._blocked):
             blocked_since = conn.blocked_since
             if blocked_since is not None and now - blocked_since > limit:
                 conn.shutdown("send_timeout")
                 closed.append(conn)
+        heap, new = self._timers, self._timers_new
+        if self._timers_stale:
+            self._timers_stale = False
+            new.extend((kind, conn) for _, _, kind, conn in heap if conn is not None)
+            heap.clear()
+        while new:
+            self._schedule(*new.popleft())
+        while heap and heap[0][0] < now:   # strictly past: a limit reached is not exceeded
+            entry = heapq.heappop(heap)
+            kind, conn = entry[2], entry[3]
+            due = None if conn is None else self._due(kind, conn)
+            if due is None:
+                continue
+            if due < now:
+                conn.shutdown("idle_timeout" if kind == "connect" else "keepalive_timeout")
+                closed.append(conn)
+            else:   # it has been heard from since
+                entry[0], entry[1] = due, next(self._timers_seq)
+                heapq.heappush(heap, entry)
         return closed
+
+    def _schedule(self, kind, conn):
+        """Put ``conn``'s ``kind`` of timer in the heap (if it can run out)."""
+        due = self._due(kind, conn)
+        if due is not None:
+            entry = [due, next(self._timers_seq), kind, conn]
+            if kind == "keepalive":
+                conn.timer = entry
+            heapq.heappush(self._timers, entry)
 
     def _due(self, kind, conn):
         """When ``conn``'s ``kind`` of timer runs out, or None once it cannot
@@ -11042,8 +11076,15 @@ def _pin_cpu(choice):
     None when it runs wherever the system schedules it. Only one thread holds
     the GIL at a time, and each hand-over between threads on different CPUs
     costs a cross-CPU wake-up: on one CPU, a storm of 10,000 connections is
-    accepted at 8,000 a second instead of 4,600 (README, Performance). Called
+    accepted at 8,000-9,000 a second instead of 4,800 (README, Performance). Called
     before any thread starts; threads inherit the affinity."""
+    if choice not in ("auto", "all"):
+        try:
+            cpu = int(choice)
+        except ValueError:
+            raise ValueError("--cpu takes auto, all or a CPU number, not %r" % choice) from None
+        if not hasattr(os, "sched_setaffinity"):
+            raise ValueError("--cpu %d: this system cannot keep a process on one CPU" % cpu)
     if choice == "all" or not hasattr(os, "sched_setaffinity"):
         return None
     allowed = sorted(os.sched_getaffinity(0))
@@ -11051,23 +11092,22 @@ def _pin_cpu(choice):
         if len(allowed) == 1:
             return None
         cpu = _current_cpu()
-        if cpu not in allowed:
-            cpu = allowed[-1]
+        if cpu not in allowed:   # unknown: spread brokers by process id
+            cpu = allowed[os.getpid() % len(allowed)]
     else:
-        try:
-            cpu = int(choice)
-        except ValueError:
-            raise ValueError("--cpu takes auto, all or a CPU number, not %r" % choice) from None
         if cpu not in allowed:
             raise ValueError("--cpu %d: this process may run on CPUs %s only"
                              % (cpu, _cpu_list(allowed)))
     for task in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else [0]:
-        os.sched_setaffinity(int(task), {cpu})   # every thread there is (on Linux, per thread)
+        try:   # every thread there is (on Linux, affinity is per thread)
+            os.sched_setaffinity(int(task), {cpu})
+        except ProcessLookupError:   # it has ended meanwhile
+            pass
     return cpu, allowed
 
 
 def _current_cpu():
-    """The CPU this thread last ran on (/proc/self/stat, field 39), or None:
+    """The CPU this thread last ran on (/proc/thread-self/stat, field 39), or None:
     the scheduler starts a process on a CPU with room, so several brokers
     started with --cpu auto spread out."""
     try:
@@ -11177,6 +11217,7 @@ def main(argv=None):
     except (ConfigError, StoreError, OSError, ValueError) as exc:
         _log.error("cannot start: %s", exc)
         return 1
+    gc.collect()
     gc.freeze()   # what start-up made lives as long as the process
     try:
         while not stop.wait(3600):
