@@ -134,8 +134,10 @@ that order, each with no other lock held; ``_plugins_lock`` under them).
 ``Broker._lifecycle_lock`` serialises start() and stop(); ``Broker._settle_lock``
 the settling of closed connections (it takes ``Listener.lock``,
 ``BrokerCore.lock`` and ``counts_lock`` in turn) and guards the set of reader
-threads to join. ``ManualClock.lock``
-serialises advance(), which runs the brokers' timers (so it comes before
+threads to join. ``Connection.running`` guards nothing: a reader thread holds it
+while it runs, and a join acquires it (a takeover's with no lock held; stop()'s
+under ``_lifecycle_lock``; a ManualClock tick's under ``ManualClock.lock``).
+``ManualClock.lock`` serialises advance(), which runs the brokers' timers (so it comes before
 every lock above, ``_settle_lock`` included; an embedding test holds no lock
 when it calls advance()). The test kit's leaves: ``Broker._state_cv`` (the
 awaits' change counter), each ``Capture``'s condition (its messages),
