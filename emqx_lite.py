@@ -10382,24 +10382,30 @@ class Broker:
         except OSError:
             pass
 
+    def _select_locked(self, sock, events=0, data=None):
+        """Watch ``sock`` for ``events`` on the service thread's selector (0:
+        stop watching it); _selector_lock held. A socket already closed or
+        watched, or a selector closed by stop(), is left as it is."""
+        if self._selector is None:
+            return
+        try:
+            if events:
+                self._selector.register(sock, events, data)
+            else:
+                self._selector.unregister(sock)
+        except (KeyError, ValueError, OSError):
+            pass
+
     def _watch_writable(self, conn):
         """Ask the service thread to finish a blocked write (any thread, out_lock held)."""
         self._blocked.add(conn)
         with self._selector_lock:
-            if self._selector is not None:
-                try:
-                    self._selector.register(conn.sock, selectors.EVENT_WRITE, conn)
-                except (KeyError, ValueError, OSError):
-                    pass
+            self._select_locked(conn.sock, selectors.EVENT_WRITE, conn)
 
     def _unwatch_writable(self, conn):
         self._blocked.discard(conn)
         with self._selector_lock:
-            if self._selector is not None:
-                try:
-                    self._selector.unregister(conn.sock)
-                except (KeyError, ValueError, OSError):
-                    pass
+            self._select_locked(conn.sock)
 
     def _service_loop(self):
         """Accept connections, finish blocked writes, run timers (on the real
@@ -10540,10 +10546,7 @@ class Broker:
             if self._selector is None:
                 return
             for lst in self.listeners:
-                try:
-                    self._selector.unregister(lst.sock)
-                except (KeyError, ValueError, OSError):
-                    pass
+                self._select_locked(lst.sock)
             self._resume_listeners_at = time.monotonic() + seconds
         self._wake()
 
@@ -10552,10 +10555,7 @@ class Broker:
         with self._selector_lock:
             self._resume_listeners_at = None
             for lst in self.listeners:
-                try:
-                    self._selector.register(lst.sock, selectors.EVENT_READ, lst)
-                except (KeyError, ValueError, OSError):
-                    pass
+                self._select_locked(lst.sock, selectors.EVENT_READ, lst)
         for lst in self.listeners:
             self._accept(lst)
 
